@@ -1,0 +1,368 @@
+//! The `switchyard` binary.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use switchyard_engine::chat::Message;
+use switchyard_engine::forward::SeqChunk;
+use switchyard_engine::sampling::{Sampler, SamplingParams};
+use switchyard_engine::{Engine, EngineOptions, GenerateRequest};
+
+#[derive(Parser)]
+#[command(
+    name = "switchyard",
+    version,
+    about = "Switchyard: a plugin-based LLM inference gateway"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate text from a prompt or a chat message; the text alone goes to stdout.
+    Generate(GenerateArgs),
+    /// Model evaluation.
+    #[command(subcommand)]
+    Eval(EvalCmd),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+    /// Print a model's configuration and tensor summary.
+    Inspect {
+        #[arg(long)]
+        model: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// A .gguf file or a Hugging Face model directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// Threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// Raw prompt text (empty: start from BOS).
+    #[arg(long, conflicts_with = "chat")]
+    prompt: Option<String>,
+    /// A user message, rendered through the model's chat template.
+    #[arg(long)]
+    chat: Option<String>,
+    /// An optional system message for --chat.
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop strings (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum EvalCmd {
+    /// Perplexity as llama.cpp's llama-perplexity computes it, plus bits per byte.
+    Perplexity {
+        #[command(flatten)]
+        m: ModelArgs,
+        #[arg(long)]
+        file: PathBuf,
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Prefill and decode tokens/s.
+    Decode {
+        #[command(flatten)]
+        m: ModelArgs,
+        /// Sequences decoded together.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long, default_value_t = 128)]
+        prompt_tokens: usize,
+        #[arg(long, default_value_t = 64)]
+        gen_tokens: usize,
+        /// Repetitions (best is reported).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn bar(len: u64, msg: &str) -> ProgressBar {
+    let b = ProgressBar::new(len);
+    b.set_style(
+        ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} {elapsed}")
+            .unwrap()
+            .progress_chars("=> "),
+    );
+    b.set_message(msg.to_string());
+    b
+}
+
+fn load(m: &ModelArgs, slots: usize) -> Result<Engine> {
+    let mut opts = EngineOptions {
+        max_slots: slots,
+        ..Default::default()
+    };
+    if let Some(t) = m.threads {
+        if t == 0 {
+            bail!("--threads must be at least 1");
+        }
+        opts.threads = t;
+    }
+    let pb = bar(0, "loading");
+    let t = Instant::now();
+    let e = Engine::load(&m.model, opts, &mut |i, n| {
+        pb.set_length(n as u64);
+        pb.set_position(i as u64);
+    })
+    .with_context(|| format!("loading model {}", m.model.display()))?;
+    pb.finish_and_clear();
+    eprintln!(
+        "loaded {} ({} layers, dim {}, vocab {}, {:.1} M params) in {:.2} s",
+        m.model.display(),
+        e.model.cfg.n_layers,
+        e.model.cfg.dim,
+        e.model.cfg.vocab_size,
+        e.model.n_params() as f64 / 1e6,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(e)
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Generate(a) => generate(a),
+        Cmd::Eval(EvalCmd::Perplexity { m, file, ctx, json }) => perplexity(&m, &file, ctx, json),
+        Cmd::Bench(BenchCmd::Decode {
+            m,
+            batch,
+            prompt_tokens,
+            gen_tokens,
+            reps,
+            json,
+        }) => bench_decode(&m, batch, prompt_tokens, gen_tokens, reps, json),
+        Cmd::Inspect { model } => inspect(&model),
+    }
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    let mut e = load(&a.m, 1)?;
+    let prompt = match (&a.prompt, &a.chat) {
+        (_, Some(c)) => {
+            let mut msgs = Vec::new();
+            if let Some(s) = &a.system {
+                msgs.push(Message::new("system", s));
+            }
+            msgs.push(Message::new("user", c));
+            e.encode_chat(&msgs)?
+        }
+        (Some(p), None) => e.encode_prompt(p)?,
+        (None, None) => e.encode_prompt("")?,
+    };
+    let req = GenerateRequest {
+        prompt,
+        max_tokens: a.max_tokens,
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            seed: a.seed,
+        },
+        stop: a.stop,
+    };
+    let stdout = std::io::stdout();
+    let out = e.generate(&req, &mut |t| {
+        let mut s = stdout.lock();
+        let _ = s.write_all(t.as_bytes());
+        let _ = s.flush();
+    })?;
+    println!();
+    let n = out.tokens.len();
+    eprintln!(
+        "prompt {} tokens in {:.3} s ({:.1} tok/s); generated {} tokens in {:.3} s ({:.1} tok/s); finish: {:?}",
+        out.prompt_tokens,
+        out.prefill_secs,
+        out.prompt_tokens as f64 / out.prefill_secs.max(1e-9),
+        n,
+        out.decode_secs,
+        n as f64 / out.decode_secs.max(1e-9),
+        out.finish
+    );
+    Ok(())
+}
+
+fn perplexity(m: &ModelArgs, file: &Path, ctx: usize, json: bool) -> Result<()> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let mut e = load(m, 1)?;
+    let pb = bar(0, "perplexity");
+    let t = Instant::now();
+    let r = e.perplexity(&text, ctx, &mut |i, n| {
+        pb.set_length(n as u64);
+        pb.set_position(i as u64);
+    })?;
+    pb.finish_and_clear();
+    let secs = t.elapsed().as_secs_f64();
+    if json {
+        let mut v = serde_json::to_value(&r)?;
+        v["seconds"] = secs.into();
+        v["model"] = m.model.display().to_string().into();
+        v["file"] = file.display().to_string().into();
+        println!("{v}");
+    } else {
+        println!(
+            "PPL = {:.4}  bits/byte = {:.4}  ({} chunks of {} tokens, {} tokens scored, {} bytes, {:.1} s)",
+            r.ppl, r.bits_per_byte, r.chunks, r.ctx, r.tokens, r.bytes, secs
+        );
+    }
+    Ok(())
+}
+
+fn bench_decode(
+    m: &ModelArgs,
+    batch: usize,
+    prompt_tokens: usize,
+    gen: usize,
+    reps: usize,
+    json: bool,
+) -> Result<()> {
+    if batch == 0 || gen == 0 || prompt_tokens == 0 {
+        bail!("--batch, --prompt-tokens and --gen-tokens must be at least 1");
+    }
+    let mut e = load(m, batch)?;
+    if prompt_tokens + gen > e.model.cfg.max_context {
+        bail!(
+            "--prompt-tokens + --gen-tokens exceeds the model context {}",
+            e.model.cfg.max_context
+        );
+    }
+    let vocab = e.model.cfg.vocab_size as u32;
+    // A deterministic pseudo-random prompt (ids in the vocabulary).
+    let prompt: Vec<u32> = (0..prompt_tokens as u32)
+        .map(|i| (i * 7919 + 13) % vocab)
+        .collect();
+    let (mut best_pp, mut best_tg) = (0f64, 0f64);
+    for _ in 0..reps.max(1) {
+        let slots: Vec<usize> = (0..batch)
+            .map(|_| e.kv.acquire())
+            .collect::<Result<_, _>>()?;
+        let t = Instant::now();
+        let mut last = Vec::new();
+        for &s in &slots {
+            let l = e.prefill(s, 0, &prompt)?;
+            last.push(switchyard_engine::sampling::argmax(&l));
+        }
+        let pp = (prompt_tokens * batch) as f64 / t.elapsed().as_secs_f64();
+        let mut sampler = Sampler::new(SamplingParams::default());
+        let t = Instant::now();
+        for step in 0..gen {
+            let toks: Vec<[u32; 1]> = last.iter().map(|&t| [t]).collect();
+            let chunks: Vec<SeqChunk> = slots
+                .iter()
+                .zip(&toks)
+                .map(|(&s, t)| SeqChunk::last_logits(s, prompt_tokens + step, t))
+                .collect();
+            let logits = e.fwd.forward(&e.model, e.kv.as_mut(), &chunks)?;
+            let v = vocab as usize;
+            for (i, l) in last.iter_mut().enumerate() {
+                *l = sampler.sample(&logits[i * v..(i + 1) * v]);
+            }
+        }
+        let tg = (gen * batch) as f64 / t.elapsed().as_secs_f64();
+        for s in slots {
+            e.kv.release(s);
+        }
+        best_pp = best_pp.max(pp);
+        best_tg = best_tg.max(tg);
+    }
+    let threads = e.fwd.pool().n_threads();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "model": m.model.display().to_string(), "threads": threads, "batch": batch,
+                "prompt_tokens": prompt_tokens, "gen_tokens": gen,
+                "prefill_tok_s": best_pp, "decode_tok_s": best_tg,
+                "weight_bytes": e.model.weight_bytes(),
+            })
+        );
+    } else {
+        println!(
+            "threads {threads} batch {batch}: prefill {best_pp:.1} tok/s ({prompt_tokens} tokens), decode {best_tg:.1} tok/s ({gen} tokens{})",
+            if batch > 1 { ", all sequences" } else { "" }
+        );
+    }
+    Ok(())
+}
+
+fn inspect(path: &Path) -> Result<()> {
+    let e = Engine::load(
+        path,
+        EngineOptions {
+            threads: 1,
+            ..Default::default()
+        },
+        &mut |_, _| {},
+    )?;
+    let c = &e.model.cfg;
+    println!("{c:#?}");
+    println!("params: {}", e.model.n_params());
+    println!(
+        "weight types: embd {}, q {}, output {}",
+        e.model.tok_embd.ty.name(),
+        e.model.layers[0].wq.ty.name(),
+        e.model.output().ty.name()
+    );
+    println!(
+        "tokenizer: vocab {}, bos {:?}, eos {:?}, stop {:?}, add_bos {}",
+        e.tokenizer.vocab_size(),
+        e.tokenizer.bos,
+        e.tokenizer.eos,
+        e.tokenizer.stop_ids,
+        e.tokenizer.add_bos
+    );
+    println!(
+        "chat template: {}",
+        if e.tokenizer.chat_template.is_some() {
+            "from the model"
+        } else {
+            "ChatML fallback"
+        }
+    );
+    Ok(())
+}

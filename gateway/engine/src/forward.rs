@@ -1,0 +1,463 @@
+//! The forward pass over a batch of sequences (prefill chunks and decode steps mixed).
+//!
+//! All tokens of the batch are rows of one activation matrix, so every linear layer is one
+//! matrix product over the whole batch; attention is per sequence over its own contiguous
+//! K/V (from the [`KvAllocator`]). Buffers live in [`Forward`] and only grow.
+
+use crate::error::{EngineError, Result};
+use crate::kv::KvAllocator;
+use crate::model::{Model, RopeStyle, Weight};
+use crate::pool::ThreadPool;
+use crate::quant::{self, GgmlType};
+
+/// One sequence's part of a batch: `tokens` at positions `pos..pos + tokens.len()`.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqChunk<'a> {
+    pub slot: usize,
+    pub pos: usize,
+    pub tokens: &'a [u32],
+    /// Logits are computed for tokens with index >= `logits_from` (tokens.len() - 1: the last
+    /// one only, as in generation; tokens.len(): none, as in a prefill chunk).
+    pub logits_from: usize,
+}
+
+impl<'a> SeqChunk<'a> {
+    pub fn last_logits(slot: usize, pos: usize, tokens: &'a [u32]) -> Self {
+        Self {
+            slot,
+            pos,
+            tokens,
+            logits_from: tokens.len().saturating_sub(1),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Scratch {
+    x: Vec<f32>,      // (n, dim) residual stream
+    xb: Vec<f32>,     // (n, dim) normed input
+    q: Vec<f32>,      // (n, n_heads*head_dim)
+    k: Vec<f32>,      // (n, kv_heads*head_dim)
+    v: Vec<f32>,      // (n, kv_heads*head_dim)
+    att: Vec<f32>,    // (n, n_heads*head_dim) attention output
+    tmp: Vec<f32>,    // (n, dim)
+    hb: Vec<f32>,     // (n, ffn)
+    hb2: Vec<f32>,    // (n, ffn)
+    sel: Vec<f32>,    // (n_sel, dim) normed rows that need logits
+    logits: Vec<f32>, // (n_sel, vocab)
+    scores: Vec<f32>, // (threads, max_context) attention scores
+    xsum: Vec<f32>,
+    row_pos: Vec<usize>,
+    row_item: Vec<usize>,
+    kv_ptrs: Vec<(usize, usize)>,
+}
+
+fn grow(v: &mut Vec<f32>, n: usize) {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+}
+
+/// Raw pointer that may be shared with pool threads writing disjoint elements.
+#[derive(Clone, Copy)]
+struct Ptr(*mut f32);
+unsafe impl Send for Ptr {}
+unsafe impl Sync for Ptr {}
+
+impl Ptr {
+    /// A method (not a field access) so closures capture the whole Send+Sync wrapper.
+    #[inline]
+    fn at(self, i: usize) -> *mut f32 {
+        // SAFETY: callers index within the buffer the pointer came from.
+        unsafe { self.0.add(i) }
+    }
+}
+
+pub struct Forward {
+    pool: std::sync::Arc<ThreadPool>,
+    s: Scratch,
+}
+
+impl Forward {
+    pub fn new(pool: std::sync::Arc<ThreadPool>) -> Self {
+        Self {
+            pool,
+            s: Scratch::default(),
+        }
+    }
+
+    pub fn pool(&self) -> &ThreadPool {
+        &self.pool
+    }
+
+    /// Run the batch; returns the logits rows requested by each chunk, in order
+    /// (`(rows, vocab)` flattened).
+    pub fn forward(
+        &mut self,
+        m: &Model,
+        kv: &mut dyn KvAllocator,
+        batch: &[SeqChunk],
+    ) -> Result<&[f32]> {
+        let c = &m.cfg;
+        let (dim, hd, nh, nkv) = (c.dim, c.head_dim, c.n_heads, c.n_kv_heads);
+        let (qd, kvd) = (nh * hd, nkv * hd);
+        let n: usize = batch.iter().map(|b| b.tokens.len()).sum();
+        if n == 0 {
+            return Ok(&[]);
+        }
+        for b in batch {
+            let end = b.pos + b.tokens.len();
+            if end > c.max_context {
+                return Err(EngineError::Invalid(format!(
+                    "sequence of {end} tokens exceeds the model context of {}",
+                    c.max_context
+                )));
+            }
+            if let Some(&t) = b.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+                return Err(EngineError::Invalid(format!(
+                    "token id {t} is outside the vocabulary of {}",
+                    c.vocab_size
+                )));
+            }
+            kv.ensure(b.slot, end)?;
+        }
+        let n_sel: usize = batch
+            .iter()
+            .map(|b| b.tokens.len().saturating_sub(b.logits_from))
+            .sum();
+        let s = &mut self.s;
+        let pool = &*self.pool;
+        grow(&mut s.x, n * dim);
+        grow(&mut s.xb, n * dim);
+        grow(&mut s.tmp, n * dim);
+        grow(&mut s.q, n * qd);
+        grow(&mut s.att, n * qd);
+        grow(&mut s.k, n * kvd);
+        grow(&mut s.v, n * kvd);
+        grow(&mut s.hb, n * c.ffn_dim);
+        grow(&mut s.hb2, n * c.ffn_dim);
+        grow(&mut s.sel, n_sel * dim);
+        grow(&mut s.logits, n_sel * c.vocab_size);
+        grow(&mut s.scores, pool.n_threads() * c.max_context);
+        s.row_pos.clear();
+        s.row_item.clear();
+        for (i, b) in batch.iter().enumerate() {
+            for j in 0..b.tokens.len() {
+                s.row_pos.push(b.pos + j);
+                s.row_item.push(i);
+            }
+        }
+
+        // Embeddings: x[r] = E[token_r]
+        let mut r = 0;
+        for b in batch {
+            for &t in b.tokens {
+                m.tok_embd
+                    .dequantize_row(t as usize, &mut s.x[r * dim..(r + 1) * dim]);
+                r += 1;
+            }
+        }
+
+        for (li, l) in m.layers.iter().enumerate() {
+            // Attention block.
+            rmsnorm_rows(
+                &s.x[..n * dim],
+                &l.attn_norm,
+                c.rms_eps,
+                &mut s.xb[..n * dim],
+            );
+            matmul(
+                pool,
+                &l.wq,
+                &s.xb[..n * dim],
+                n,
+                &mut s.q[..n * qd],
+                &mut s.xsum,
+            );
+            matmul(
+                pool,
+                &l.wk,
+                &s.xb[..n * dim],
+                n,
+                &mut s.k[..n * kvd],
+                &mut s.xsum,
+            );
+            matmul(
+                pool,
+                &l.wv,
+                &s.xb[..n * dim],
+                n,
+                &mut s.v[..n * kvd],
+                &mut s.xsum,
+            );
+            for r in 0..n {
+                let p = s.row_pos[r];
+                rope(m, p, &mut s.q[r * qd..(r + 1) * qd]);
+                rope(m, p, &mut s.k[r * kvd..(r + 1) * kvd]);
+            }
+            s.kv_ptrs.clear();
+            for b in batch {
+                let (kp, vp) = kv.kv(li, b.slot);
+                s.kv_ptrs.push((kp as usize, vp as usize));
+            }
+            // Write this step's K/V into the cache: (ctx, kv_heads, head_dim) per slot.
+            for r in 0..n {
+                let (kp, vp) = s.kv_ptrs[s.row_item[r]];
+                let p = s.row_pos[r];
+                // SAFETY: ensure() above made room for position p in this slot.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        s.k.as_ptr().add(r * kvd),
+                        (kp as *mut f32).add(p * kvd),
+                        kvd,
+                    );
+                    std::ptr::copy_nonoverlapping(
+                        s.v.as_ptr().add(r * kvd),
+                        (vp as *mut f32).add(p * kvd),
+                        kvd,
+                    );
+                }
+            }
+            attention(pool, c.max_context, hd, nh, nkv, s);
+            matmul(
+                pool,
+                &l.wo,
+                &s.att[..n * qd],
+                n,
+                &mut s.tmp[..n * dim],
+                &mut s.xsum,
+            );
+            add_in_place(&mut s.x[..n * dim], &s.tmp[..n * dim]);
+
+            // MLP block.
+            rmsnorm_rows(
+                &s.x[..n * dim],
+                &l.ffn_norm,
+                c.rms_eps,
+                &mut s.xb[..n * dim],
+            );
+            let f = c.ffn_dim;
+            matmul(
+                pool,
+                &l.w_gate,
+                &s.xb[..n * dim],
+                n,
+                &mut s.hb[..n * f],
+                &mut s.xsum,
+            );
+            matmul(
+                pool,
+                &l.w_up,
+                &s.xb[..n * dim],
+                n,
+                &mut s.hb2[..n * f],
+                &mut s.xsum,
+            );
+            for (g, u) in s.hb[..n * f].iter_mut().zip(&s.hb2[..n * f]) {
+                *g = *g / (1.0 + (-*g).exp()) * u;
+            }
+            matmul(
+                pool,
+                &l.w_down,
+                &s.hb[..n * f],
+                n,
+                &mut s.tmp[..n * dim],
+                &mut s.xsum,
+            );
+            add_in_place(&mut s.x[..n * dim], &s.tmp[..n * dim]);
+        }
+
+        // Final norm and head, only for rows that want logits.
+        let mut k = 0;
+        let mut r0 = 0;
+        for b in batch {
+            for j in b.logits_from..b.tokens.len() {
+                let r = r0 + j;
+                s.sel[k * dim..(k + 1) * dim].copy_from_slice(&s.x[r * dim..(r + 1) * dim]);
+                k += 1;
+            }
+            r0 += b.tokens.len();
+        }
+        let sel = std::mem::take(&mut s.sel);
+        rmsnorm_rows(
+            &sel[..n_sel * dim],
+            &m.norm,
+            c.rms_eps,
+            &mut s.xb[..n_sel * dim],
+        );
+        s.sel = sel;
+        let vocab = c.vocab_size;
+        matmul(
+            pool,
+            m.output(),
+            &s.xb[..n_sel * dim],
+            n_sel,
+            &mut s.logits[..n_sel * vocab],
+            &mut s.xsum,
+        );
+        Ok(&self.s.logits[..n_sel * vocab])
+    }
+}
+
+fn rmsnorm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let d = w.len();
+    for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let ss: f32 = quant::dot_f32(xr, xr) / d as f32;
+        let inv = 1.0 / (ss + eps).sqrt();
+        for i in 0..d {
+            or[i] = xr[i] * inv * w[i];
+        }
+    }
+}
+
+fn add_in_place(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+fn rope(m: &Model, pos: usize, v: &mut [f32]) {
+    let hd = m.cfg.head_dim;
+    let half = hd / 2;
+    let cos = &m.rope_cos[pos * half..(pos + 1) * half];
+    let sin = &m.rope_sin[pos * half..(pos + 1) * half];
+    for head in v.chunks_exact_mut(hd) {
+        for i in 0..half {
+            let (a, b) = match m.cfg.rope {
+                RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                RopeStyle::Half => (i, i + half),
+            };
+            let (x0, x1) = (head[a], head[b]);
+            head[a] = x0 * cos[i] - x1 * sin[i];
+            head[b] = x0 * sin[i] + x1 * cos[i];
+        }
+    }
+}
+
+/// Causal attention of every row's query heads over its sequence's cached K/V.
+fn attention(pool: &ThreadPool, max_ctx: usize, hd: usize, nh: usize, nkv: usize, s: &mut Scratch) {
+    let n = s.row_pos.len();
+    let qd = nh * hd;
+    let kvd = nkv * hd;
+    let group = nh / nkv;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let att = Ptr(s.att.as_mut_ptr());
+    let scores = Ptr(s.scores.as_mut_ptr());
+    let (q, row_pos, row_item, kv_ptrs) = (&s.q, &s.row_pos, &s.row_item, &s.kv_ptrs);
+    let total = n * nh;
+    pool.run(&|ti, nt| {
+        let per = total.div_ceil(nt);
+        let (start, end) = ((ti * per).min(total), ((ti + 1) * per).min(total));
+        // SAFETY: each thread owns its scores row and writes disjoint (row, head) outputs.
+        let sc = unsafe { std::slice::from_raw_parts_mut(scores.at(ti * max_ctx), max_ctx) };
+        for w in start..end {
+            let (r, h) = (w / nh, w % nh);
+            let len = row_pos[r] + 1;
+            let (kp, vp) = kv_ptrs[row_item[r]];
+            let kvh = h / group;
+            let qh = &q[r * qd + h * hd..r * qd + (h + 1) * hd];
+            let mut mx = f32::NEG_INFINITY;
+            for t in 0..len {
+                // SAFETY: positions 0..len were written to this slot's cache.
+                let kt = unsafe {
+                    std::slice::from_raw_parts((kp as *const f32).add(t * kvd + kvh * hd), hd)
+                };
+                let v = quant::dot_f32(qh, kt) * scale;
+                sc[t] = v;
+                mx = mx.max(v);
+            }
+            let mut sum = 0f32;
+            for v in &mut sc[..len] {
+                *v = (*v - mx).exp();
+                sum += *v;
+            }
+            let inv = 1.0 / sum;
+            let out = unsafe { std::slice::from_raw_parts_mut(att.at(r * qd + h * hd), hd) };
+            out.fill(0.0);
+            for t in 0..len {
+                let vt = unsafe {
+                    std::slice::from_raw_parts((vp as *const f32).add(t * kvd + kvh * hd), hd)
+                };
+                quant::axpy(sc[t] * inv, vt, out);
+            }
+        }
+    });
+}
+
+const ROW_TILE: usize = 8;
+
+thread_local! {
+    static DEQ: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// out (n, w.rows) = x (n, w.cols) · wᵀ
+pub fn matmul(
+    pool: &ThreadPool,
+    w: &Weight,
+    x: &[f32],
+    n: usize,
+    out: &mut [f32],
+    xsum: &mut Vec<f32>,
+) {
+    let (rows, cols) = (w.rows, w.cols);
+    debug_assert_eq!(x.len(), n * cols);
+    debug_assert_eq!(out.len(), n * rows);
+    let o = Ptr(out.as_mut_ptr());
+    if n == 1 && quant::has_fused_dot(w.ty) {
+        if matches!(w.ty, GgmlType::Q4_0 | GgmlType::Q4_1) {
+            quant::block_sums(x, xsum);
+        }
+        let xs = &xsum[..];
+        pool.for_ranges(rows, 16, &|range| {
+            for r in range {
+                let v = quant::dot_row(w.ty, w.row(r), x, xs);
+                // SAFETY: each row index is written by exactly one thread.
+                unsafe { *o.at(r) = v };
+            }
+        });
+        return;
+    }
+    pool.for_ranges(rows, ROW_TILE, &|range| {
+        DEQ.with(|d| {
+            let mut d = d.borrow_mut();
+            if d.len() < ROW_TILE * cols {
+                d.resize(ROW_TILE * cols, 0.0);
+            }
+            let mut r0 = range.start;
+            while r0 < range.end {
+                let r1 = (r0 + ROW_TILE).min(range.end);
+                for r in r0..r1 {
+                    w.dequantize_row(r, &mut d[(r - r0) * cols..(r - r0 + 1) * cols]);
+                }
+                let mut t = 0;
+                while t + 4 <= n {
+                    let xs = [
+                        &x[t * cols..(t + 1) * cols],
+                        &x[(t + 1) * cols..(t + 2) * cols],
+                        &x[(t + 2) * cols..(t + 3) * cols],
+                        &x[(t + 3) * cols..(t + 4) * cols],
+                    ];
+                    for r in r0..r1 {
+                        let v = quant::dot_f32_x4(&d[(r - r0) * cols..(r - r0 + 1) * cols], xs);
+                        for k in 0..4 {
+                            // SAFETY: disjoint (token, row) elements per thread.
+                            unsafe { *o.at((t + k) * rows + r) = v[k] };
+                        }
+                    }
+                    t += 4;
+                }
+                while t < n {
+                    for r in r0..r1 {
+                        let v = quant::dot_f32(
+                            &d[(r - r0) * cols..(r - r0 + 1) * cols],
+                            &x[t * cols..(t + 1) * cols],
+                        );
+                        unsafe { *o.at(t * rows + r) = v };
+                    }
+                    t += 1;
+                }
+                r0 = r1;
+            }
+        });
+    });
+}

@@ -1,0 +1,607 @@
+//! Tensor element types (GGML numbering), dequantization, and the dot-product kernels.
+//!
+//! Activations stay f32 on every path: quantized weights are expanded exactly to f32 inside
+//! the dot product, so results match a reference that dequantizes the weights first.
+//! Q4_0/Q4_1 use the identity Σ(d·q+m)·x = d·Σq·x + m·Σx with Σx precomputed per 32-block
+//! once per input vector ([`block_sums`]).
+
+use half::{bf16, f16};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgmlType {
+    F32,
+    F16,
+    Q4_0,
+    Q4_1,
+    Q8_0,
+    Q4K,
+    Q6K,
+    BF16,
+}
+
+impl GgmlType {
+    pub fn from_u32(v: u32) -> Option<Self> {
+        Some(match v {
+            0 => Self::F32,
+            1 => Self::F16,
+            2 => Self::Q4_0,
+            3 => Self::Q4_1,
+            8 => Self::Q8_0,
+            12 => Self::Q4K,
+            14 => Self::Q6K,
+            30 => Self::BF16,
+            _ => return None,
+        })
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "F32",
+            Self::F16 => "F16",
+            Self::Q4_0 => "Q4_0",
+            Self::Q4_1 => "Q4_1",
+            Self::Q8_0 => "Q8_0",
+            Self::Q4K => "Q4_K",
+            Self::Q6K => "Q6_K",
+            Self::BF16 => "BF16",
+        }
+    }
+    /// Elements per block.
+    pub fn block_size(self) -> usize {
+        match self {
+            Self::F32 | Self::F16 | Self::BF16 => 1,
+            Self::Q4_0 | Self::Q4_1 | Self::Q8_0 => 32,
+            Self::Q4K | Self::Q6K => 256,
+        }
+    }
+    /// Bytes per block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 | Self::BF16 => 2,
+            Self::Q4_0 => 18,
+            Self::Q4_1 => 20,
+            Self::Q8_0 => 34,
+            Self::Q4K => 144,
+            Self::Q6K => 210,
+        }
+    }
+    pub fn row_bytes(self, cols: usize) -> usize {
+        cols / self.block_size() * self.block_bytes()
+    }
+}
+
+#[inline]
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
+}
+
+/// Dequantize one row of `cols` elements into `out` (exact: f16/bf16/scaled ints → f32).
+pub fn dequantize_row(ty: GgmlType, row: &[u8], out: &mut [f32]) {
+    let n = out.len();
+    match ty {
+        GgmlType::F32 => {
+            for (o, c) in out.iter_mut().zip(row.chunks_exact(4)) {
+                *o = f32::from_le_bytes(c.try_into().unwrap());
+            }
+        }
+        GgmlType::F16 => {
+            for (o, c) in out.iter_mut().zip(row.chunks_exact(2)) {
+                *o = f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+            }
+        }
+        GgmlType::BF16 => {
+            for (o, c) in out.iter_mut().zip(row.chunks_exact(2)) {
+                *o = bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+            }
+        }
+        GgmlType::Q8_0 => {
+            for (b, o) in row.chunks_exact(34).zip(out.chunks_exact_mut(32)) {
+                let d = f16_at(b, 0);
+                for j in 0..32 {
+                    o[j] = d * (b[2 + j] as i8) as f32;
+                }
+            }
+        }
+        GgmlType::Q4_0 => {
+            for (b, o) in row.chunks_exact(18).zip(out.chunks_exact_mut(32)) {
+                let d = f16_at(b, 0);
+                for j in 0..16 {
+                    o[j] = d * ((b[2 + j] & 0xF) as i32 - 8) as f32;
+                    o[j + 16] = d * ((b[2 + j] >> 4) as i32 - 8) as f32;
+                }
+            }
+        }
+        GgmlType::Q4_1 => {
+            for (b, o) in row.chunks_exact(20).zip(out.chunks_exact_mut(32)) {
+                let d = f16_at(b, 0);
+                let m = f16_at(b, 2);
+                for j in 0..16 {
+                    o[j] = d * (b[4 + j] & 0xF) as f32 + m;
+                    o[j + 16] = d * (b[4 + j] >> 4) as f32 + m;
+                }
+            }
+        }
+        GgmlType::Q4K => {
+            for (b, o) in row.chunks_exact(144).zip(out.chunks_exact_mut(256)) {
+                let d = f16_at(b, 0);
+                let dmin = f16_at(b, 2);
+                let scales = &b[4..16];
+                let qs = &b[16..144];
+                for (k, j) in (0..256).step_by(64).enumerate() {
+                    let is = 2 * k;
+                    let (sc1, m1) = scale_min_k4(is, scales);
+                    let (sc2, m2) = scale_min_k4(is + 1, scales);
+                    let (d1, m1) = (d * sc1 as f32, dmin * m1 as f32);
+                    let (d2, m2) = (d * sc2 as f32, dmin * m2 as f32);
+                    let q = &qs[k * 32..k * 32 + 32];
+                    for l in 0..32 {
+                        o[j + l] = d1 * (q[l] & 0xF) as f32 - m1;
+                        o[j + 32 + l] = d2 * (q[l] >> 4) as f32 - m2;
+                    }
+                }
+            }
+        }
+        GgmlType::Q6K => {
+            for (b, o) in row.chunks_exact(210).zip(out.chunks_exact_mut(256)) {
+                let d = f16_at(b, 208);
+                for half in 0..2 {
+                    let ql = &b[half * 64..half * 64 + 64];
+                    let qh = &b[128 + half * 32..128 + half * 32 + 32];
+                    let sc = &b[192 + half * 8..192 + half * 8 + 8];
+                    let y = &mut o[half * 128..half * 128 + 128];
+                    for l in 0..32 {
+                        let is = l / 16;
+                        let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
+                        let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+                        let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+                        let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                        y[l] = d * (sc[is] as i8) as f32 * q1 as f32;
+                        y[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
+                        y[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
+                        y[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
+                    }
+                }
+            }
+        }
+    }
+    debug_assert_eq!(n % ty.block_size(), 0);
+}
+
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+/// Σx over each 32-element block of `x` (used by the Q4_0/Q4_1 dot products).
+pub fn block_sums(x: &[f32], out: &mut Vec<f32>) {
+    out.clear();
+    out.extend(x.chunks_exact(32).map(|c| c.iter().sum::<f32>()));
+}
+
+/// Which dot products can run directly on the quantized row (without dequantizing first).
+pub fn has_fused_dot(ty: GgmlType) -> bool {
+    matches!(
+        ty,
+        GgmlType::F32
+            | GgmlType::F16
+            | GgmlType::BF16
+            | GgmlType::Q8_0
+            | GgmlType::Q4_0
+            | GgmlType::Q4_1
+    )
+}
+
+/// Dot product of one stored row with f32 `x`. `xsum` holds [`block_sums`] of `x`.
+#[inline]
+pub fn dot_row(ty: GgmlType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd::available() {
+        // SAFETY: the required CPU features were detected at run time.
+        unsafe {
+            return match ty {
+                GgmlType::F32 => simd::dot_f32_bytes(row, x),
+                GgmlType::F16 => simd::dot_f16(row, x),
+                GgmlType::BF16 => simd::dot_bf16(row, x),
+                GgmlType::Q8_0 => simd::dot_q8_0(row, x),
+                GgmlType::Q4_0 => simd::dot_q4_0(row, x, xsum),
+                GgmlType::Q4_1 => simd::dot_q4_1(row, x, xsum),
+                _ => unreachable!("no fused dot for {ty:?}"),
+            };
+        }
+    }
+    dot_row_scalar(ty, row, x, xsum)
+}
+
+pub fn dot_row_scalar(ty: GgmlType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
+    match ty {
+        GgmlType::Q4_1 => {
+            let mut acc = 0f32;
+            for (bi, b) in row.chunks_exact(20).enumerate() {
+                let xs = &x[bi * 32..bi * 32 + 32];
+                let mut s = 0f32;
+                for j in 0..16 {
+                    s += (b[4 + j] & 0xF) as f32 * xs[j] + (b[4 + j] >> 4) as f32 * xs[j + 16];
+                }
+                acc += f16_at(b, 0) * s + f16_at(b, 2) * xsum[bi];
+            }
+            acc
+        }
+        GgmlType::Q4_0 => {
+            let mut acc = 0f32;
+            for (bi, b) in row.chunks_exact(18).enumerate() {
+                let xs = &x[bi * 32..bi * 32 + 32];
+                let mut s = 0f32;
+                for j in 0..16 {
+                    s += (b[2 + j] & 0xF) as f32 * xs[j] + (b[2 + j] >> 4) as f32 * xs[j + 16];
+                }
+                acc += f16_at(b, 0) * (s - 8.0 * xsum[bi]);
+            }
+            acc
+        }
+        _ => {
+            let mut tmp = vec![0f32; x.len()];
+            dequantize_row(ty, row, &mut tmp);
+            dot_f32(&tmp, x)
+        }
+    }
+}
+
+/// f32 dot product.
+#[inline]
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    #[cfg(target_arch = "x86_64")]
+    if simd::available() {
+        // SAFETY: features detected at run time; lengths checked by the callers.
+        return unsafe { simd::dot_f32(a, b) };
+    }
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// One f32 row against four f32 vectors.
+#[inline]
+pub fn dot_f32_x4(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if simd::available() {
+        // SAFETY: as above.
+        return unsafe { simd::dot_f32_x4(w, x) };
+    }
+    [
+        dot_f32(w, x[0]),
+        dot_f32(w, x[1]),
+        dot_f32(w, x[2]),
+        dot_f32(w, x[3]),
+    ]
+}
+
+/// y += a·x
+#[inline]
+pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi += a * xi;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub mod simd {
+    use std::arch::x86_64::*;
+    use std::sync::OnceLock;
+
+    pub fn available() -> bool {
+        static OK: OnceLock<bool> = OnceLock::new();
+        *OK.get_or_init(|| {
+            std::env::var_os("SWITCHYARD_NO_SIMD").is_none()
+                && is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+        })
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps::<1>(v);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+        _mm_cvtss_f32(s)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn f16_scalar(p: *const u8) -> f32 {
+        let bits = unsafe { (p as *const u16).read_unaligned() };
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+        unsafe { dot_f32_ptr(a.as_ptr(), b.as_ptr(), a.len()) }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_f32_bytes(row: &[u8], x: &[f32]) -> f32 {
+        assert!(row.len() >= x.len() * 4);
+        unsafe { dot_f32_ptr(row.as_ptr() as *const f32, x.as_ptr(), x.len()) }
+    }
+
+    /// `a` may be unaligned (loadu).
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot_f32_ptr(a: *const f32, b: *const f32, n: usize) -> f32 {
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut i = 0;
+            while i + 32 <= n {
+                for k in 0..4 {
+                    acc[k] = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(a.add(i + 8 * k)),
+                        _mm256_loadu_ps(b.add(i + 8 * k)),
+                        acc[k],
+                    );
+                }
+                i += 32;
+            }
+            while i + 8 <= n {
+                acc[0] =
+                    _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i)), _mm256_loadu_ps(b.add(i)), acc[0]);
+                i += 8;
+            }
+            let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+            let mut s = hsum(v);
+            while i < n {
+                s += a.add(i).read_unaligned() * *b.add(i);
+                i += 1;
+            }
+            s
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_f32_x4(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
+        let n = w.len();
+        for xi in &x {
+            assert!(xi.len() >= n);
+        }
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut i = 0;
+            while i + 8 <= n {
+                let wv = _mm256_loadu_ps(w.as_ptr().add(i));
+                for k in 0..4 {
+                    acc[k] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x[k].as_ptr().add(i)), acc[k]);
+                }
+                i += 8;
+            }
+            let mut out = [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])];
+            while i < n {
+                for k in 0..4 {
+                    out[k] += w[i] * x[k][i];
+                }
+                i += 1;
+            }
+            out
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_f16(row: &[u8], x: &[f32]) -> f32 {
+        let n = x.len();
+        assert!(row.len() >= 2 * n && n % 8 == 0);
+        unsafe {
+            let mut acc0 = _mm256_setzero_ps();
+            let mut acc1 = _mm256_setzero_ps();
+            let mut i = 0;
+            while i + 16 <= n {
+                let w0 =
+                    _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(2 * i) as *const __m128i));
+                let w1 = _mm256_cvtph_ps(_mm_loadu_si128(
+                    row.as_ptr().add(2 * i + 16) as *const __m128i
+                ));
+                acc0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x.as_ptr().add(i)), acc0);
+                acc1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x.as_ptr().add(i + 8)), acc1);
+                i += 16;
+            }
+            while i < n {
+                let w0 =
+                    _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(2 * i) as *const __m128i));
+                acc0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x.as_ptr().add(i)), acc0);
+                i += 8;
+            }
+            hsum(_mm256_add_ps(acc0, acc1))
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_bf16(row: &[u8], x: &[f32]) -> f32 {
+        let n = x.len();
+        assert!(row.len() >= 2 * n && n % 8 == 0);
+        unsafe {
+            let mut acc = _mm256_setzero_ps();
+            let mut i = 0;
+            while i < n {
+                let h = _mm_loadu_si128(row.as_ptr().add(2 * i) as *const __m128i);
+                let w = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)));
+                acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(x.as_ptr().add(i)), acc);
+                i += 8;
+            }
+            hsum(acc)
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q8_0(row: &[u8], x: &[f32]) -> f32 {
+        let nb = x.len() / 32;
+        assert!(row.len() >= nb * 34 && x.len() % 32 == 0);
+        unsafe {
+            let mut acc = _mm256_setzero_ps();
+            for b in 0..nb {
+                let p = row.as_ptr().add(b * 34);
+                let d = _mm256_set1_ps(f16_scalar(p));
+                let q = p.add(2);
+                let xp = x.as_ptr().add(b * 32);
+                let mut s = _mm256_setzero_ps();
+                for k in 0..4 {
+                    let qi = _mm256_cvtepi8_epi32(_mm_loadl_epi64(q.add(8 * k) as *const __m128i));
+                    s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(qi), _mm256_loadu_ps(xp.add(8 * k)), s);
+                }
+                acc = _mm256_fmadd_ps(d, s, acc);
+            }
+            hsum(acc)
+        }
+    }
+
+    /// Σ over a block of 16 packed nibble bytes: low nibbles pair with x[0..16], high with x[16..32].
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn nibble_block(q: *const u8, xp: *const f32) -> __m256 {
+        unsafe {
+            let qs = _mm_loadu_si128(q as *const __m128i);
+            let mask = _mm_set1_epi8(0x0F);
+            let lo = _mm_and_si128(qs, mask);
+            let hi = _mm_and_si128(_mm_srli_epi16::<4>(qs), mask);
+            let l0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+            let l1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(lo)));
+            let h0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+            let h1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(hi)));
+            let s = _mm256_mul_ps(l0, _mm256_loadu_ps(xp));
+            let s = _mm256_fmadd_ps(l1, _mm256_loadu_ps(xp.add(8)), s);
+            let s = _mm256_fmadd_ps(h0, _mm256_loadu_ps(xp.add(16)), s);
+            _mm256_fmadd_ps(h1, _mm256_loadu_ps(xp.add(24)), s)
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q4_1(row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
+        let nb = x.len() / 32;
+        assert!(row.len() >= nb * 20 && xsum.len() >= nb && x.len() % 32 == 0);
+        unsafe {
+            let mut acc = _mm256_setzero_ps();
+            let mut macc = 0f32;
+            for b in 0..nb {
+                let p = row.as_ptr().add(b * 20);
+                let s = nibble_block(p.add(4), x.as_ptr().add(b * 32));
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_scalar(p)), s, acc);
+                macc += f16_scalar(p.add(2)) * *xsum.get_unchecked(b);
+            }
+            hsum(acc) + macc
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q4_0(row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
+        let nb = x.len() / 32;
+        assert!(row.len() >= nb * 18 && xsum.len() >= nb && x.len() % 32 == 0);
+        unsafe {
+            let mut acc = _mm256_setzero_ps();
+            let mut macc = 0f32;
+            for b in 0..nb {
+                let p = row.as_ptr().add(b * 18);
+                let s = nibble_block(p.add(2), x.as_ptr().add(b * 32));
+                let d = f16_scalar(p);
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(d), s, acc);
+                macc -= 8.0 * d * *xsum.get_unchecked(b);
+            }
+            hsum(acc) + macc
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand_bytes(n: usize, seed: u64) -> Vec<u8> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 24) as u8
+            })
+            .collect()
+    }
+
+    /// Random blocks with sane f16 scales (random bytes may be NaN/Inf).
+    fn rand_row(ty: GgmlType, cols: usize) -> Vec<u8> {
+        let mut r = rand_bytes(ty.row_bytes(cols), 7);
+        let bb = ty.block_bytes();
+        let scale_offsets: &[usize] = match ty {
+            GgmlType::Q8_0 | GgmlType::Q4_0 => &[0],
+            GgmlType::Q4_1 | GgmlType::Q4K => &[0, 2],
+            GgmlType::Q6K => &[208],
+            GgmlType::F16 => &[],
+            _ => &[],
+        };
+        for b in r.chunks_exact_mut(bb) {
+            for &o in scale_offsets {
+                b[o..o + 2].copy_from_slice(
+                    &f16::from_f32(0.0123 + o as f32 * 0.001)
+                        .to_bits()
+                        .to_le_bytes(),
+                );
+            }
+        }
+        if ty == GgmlType::F16 {
+            for c in r.chunks_exact_mut(2) {
+                c.copy_from_slice(
+                    &f16::from_f32((c[0] as f32 - 128.0) / 64.0)
+                        .to_bits()
+                        .to_le_bytes(),
+                );
+            }
+        }
+        r
+    }
+
+    #[test]
+    fn fused_dots_match_dequantized() {
+        let cols = 256;
+        let x: Vec<f32> = (0..cols)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+            .collect();
+        let mut xs = Vec::new();
+        block_sums(&x, &mut xs);
+        for ty in [
+            GgmlType::F16,
+            GgmlType::BF16,
+            GgmlType::Q8_0,
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+        ] {
+            let row = rand_row(ty, cols);
+            let mut w = vec![0f32; cols];
+            dequantize_row(ty, &row, &mut w);
+            let want: f64 = w.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
+            for got in [
+                dot_row(ty, &row, &x, &xs),
+                dot_row_scalar(ty, &row, &x, &xs),
+            ] {
+                assert!(
+                    (got as f64 - want).abs() <= 1e-4 * want.abs().max(1.0),
+                    "{ty:?}: {got} vs {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn q4_1_dequant_by_hand() {
+        let mut b = vec![0u8; 20];
+        b[0..2].copy_from_slice(&f16::from_f32(0.5).to_bits().to_le_bytes());
+        b[2..4].copy_from_slice(&f16::from_f32(-1.0).to_bits().to_le_bytes());
+        b[4] = 0x3A; // element 0 = 0xA, element 16 = 0x3
+        let mut o = vec![0f32; 32];
+        dequantize_row(GgmlType::Q4_1, &b, &mut o);
+        assert_eq!(o[0], 0.5 * 10.0 - 1.0);
+        assert_eq!(o[16], 0.5 * 3.0 - 1.0);
+        assert_eq!(o[1], -1.0);
+    }
+}
