@@ -60,7 +60,7 @@ fn grow(v: &mut Vec<f32>, n: usize) {
 
 /// Raw pointer that may be shared with pool threads writing disjoint elements.
 #[derive(Clone, Copy)]
-struct Ptr(*mut f32);
+pub struct Ptr(*mut f32);
 unsafe impl Send for Ptr {}
 unsafe impl Sync for Ptr {}
 
@@ -385,6 +385,8 @@ fn attention(pool: &ThreadPool, max_ctx: usize, hd: usize, nh: usize, nkv: usize
 }
 
 const ROW_TILE: usize = 8;
+/// Rows per work item handed out to pool threads (dynamic scheduling balances the threads).
+const CHUNK_ROWS: usize = 64;
 
 thread_local! {
     static DEQ: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -399,65 +401,121 @@ pub fn matmul(
     out: &mut [f32],
     xsum: &mut Vec<f32>,
 ) {
-    let (rows, cols) = (w.rows, w.cols);
+    matmul_multi(pool, &mut [(w, out)], x, n, xsum);
+}
+
+/// Several products of the same input in one dispatch to the pool (q/k/v, gate/up):
+/// out_i (n, w_i.rows) = x (n, cols) · w_iᵀ.
+pub fn matmul_multi(
+    pool: &ThreadPool,
+    jobs: &mut [(&Weight, &mut [f32])],
+    x: &[f32],
+    n: usize,
+    xsum: &mut Vec<f32>,
+) {
+    let cols = jobs[0].0.cols;
     debug_assert_eq!(x.len(), n * cols);
-    debug_assert_eq!(out.len(), n * rows);
-    let o = Ptr(out.as_mut_ptr());
-    if n == 1 && quant::has_fused_dot(w.ty) {
-        if matches!(w.ty, GgmlType::Q4_0 | GgmlType::Q4_1) {
-            quant::block_sums(x, xsum);
-        }
-        let xs = &xsum[..];
-        pool.for_ranges(rows, 16, &|range| {
-            for r in range {
+    let fused = n == 1 && jobs.iter().all(|(w, _)| quant::has_fused_dot(w.ty));
+    if fused
+        && jobs
+            .iter()
+            .any(|(w, _)| matches!(w.ty, GgmlType::Q4_0 | GgmlType::Q4_1))
+    {
+        quant::block_sums(x, xsum);
+    }
+    // (weight, output, first global chunk index)
+    let mut table: [(Option<&Weight>, Ptr, usize); 4] = [(None, Ptr(std::ptr::null_mut()), 0); 4];
+    assert!(jobs.len() <= table.len());
+    let mut total_chunks = 0;
+    for (i, (w, o)) in jobs.iter_mut().enumerate() {
+        debug_assert_eq!(w.cols, cols);
+        debug_assert_eq!(o.len(), n * w.rows);
+        table[i] = (Some(*w), Ptr(o.as_mut_ptr()), total_chunks);
+        total_chunks += w.rows.div_ceil(CHUNK_ROWS);
+    }
+    let n_jobs = jobs.len();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let xs = &xsum[..];
+    let work = |chunk: usize| {
+        let j = (0..n_jobs).rev().find(|&j| table[j].2 <= chunk).unwrap();
+        let (w, o, first) = (table[j].0.unwrap(), table[j].1, table[j].2);
+        let r0 = (chunk - first) * CHUNK_ROWS;
+        let r1 = (r0 + CHUNK_ROWS).min(w.rows);
+        if fused {
+            for r in r0..r1 {
                 let v = quant::dot_row(w.ty, w.row(r), x, xs);
                 // SAFETY: each row index is written by exactly one thread.
                 unsafe { *o.at(r) = v };
             }
-        });
+        } else {
+            rows_tiled(w, r0..r1, x, n, o);
+        }
+    };
+    if pool.n_threads() == 1 || total_chunks == 1 {
+        (0..total_chunks).for_each(work);
         return;
     }
-    pool.for_ranges(rows, ROW_TILE, &|range| {
-        DEQ.with(|d| {
-            let mut d = d.borrow_mut();
-            if d.len() < ROW_TILE * cols {
-                d.resize(ROW_TILE * cols, 0.0);
+    pool.run(&|_, _| loop {
+        let c = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if c >= total_chunks {
+            break;
+        }
+        work(c);
+    });
+}
+
+/// Rows `range` of w against all n inputs: dequantize a tile of rows to f32 once, then
+/// reuse it for every input (2 rows × 4 inputs per micro-kernel call).
+fn rows_tiled(w: &Weight, range: std::ops::Range<usize>, x: &[f32], n: usize, o: Ptr) {
+    let (rows, cols) = (w.rows, w.cols);
+    DEQ.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.len() < ROW_TILE * cols {
+            d.resize(ROW_TILE * cols, 0.0);
+        }
+        let mut r0 = range.start;
+        while r0 < range.end {
+            let r1 = (r0 + ROW_TILE).min(range.end);
+            for r in r0..r1 {
+                w.dequantize_row(r, &mut d[(r - r0) * cols..(r - r0 + 1) * cols]);
             }
-            let mut r0 = range.start;
-            while r0 < range.end {
-                let r1 = (r0 + ROW_TILE).min(range.end);
-                for r in r0..r1 {
-                    w.dequantize_row(r, &mut d[(r - r0) * cols..(r - r0 + 1) * cols]);
-                }
-                let mut t = 0;
-                while t + 4 <= n {
-                    let xs = [
-                        &x[t * cols..(t + 1) * cols],
-                        &x[(t + 1) * cols..(t + 2) * cols],
-                        &x[(t + 2) * cols..(t + 3) * cols],
-                        &x[(t + 3) * cols..(t + 4) * cols],
-                    ];
-                    for r in r0..r1 {
-                        let v = quant::dot_f32_x4(&d[(r - r0) * cols..(r - r0 + 1) * cols], xs);
-                        for k in 0..4 {
-                            // SAFETY: disjoint (token, row) elements per thread.
-                            unsafe { *o.at((t + k) * rows + r) = v[k] };
+            let drow = |r: usize| &d[(r - r0) * cols..(r - r0 + 1) * cols];
+            let mut t = 0;
+            while t + 4 <= n {
+                let xs = [
+                    &x[t * cols..(t + 1) * cols],
+                    &x[(t + 1) * cols..(t + 2) * cols],
+                    &x[(t + 2) * cols..(t + 3) * cols],
+                    &x[(t + 3) * cols..(t + 4) * cols],
+                ];
+                let mut r = r0;
+                while r + 2 <= r1 {
+                    let v = quant::dot_f32_2x4(drow(r), drow(r + 1), xs);
+                    for k in 0..4 {
+                        // SAFETY: disjoint (token, row) elements per thread.
+                        unsafe {
+                            *o.at((t + k) * rows + r) = v[0][k];
+                            *o.at((t + k) * rows + r + 1) = v[1][k];
                         }
                     }
-                    t += 4;
+                    r += 2;
                 }
-                while t < n {
-                    for r in r0..r1 {
-                        let v = quant::dot_f32(
-                            &d[(r - r0) * cols..(r - r0 + 1) * cols],
-                            &x[t * cols..(t + 1) * cols],
-                        );
-                        unsafe { *o.at(t * rows + r) = v };
+                if r < r1 {
+                    let v = quant::dot_f32_x4(drow(r), xs);
+                    for k in 0..4 {
+                        unsafe { *o.at((t + k) * rows + r) = v[k] };
                     }
-                    t += 1;
                 }
-                r0 = r1;
+                t += 4;
             }
-        });
+            while t < n {
+                for r in r0..r1 {
+                    let v = quant::dot_f32(drow(r), &x[t * cols..(t + 1) * cols]);
+                    unsafe { *o.at(t * rows + r) = v };
+                }
+                t += 1;
+            }
+            r0 = r1;
+        }
     });
 }

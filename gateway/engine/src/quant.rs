@@ -201,6 +201,18 @@ pub fn has_fused_dot(ty: GgmlType) -> bool {
 #[inline]
 pub fn dot_row(ty: GgmlType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
+    if simd512::available() {
+        // SAFETY: the required CPU features were detected at run time.
+        unsafe {
+            match ty {
+                GgmlType::Q8_0 => return simd512::dot_q8_0(row, x),
+                GgmlType::Q4_1 => return simd512::dot_q4_1(row, x, xsum),
+                GgmlType::F32 => return simd512::dot_f32_bytes(row, x),
+                _ => {}
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
     if simd::available() {
         // SAFETY: the required CPU features were detected at run time.
         unsafe {
@@ -257,6 +269,11 @@ pub fn dot_row_scalar(ty: GgmlType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
     #[cfg(target_arch = "x86_64")]
+    if simd512::available() {
+        // SAFETY: features detected at run time; lengths checked by the callers.
+        return unsafe { simd512::dot_f32(a, b) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if simd::available() {
         // SAFETY: features detected at run time; lengths checked by the callers.
         return unsafe { simd::dot_f32(a, b) };
@@ -278,6 +295,17 @@ pub fn dot_f32_x4(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
         dot_f32(w, x[2]),
         dot_f32(w, x[3]),
     ]
+}
+
+/// Two f32 rows against four f32 vectors: out[row][vector].
+#[inline]
+pub fn dot_f32_2x4(w0: &[f32], w1: &[f32], x: [&[f32]; 4]) -> [[f32; 4]; 2] {
+    #[cfg(target_arch = "x86_64")]
+    if simd512::available() {
+        // SAFETY: as above.
+        return unsafe { simd512::dot_f32_2x4(w0, w1, x) };
+    }
+    [dot_f32_x4(w0, x), dot_f32_x4(w1, x)]
 }
 
 /// y += a·x
@@ -513,6 +541,177 @@ pub mod simd {
     }
 }
 
+/// AVX-512 versions of the hottest kernels (16 lanes: one 32-element block in two FMAs).
+#[cfg(target_arch = "x86_64")]
+pub mod simd512 {
+    use std::arch::x86_64::*;
+    use std::sync::OnceLock;
+
+    pub fn available() -> bool {
+        static OK: OnceLock<bool> = OnceLock::new();
+        *OK.get_or_init(|| {
+            std::env::var_os("SWITCHYARD_NO_SIMD").is_none()
+                && std::env::var_os("SWITCHYARD_NO_AVX512").is_none()
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+        })
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+    unsafe fn f16s(p: *const u8) -> f32 {
+        let bits = unsafe { (p as *const u16).read_unaligned() };
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+    pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        unsafe { dot_ptr(a.as_ptr(), b.as_ptr(), n) }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+    pub unsafe fn dot_f32_bytes(row: &[u8], x: &[f32]) -> f32 {
+        assert!(row.len() >= x.len() * 4);
+        unsafe { dot_ptr(row.as_ptr() as *const f32, x.as_ptr(), x.len()) }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+    unsafe fn dot_ptr(a: *const f32, b: *const f32, n: usize) -> f32 {
+        unsafe {
+            let mut acc0 = _mm512_setzero_ps();
+            let mut acc1 = _mm512_setzero_ps();
+            let mut i = 0;
+            while i + 32 <= n {
+                acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a.add(i)), _mm512_loadu_ps(b.add(i)), acc0);
+                acc1 = _mm512_fmadd_ps(
+                    _mm512_loadu_ps(a.add(i + 16)),
+                    _mm512_loadu_ps(b.add(i + 16)),
+                    acc1,
+                );
+                i += 32;
+            }
+            if i + 16 <= n {
+                acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a.add(i)), _mm512_loadu_ps(b.add(i)), acc0);
+                i += 16;
+            }
+            if i < n {
+                let m: __mmask16 = (1u32 << (n - i)) as u16 - 1;
+                acc1 = _mm512_fmadd_ps(
+                    _mm512_maskz_loadu_ps(m, a.add(i)),
+                    _mm512_maskz_loadu_ps(m, b.add(i)),
+                    acc1,
+                );
+            }
+            _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+    pub unsafe fn dot_f32_2x4(w0: &[f32], w1: &[f32], x: [&[f32]; 4]) -> [[f32; 4]; 2] {
+        let n = w0.len();
+        assert!(w1.len() >= n && x.iter().all(|v| v.len() >= n));
+        unsafe {
+            let mut a = [[_mm512_setzero_ps(); 4]; 2];
+            let mut i = 0;
+            let tail: __mmask16 = ((1u32 << (n % 16)) - 1) as u16;
+            while i < n {
+                let m = if i + 16 <= n { 0xFFFF } else { tail };
+                let r0 = _mm512_maskz_loadu_ps(m, w0.as_ptr().add(i));
+                let r1 = _mm512_maskz_loadu_ps(m, w1.as_ptr().add(i));
+                for k in 0..4 {
+                    let xv = _mm512_maskz_loadu_ps(m, x[k].as_ptr().add(i));
+                    a[0][k] = _mm512_fmadd_ps(r0, xv, a[0][k]);
+                    a[1][k] = _mm512_fmadd_ps(r1, xv, a[1][k]);
+                }
+                i += 16;
+            }
+            let mut out = [[0f32; 4]; 2];
+            for r in 0..2 {
+                for k in 0..4 {
+                    out[r][k] = _mm512_reduce_add_ps(a[r][k]);
+                }
+            }
+            out
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+    pub unsafe fn dot_q8_0(row: &[u8], x: &[f32]) -> f32 {
+        let nb = x.len() / 32;
+        assert!(row.len() >= nb * 34 && x.len() % 32 == 0);
+        unsafe {
+            let mut acc0 = _mm512_setzero_ps();
+            let mut acc1 = _mm512_setzero_ps();
+            let one = |b: usize| -> __m512 {
+                let p = row.as_ptr().add(b * 34);
+                let xp = x.as_ptr().add(b * 32);
+                let q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                    p.add(2) as *const __m128i
+                )));
+                let q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                    p.add(18) as *const __m128i
+                )));
+                let s = _mm512_mul_ps(q0, _mm512_loadu_ps(xp));
+                let s = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xp.add(16)), s);
+                _mm512_mul_ps(_mm512_set1_ps(f16s(p)), s)
+            };
+            let mut b = 0;
+            while b + 2 <= nb {
+                acc0 = _mm512_add_ps(acc0, one(b));
+                acc1 = _mm512_add_ps(acc1, one(b + 1));
+                b += 2;
+            }
+            if b < nb {
+                acc0 = _mm512_add_ps(acc0, one(b));
+            }
+            _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+    pub unsafe fn dot_q4_1(row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
+        let nb = x.len() / 32;
+        assert!(row.len() >= nb * 20 && xsum.len() >= nb && x.len() % 32 == 0);
+        unsafe {
+            let mask = _mm_set1_epi8(0x0F);
+            let mut acc0 = _mm512_setzero_ps();
+            let mut acc1 = _mm512_setzero_ps();
+            let (mut m0, mut m1) = (0f32, 0f32);
+            let one = |b: usize| -> __m512 {
+                let p = row.as_ptr().add(b * 20);
+                let xp = x.as_ptr().add(b * 32);
+                let qs = _mm_loadu_si128(p.add(4) as *const __m128i);
+                let lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(qs, mask)));
+                let hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(
+                    _mm_srli_epi16::<4>(qs),
+                    mask,
+                )));
+                let s = _mm512_mul_ps(lo, _mm512_loadu_ps(xp));
+                let s = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp.add(16)), s);
+                _mm512_mul_ps(_mm512_set1_ps(f16s(p)), s)
+            };
+            let mterm = |b: usize| f16s(row.as_ptr().add(b * 20 + 2)) * *xsum.get_unchecked(b);
+            let mut b = 0;
+            while b + 2 <= nb {
+                acc0 = _mm512_add_ps(acc0, one(b));
+                acc1 = _mm512_add_ps(acc1, one(b + 1));
+                m0 += mterm(b);
+                m1 += mterm(b + 1);
+                b += 2;
+            }
+            if b < nb {
+                acc0 = _mm512_add_ps(acc0, one(b));
+                m0 += mterm(b);
+            }
+            _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + m0 + m1
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -588,6 +787,32 @@ mod tests {
                     (got as f64 - want).abs() <= 1e-4 * want.abs().max(1.0),
                     "{ty:?}: {got} vs {want}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn multi_row_kernels_match() {
+        for n in [8, 40, 64, 576] {
+            let v = |s: usize| -> Vec<f32> {
+                (0..n)
+                    .map(|i| ((i * s + 3) % 17) as f32 / 7.0 - 1.0)
+                    .collect()
+            };
+            let (w0, w1) = (v(3), v(5));
+            let xs = [v(7), v(11), v(13), v(2)];
+            let x = [&xs[0][..], &xs[1][..], &xs[2][..], &xs[3][..]];
+            let got = dot_f32_2x4(&w0, &w1, x);
+            let one = dot_f32_x4(&w0, x);
+            for k in 0..4 {
+                let want0: f32 = w0.iter().zip(x[k]).map(|(a, b)| a * b).sum();
+                let want1: f32 = w1.iter().zip(x[k]).map(|(a, b)| a * b).sum();
+                assert!(
+                    (got[0][k] - want0).abs() < 1e-3
+                        && (got[1][k] - want1).abs() < 1e-3
+                        && (one[k] - want0).abs() < 1e-3
+                );
+                assert!((dot_f32(&w0, x[k]) - want0).abs() < 1e-3);
             }
         }
     }

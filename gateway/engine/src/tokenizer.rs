@@ -229,7 +229,12 @@ impl Tokenizer {
                     .unwrap_or("default");
                 let regexes = pre_regexes(pre)
                     .ok_or_else(|| err(format!("unsupported pre-tokenizer '{pre}'")))?;
-                bpe_document(&tokens, &merges, &types, regexes)
+                // Llama-3-style vocabularies take a whole pre-token when it is in the vocabulary.
+                let ignore_merges = matches!(
+                    pre,
+                    "llama-bpe" | "llama3" | "llama-v3" | "falcon3" | "pixtral"
+                );
+                bpe_document(&tokens, &merges, &types, regexes, ignore_merges)
             }
             other => {
                 return Err(err(format!(
@@ -355,7 +360,13 @@ fn spm_document(
     })
 }
 
-fn bpe_document(tokens: &[String], merges: &[String], types: &[u64], regexes: &[&str]) -> Json {
+fn bpe_document(
+    tokens: &[String],
+    merges: &[String],
+    types: &[u64],
+    regexes: &[&str],
+    ignore_merges: bool,
+) -> Json {
     let mut pre: Vec<Json> = regexes
         .iter()
         .map(|r| json!({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false}))
@@ -370,7 +381,7 @@ fn bpe_document(tokens: &[String], merges: &[String], types: &[u64], regexes: &[
         "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
         "model": {"type": "BPE", "dropout": null, "unk_token": null,
                   "continuing_subword_prefix": null, "end_of_word_suffix": null,
-                  "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "fuse_unk": false, "byte_fallback": false, "ignore_merges": ignore_merges,
                   "vocab": vocab_map(tokens), "merges": merges}
     })
 }

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Test data that is not in the repository:
+#  - the default model (scripts/fetch-default-model.sh);
+#  - llama.cpp's tokenizer test vectors (vocabulary-only GGUF files with .inp/.out pairs),
+#    from the PyPI source package llama-cpp-python==0.3.36 (MIT), into .cache/vocab/.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+CACHE="${SWITCHYARD_CACHE:-$ROOT/.cache}"
+"$ROOT/scripts/fetch-default-model.sh" >/dev/null
+VOCAB="$CACHE/vocab"
+if [ ! -f "$VOCAB/.complete" ]; then
+  mkdir -p "$VOCAB" "$CACHE/sdist"
+  echo "fetching llama-cpp-python==0.3.36 (source) from PyPI for tokenizer test vectors ..." >&2
+  python3 -m pip download --quiet --no-deps --no-binary llama-cpp-python --disable-pip-version-check \
+    -d "$CACHE/sdist" llama-cpp-python==0.3.36 >&2
+  python3 - "$CACHE/sdist/llama_cpp_python-0.3.36.tar.gz" "$VOCAB" <<'PY'
+import sys, tarfile, os
+src, out = sys.argv[1], sys.argv[2]
+keep = ("llama-spm", "gpt-2", "llama-bpe", "starcoder", "qwen2")
+with tarfile.open(src) as t:
+    for m in t.getmembers():
+        base = os.path.basename(m.name)
+        if "/vendor/llama.cpp/models/ggml-vocab-" in m.name and any(base.startswith(f"ggml-vocab-{k}.gguf") for k in keep):
+            with t.extractfile(m) as f, open(os.path.join(out, base), "wb") as o:
+                o.write(f.read())
+        elif m.name.endswith("/vendor/llama.cpp/LICENSE"):
+            with t.extractfile(m) as f, open(os.path.join(out, "LICENSE"), "wb") as o:
+                o.write(f.read())
+PY
+  touch "$VOCAB/.complete"
+fi
+ls "$VOCAB" >&2

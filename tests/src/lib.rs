@@ -1,0 +1,58 @@
+//! Shared helpers for the workspace's golden tests: where the real models and test vectors are.
+
+use std::path::PathBuf;
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// ../shared/models/stories260K (next to the repository), or $SWITCHYARD_STORIES.
+pub fn stories_dir() -> PathBuf {
+    let p = std::env::var_os("SWITCHYARD_STORIES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("../shared/models/stories260K"));
+    assert!(
+        p.join("model.safetensors").exists(),
+        "stories260K not found at {} (set SWITCHYARD_STORIES)",
+        p.display()
+    );
+    p
+}
+
+fn cache() -> PathBuf {
+    std::env::var_os("SWITCHYARD_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join(".cache"))
+}
+
+/// The default model; fetched by scripts/fetch-default-model.sh.
+pub fn smollm2_gguf() -> PathBuf {
+    let p = cache().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/fetch-test-data.sh",
+        p.display()
+    );
+    p
+}
+
+/// llama.cpp's vocabulary test files; fetched by scripts/fetch-test-data.sh.
+pub fn vocab_dir() -> PathBuf {
+    let p = cache().join("vocab");
+    assert!(
+        p.join(".complete").exists(),
+        "{} is missing: run scripts/fetch-test-data.sh",
+        p.display()
+    );
+    p
+}
+
+pub fn load(path: &std::path::Path, threads: usize, slots: usize) -> switchyard_engine::Engine {
+    let opts = switchyard_engine::EngineOptions {
+        threads,
+        max_slots: slots,
+        ..Default::default()
+    };
+    switchyard_engine::Engine::load(path, opts, &mut |_, _| {}).unwrap_or_else(|e| panic!("{e}"))
+}
