@@ -225,8 +225,12 @@ pub fn parse_header(buf: &[u8]) -> Result<GgufHeader, String> {
             dims.push(c.u64()?);
         }
         let ty = c.u32()?;
-        let dtype = GgmlType::from_u32(ty)
-            .ok_or_else(|| format!("tensor '{name}': unknown tensor type {ty}"))?;
+        let dtype = GgmlType::from_u32(ty).ok_or_else(|| match crate::quant::ggml_type_name(ty) {
+            Some(n) => format!(
+                "tensor '{name}': unsupported tensor type {n} (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K)"
+            ),
+            None => format!("tensor '{name}': unknown tensor type {ty}"),
+        })?;
         let offset = c.u64()?;
         let n_elems = dims
             .iter()

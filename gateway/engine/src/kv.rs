@@ -54,11 +54,14 @@ pub trait KvAllocator: Send {
     fn name(&self) -> &str;
 }
 
+/// Per layer: (K, V) buffers of one slot.
+type SlotBuffers = Vec<(Vec<f32>, Vec<f32>)>;
+
 /// Heap buffers per slot and layer, grown by doubling (a realloc moves the tokens).
 pub struct HeapKv {
     layout: KvLayout,
     /// `slots[s]` = Some(per-layer (K, V)) when in use.
-    slots: Vec<Option<Vec<(Vec<f32>, Vec<f32>)>>>,
+    slots: Vec<Option<SlotBuffers>>,
     used_tokens: Vec<usize>,
 }
 

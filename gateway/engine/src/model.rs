@@ -150,14 +150,13 @@ impl TensorSource for GgufSource<'_> {
     }
 }
 
+/// tensor name → (dtype, shape, byte offset in the file, byte length)
+type StIndex = std::collections::HashMap<String, (String, Vec<usize>, usize, usize)>;
+
 struct SafetensorsSource {
     dir: PathBuf,
     /// (file, mmap, tensor name → (dtype, shape, byte range within the mmap))
-    files: Vec<(
-        PathBuf,
-        Arc<memmap2::Mmap>,
-        std::collections::HashMap<String, (String, Vec<usize>, usize, usize)>,
-    )>,
+    files: Vec<(PathBuf, Arc<memmap2::Mmap>, StIndex)>,
 }
 
 impl SafetensorsSource {
@@ -492,7 +491,7 @@ fn gguf_config(g: &GgufFile) -> Result<Config> {
     let dim = u("embedding_length")?;
     let n_heads = u("attention.head_count")?;
     let n_kv_heads = u("attention.head_count_kv").unwrap_or(n_heads);
-    let head_dim = u("rope.dimension_count").unwrap_or(if n_heads > 0 { dim / n_heads } else { 0 });
+    let head_dim = u("rope.dimension_count").unwrap_or(dim.checked_div(n_heads).unwrap_or(0));
     let cfg = Config {
         dim,
         n_layers: u("block_count")?,
@@ -547,7 +546,7 @@ fn hf_config(dir: &Path) -> Result<Config> {
         n_layers: u("num_hidden_layers")?,
         n_heads,
         n_kv_heads: u("num_key_value_heads").unwrap_or(n_heads),
-        head_dim: u("head_dim").unwrap_or(if n_heads > 0 { dim / n_heads } else { 0 }),
+        head_dim: u("head_dim").unwrap_or(dim.checked_div(n_heads).unwrap_or(0)),
         ffn_dim: u("intermediate_size")?,
         vocab_size: u("vocab_size")?,
         rope_theta: j["rope_theta"].as_f64().unwrap_or(10000.0),
@@ -563,13 +562,13 @@ fn validate(c: &Config) -> std::result::Result<(), String> {
     if c.dim == 0 || c.n_layers == 0 || c.n_heads == 0 || c.n_kv_heads == 0 || c.ffn_dim == 0 {
         return Err(format!("implausible model shape {c:?}"));
     }
-    if c.n_heads % c.n_kv_heads != 0 {
+    if !c.n_heads.is_multiple_of(c.n_kv_heads) {
         return Err(format!(
             "{} heads is not a multiple of {} KV heads",
             c.n_heads, c.n_kv_heads
         ));
     }
-    if c.head_dim % 2 != 0 || c.head_dim == 0 {
+    if !c.head_dim.is_multiple_of(2) || c.head_dim == 0 {
         return Err(format!("head dimension {} must be even", c.head_dim));
     }
     if c.max_context == 0 || c.max_context > 1 << 20 {

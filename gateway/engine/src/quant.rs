@@ -70,6 +70,30 @@ impl GgmlType {
     }
 }
 
+/// Names of the GGML types this engine does not run, for error messages.
+pub fn ggml_type_name(v: u32) -> Option<&'static str> {
+    Some(match v {
+        6 => "Q5_0",
+        7 => "Q5_1",
+        9 => "Q8_1",
+        10 => "Q2_K",
+        11 => "Q3_K",
+        13 => "Q5_K",
+        15 => "Q8_K",
+        16..=23 => "IQ (i-quant)",
+        24 => "I8",
+        25 => "I16",
+        26 => "I32",
+        27 => "I64",
+        28 => "F64",
+        29 => "IQ1_M",
+        34 => "TQ1_0",
+        35 => "TQ2_0",
+        39 => "MXFP4",
+        _ => return None,
+    })
+}
+
 #[inline]
 fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
@@ -316,7 +340,13 @@ pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// AVX2 kernels.
+///
+/// # Safety
+/// Every `unsafe fn` here needs AVX2, FMA and F16C ([`simd::available`]) and inputs of the
+/// lengths its assertions check.
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::missing_safety_doc)]
 pub mod simd {
     use std::arch::x86_64::*;
     use std::sync::OnceLock;
@@ -421,7 +451,7 @@ pub mod simd {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_f16(row: &[u8], x: &[f32]) -> f32 {
         let n = x.len();
-        assert!(row.len() >= 2 * n && n % 8 == 0);
+        assert!(row.len() >= 2 * n && n.is_multiple_of(8));
         unsafe {
             let mut acc0 = _mm256_setzero_ps();
             let mut acc1 = _mm256_setzero_ps();
@@ -449,7 +479,7 @@ pub mod simd {
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_bf16(row: &[u8], x: &[f32]) -> f32 {
         let n = x.len();
-        assert!(row.len() >= 2 * n && n % 8 == 0);
+        assert!(row.len() >= 2 * n && n.is_multiple_of(8));
         unsafe {
             let mut acc = _mm256_setzero_ps();
             let mut i = 0;
@@ -466,7 +496,7 @@ pub mod simd {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_q8_0(row: &[u8], x: &[f32]) -> f32 {
         let nb = x.len() / 32;
-        assert!(row.len() >= nb * 34 && x.len() % 32 == 0);
+        assert!(row.len() >= nb * 34 && x.len().is_multiple_of(32));
         unsafe {
             let mut acc = _mm256_setzero_ps();
             for b in 0..nb {
@@ -508,7 +538,7 @@ pub mod simd {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_q4_1(row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
         let nb = x.len() / 32;
-        assert!(row.len() >= nb * 20 && xsum.len() >= nb && x.len() % 32 == 0);
+        assert!(row.len() >= nb * 20 && xsum.len() >= nb && x.len().is_multiple_of(32));
         unsafe {
             let mut acc = _mm256_setzero_ps();
             let mut macc = 0f32;
@@ -525,7 +555,7 @@ pub mod simd {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_q4_0(row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
         let nb = x.len() / 32;
-        assert!(row.len() >= nb * 18 && xsum.len() >= nb && x.len() % 32 == 0);
+        assert!(row.len() >= nb * 18 && xsum.len() >= nb && x.len().is_multiple_of(32));
         unsafe {
             let mut acc = _mm256_setzero_ps();
             let mut macc = 0f32;
@@ -542,7 +572,11 @@ pub mod simd {
 }
 
 /// AVX-512 versions of the hottest kernels (16 lanes: one 32-element block in two FMAs).
+///
+/// # Safety
+/// Every `unsafe fn` here needs AVX-512F/BW/VL, FMA and F16C ([`simd512::available`]).
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::missing_safety_doc)]
 pub mod simd512 {
     use std::arch::x86_64::*;
     use std::sync::OnceLock;
@@ -642,7 +676,7 @@ pub mod simd512 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
     pub unsafe fn dot_q8_0(row: &[u8], x: &[f32]) -> f32 {
         let nb = x.len() / 32;
-        assert!(row.len() >= nb * 34 && x.len() % 32 == 0);
+        assert!(row.len() >= nb * 34 && x.len().is_multiple_of(32));
         unsafe {
             let mut acc0 = _mm512_setzero_ps();
             let mut acc1 = _mm512_setzero_ps();
@@ -675,7 +709,7 @@ pub mod simd512 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
     pub unsafe fn dot_q4_1(row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
         let nb = x.len() / 32;
-        assert!(row.len() >= nb * 20 && xsum.len() >= nb && x.len() % 32 == 0);
+        assert!(row.len() >= nb * 20 && xsum.len() >= nb && x.len().is_multiple_of(32));
         unsafe {
             let mask = _mm_set1_epi8(0x0F);
             let mut acc0 = _mm512_setzero_ps();

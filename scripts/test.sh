@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The project's test command: fetch test data (default model, llama.cpp tokenizer vectors),
+# check formatting and lints, run every test of the workspace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/fetch-test-data.sh
+cargo fmt --all -- --check
+cargo clippy --workspace --release --all-targets -- -D warnings
+cargo test --workspace --release
