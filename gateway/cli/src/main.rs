@@ -106,7 +106,7 @@ enum BenchCmd {
         prompt_tokens: usize,
         #[arg(long, default_value_t = 64)]
         gen_tokens: usize,
-        /// Repetitions (best is reported).
+        /// Repetitions (the mean is reported, after one warm-up round).
         #[arg(long, default_value_t = 3)]
         reps: usize,
         #[arg(long)]
@@ -276,18 +276,25 @@ fn bench_decode(
     let prompt: Vec<u32> = (0..prompt_tokens as u32)
         .map(|i| (i * 7919 + 13) % vocab)
         .collect();
-    let (mut best_pp, mut best_tg) = (0f64, 0f64);
-    for _ in 0..reps.max(1) {
+    // Like llama-bench: prefill of a fresh prompt (pp), and generation of `gen` tokens from
+    // an empty context (tg), measured separately; one warm-up round first.
+    let (mut pps, mut tgs) = (Vec::new(), Vec::new());
+    for rep in 0..=reps.max(1) {
         let slots: Vec<usize> = (0..batch)
             .map(|_| e.kv.acquire())
             .collect::<Result<_, _>>()?;
         let t = Instant::now();
-        let mut last = Vec::new();
         for &s in &slots {
-            let l = e.prefill(s, 0, &prompt)?;
-            last.push(switchyard_engine::sampling::argmax(&l));
+            e.prefill(s, 0, &prompt)?;
         }
         let pp = (prompt_tokens * batch) as f64 / t.elapsed().as_secs_f64();
+        for &s in &slots {
+            e.kv.release(s);
+        }
+        let slots: Vec<usize> = (0..batch)
+            .map(|_| e.kv.acquire())
+            .collect::<Result<_, _>>()?;
+        let mut last: Vec<u32> = vec![prompt[0]; batch];
         let mut sampler = Sampler::new(SamplingParams::default());
         let t = Instant::now();
         for step in 0..gen {
@@ -295,7 +302,7 @@ fn bench_decode(
             let chunks: Vec<SeqChunk> = slots
                 .iter()
                 .zip(&toks)
-                .map(|(&s, t)| SeqChunk::last_logits(s, prompt_tokens + step, t))
+                .map(|(&s, t)| SeqChunk::last_logits(s, step, t))
                 .collect();
             let logits = e.fwd.forward(&e.model, e.kv.as_mut(), &chunks)?;
             let v = vocab as usize;
@@ -307,9 +314,13 @@ fn bench_decode(
         for s in slots {
             e.kv.release(s);
         }
-        best_pp = best_pp.max(pp);
-        best_tg = best_tg.max(tg);
+        if rep > 0 {
+            pps.push(pp);
+            tgs.push(tg);
+        }
     }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (best_pp, best_tg) = (mean(&pps), mean(&tgs));
     let threads = e.fwd.pool().n_threads();
     if json {
         println!(
@@ -318,12 +329,13 @@ fn bench_decode(
                 "model": m.model.display().to_string(), "threads": threads, "batch": batch,
                 "prompt_tokens": prompt_tokens, "gen_tokens": gen,
                 "prefill_tok_s": best_pp, "decode_tok_s": best_tg,
+                "prefill_tok_s_runs": pps, "decode_tok_s_runs": tgs,
                 "weight_bytes": e.model.weight_bytes(),
             })
         );
     } else {
         println!(
-            "threads {threads} batch {batch}: prefill {best_pp:.1} tok/s ({prompt_tokens} tokens), decode {best_tg:.1} tok/s ({gen} tokens{})",
+            "threads {threads} batch {batch}: prefill {best_pp:.1} tok/s (pp{prompt_tokens}), decode {best_tg:.1} tok/s (tg{gen}{})",
             if batch > 1 { ", all sequences" } else { "" }
         );
     }

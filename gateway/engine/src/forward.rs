@@ -419,7 +419,7 @@ pub fn matmul_multi(
     if fused
         && jobs
             .iter()
-            .any(|(w, _)| matches!(w.ty, GgmlType::Q4_0 | GgmlType::Q4_1))
+            .any(|(w, _)| matches!(w.ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4_1S))
     {
         quant::block_sums(x, xsum);
     }

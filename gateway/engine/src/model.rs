@@ -79,6 +79,25 @@ impl Weight {
         }
         v
     }
+    /// The same weight in the layout the fastest kernel of this CPU reads (see
+    /// [`quant::split_type`]); unchanged when there is none.
+    pub fn for_kernels(self) -> Self {
+        match quant::split_type(self.ty) {
+            Some(st) if quant::has_fused_dot(st) => {
+                let mut bytes = Vec::with_capacity(self.n_bytes());
+                for r in 0..self.rows {
+                    quant::split_row(self.ty, self.row(r), &mut bytes);
+                }
+                Weight {
+                    ty: st,
+                    data: Bytes::Owned(Arc::new(bytes)),
+                    ..self
+                }
+            }
+            _ => self,
+        }
+    }
+
     pub fn from_f32(rows: usize, cols: usize, data: &[f32]) -> Self {
         let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
         Weight {
@@ -326,7 +345,7 @@ fn need(src: &dyn TensorSource, name: &str, rows: usize, cols: usize) -> Result<
             expected: vec![rows, cols],
         });
     }
-    Ok(w)
+    Ok(w.for_kernels())
 }
 
 fn need_vec(src: &dyn TensorSource, name: &str, n: usize) -> Result<Vec<f32>> {

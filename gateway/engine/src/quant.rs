@@ -17,6 +17,11 @@ pub enum GgmlType {
     Q4K,
     Q6K,
     BF16,
+    /// Q4_1 rearranged per row for SIMD: [d f16 × nb][m f16 × nb][nibbles 16 B × nb]
+    /// (same bytes, same values; built at load by [`split_row`]).
+    Q4_1S,
+    /// Q8_0 rearranged per row: [d f16 × nb][int8 32 B × nb].
+    Q8_0S,
 }
 
 impl GgmlType {
@@ -43,13 +48,15 @@ impl GgmlType {
             Self::Q4K => "Q4_K",
             Self::Q6K => "Q6_K",
             Self::BF16 => "BF16",
+            Self::Q4_1S => "Q4_1",
+            Self::Q8_0S => "Q8_0",
         }
     }
     /// Elements per block.
     pub fn block_size(self) -> usize {
         match self {
             Self::F32 | Self::F16 | Self::BF16 => 1,
-            Self::Q4_0 | Self::Q4_1 | Self::Q8_0 => 32,
+            Self::Q4_0 | Self::Q4_1 | Self::Q8_0 | Self::Q4_1S | Self::Q8_0S => 32,
             Self::Q4K | Self::Q6K => 256,
         }
     }
@@ -59,8 +66,8 @@ impl GgmlType {
             Self::F32 => 4,
             Self::F16 | Self::BF16 => 2,
             Self::Q4_0 => 18,
-            Self::Q4_1 => 20,
-            Self::Q8_0 => 34,
+            Self::Q4_1 | Self::Q4_1S => 20,
+            Self::Q8_0 | Self::Q8_0S => 34,
             Self::Q4K => 144,
             Self::Q6K => 210,
         }
@@ -99,10 +106,57 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
 }
 
+/// The split layout of a Q4_1 or Q8_0 row (scales first, then quantized values), which the
+/// AVX-512 kernels read with wide loads and no per-block f16 conversion.
+pub fn split_type(ty: GgmlType) -> Option<GgmlType> {
+    match ty {
+        GgmlType::Q4_1 => Some(GgmlType::Q4_1S),
+        GgmlType::Q8_0 => Some(GgmlType::Q8_0S),
+        _ => None,
+    }
+}
+
+/// Rearrange one row into its split layout (see [`split_type`]).
+pub fn split_row(ty: GgmlType, row: &[u8], out: &mut Vec<u8>) {
+    let bb = ty.block_bytes();
+    let nb = row.len() / bb;
+    let scales = if ty == GgmlType::Q4_1 { 2 } else { 1 };
+    for k in 0..scales {
+        for b in row.chunks_exact(bb) {
+            out.extend_from_slice(&b[2 * k..2 * k + 2]);
+        }
+    }
+    for b in row.chunks_exact(bb) {
+        out.extend_from_slice(&b[2 * scales..]);
+    }
+    debug_assert_eq!(out.len() % (nb * bb), 0);
+}
+
 /// Dequantize one row of `cols` elements into `out` (exact: f16/bf16/scaled ints → f32).
 pub fn dequantize_row(ty: GgmlType, row: &[u8], out: &mut [f32]) {
     let n = out.len();
     match ty {
+        GgmlType::Q4_1S => {
+            let nb = n / 32;
+            for b in 0..nb {
+                let d = f16_at(row, 2 * b);
+                let m = f16_at(row, 2 * nb + 2 * b);
+                let q = &row[4 * nb + 16 * b..4 * nb + 16 * b + 16];
+                for j in 0..16 {
+                    out[32 * b + j] = d * (q[j] & 0xF) as f32 + m;
+                    out[32 * b + j + 16] = d * (q[j] >> 4) as f32 + m;
+                }
+            }
+        }
+        GgmlType::Q8_0S => {
+            let nb = n / 32;
+            for b in 0..nb {
+                let d = f16_at(row, 2 * b);
+                for j in 0..32 {
+                    out[32 * b + j] = d * (row[2 * nb + 32 * b + j] as i8) as f32;
+                }
+            }
+        }
         GgmlType::F32 => {
             for (o, c) in out.iter_mut().zip(row.chunks_exact(4)) {
                 *o = f32::from_le_bytes(c.try_into().unwrap());
@@ -210,6 +264,10 @@ pub fn block_sums(x: &[f32], out: &mut Vec<f32>) {
 
 /// Which dot products can run directly on the quantized row (without dequantizing first).
 pub fn has_fused_dot(ty: GgmlType) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if matches!(ty, GgmlType::Q4_1S | GgmlType::Q8_0S) {
+        return simd512::available();
+    }
     matches!(
         ty,
         GgmlType::F32
@@ -231,6 +289,8 @@ pub fn dot_row(ty: GgmlType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
             match ty {
                 GgmlType::Q8_0 => return simd512::dot_q8_0(row, x),
                 GgmlType::Q4_1 => return simd512::dot_q4_1(row, x, xsum),
+                GgmlType::Q4_1S => return simd512::dot_q4_1s(row, x, xsum),
+                GgmlType::Q8_0S => return simd512::dot_q8_0s(row, x),
                 GgmlType::F32 => return simd512::dot_f32_bytes(row, x),
                 _ => {}
             }
@@ -707,6 +767,84 @@ pub mod simd512 {
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+    pub unsafe fn dot_q4_1s(row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
+        let nb = x.len() / 32;
+        assert!(row.len() >= nb * 20 && xsum.len() >= nb && x.len().is_multiple_of(32));
+        unsafe {
+            let dp = row.as_ptr();
+            let mp = row.as_ptr().add(2 * nb);
+            let qp = row.as_ptr().add(4 * nb);
+            let low = _mm512_set1_epi32(0xF);
+            let mut acc = [_mm512_setzero_ps(); 2];
+            let mut macc = _mm512_setzero_ps();
+            let mut ds = [0f32; 16];
+            let mut b0 = 0;
+            while b0 < nb {
+                let cnt = (nb - b0).min(16);
+                let mask: __mmask16 = ((1u32 << cnt) - 1) as u16;
+                let d16 =
+                    _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, dp.add(2 * b0) as *const i16));
+                let m16 =
+                    _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, mp.add(2 * b0) as *const i16));
+                macc = _mm512_fmadd_ps(
+                    m16,
+                    _mm512_maskz_loadu_ps(mask, xsum.as_ptr().add(b0)),
+                    macc,
+                );
+                _mm512_storeu_ps(ds.as_mut_ptr(), d16);
+                for j in 0..cnt {
+                    let b = b0 + j;
+                    let xp = x.as_ptr().add(32 * b);
+                    let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(qp.add(16 * b) as *const __m128i));
+                    let lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, low));
+                    let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(v));
+                    let s = _mm512_mul_ps(lo, _mm512_loadu_ps(xp));
+                    let s = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp.add(16)), s);
+                    acc[j & 1] = _mm512_fmadd_ps(_mm512_set1_ps(ds[j]), s, acc[j & 1]);
+                }
+                b0 += cnt;
+            }
+            _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + _mm512_reduce_add_ps(macc)
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+    pub unsafe fn dot_q8_0s(row: &[u8], x: &[f32]) -> f32 {
+        let nb = x.len() / 32;
+        assert!(row.len() >= nb * 34 && x.len().is_multiple_of(32));
+        unsafe {
+            let dp = row.as_ptr();
+            let qp = row.as_ptr().add(2 * nb);
+            let mut acc = [_mm512_setzero_ps(); 2];
+            let mut ds = [0f32; 16];
+            let mut b0 = 0;
+            while b0 < nb {
+                let cnt = (nb - b0).min(16);
+                let mask: __mmask16 = ((1u32 << cnt) - 1) as u16;
+                let d16 =
+                    _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, dp.add(2 * b0) as *const i16));
+                _mm512_storeu_ps(ds.as_mut_ptr(), d16);
+                for j in 0..cnt {
+                    let b = b0 + j;
+                    let xp = x.as_ptr().add(32 * b);
+                    let q = qp.add(32 * b);
+                    let q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                        q as *const __m128i,
+                    )));
+                    let q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                        q.add(16) as *const __m128i
+                    )));
+                    let s = _mm512_mul_ps(q0, _mm512_loadu_ps(xp));
+                    let s = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xp.add(16)), s);
+                    acc[j & 1] = _mm512_fmadd_ps(_mm512_set1_ps(ds[j]), s, acc[j & 1]);
+                }
+                b0 += cnt;
+            }
+            _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]))
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
     pub unsafe fn dot_q4_1(row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
         let nb = x.len() / 32;
         assert!(row.len() >= nb * 20 && xsum.len() >= nb && x.len().is_multiple_of(32));
@@ -782,6 +920,12 @@ mod tests {
                 );
             }
         }
+        if ty == GgmlType::BF16 {
+            for c in r.chunks_exact_mut(2) {
+                let v = bf16::from_f32((c[0] as f32 - 128.0) / 64.0);
+                c.copy_from_slice(&v.to_bits().to_le_bytes());
+            }
+        }
         if ty == GgmlType::F16 {
             for c in r.chunks_exact_mut(2) {
                 c.copy_from_slice(
@@ -848,6 +992,32 @@ mod tests {
                 );
                 assert!((dot_f32(&w0, x[k]) - want0).abs() < 1e-3);
             }
+        }
+    }
+
+    #[test]
+    fn split_layouts_match() {
+        let cols = 576;
+        let x: Vec<f32> = (0..cols)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+            .collect();
+        let mut xs = Vec::new();
+        block_sums(&x, &mut xs);
+        for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
+            let row = rand_row(ty, cols);
+            let st = split_type(ty).unwrap();
+            let mut sp = Vec::new();
+            split_row(ty, &row, &mut sp);
+            let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
+            dequantize_row(ty, &row, &mut a);
+            dequantize_row(st, &sp, &mut b);
+            assert_eq!(a, b);
+            let want = dot_row_scalar(ty, &row, &x, &xs);
+            let got = dot_row(st, &sp, &x, &xs);
+            assert!(
+                (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+                "{ty:?}: {got} vs {want}"
+            );
         }
     }
 
