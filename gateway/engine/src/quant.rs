@@ -1021,6 +1021,39 @@ mod tests {
         }
     }
 
+    /// K-quant dequantization against gguf-py's reference implementation
+    /// (testdata/kquants.json: random blocks and the values gguf-py decodes them to).
+    #[test]
+    fn k_quants_match_gguf_py() {
+        let j: serde_json::Value =
+            serde_json::from_str(include_str!("../testdata/kquants.json")).unwrap();
+        for case in j["cases"].as_array().unwrap() {
+            let ty = match case["type"].as_str().unwrap() {
+                "Q4_K" => GgmlType::Q4K,
+                _ => GgmlType::Q6K,
+            };
+            let hex = case["hex"].as_str().unwrap();
+            let bytes: Vec<u8> = (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                .collect();
+            let want: Vec<f32> = case["values"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap() as f32)
+                .collect();
+            let mut got = vec![0f32; want.len()];
+            dequantize_row(ty, &bytes, &mut got);
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                    "{ty:?}[{i}]: {a} vs {b}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn q4_1_dequant_by_hand() {
         let mut b = vec![0u8; 20];
