@@ -248,14 +248,14 @@ impl Engine {
                 break;
             }
             let step = [id];
-            logits = self
-                .fwd
-                .forward(
-                    &self.model,
-                    self.kv.as_mut(),
-                    &[SeqChunk::last_logits(slot, pos, &step)],
-                )?
-                .to_vec();
+            let next = self.fwd.forward(
+                &self.model,
+                self.kv.as_mut(),
+                &[SeqChunk::last_logits(slot, pos, &step)],
+            )?;
+            // Reuse the buffer: no allocation per generated token.
+            logits.clear();
+            logits.extend_from_slice(next);
             pos += 1;
         }
         text.finish(on_text);

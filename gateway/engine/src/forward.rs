@@ -385,6 +385,9 @@ fn attention(pool: &ThreadPool, max_ctx: usize, hd: usize, nh: usize, nkv: usize
 }
 
 const ROW_TILE: usize = 8;
+/// Up to this many inputs, matrix products run on the quantized rows directly.
+const FUSED_MAX_INPUTS: usize = 8;
+
 /// Rows per work item handed out to pool threads (dynamic scheduling balances the threads).
 const CHUNK_ROWS: usize = 64;
 
@@ -415,14 +418,20 @@ pub fn matmul_multi(
 ) {
     let cols = jobs[0].0.cols;
     debug_assert_eq!(x.len(), n * cols);
-    let fused = n == 1 && jobs.iter().all(|(w, _)| quant::has_fused_dot(w.ty));
+    // Few rows of input (decode steps): dot products straight on the quantized rows.
+    // Many (prefill): dequantize tiles of rows once and reuse them for every input.
+    let fused = n <= FUSED_MAX_INPUTS && jobs.iter().all(|(w, _)| quant::has_fused_dot(w.ty));
+    xsum.clear();
     if fused
         && jobs
             .iter()
             .any(|(w, _)| matches!(w.ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4_1S))
     {
-        quant::block_sums(x, xsum);
+        for t in 0..n {
+            quant::block_sums(&x[t * cols..(t + 1) * cols], xsum);
+        }
     }
+    let nb = cols / 32;
     // (weight, output, first global chunk index)
     let mut table: [(Option<&Weight>, Ptr, usize); 4] = [(None, Ptr(std::ptr::null_mut()), 0); 4];
     assert!(jobs.len() <= table.len());
@@ -441,11 +450,37 @@ pub fn matmul_multi(
         let (w, o, first) = (table[j].0.unwrap(), table[j].1, table[j].2);
         let r0 = (chunk - first) * CHUNK_ROWS;
         let r1 = (r0 + CHUNK_ROWS).min(w.rows);
-        if fused {
+        if fused && n == 1 {
             for r in r0..r1 {
                 let v = quant::dot_row(w.ty, w.row(r), x, xs);
                 // SAFETY: each row index is written by exactly one thread.
                 unsafe { *o.at(r) = v };
+            }
+        } else if fused {
+            let xrow = |t: usize| &x[t.min(n - 1) * cols..(t.min(n - 1) + 1) * cols];
+            let srow = |t: usize| {
+                if xs.is_empty() {
+                    xs
+                } else {
+                    &xs[t.min(n - 1) * nb..(t.min(n - 1) + 1) * nb]
+                }
+            };
+            for r in r0..r1 {
+                let row = w.row(r);
+                for t0 in (0..n).step_by(4) {
+                    let k = (n - t0).min(4);
+                    let v = quant::dot_row_multi(
+                        w.ty,
+                        row,
+                        [xrow(t0), xrow(t0 + 1), xrow(t0 + 2), xrow(t0 + 3)],
+                        [srow(t0), srow(t0 + 1), srow(t0 + 2), srow(t0 + 3)],
+                        k,
+                    );
+                    for i in 0..k {
+                        // SAFETY: each (input, row) element is written by exactly one thread.
+                        unsafe { *o.at((t0 + i) * w.rows + r) = v[i] };
+                    }
+                }
             }
         } else {
             rows_tiled(w, r0..r1, x, n, o);

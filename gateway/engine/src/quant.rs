@@ -257,8 +257,8 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
 }
 
 /// Σx over each 32-element block of `x` (used by the Q4_0/Q4_1 dot products).
+/// Appends to `out`, so the sums of several vectors can be laid out one after another.
 pub fn block_sums(x: &[f32], out: &mut Vec<f32>) {
-    out.clear();
     out.extend(x.chunks_exact(32).map(|c| c.iter().sum::<f32>()));
 }
 
@@ -312,6 +312,34 @@ pub fn dot_row(ty: GgmlType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
         }
     }
     dot_row_scalar(ty, row, x, xsum)
+}
+
+/// One stored row against up to four inputs (`k` of them valid): the quantized row is
+/// expanded once per block and reused for every input (batched decode).
+#[inline]
+pub fn dot_row_multi(
+    ty: GgmlType,
+    row: &[u8],
+    x: [&[f32]; 4],
+    xsum: [&[f32]; 4],
+    k: usize,
+) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if simd512::available() && k > 1 {
+        // SAFETY: features detected at run time; kernels check lengths.
+        unsafe {
+            match ty {
+                GgmlType::Q4_1S => return simd512::dot_q4_1s_multi(row, x, xsum, k),
+                GgmlType::Q8_0S => return simd512::dot_q8_0s_multi(row, x, k),
+                _ => {}
+            }
+        }
+    }
+    let mut out = [0f32; 4];
+    for i in 0..k {
+        out[i] = dot_row(ty, row, x[i], xsum[i]);
+    }
+    out
 }
 
 pub fn dot_row_scalar(ty: GgmlType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
@@ -805,6 +833,117 @@ pub mod simd512 {
                 b0 += cnt;
             }
             _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + _mm512_reduce_add_ps(macc)
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+    pub unsafe fn dot_q4_1s_multi(
+        row: &[u8],
+        x: [&[f32]; 4],
+        xsum: [&[f32]; 4],
+        k: usize,
+    ) -> [f32; 4] {
+        let nb = x[0].len() / 32;
+        assert!(row.len() >= nb * 20 && (1..=4).contains(&k));
+        for t in 0..k {
+            assert!(x[t].len() >= nb * 32 && xsum[t].len() >= nb);
+        }
+        unsafe {
+            let dp = row.as_ptr();
+            let mp = row.as_ptr().add(2 * nb);
+            let qp = row.as_ptr().add(4 * nb);
+            let low = _mm512_set1_epi32(0xF);
+            let mut acc = [_mm512_setzero_ps(); 4];
+            let mut macc = [_mm512_setzero_ps(); 4];
+            let mut ds = [0f32; 16];
+            let mut b0 = 0;
+            while b0 < nb {
+                let cnt = (nb - b0).min(16);
+                let mask: __mmask16 = ((1u32 << cnt) - 1) as u16;
+                let d16 =
+                    _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, dp.add(2 * b0) as *const i16));
+                let m16 =
+                    _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, mp.add(2 * b0) as *const i16));
+                for t in 0..k {
+                    macc[t] = _mm512_fmadd_ps(
+                        m16,
+                        _mm512_maskz_loadu_ps(mask, xsum[t].as_ptr().add(b0)),
+                        macc[t],
+                    );
+                }
+                _mm512_storeu_ps(ds.as_mut_ptr(), d16);
+                for j in 0..cnt {
+                    let b = b0 + j;
+                    let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(qp.add(16 * b) as *const __m128i));
+                    let lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, low));
+                    let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(v));
+                    let d = _mm512_set1_ps(ds[j]);
+                    for t in 0..k {
+                        let xp = x[t].as_ptr().add(32 * b);
+                        let s = _mm512_mul_ps(lo, _mm512_loadu_ps(xp));
+                        let s = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp.add(16)), s);
+                        acc[t] = _mm512_fmadd_ps(d, s, acc[t]);
+                    }
+                }
+                b0 += cnt;
+            }
+            let mut out = [0f32; 4];
+            for t in 0..k {
+                out[t] = _mm512_reduce_add_ps(acc[t]) + _mm512_reduce_add_ps(macc[t]);
+            }
+            out
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+    pub unsafe fn dot_q8_0s_multi(row: &[u8], x: [&[f32]; 4], k: usize) -> [f32; 4] {
+        let nb = x[0].len() / 32;
+        assert!(row.len() >= nb * 34 && (1..=4).contains(&k));
+        for t in 0..k {
+            assert!(x[t].len() >= nb * 32);
+        }
+        unsafe {
+            let dp = row.as_ptr();
+            let qp = row.as_ptr().add(2 * nb);
+            let mut acc = [_mm512_setzero_ps(); 4];
+            let mut ds = [0f32; 16];
+            let mut b0 = 0;
+            while b0 < nb {
+                let cnt = (nb - b0).min(16);
+                let mask: __mmask16 = ((1u32 << cnt) - 1) as u16;
+                _mm512_storeu_ps(
+                    ds.as_mut_ptr(),
+                    _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, dp.add(2 * b0) as *const i16)),
+                );
+                for j in 0..cnt {
+                    let b = b0 + j;
+                    let q = qp.add(32 * b);
+                    let d = _mm512_set1_ps(ds[j]);
+                    let q0 = _mm512_mul_ps(
+                        d,
+                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                            q as *const __m128i,
+                        ))),
+                    );
+                    let q1 = _mm512_mul_ps(
+                        d,
+                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                            q.add(16) as *const __m128i
+                        ))),
+                    );
+                    for t in 0..k {
+                        let xp = x[t].as_ptr().add(32 * b);
+                        acc[t] = _mm512_fmadd_ps(q0, _mm512_loadu_ps(xp), acc[t]);
+                        acc[t] = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xp.add(16)), acc[t]);
+                    }
+                }
+                b0 += cnt;
+            }
+            let mut out = [0f32; 4];
+            for t in 0..k {
+                out[t] = _mm512_reduce_add_ps(acc[t]);
+            }
+            out
         }
     }
 
