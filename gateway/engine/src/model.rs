@@ -97,17 +97,6 @@ impl Weight {
             _ => self,
         }
     }
-
-    pub fn from_f32(rows: usize, cols: usize, data: &[f32]) -> Self {
-        let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
-        Weight {
-            ty: GgmlType::F32,
-            rows,
-            cols,
-            data: Bytes::Owned(Arc::new(bytes)),
-            row_bytes: cols * 4,
-        }
-    }
 }
 
 pub struct Layer {

@@ -95,24 +95,6 @@ impl ThreadPool {
             std::panic::resume_unwind(p);
         }
     }
-
-    /// Split `0..n` into one contiguous range per thread, rounded to multiples of `align`.
-    pub fn for_ranges(&self, n: usize, align: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
-        let nt = self.n_threads();
-        if nt == 1 || n <= align {
-            f(0..n);
-            return;
-        }
-        self.run(&|i, nt| {
-            let chunks = n.div_ceil(align);
-            let per = chunks.div_ceil(nt);
-            let start = (i * per * align).min(n);
-            let end = ((i + 1) * per * align).min(n);
-            if start < end {
-                f(start..end);
-            }
-        });
-    }
 }
 
 fn worker(s: Arc<Shared>, idx: usize) {
@@ -178,8 +160,8 @@ mod tests {
         let pool = ThreadPool::new(3);
         for n in [0, 1, 5, 64, 1000] {
             let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
-            pool.for_ranges(n, 4, &|r| {
-                for i in r {
+            pool.run(&|t, nt| {
+                for i in (t..n).step_by(nt) {
                     hits[i].fetch_add(1, Ordering::Relaxed);
                 }
             });
