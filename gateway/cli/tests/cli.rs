@@ -28,6 +28,17 @@ fn tmpdir(name: &str) -> PathBuf {
     d
 }
 
+/// `switchyard generate --model PATH --prompt x`
+fn generate_with(model: &Path) -> Output {
+    run(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "x",
+    ])
+}
+
 /// A clear error: exit status 1, one `error:` line naming `needle`s, no panic.
 fn assert_clean_error(out: &Output, needles: &[&str]) {
     let err = String::from_utf8_lossy(&out.stderr);
@@ -141,34 +152,16 @@ fn truncated_and_corrupt_gguf() {
     let bytes = std::fs::read(stories().join("stories260K.f32.gguf")).unwrap();
     let cut = d.join("cut.gguf");
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
-    let out = run(&[
-        "generate",
-        "--model",
-        cut.to_str().unwrap(),
-        "--prompt",
-        "x",
-    ]);
+    let out = generate_with(&cut);
     assert_clean_error(&out, &["cut.gguf", "truncated"]);
 
     let junk = d.join("junk.gguf");
     std::fs::write(&junk, b"this is not a model at all").unwrap();
-    let out = run(&[
-        "generate",
-        "--model",
-        junk.to_str().unwrap(),
-        "--prompt",
-        "x",
-    ]);
+    let out = generate_with(&junk);
     assert_clean_error(&out, &["junk.gguf", "bad magic"]);
 
     let missing = d.join("missing.gguf");
-    let out = run(&[
-        "generate",
-        "--model",
-        missing.to_str().unwrap(),
-        "--prompt",
-        "x",
-    ]);
+    let out = generate_with(&missing);
     assert_clean_error(&out, &["missing.gguf", "no such file"]);
 }
 
