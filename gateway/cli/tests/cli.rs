@@ -28,6 +28,17 @@ fn tmpdir(name: &str) -> PathBuf {
     d
 }
 
+/// Run, expect success, parse stdout as one JSON object.
+fn run_json(args: &[&str]) -> serde_json::Value {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// `switchyard generate --model PATH --prompt x`
 fn generate_with(model: &Path) -> Output {
     run(&[
@@ -79,7 +90,7 @@ fn perplexity_json() {
     let d = tmpdir("ppl");
     let text = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. ".repeat(30);
     std::fs::write(d.join("t.txt"), text).unwrap();
-    let out = run(&[
+    let j = run_json(&[
         "eval",
         "perplexity",
         "--model",
@@ -90,12 +101,6 @@ fn perplexity_json() {
         "128",
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     for k in ["ppl", "bits_per_byte", "tokens", "bytes"] {
         assert!(j[k].is_number(), "{k} missing in {j}");
     }
@@ -117,7 +122,7 @@ fn perplexity_json() {
 #[test]
 fn bench_decode_json() {
     let gguf = stories().join("stories260K.f32.gguf");
-    let out = run(&[
+    let j = run_json(&[
         "bench",
         "decode",
         "--model",
@@ -134,12 +139,6 @@ fn bench_decode_json() {
         "1",
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(
         j["decode_tok_s"].as_f64().unwrap() > 0.0 && j["prefill_tok_s"].as_f64().unwrap() > 0.0
     );

@@ -287,8 +287,6 @@ pub fn dot_row(ty: GgmlType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
         // SAFETY: the required CPU features were detected at run time.
         unsafe {
             match ty {
-                GgmlType::Q8_0 => return simd512::dot_q8_0(row, x),
-                GgmlType::Q4_1 => return simd512::dot_q4_1(row, x, xsum),
                 GgmlType::Q4_1S => return simd512::dot_q4_1s(row, x, xsum),
                 GgmlType::Q8_0S => return simd512::dot_q8_0s(row, x),
                 GgmlType::F32 => return simd512::dot_f32_bytes(row, x),
@@ -682,13 +680,6 @@ pub mod simd512 {
         })
     }
 
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
-    unsafe fn f16s(p: *const u8) -> f32 {
-        let bits = unsafe { (p as *const u16).read_unaligned() };
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-    }
-
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
     pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
         let n = a.len().min(b.len());
@@ -758,39 +749,6 @@ pub mod simd512 {
                 }
             }
             out
-        }
-    }
-
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
-    pub unsafe fn dot_q8_0(row: &[u8], x: &[f32]) -> f32 {
-        let nb = x.len() / 32;
-        assert!(row.len() >= nb * 34 && x.len().is_multiple_of(32));
-        unsafe {
-            let mut acc0 = _mm512_setzero_ps();
-            let mut acc1 = _mm512_setzero_ps();
-            let one = |b: usize| -> __m512 {
-                let p = row.as_ptr().add(b * 34);
-                let xp = x.as_ptr().add(b * 32);
-                let q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-                    p.add(2) as *const __m128i
-                )));
-                let q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-                    p.add(18) as *const __m128i
-                )));
-                let s = _mm512_mul_ps(q0, _mm512_loadu_ps(xp));
-                let s = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xp.add(16)), s);
-                _mm512_mul_ps(_mm512_set1_ps(f16s(p)), s)
-            };
-            let mut b = 0;
-            while b + 2 <= nb {
-                acc0 = _mm512_add_ps(acc0, one(b));
-                acc1 = _mm512_add_ps(acc1, one(b + 1));
-                b += 2;
-            }
-            if b < nb {
-                acc0 = _mm512_add_ps(acc0, one(b));
-            }
-            _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
         }
     }
 
@@ -980,45 +938,6 @@ pub mod simd512 {
                 b0 += cnt;
             }
             _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]))
-        }
-    }
-
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
-    pub unsafe fn dot_q4_1(row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
-        let nb = x.len() / 32;
-        assert!(row.len() >= nb * 20 && xsum.len() >= nb && x.len().is_multiple_of(32));
-        unsafe {
-            let mask = _mm_set1_epi8(0x0F);
-            let mut acc0 = _mm512_setzero_ps();
-            let mut acc1 = _mm512_setzero_ps();
-            let (mut m0, mut m1) = (0f32, 0f32);
-            let one = |b: usize| -> __m512 {
-                let p = row.as_ptr().add(b * 20);
-                let xp = x.as_ptr().add(b * 32);
-                let qs = _mm_loadu_si128(p.add(4) as *const __m128i);
-                let lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(qs, mask)));
-                let hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(
-                    _mm_srli_epi16::<4>(qs),
-                    mask,
-                )));
-                let s = _mm512_mul_ps(lo, _mm512_loadu_ps(xp));
-                let s = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp.add(16)), s);
-                _mm512_mul_ps(_mm512_set1_ps(f16s(p)), s)
-            };
-            let mterm = |b: usize| f16s(row.as_ptr().add(b * 20 + 2)) * *xsum.get_unchecked(b);
-            let mut b = 0;
-            while b + 2 <= nb {
-                acc0 = _mm512_add_ps(acc0, one(b));
-                acc1 = _mm512_add_ps(acc1, one(b + 1));
-                m0 += mterm(b);
-                m1 += mterm(b + 1);
-                b += 2;
-            }
-            if b < nb {
-                acc0 = _mm512_add_ps(acc0, one(b));
-                m0 += mterm(b);
-            }
-            _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + m0 + m1
         }
     }
 }
