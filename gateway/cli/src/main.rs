@@ -33,6 +33,8 @@ enum Cmd {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Serve models over an OpenAI-compatible HTTP API.
+    Serve(ServeArgs),
     /// Print a model's configuration and tensor summary.
     Inspect {
         #[arg(long)]
@@ -76,6 +78,40 @@ struct GenerateArgs {
     /// Stop strings (repeatable).
     #[arg(long)]
     stop: Vec<String>,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// A TOML config file (also SWITCHYARD_CONFIG); flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    host: Option<String>,
+    /// Port to listen on (0: any free port; the log says which).
+    #[arg(long)]
+    port: Option<u16>,
+    /// A model to serve (repeatable; replaces the config file's models). Each is named after
+    /// its file or directory.
+    #[arg(long)]
+    model: Vec<PathBuf>,
+    /// Bearer token for the admin API (enables it).
+    #[arg(long)]
+    admin_token: Option<String>,
+    /// Log one JSON object per line.
+    #[arg(long)]
+    log_json: bool,
+    /// Sequences decoded together, per model.
+    #[arg(long)]
+    max_batch: Option<usize>,
+    /// Engine threads per model (0: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Cap on each model's context.
+    #[arg(long)]
+    max_context: Option<usize>,
+    /// Requests that may wait per model before 429.
+    #[arg(long)]
+    max_waiting: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -177,7 +213,40 @@ fn run(cli: Cli) -> Result<()> {
             json,
         }) => bench_decode(&m, batch, prompt_tokens, gen_tokens, reps, json),
         Cmd::Inspect { model } => inspect(&model),
+        Cmd::Serve(a) => serve(a),
     }
+}
+
+/// The default model: SWITCHYARD_DEFAULT_MODEL, else where scripts/fetch-default-model.sh
+/// puts it.
+fn default_model() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("SWITCHYARD_DEFAULT_MODEL") {
+        return Some(PathBuf::from(p));
+    }
+    let cache = std::env::var_os("SWITCHYARD_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(".cache"));
+    let p = cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    p.exists().then_some(p)
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    use switchyard_server::config::{GatewayConfig, Overrides};
+    let ov = Overrides {
+        config_file: a.config,
+        host: a.host,
+        port: a.port,
+        models: a.model,
+        admin_token: a.admin_token,
+        log_json: a.log_json,
+        max_batch: a.max_batch,
+        threads: a.threads,
+        max_context: a.max_context,
+        max_waiting: a.max_waiting,
+    };
+    let cfg = GatewayConfig::load(&ov, default_model())?;
+    switchyard_server::init_logging(cfg.server.log_json);
+    actix_web::rt::System::new().block_on(switchyard_server::serve(cfg))
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {

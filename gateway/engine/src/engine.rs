@@ -38,8 +38,9 @@ impl Default for EngineOptions {
 
 pub struct Engine {
     pub model: Model,
-    pub tokenizer: Tokenizer,
-    pub chat: ChatTemplate,
+    /// Shared with request handlers (tokenizing happens off the engine thread).
+    pub tokenizer: Arc<Tokenizer>,
+    pub chat: Arc<ChatTemplate>,
     pub fwd: Forward,
     pub kv: Box<dyn KvAllocator>,
     pub opts: EngineOptions,
@@ -124,8 +125,8 @@ impl Engine {
         let fwd = Forward::new(Arc::new(ThreadPool::new(opts.threads)));
         Ok(Self {
             model,
-            tokenizer,
-            chat,
+            tokenizer: Arc::new(tokenizer),
+            chat: Arc::new(chat),
             fwd,
             kv,
             opts,
@@ -156,14 +157,7 @@ impl Engine {
 
     /// Prompt ids for a chat, rendered through the model's template.
     pub fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>> {
-        let text = self.chat.render(messages, true)?;
-        // Templates write BOS themselves when the model needs it.
-        let bos_text = self
-            .tokenizer
-            .bos
-            .and_then(|b| self.tokenizer.id_to_token(b));
-        let add = self.tokenizer.add_bos && !bos_text.is_some_and(|b| text.starts_with(&b));
-        self.tokenizer.encode(&text, add)
+        encode_chat(&self.tokenizer, &self.chat, messages, true)
     }
 
     /// Feed `tokens` to `slot` from position `pos` in chunks; returns the last token's logits.
@@ -333,6 +327,20 @@ impl Engine {
             nll,
         })
     }
+}
+
+/// Prompt ids for a chat rendered through `chat` (BOS added only when the template did not
+/// write it and the vocabulary wants it).
+pub fn encode_chat(
+    tokenizer: &Tokenizer,
+    chat: &ChatTemplate,
+    messages: &[Message],
+    add_generation_prompt: bool,
+) -> Result<Vec<u32>> {
+    let text = chat.render(messages, add_generation_prompt)?;
+    let bos_text = tokenizer.bos.and_then(|b| tokenizer.id_to_token(b));
+    let add = tokenizer.add_bos && !bos_text.is_some_and(|b| text.starts_with(&b));
+    tokenizer.encode(&text, add)
 }
 
 /// Incremental detokenization with stop strings: text is released once it can no longer be

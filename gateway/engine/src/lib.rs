@@ -7,7 +7,8 @@
 //!   the model's Jinja chat template.
 //! - [`forward`]: the batched forward pass over several sequences; [`kv`]: the KV-cache
 //!   allocator interface; [`pool`]: the thread pool.
-//! - [`engine`]: generation and perplexity loops; [`sampling`]: the sampler.
+//! - [`engine`]: generation and perplexity loops; [`sampling`]: the sampler;
+//!   [`scheduler`]: continuous batching with chunked prefill over many sequences.
 
 pub mod chat;
 pub mod engine;
@@ -19,6 +20,7 @@ pub mod model;
 pub mod pool;
 pub mod quant;
 pub mod sampling;
+pub mod scheduler;
 pub mod tokenizer;
 
 pub use engine::{Engine, EngineOptions, FinishReason, GenerateOutput, GenerateRequest};

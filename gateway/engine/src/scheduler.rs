@@ -1,0 +1,530 @@
+//! Continuous batching with chunked prefill (the Sarathi-Serve schedule).
+//!
+//! One scheduler thread owns an [`Engine`]. Requests arrive through a [`SchedulerHandle`]
+//! (from any thread) and wait in a bounded FIFO queue. Every step the scheduler
+//!
+//! 1. drops requests whose client went away (their KV slot is released at once),
+//! 2. admits waiting requests in arrival order while sequence slots are free,
+//! 3. builds one batch under a token budget: every decoding sequence contributes its one
+//!    token first (decodes never stall behind a long prompt), then prefilling sequences take
+//!    the rest of the budget as prompt chunks, oldest first,
+//! 4. runs one forward pass over the batch, samples, and streams each sequence's events to
+//!    its [`EventSink`].
+//!
+//! The engine crate knows nothing about HTTP or async runtimes: sinks are plain traits, and
+//! metrics come out through a [`SchedObserver`].
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::engine::{Engine, FinishReason, TextStream};
+use crate::forward::SeqChunk;
+use crate::kv::KvStats;
+use crate::sampling::{Sampler, SamplingParams};
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Tokens per forward pass (decodes + prefill chunks).
+    pub step_tokens: usize,
+    /// Requests that may wait for a slot; more are refused.
+    pub max_waiting: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            step_tokens: 256,
+            max_waiting: 256,
+        }
+    }
+}
+
+/// Log-probability of a sampled token and, when asked for, the most likely alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub logprob: f32,
+    /// `(id, logprob)`, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+#[derive(Debug, Clone)]
+pub enum SeqEvent {
+    /// Admitted into a slot after `queue_secs` in the waiting queue.
+    Started { queue_secs: f64 },
+    /// One generated token and the text it released (may be empty while a multi-byte
+    /// character or a possible stop string is incomplete).
+    Token {
+        id: u32,
+        text: String,
+        logprob: Option<TokenLogprob>,
+    },
+    /// The end: `text` is what was still held back.
+    Finished {
+        reason: FinishReason,
+        text: String,
+        completion_tokens: usize,
+    },
+    Failed(String),
+}
+
+/// Where a sequence's events go. `send` returns false once nobody listens any more.
+pub trait EventSink: Send {
+    fn send(&mut self, ev: SeqEvent) -> bool;
+    fn is_closed(&self) -> bool;
+}
+
+pub struct SeqRequest {
+    /// Prompt ids, already validated against the vocabulary and the context.
+    pub prompt: Vec<u32>,
+    /// Generated tokens at most (the context bounds it too).
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    /// Some(n): report each token's logprob and the n most likely alternatives.
+    pub logprobs: Option<usize>,
+    pub sink: Box<dyn EventSink>,
+}
+
+/// One forward pass, for metrics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepInfo {
+    pub seqs: usize,
+    pub decode_seqs: usize,
+    pub prefill_tokens: usize,
+    pub tokens: usize,
+    pub secs: f64,
+}
+
+/// Scheduler state after each loop iteration.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SchedState {
+    pub running: usize,
+    pub waiting: usize,
+    pub kv: KvStats,
+    pub kv_capacity_bytes: u64,
+}
+
+pub trait SchedObserver: Send + Sync {
+    fn step(&self, _info: &StepInfo) {}
+    fn state(&self, _state: &SchedState) {}
+    /// A sequence was dropped because its client went away.
+    fn cancelled(&self) {}
+}
+
+/// Observer that records nothing.
+pub struct NoObserver;
+impl SchedObserver for NoObserver {}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubmitError {
+    /// The waiting queue is full.
+    QueueFull { waiting: usize, max_waiting: usize },
+    /// The scheduler thread has ended.
+    Stopped,
+}
+
+impl std::fmt::Display for SubmitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SubmitError::QueueFull {
+                waiting,
+                max_waiting,
+            } => write!(
+                f,
+                "the server is overloaded: {waiting} requests are waiting (limit {max_waiting}); retry later"
+            ),
+            SubmitError::Stopped => write!(f, "the model's scheduler has stopped"),
+        }
+    }
+}
+
+/// Submits requests to a scheduler thread; cheap to clone.
+#[derive(Clone)]
+pub struct SchedulerHandle {
+    tx: mpsc::Sender<SeqRequest>,
+    waiting: Arc<AtomicUsize>,
+    max_waiting: usize,
+}
+
+impl SchedulerHandle {
+    /// Queue all of `reqs` (the choices of one request) or none of them.
+    pub fn submit(&self, reqs: Vec<SeqRequest>) -> Result<(), SubmitError> {
+        let n = reqs.len();
+        let r = self
+            .waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                (w + n <= self.max_waiting).then_some(w + n)
+            });
+        if let Err(w) = r {
+            return Err(SubmitError::QueueFull {
+                waiting: w,
+                max_waiting: self.max_waiting,
+            });
+        }
+        for (i, req) in reqs.into_iter().enumerate() {
+            if self.tx.send(req).is_err() {
+                self.waiting.fetch_sub(n - i, Ordering::AcqRel);
+                return Err(SubmitError::Stopped);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
+    }
+}
+
+struct Waiting {
+    req: SeqRequest,
+    arrived: Instant,
+}
+
+struct Seq {
+    req: SeqRequest,
+    slot: usize,
+    /// Prompt then generated ids.
+    tokens: Vec<u32>,
+    n_prompt: usize,
+    /// Tokens already written to the KV cache.
+    cached: usize,
+    generated: usize,
+    max_new: usize,
+    sampler: Sampler,
+    text: TextStream,
+    /// Admission number (prefill goes first come, first served).
+    admitted: u64,
+}
+
+pub struct Scheduler {
+    engine: Engine,
+    cfg: SchedulerConfig,
+    rx: mpsc::Receiver<SeqRequest>,
+    waiting_count: Arc<AtomicUsize>,
+    queue: VecDeque<Waiting>,
+    running: Vec<Seq>,
+    observer: Arc<dyn SchedObserver>,
+    logits: Vec<f32>,
+    admissions: u64,
+}
+
+impl Scheduler {
+    /// A scheduler for `engine`; run it with [`Scheduler::run`] on its own thread.
+    pub fn new(
+        engine: Engine,
+        cfg: SchedulerConfig,
+        observer: Arc<dyn SchedObserver>,
+    ) -> (Self, SchedulerHandle) {
+        let (tx, rx) = mpsc::channel();
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let handle = SchedulerHandle {
+            tx,
+            waiting: waiting.clone(),
+            max_waiting: cfg.max_waiting,
+        };
+        let s = Self {
+            engine,
+            cfg,
+            rx,
+            waiting_count: waiting,
+            queue: VecDeque::new(),
+            running: Vec::new(),
+            observer,
+            logits: Vec::new(),
+            admissions: 0,
+        };
+        (s, handle)
+    }
+
+    /// Start the scheduler on a thread of its own.
+    pub fn spawn(
+        engine: Engine,
+        cfg: SchedulerConfig,
+        observer: Arc<dyn SchedObserver>,
+        name: &str,
+    ) -> std::io::Result<(SchedulerHandle, std::thread::JoinHandle<()>)> {
+        let (s, h) = Self::new(engine, cfg, observer);
+        let j = std::thread::Builder::new()
+            .name(format!("sched-{name}"))
+            .spawn(move || s.run())?;
+        Ok((h, j))
+    }
+
+    /// Serve until every handle is dropped and all accepted work is done.
+    pub fn run(mut self) {
+        loop {
+            if self.running.is_empty() && self.queue.is_empty() {
+                match self.rx.recv() {
+                    Ok(r) => self.enqueue(r),
+                    Err(_) => break,
+                }
+            }
+            while let Ok(r) = self.rx.try_recv() {
+                self.enqueue(r);
+            }
+            self.drop_closed();
+            self.admit();
+            if !self.running.is_empty() {
+                self.step();
+            }
+            self.report();
+        }
+    }
+
+    fn enqueue(&mut self, req: SeqRequest) {
+        self.queue.push_back(Waiting {
+            req,
+            arrived: Instant::now(),
+        });
+    }
+
+    fn report(&self) {
+        let kv = self.engine.kv.stats();
+        let l = self.engine.kv.layout();
+        let per_token = (2 * l.n_layers * l.token_elems() * 4) as u64;
+        self.observer.state(&SchedState {
+            running: self.running.len(),
+            waiting: self.waiting_count.load(Ordering::Acquire),
+            kv,
+            kv_capacity_bytes: per_token * (l.max_context * l.max_slots) as u64,
+        });
+    }
+
+    /// Forget sequences nobody listens to; free their slots now.
+    fn drop_closed(&mut self) {
+        let before = self.queue.len();
+        self.queue.retain(|w| !w.req.sink.is_closed());
+        let gone = before - self.queue.len();
+        if gone > 0 {
+            self.waiting_count.fetch_sub(gone, Ordering::AcqRel);
+            for _ in 0..gone {
+                self.observer.cancelled();
+            }
+        }
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].req.sink.is_closed() {
+                let s = self.running.swap_remove(i);
+                self.engine.kv.release(s.slot);
+                self.observer.cancelled();
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    fn admit(&mut self) {
+        let ctx = self.engine.model.cfg.max_context;
+        while !self.queue.is_empty() {
+            if self.running.len() >= self.engine.kv.layout().max_slots {
+                break;
+            }
+            let slot = match self.engine.kv.acquire() {
+                Ok(s) => s,
+                Err(e) => {
+                    if self.running.is_empty() {
+                        // Nothing will free a slot: fail this request instead of spinning.
+                        let mut w = self.queue.pop_front().unwrap();
+                        self.waiting_count.fetch_sub(1, Ordering::AcqRel);
+                        w.req.sink.send(SeqEvent::Failed(e.to_string()));
+                        continue;
+                    }
+                    break;
+                }
+            };
+            let mut w = self.queue.pop_front().unwrap();
+            self.waiting_count.fetch_sub(1, Ordering::AcqRel);
+            let n_prompt = w.req.prompt.len();
+            if n_prompt == 0 || n_prompt >= ctx {
+                self.engine.kv.release(slot);
+                w.req.sink.send(SeqEvent::Failed(format!(
+                    "prompt of {n_prompt} tokens does not fit the context of {ctx}"
+                )));
+                continue;
+            }
+            let queue_secs = w.arrived.elapsed().as_secs_f64();
+            if !w.req.sink.send(SeqEvent::Started { queue_secs }) {
+                self.engine.kv.release(slot);
+                self.observer.cancelled();
+                continue;
+            }
+            let max_new = w.req.max_tokens.min(ctx - n_prompt);
+            let mut tokens = std::mem::take(&mut w.req.prompt);
+            tokens.reserve(max_new);
+            self.admissions += 1;
+            self.running.push(Seq {
+                slot,
+                tokens,
+                n_prompt,
+                cached: 0,
+                generated: 0,
+                max_new,
+                sampler: Sampler::new(w.req.sampling.clone()),
+                text: TextStream::new(&w.req.stop),
+                admitted: self.admissions,
+                req: w.req,
+            });
+        }
+    }
+
+    fn step(&mut self) {
+        let t0 = Instant::now();
+        let mut budget = self.cfg.step_tokens.max(1);
+        // (index into running, chunk length, wants logits)
+        let mut plan: Vec<(usize, usize, bool)> = Vec::with_capacity(self.running.len());
+        let mut info = StepInfo::default();
+        for (i, s) in self.running.iter().enumerate() {
+            if s.cached >= s.n_prompt {
+                plan.push((i, 1, true));
+                budget = budget.saturating_sub(1);
+                info.decode_seqs += 1;
+            }
+        }
+        // Prefill in admission order: first come, first served.
+        let mut order: Vec<usize> = (0..self.running.len())
+            .filter(|&i| self.running[i].cached < self.running[i].n_prompt)
+            .collect();
+        order.sort_by_key(|&i| self.running[i].admitted);
+        for i in order {
+            if budget == 0 {
+                break;
+            }
+            let s = &self.running[i];
+            let n = (s.n_prompt - s.cached).min(budget);
+            budget -= n;
+            info.prefill_tokens += n;
+            plan.push((i, n, s.cached + n == s.n_prompt));
+        }
+        let chunks: Vec<SeqChunk> = plan
+            .iter()
+            .map(|&(i, n, logits)| {
+                let s = &self.running[i];
+                SeqChunk {
+                    slot: s.slot,
+                    pos: s.cached,
+                    tokens: &s.tokens[s.cached..s.cached + n],
+                    logits_from: if logits { n - 1 } else { n },
+                }
+            })
+            .collect();
+        info.seqs = chunks.len();
+        info.tokens = chunks.iter().map(|c| c.tokens.len()).sum();
+        let e = &mut self.engine;
+        let r = e.fwd.forward(&e.model, e.kv.as_mut(), &chunks);
+        drop(chunks);
+        match r {
+            Ok(l) => {
+                self.logits.clear();
+                self.logits.extend_from_slice(l);
+            }
+            Err(err) => {
+                // The batch failed as a whole: fail its sequences, keep serving the rest.
+                let msg = format!("forward pass failed: {err}");
+                let mut idx: Vec<usize> = plan.iter().map(|p| p.0).collect();
+                idx.sort_unstable_by(|a, b| b.cmp(a));
+                for i in idx {
+                    let mut s = self.running.swap_remove(i);
+                    self.engine.kv.release(s.slot);
+                    s.req.sink.send(SeqEvent::Failed(msg.clone()));
+                }
+                return;
+            }
+        }
+        let vocab = self.engine.model.cfg.vocab_size;
+        let mut row = 0;
+        let mut done: Vec<usize> = Vec::new();
+        for &(i, n, wants) in &plan {
+            let s = &mut self.running[i];
+            s.cached += n;
+            if !wants {
+                continue;
+            }
+            let logits = &self.logits[row * vocab..(row + 1) * vocab];
+            row += 1;
+            if !sample_one(s, logits, &self.engine.tokenizer) {
+                done.push(i);
+            }
+        }
+        done.sort_unstable_by(|a, b| b.cmp(a));
+        for i in done {
+            let s = self.running.swap_remove(i);
+            self.engine.kv.release(s.slot);
+        }
+        info.secs = t0.elapsed().as_secs_f64();
+        self.observer.step(&info);
+    }
+}
+
+/// Sample the next token of `s`; false when the sequence is over (finished, failed or
+/// abandoned).
+fn sample_one(s: &mut Seq, logits: &[f32], tok: &crate::tokenizer::Tokenizer) -> bool {
+    let id = s.sampler.sample(logits);
+    let logprob = s.req.logprobs.map(|n| token_logprob(logits, id, n));
+    let finish = |s: &mut Seq, reason| {
+        let mut tail = String::new();
+        s.text.finish(&mut |t| tail.push_str(t));
+        s.req.sink.send(SeqEvent::Finished {
+            reason,
+            text: tail,
+            completion_tokens: s.generated,
+        });
+        false
+    };
+    if tok.stop_ids.contains(&id) {
+        return finish(s, FinishReason::Stop);
+    }
+    s.tokens.push(id);
+    s.generated += 1;
+    let mut delta = String::new();
+    let hit = match s.text.push(tok, id, &mut |t| delta.push_str(t)) {
+        Ok(h) => h,
+        Err(e) => {
+            s.req.sink.send(SeqEvent::Failed(format!("detokenization failed: {e}")));
+            return false;
+        }
+    };
+    if !s.req.sink.send(SeqEvent::Token {
+        id,
+        text: delta,
+        logprob,
+    }) {
+        return false;
+    }
+    if hit {
+        return finish(s, FinishReason::Stop);
+    }
+    if s.generated >= s.max_new {
+        return finish(s, FinishReason::Length);
+    }
+    true
+}
+
+/// Log-softmax of the raw logits at `id`, plus the `top` most likely ids.
+pub fn token_logprob(logits: &[f32], id: u32, top: usize) -> TokenLogprob {
+    let mx = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = mx + logits.iter().map(|&v| (v - mx).exp()).sum::<f32>().ln();
+    let mut best: Vec<(u32, f32)> = Vec::new();
+    if top > 0 {
+        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+        let k = top.min(idx.len());
+        let by = |a: &u32, b: &u32| {
+            logits[*b as usize]
+                .total_cmp(&logits[*a as usize])
+                .then(a.cmp(b))
+        };
+        idx.select_nth_unstable_by(k - 1, by);
+        idx.truncate(k);
+        idx.sort_unstable_by(by);
+        best = idx
+            .into_iter()
+            .map(|i| (i, logits[i as usize] - lse))
+            .collect();
+    }
+    TokenLogprob {
+        logprob: logits[id as usize] - lse,
+        top: best,
+    }
+}

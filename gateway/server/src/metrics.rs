@@ -1,0 +1,325 @@
+//! Every metric the gateway exports, described once. Prefix `switchyard_`, base units
+//! (seconds, bytes), `_total` on counters, label `model` (and `outcome` on requests).
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use switchyard_engine::scheduler::{SchedObserver, SchedState, StepInfo};
+
+/// Request outcomes (label `outcome` of `switchyard_requests_total`).
+pub mod outcome {
+    /// Completed and delivered.
+    pub const OK: &str = "ok";
+    /// Refused before scheduling: bad JSON, invalid parameters, unknown model, too large.
+    pub const INVALID: &str = "invalid";
+    /// Refused because the queue was full (429).
+    pub const REJECTED: &str = "rejected";
+    /// The model was not ready (503).
+    pub const NOT_READY: &str = "not_ready";
+    /// The client went away before the end.
+    pub const CANCELLED: &str = "cancelled";
+    /// Failed inside the engine (500).
+    pub const ERROR: &str = "error";
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests: IntCounterVec,
+    pub ttft: HistogramVec,
+    pub itl: HistogramVec,
+    pub e2e: HistogramVec,
+    pub queue_time: HistogramVec,
+    pub prompt_tokens: IntCounterVec,
+    pub generation_tokens: IntCounterVec,
+    pub running: IntGaugeVec,
+    pub waiting: IntGaugeVec,
+    pub kv_reserved: IntGaugeVec,
+    pub kv_mapped: IntGaugeVec,
+    pub kv_used: IntGaugeVec,
+    pub kv_capacity: IntGaugeVec,
+    pub kv_usage: GaugeVec,
+    pub kv_slots: IntGaugeVec,
+    pub batch_tokens: HistogramVec,
+    pub batch_seqs: HistogramVec,
+    pub step_seconds: HistogramVec,
+    pub sequences_cancelled: IntCounterVec,
+    pub model_ready: IntGaugeVec,
+    pub model_load_seconds: GaugeVec,
+    pub build_info: IntGaugeVec,
+    pub http_requests: IntCounterVec,
+}
+
+fn hist(name: &str, help: &str, buckets: Vec<f64>) -> HistogramVec {
+    HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &["model"]).unwrap()
+}
+
+const LATENCY: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+    10.0, 20.0, 40.0, 80.0,
+];
+
+impl Metrics {
+    pub fn new() -> Self {
+        let g = |n: &str, h: &str| IntGaugeVec::new(Opts::new(n, h), &["model"]).unwrap();
+        let c = |n: &str, h: &str| IntCounterVec::new(Opts::new(n, h), &["model"]).unwrap();
+        let m = Self {
+            registry: Registry::new(),
+            requests: IntCounterVec::new(
+                Opts::new(
+                    "switchyard_requests_total",
+                    "Generation requests by outcome (ok, invalid, rejected, not_ready, cancelled, error).",
+                ),
+                &["model", "outcome"],
+            )
+            .unwrap(),
+            ttft: hist(
+                "switchyard_time_to_first_token_seconds",
+                "Time from request arrival to the first generated token.",
+                LATENCY.to_vec(),
+            ),
+            itl: hist(
+                "switchyard_inter_token_latency_seconds",
+                "Time between consecutive generated tokens of one sequence.",
+                LATENCY.to_vec(),
+            ),
+            e2e: hist(
+                "switchyard_e2e_request_latency_seconds",
+                "Time from request arrival to its last token.",
+                LATENCY.to_vec(),
+            ),
+            queue_time: hist(
+                "switchyard_queue_time_seconds",
+                "Time a sequence waited for a slot before its prefill began.",
+                LATENCY.to_vec(),
+            ),
+            prompt_tokens: c(
+                "switchyard_prompt_tokens_total",
+                "Prompt tokens of scheduled sequences.",
+            ),
+            generation_tokens: c(
+                "switchyard_generation_tokens_total",
+                "Tokens generated.",
+            ),
+            running: g(
+                "switchyard_requests_running",
+                "Sequences holding a slot (prefilling or decoding).",
+            ),
+            waiting: g(
+                "switchyard_requests_waiting",
+                "Sequences waiting for a slot.",
+            ),
+            kv_reserved: g(
+                "switchyard_kv_cache_reserved_bytes",
+                "KV-cache address space reserved by the allocator.",
+            ),
+            kv_mapped: g(
+                "switchyard_kv_cache_mapped_bytes",
+                "KV-cache memory actually backed (allocated or mapped).",
+            ),
+            kv_used: g(
+                "switchyard_kv_cache_used_bytes",
+                "KV-cache bytes holding live tokens.",
+            ),
+            kv_capacity: g(
+                "switchyard_kv_cache_capacity_bytes",
+                "KV-cache bytes needed if every slot held a full context.",
+            ),
+            kv_usage: GaugeVec::new(
+                Opts::new(
+                    "switchyard_kv_cache_usage_ratio",
+                    "KV-cache bytes used by live tokens over capacity (0..1).",
+                ),
+                &["model"],
+            )
+            .unwrap(),
+            kv_slots: g(
+                "switchyard_kv_cache_slots_in_use",
+                "Sequence slots held in the KV cache.",
+            ),
+            batch_tokens: hist(
+                "switchyard_batch_tokens",
+                "Tokens per forward pass (decodes + prefill chunk tokens).",
+                vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0],
+            ),
+            batch_seqs: hist(
+                "switchyard_batch_size",
+                "Sequences per forward pass.",
+                vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0],
+            ),
+            step_seconds: hist(
+                "switchyard_step_seconds",
+                "Duration of one scheduler step (forward pass and sampling).",
+                LATENCY.to_vec(),
+            ),
+            sequences_cancelled: c(
+                "switchyard_sequences_cancelled_total",
+                "Sequences dropped by the scheduler because the client went away (KV freed).",
+            ),
+            model_ready: g(
+                "switchyard_model_ready",
+                "1 when the model is loaded and serving, 0 while loading or after a failure.",
+            ),
+            model_load_seconds: GaugeVec::new(
+                Opts::new("switchyard_model_load_seconds", "Time the model took to load."),
+                &["model"],
+            )
+            .unwrap(),
+            build_info: IntGaugeVec::new(
+                Opts::new("switchyard_build_info", "Build information (value 1)."),
+                &["version"],
+            )
+            .unwrap(),
+            http_requests: IntCounterVec::new(
+                Opts::new(
+                    "switchyard_http_requests_total",
+                    "HTTP requests by route and status code.",
+                ),
+                &["route", "status"],
+            )
+            .unwrap(),
+        };
+        let r = &m.registry;
+        r.register(Box::new(m.requests.clone())).unwrap();
+        r.register(Box::new(m.ttft.clone())).unwrap();
+        r.register(Box::new(m.itl.clone())).unwrap();
+        r.register(Box::new(m.e2e.clone())).unwrap();
+        r.register(Box::new(m.queue_time.clone())).unwrap();
+        r.register(Box::new(m.prompt_tokens.clone())).unwrap();
+        r.register(Box::new(m.generation_tokens.clone())).unwrap();
+        r.register(Box::new(m.running.clone())).unwrap();
+        r.register(Box::new(m.waiting.clone())).unwrap();
+        r.register(Box::new(m.kv_reserved.clone())).unwrap();
+        r.register(Box::new(m.kv_mapped.clone())).unwrap();
+        r.register(Box::new(m.kv_used.clone())).unwrap();
+        r.register(Box::new(m.kv_capacity.clone())).unwrap();
+        r.register(Box::new(m.kv_usage.clone())).unwrap();
+        r.register(Box::new(m.kv_slots.clone())).unwrap();
+        r.register(Box::new(m.batch_tokens.clone())).unwrap();
+        r.register(Box::new(m.batch_seqs.clone())).unwrap();
+        r.register(Box::new(m.step_seconds.clone())).unwrap();
+        r.register(Box::new(m.sequences_cancelled.clone())).unwrap();
+        r.register(Box::new(m.model_ready.clone())).unwrap();
+        r.register(Box::new(m.model_load_seconds.clone())).unwrap();
+        r.register(Box::new(m.build_info.clone())).unwrap();
+        r.register(Box::new(m.http_requests.clone())).unwrap();
+        #[cfg(target_os = "linux")]
+        r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .unwrap();
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        m
+    }
+
+    /// Zero every per-model series so that dashboards see the model before its first request.
+    pub fn init_model(&self, model: &str) {
+        for o in [
+            outcome::OK,
+            outcome::INVALID,
+            outcome::REJECTED,
+            outcome::NOT_READY,
+            outcome::CANCELLED,
+            outcome::ERROR,
+        ] {
+            self.requests.with_label_values(&[model, o]);
+        }
+        for h in [&self.ttft, &self.itl, &self.e2e, &self.queue_time] {
+            h.with_label_values(&[model]);
+        }
+        self.prompt_tokens.with_label_values(&[model]);
+        self.generation_tokens.with_label_values(&[model]);
+        self.sequences_cancelled.with_label_values(&[model]);
+        self.model_ready.with_label_values(&[model]).set(0);
+    }
+
+    pub fn request(&self, model: &str, outcome: &str) {
+        self.requests.with_label_values(&[model, outcome]).inc();
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding of metrics");
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// Handles of one model's series (resolved once, used on every step).
+    pub fn model(&self, model: &str) -> ModelMetrics {
+        let l = &[model];
+        ModelMetrics {
+            ttft: self.ttft.with_label_values(l),
+            itl: self.itl.with_label_values(l),
+            e2e: self.e2e.with_label_values(l),
+            queue_time: self.queue_time.with_label_values(l),
+            prompt_tokens: self.prompt_tokens.with_label_values(l),
+            generation_tokens: self.generation_tokens.with_label_values(l),
+            running: self.running.with_label_values(l),
+            waiting: self.waiting.with_label_values(l),
+            kv_reserved: self.kv_reserved.with_label_values(l),
+            kv_mapped: self.kv_mapped.with_label_values(l),
+            kv_used: self.kv_used.with_label_values(l),
+            kv_capacity: self.kv_capacity.with_label_values(l),
+            kv_usage: self.kv_usage.with_label_values(l),
+            kv_slots: self.kv_slots.with_label_values(l),
+            batch_tokens: self.batch_tokens.with_label_values(l),
+            batch_seqs: self.batch_seqs.with_label_values(l),
+            step_seconds: self.step_seconds.with_label_values(l),
+            cancelled: self.sequences_cancelled.with_label_values(l),
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One model's series; also the scheduler's observer.
+pub struct ModelMetrics {
+    pub ttft: Histogram,
+    pub itl: Histogram,
+    pub e2e: Histogram,
+    pub queue_time: Histogram,
+    pub prompt_tokens: IntCounter,
+    pub generation_tokens: IntCounter,
+    running: IntGauge,
+    waiting: IntGauge,
+    kv_reserved: IntGauge,
+    kv_mapped: IntGauge,
+    kv_used: IntGauge,
+    kv_capacity: IntGauge,
+    kv_usage: Gauge,
+    kv_slots: IntGauge,
+    batch_tokens: Histogram,
+    batch_seqs: Histogram,
+    step_seconds: Histogram,
+    cancelled: IntCounter,
+}
+
+impl SchedObserver for ModelMetrics {
+    fn step(&self, i: &StepInfo) {
+        self.batch_tokens.observe(i.tokens as f64);
+        self.batch_seqs.observe(i.seqs as f64);
+        self.step_seconds.observe(i.secs);
+    }
+    fn state(&self, s: &SchedState) {
+        self.running.set(s.running as i64);
+        self.waiting.set(s.waiting as i64);
+        self.kv_reserved.set(s.kv.reserved_bytes as i64);
+        self.kv_mapped.set(s.kv.mapped_bytes as i64);
+        self.kv_used.set(s.kv.used_bytes as i64);
+        self.kv_capacity.set(s.kv_capacity_bytes as i64);
+        self.kv_slots.set(s.kv.slots_in_use as i64);
+        let cap = s.kv_capacity_bytes.max(1) as f64;
+        self.kv_usage.set(s.kv.used_bytes as f64 / cap);
+    }
+    fn cancelled(&self) {
+        self.cancelled.inc();
+    }
+}
