@@ -2,7 +2,8 @@
 # Test data that is not in the repository:
 #  - the default model (scripts/fetch-default-model.sh);
 #  - llama.cpp's tokenizer test vectors (vocabulary-only GGUF files with .inp/.out pairs),
-#    from the PyPI source package llama-cpp-python==0.3.36 (MIT), into .cache/vocab/.
+#    from the PyPI source package llama-cpp-python==0.3.36 (MIT), into .cache/vocab/;
+#  - a Python virtual environment with the official `openai` client, in .cache/venv/.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 CACHE="${SWITCHYARD_CACHE:-$ROOT/.cache}"
@@ -30,3 +31,10 @@ PY
   touch "$VOCAB/.complete"
 fi
 ls "$VOCAB" >&2
+# The official OpenAI Python client, for the gateway's client compatibility test.
+VENV="$CACHE/venv"
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import openai" 2>/dev/null; then
+  echo "installing openai==3.57.0 from PyPI into $VENV ..." >&2
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check openai==3.57.0 >&2
+fi

@@ -56,3 +56,16 @@ pub fn load(path: &std::path::Path, threads: usize, slots: usize) -> switchyard_
     };
     switchyard_engine::Engine::load(path, opts, &mut |_, _| {}).unwrap_or_else(|e| panic!("{e}"))
 }
+
+/// Python with the `openai` client, installed by scripts/fetch-test-data.sh.
+pub fn venv_python() -> PathBuf {
+    let p = cache().join("venv/bin/python");
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/fetch-test-data.sh",
+        p.display()
+    );
+    p
+}
+
+pub mod gateway;

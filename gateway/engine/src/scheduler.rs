@@ -53,7 +53,9 @@ pub struct TokenLogprob {
 #[derive(Debug, Clone)]
 pub enum SeqEvent {
     /// Admitted into a slot after `queue_secs` in the waiting queue.
-    Started { queue_secs: f64 },
+    Started {
+        queue_secs: f64,
+    },
     /// One generated token and the text it released (may be empty while a multi-byte
     /// character or a possible stop string is incomplete).
     Token {
@@ -444,8 +446,13 @@ impl Scheduler {
             }
             let logits = &self.logits[row * vocab..(row + 1) * vocab];
             row += 1;
-            if !sample_one(s, logits, &self.engine.tokenizer) {
-                done.push(i);
+            match sample_one(s, logits, &self.engine.tokenizer) {
+                Next::Continue => {}
+                Next::Done => done.push(i),
+                Next::Abandoned => {
+                    self.observer.cancelled();
+                    done.push(i);
+                }
             }
         }
         done.sort_unstable_by(|a, b| b.cmp(a));
@@ -458,9 +465,16 @@ impl Scheduler {
     }
 }
 
-/// Sample the next token of `s`; false when the sequence is over (finished, failed or
-/// abandoned).
-fn sample_one(s: &mut Seq, logits: &[f32], tok: &crate::tokenizer::Tokenizer) -> bool {
+enum Next {
+    Continue,
+    /// Finished or failed.
+    Done,
+    /// Nobody listens any more.
+    Abandoned,
+}
+
+/// Sample the next token of `s`.
+fn sample_one(s: &mut Seq, logits: &[f32], tok: &crate::tokenizer::Tokenizer) -> Next {
     let id = s.sampler.sample(logits);
     let logprob = s.req.logprobs.map(|n| token_logprob(logits, id, n));
     let finish = |s: &mut Seq, reason| {
@@ -471,7 +485,7 @@ fn sample_one(s: &mut Seq, logits: &[f32], tok: &crate::tokenizer::Tokenizer) ->
             text: tail,
             completion_tokens: s.generated,
         });
-        false
+        Next::Done
     };
     if tok.stop_ids.contains(&id) {
         return finish(s, FinishReason::Stop);
@@ -482,8 +496,10 @@ fn sample_one(s: &mut Seq, logits: &[f32], tok: &crate::tokenizer::Tokenizer) ->
     let hit = match s.text.push(tok, id, &mut |t| delta.push_str(t)) {
         Ok(h) => h,
         Err(e) => {
-            s.req.sink.send(SeqEvent::Failed(format!("detokenization failed: {e}")));
-            return false;
+            s.req
+                .sink
+                .send(SeqEvent::Failed(format!("detokenization failed: {e}")));
+            return Next::Done;
         }
     };
     if !s.req.sink.send(SeqEvent::Token {
@@ -491,7 +507,7 @@ fn sample_one(s: &mut Seq, logits: &[f32], tok: &crate::tokenizer::Tokenizer) ->
         text: delta,
         logprob,
     }) {
-        return false;
+        return Next::Abandoned;
     }
     if hit {
         return finish(s, FinishReason::Stop);
@@ -499,7 +515,7 @@ fn sample_one(s: &mut Seq, logits: &[f32], tok: &crate::tokenizer::Tokenizer) ->
     if s.generated >= s.max_new {
         return finish(s, FinishReason::Length);
     }
-    true
+    Next::Continue
 }
 
 /// Log-softmax of the raw logits at `id`, plus the `top` most likely ids.

@@ -122,7 +122,9 @@ pub struct DetokenizeRequest {
 /// Parse a JSON body: syntax errors are 400, a wrong shape is 422 naming the field.
 pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     if body.iter().all(|b| b.is_ascii_whitespace()) {
-        return Err(ApiError::bad_json("request body is empty; expected a JSON object"));
+        return Err(ApiError::bad_json(
+            "request body is empty; expected a JSON object",
+        ));
     }
     // First a syntax check, so that 400 and 422 are told apart reliably.
     let v: Value = serde_json::from_slice(body)
@@ -176,7 +178,10 @@ impl Common {
         };
         let max_tokens = match max {
             Some((p, v)) if v < 1 => {
-                return Err(ApiError::invalid(p, format!("{p} must be at least 1, got {v}")))
+                return Err(ApiError::invalid(
+                    p,
+                    format!("{p} must be at least 1, got {v}"),
+                ))
             }
             Some((_, v)) => Some(v as usize),
             None => max_tokens_default.or(m.default_max_tokens),
@@ -467,10 +472,8 @@ mod tests {
     #[test]
     fn ranges_are_checked() {
         let m = ModelConfig::from_path(std::path::Path::new("m.gguf"));
-        let r: ChatRequest = parse(
-            br#"{"messages":[{"role":"user","content":"hi"}],"temperature":-1}"#,
-        )
-        .unwrap();
+        let r: ChatRequest =
+            parse(br#"{"messages":[{"role":"user","content":"hi"}],"temperature":-1}"#).unwrap();
         let e = r.validate(&m).unwrap_err();
         assert_eq!(e.status.as_u16(), 422);
         assert!(e.message.contains("-1"));

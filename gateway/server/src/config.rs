@@ -197,15 +197,19 @@ impl GatewayConfig {
         if ov.log_json {
             b = b.set_override("server.log_json", true)?;
         }
-        let what = file
-            .as_ref()
-            .map_or("configuration".to_string(), |f| format!("config file {}", f.display()));
+        let what = file.as_ref().map_or("configuration".to_string(), |f| {
+            format!("config file {}", f.display())
+        });
         let built = b.build().map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
         let mut cfg: GatewayConfig = built
             .try_deserialize()
             .map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
         if !ov.models.is_empty() {
-            cfg.models = ov.models.iter().map(|p| ModelConfig::from_path(p)).collect();
+            cfg.models = ov
+                .models
+                .iter()
+                .map(|p| ModelConfig::from_path(p))
+                .collect();
         }
         if cfg.models.is_empty() {
             match default_model {
@@ -246,7 +250,9 @@ impl GatewayConfig {
             ));
         }
         if s.admin_token.as_deref() == Some("") {
-            return Err("server.admin_token is empty (leave it out to disable the admin API)".into());
+            return Err(
+                "server.admin_token is empty (leave it out to disable the admin API)".into(),
+            );
         }
         let mut names = HashSet::new();
         for m in &self.models {
@@ -265,7 +271,10 @@ impl GatewayConfig {
                 return Err(format!("{at}: {} does not exist", m.path.display()));
             }
             if m.max_batch == 0 || m.max_batch > 256 {
-                return Err(format!("{at}: max_batch must be in 1..=256, got {}", m.max_batch));
+                return Err(format!(
+                    "{at}: max_batch must be in 1..=256, got {}",
+                    m.max_batch
+                ));
             }
             if m.step_tokens < m.max_batch {
                 return Err(format!(
@@ -309,7 +318,10 @@ mod tests {
             model_name(Path::new("/m/SmolLM2-135M-Instruct.Q4_1.gguf")),
             "SmolLM2-135M-Instruct.Q4_1"
         );
-        assert_eq!(model_name(Path::new("../models/stories260K")), "stories260K");
+        assert_eq!(
+            model_name(Path::new("../models/stories260K")),
+            "stories260K"
+        );
         assert_eq!(model_name(Path::new("x.safetensors")), "x");
     }
 

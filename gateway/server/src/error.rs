@@ -106,8 +106,12 @@ impl ApiError {
     }
 
     pub fn not_ready(message: impl Into<String>) -> Self {
-        let mut e = Self::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", message)
-            .with_code("model_not_ready");
+        let mut e = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            message,
+        )
+        .with_code("model_not_ready");
         e.retry_after = Some(2);
         e
     }

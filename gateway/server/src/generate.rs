@@ -168,7 +168,11 @@ fn finish_str(f: FinishReason) -> &'static str {
 /// ("▁Paris" decodes to "Paris"); it is put back so that tokens concatenate to the text.
 fn token_text(tok: &Tokenizer, id: u32) -> String {
     let piece = tok.id_to_token(id);
-    let mut t = tok.decode(&[id], false).ok().or_else(|| piece.clone()).unwrap_or_default();
+    let mut t = tok
+        .decode(&[id], false)
+        .ok()
+        .or_else(|| piece.clone())
+        .unwrap_or_default();
     if piece.is_some_and(|p| p.starts_with('\u{2581}')) && !t.starts_with(' ') {
         t.insert(0, ' ');
     }
@@ -227,7 +231,10 @@ struct ChoiceAcc {
 }
 
 /// Wait for every choice and build the whole response body.
-pub async fn collect(job: Job, mut rx: UnboundedReceiver<(usize, SeqEvent)>) -> Result<Value, ApiError> {
+pub async fn collect(
+    job: Job,
+    mut rx: UnboundedReceiver<(usize, SeqEvent)>,
+) -> Result<Value, ApiError> {
     let mut rec = Recorder::new(&job);
     let tok = job.ready.tokenizer.clone();
     let mut acc: Vec<ChoiceAcc> = (0..job.choices)
@@ -243,7 +250,9 @@ pub async fn collect(job: Job, mut rx: UnboundedReceiver<(usize, SeqEvent)>) -> 
     while left > 0 {
         let Some((i, ev)) = rx.recv().await else {
             rec.finish(outcome::ERROR);
-            return Err(ApiError::internal("the model's scheduler stopped mid-request"));
+            return Err(ApiError::internal(
+                "the model's scheduler stopped mid-request",
+            ));
         };
         rec.event(i, &ev);
         let a = &mut acc[i];
@@ -345,8 +354,10 @@ impl SseStream {
         if s.job.kind == Kind::Chat {
             // The role comes first, as OpenAI's stream does.
             for i in 0..s.job.choices {
-                let c = s.chunk(json!({"index": i, "delta": {"role": "assistant", "content": ""},
-                    "logprobs": Value::Null, "finish_reason": Value::Null}));
+                let c = s.chunk(
+                    json!({"index": i, "delta": {"role": "assistant", "content": ""},
+                    "logprobs": Value::Null, "finish_reason": Value::Null}),
+                );
                 s.pending.push_back(c);
             }
         }
@@ -449,7 +460,8 @@ impl SseStream {
             });
             self.pending.push_back(sse(&v));
         }
-        self.pending.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+        self.pending
+            .push_back(Bytes::from_static(b"data: [DONE]\n\n"));
         self.rec.finish(outcome);
         self.done = true;
     }
@@ -467,7 +479,9 @@ impl SseStream {
                 Some((i, ev)) => self.on_event(i, ev),
                 None => self.end(
                     outcome::ERROR,
-                    Some(ApiError::internal("the model's scheduler stopped mid-request")),
+                    Some(ApiError::internal(
+                        "the model's scheduler stopped mid-request",
+                    )),
                 ),
             }
         }

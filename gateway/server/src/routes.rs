@@ -120,9 +120,12 @@ async fn run_job(
     params: GenParams,
     arrived: Instant,
 ) -> Result<HttpResponse, ApiError> {
-    let rx = generate::submit(&ready, &prompts, &params)
-        .map_err(|e| refuse(st, Some(&name), e))?;
-    let prefix = if kind == Kind::Chat { "chatcmpl" } else { "cmpl" };
+    let rx = generate::submit(&ready, &prompts, &params).map_err(|e| refuse(st, Some(&name), e))?;
+    let prefix = if kind == Kind::Chat {
+        "chatcmpl"
+    } else {
+        "cmpl"
+    };
     let job = Job {
         kind,
         id: format!("{prefix}-{}", crate::request_id(req)),
@@ -153,7 +156,11 @@ async fn run_job(
     }
 }
 
-async fn chat(st: State, req: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+async fn chat(
+    st: State,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
     let arrived = Instant::now();
     let body = read_body(&req, payload, st.cfg.server.max_body_bytes)
         .await
@@ -171,7 +178,17 @@ async fn chat(st: State, req: HttpRequest, payload: web::Payload) -> Result<Http
         .map_err(|e| fail(ApiError::invalid("messages", e.to_string())))?;
     fit_context(ids.len(), ready.max_context, &mut params, "messages").map_err(fail)?;
     let name = entry.cfg.name.clone();
-    run_job(&st, &req, Kind::Chat, name, ready, vec![ids], params, arrived).await
+    run_job(
+        &st,
+        &req,
+        Kind::Chat,
+        name,
+        ready,
+        vec![ids],
+        params,
+        arrived,
+    )
+    .await
 }
 
 async fn completions(
@@ -239,7 +256,17 @@ async fn completions(
         fit_context(p.len(), ready.max_context, &mut params, "prompt").map_err(fail)?;
     }
     let name = entry.cfg.name.clone();
-    run_job(&st, &req, Kind::Completion, name, ready, prompts, params, arrived).await
+    run_job(
+        &st,
+        &req,
+        Kind::Completion,
+        name,
+        ready,
+        prompts,
+        params,
+        arrived,
+    )
+    .await
 }
 
 /// Tokenize completion prompts off the async workers.
@@ -335,7 +362,10 @@ async fn detokenize(
         if t < 0 || t as usize >= ready.vocab_size {
             return Err(ApiError::invalid(
                 "tokens",
-                format!("token id {t} is outside the vocabulary of {}", ready.vocab_size),
+                format!(
+                    "token id {t} is outside the vocabulary of {}",
+                    ready.vocab_size
+                ),
             ));
         }
         ids.push(t as u32);
@@ -368,7 +398,10 @@ async fn health(st: State) -> HttpResponse {
 
 async fn metrics(st: State) -> HttpResponse {
     HttpResponse::Ok()
-        .insert_header((header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8"))
+        .insert_header((
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        ))
         .body(st.metrics.render())
 }
 

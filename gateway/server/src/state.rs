@@ -122,12 +122,20 @@ pub fn load_model(entry: &ModelEntry, metrics: &Metrics) -> Result<(), String> {
         if let Ok(mut s) = entry.state.try_write() {
             *s = ModelState::Loading { done, total };
         }
-        let pct = if total == 0 { 100 } else { done * 100 / total };
+        let pct = (done * 100).checked_div(total).unwrap_or(100);
         if pct >= last_pct + 25 {
             last_pct = pct;
             tracing::info!(model = %c.name, "loading: {pct}% ({done}/{total} tensors)");
         }
     };
+    // Lets readiness probes and tests see the loading state on a model that loads in
+    // milliseconds.
+    if let Some(ms) = std::env::var("SWITCHYARD_LOAD_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
     let engine = Engine::load(&c.path, opts, &mut progress)
         .map_err(|e| format!("{}: {e}", c.path.display()))?;
     let mm = Arc::new(metrics.model(&c.name));
