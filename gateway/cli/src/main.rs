@@ -1,5 +1,7 @@
 //! The `switchyard` binary.
 
+mod bench_serve;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -148,6 +150,10 @@ enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Load test of a running gateway: N streaming clients, latency percentiles, throughput.
+    Serve(bench_serve::ServeBenchArgs),
+    /// Latency the gateway adds over calling the engine directly (both in this process).
+    Gateway(bench_serve::GatewayBenchArgs),
 }
 
 fn bar(len: u64, msg: &str) -> ProgressBar {
@@ -212,6 +218,8 @@ fn run(cli: Cli) -> Result<()> {
             reps,
             json,
         }) => bench_decode(&m, batch, prompt_tokens, gen_tokens, reps, json),
+        Cmd::Bench(BenchCmd::Serve(a)) => bench_serve::bench_serve(a),
+        Cmd::Bench(BenchCmd::Gateway(a)) => bench_serve::bench_gateway(a),
         Cmd::Inspect { model } => inspect(&model),
         Cmd::Serve(a) => serve(a),
     }

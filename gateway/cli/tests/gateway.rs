@@ -371,9 +371,20 @@ fn errors_have_status_and_openai_body() {
     let (s, b) = post(&gw, "/v1/completions", &big);
     assert_error(s, &b, 413, &["4096"]);
 
-    // A failed request leaves the server serving.
+    // A failed request leaves the server serving; the request id is echoed and logged.
     let (s, _) = chat(json!({"max_tokens": 3}));
     assert_eq!(s, 200);
+    let r = client()
+        .post(gw.url("/v1/completions"))
+        .header("x-request-id", "test-req-42")
+        .json(&json!({"prompt": "Hi", "max_tokens": 2}))
+        .send()
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "test-req-42");
+    let body: Value = r.json().unwrap();
+    assert_eq!(body["id"], "cmpl-test-req-42");
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(gw.log().contains("test-req-42"), "{}", gw.log());
     assert!(
         gw.metric(r#"switchyard_requests_total{model="stories260K",outcome="invalid"}"#) >= 9.0
     );

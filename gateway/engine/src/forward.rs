@@ -386,7 +386,7 @@ fn attention(pool: &ThreadPool, max_ctx: usize, hd: usize, nh: usize, nkv: usize
 
 const ROW_TILE: usize = 8;
 /// Up to this many inputs, matrix products run on the quantized rows directly.
-const FUSED_MAX_INPUTS: usize = 8;
+const FUSED_MAX_INPUTS: usize = 4;
 
 /// Rows per work item handed out to pool threads (dynamic scheduling balances the threads).
 const CHUNK_ROWS: usize = 64;
@@ -500,7 +500,7 @@ pub fn matmul_multi(
 }
 
 /// Rows `range` of w against all n inputs: dequantize a tile of rows to f32 once, then
-/// reuse it for every input (2 rows × 4 inputs per micro-kernel call).
+/// reuse it for every input (4 rows × 4 inputs per micro-kernel call).
 fn rows_tiled(w: &Weight, range: std::ops::Range<usize>, x: &[f32], n: usize, o: Ptr) {
     let (rows, cols) = (w.rows, w.cols);
     DEQ.with(|d| {
@@ -524,6 +524,17 @@ fn rows_tiled(w: &Weight, range: std::ops::Range<usize>, x: &[f32], n: usize, o:
                     &x[(t + 3) * cols..(t + 4) * cols],
                 ];
                 let mut r = r0;
+                while r + 4 <= r1 {
+                    let v =
+                        quant::dot_f32_4x4([drow(r), drow(r + 1), drow(r + 2), drow(r + 3)], xs);
+                    for (j, vr) in v.iter().enumerate() {
+                        for k in 0..4 {
+                            // SAFETY: disjoint (token, row) elements per thread.
+                            unsafe { *o.at((t + k) * rows + r + j) = vr[k] };
+                        }
+                    }
+                    r += 4;
+                }
                 while r + 2 <= r1 {
                     let v = quant::dot_f32_2x4(drow(r), drow(r + 1), xs);
                     for k in 0..4 {

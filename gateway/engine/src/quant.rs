@@ -135,6 +135,18 @@ pub fn split_row(ty: GgmlType, row: &[u8], out: &mut Vec<u8>) {
 /// Dequantize one row of `cols` elements into `out` (exact: f16/bf16/scaled ints → f32).
 pub fn dequantize_row(ty: GgmlType, row: &[u8], out: &mut [f32]) {
     let n = out.len();
+    #[cfg(target_arch = "x86_64")]
+    if matches!(ty, GgmlType::Q4_1S | GgmlType::Q8_0S) && simd512::available() {
+        // SAFETY: AVX-512 availability checked above.
+        unsafe {
+            if ty == GgmlType::Q4_1S {
+                simd512::dequant_q4_1s(row, out);
+            } else {
+                simd512::dequant_q8_0s(row, out);
+            }
+        }
+        return;
+    }
     match ty {
         GgmlType::Q4_1S => {
             let nb = n / 32;
@@ -416,6 +428,18 @@ pub fn dot_f32_2x4(w0: &[f32], w1: &[f32], x: [&[f32]; 4]) -> [[f32; 4]; 2] {
         return unsafe { simd512::dot_f32_2x4(w0, w1, x) };
     }
     [dot_f32_x4(w0, x), dot_f32_x4(w1, x)]
+}
+
+/// Four rows against four inputs: `out[r][k] = w[r] · x[k]`.
+pub fn dot_f32_4x4(w: [&[f32]; 4], x: [&[f32]; 4]) -> [[f32; 4]; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if simd512::available() {
+        // SAFETY: as above.
+        return unsafe { simd512::dot_f32_4x4(w, x) };
+    }
+    let a = dot_f32_2x4(w[0], w[1], x);
+    let b = dot_f32_2x4(w[2], w[3], x);
+    [a[0], a[1], b[0], b[1]]
 }
 
 /// y += a·x
@@ -752,6 +776,41 @@ pub mod simd512 {
         }
     }
 
+    /// Four f32 rows against four inputs: 16 dot products, 8 loads per 16 FMAs.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+    pub unsafe fn dot_f32_4x4(w: [&[f32]; 4], x: [&[f32]; 4]) -> [[f32; 4]; 4] {
+        let n = w[0].len();
+        assert!(w.iter().all(|v| v.len() >= n) && x.iter().all(|v| v.len() >= n));
+        unsafe {
+            let mut a = [[_mm512_setzero_ps(); 4]; 4];
+            let mut i = 0;
+            let tail: __mmask16 = ((1u32 << (n % 16)) - 1) as u16;
+            while i < n {
+                let m = if i + 16 <= n { 0xFFFF } else { tail };
+                let xv = [
+                    _mm512_maskz_loadu_ps(m, x[0].as_ptr().add(i)),
+                    _mm512_maskz_loadu_ps(m, x[1].as_ptr().add(i)),
+                    _mm512_maskz_loadu_ps(m, x[2].as_ptr().add(i)),
+                    _mm512_maskz_loadu_ps(m, x[3].as_ptr().add(i)),
+                ];
+                for r in 0..4 {
+                    let wv = _mm512_maskz_loadu_ps(m, w[r].as_ptr().add(i));
+                    for k in 0..4 {
+                        a[r][k] = _mm512_fmadd_ps(wv, xv[k], a[r][k]);
+                    }
+                }
+                i += 16;
+            }
+            let mut out = [[0f32; 4]; 4];
+            for r in 0..4 {
+                for k in 0..4 {
+                    out[r][k] = _mm512_reduce_add_ps(a[r][k]);
+                }
+            }
+            out
+        }
+    }
+
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
     pub unsafe fn dot_q4_1s(row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
         let nb = x.len() / 32;
@@ -791,6 +850,78 @@ pub mod simd512 {
                 b0 += cnt;
             }
             _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + _mm512_reduce_add_ps(macc)
+        }
+    }
+
+    /// A split Q4_1 row to f32 (the tile path of batched matmuls).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+    pub unsafe fn dequant_q4_1s(row: &[u8], out: &mut [f32]) {
+        let nb = out.len() / 32;
+        assert!(row.len() >= nb * 20 && out.len().is_multiple_of(32));
+        unsafe {
+            let dp = row.as_ptr();
+            let mp = row.as_ptr().add(2 * nb);
+            let qp = row.as_ptr().add(4 * nb);
+            let op = out.as_mut_ptr();
+            let low = _mm512_set1_epi32(0xF);
+            let (mut ds, mut ms) = ([0f32; 16], [0f32; 16]);
+            let mut b0 = 0;
+            while b0 < nb {
+                let cnt = (nb - b0).min(16);
+                let mask: __mmask16 = ((1u32 << cnt) - 1) as u16;
+                let d16 =
+                    _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, dp.add(2 * b0) as *const i16));
+                let m16 =
+                    _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, mp.add(2 * b0) as *const i16));
+                _mm512_storeu_ps(ds.as_mut_ptr(), d16);
+                _mm512_storeu_ps(ms.as_mut_ptr(), m16);
+                for j in 0..cnt {
+                    let b = b0 + j;
+                    let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(qp.add(16 * b) as *const __m128i));
+                    let d = _mm512_set1_ps(ds[j]);
+                    let m = _mm512_set1_ps(ms[j]);
+                    let lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, low));
+                    let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(v));
+                    _mm512_storeu_ps(op.add(32 * b), _mm512_add_ps(_mm512_mul_ps(d, lo), m));
+                    _mm512_storeu_ps(op.add(32 * b + 16), _mm512_add_ps(_mm512_mul_ps(d, hi), m));
+                }
+                b0 += cnt;
+            }
+        }
+    }
+
+    /// A split Q8_0 row to f32.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+    pub unsafe fn dequant_q8_0s(row: &[u8], out: &mut [f32]) {
+        let nb = out.len() / 32;
+        assert!(row.len() >= nb * 34 && out.len().is_multiple_of(32));
+        unsafe {
+            let dp = row.as_ptr();
+            let qp = row.as_ptr().add(2 * nb);
+            let op = out.as_mut_ptr();
+            let mut ds = [0f32; 16];
+            let mut b0 = 0;
+            while b0 < nb {
+                let cnt = (nb - b0).min(16);
+                let mask: __mmask16 = ((1u32 << cnt) - 1) as u16;
+                let d16 =
+                    _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, dp.add(2 * b0) as *const i16));
+                _mm512_storeu_ps(ds.as_mut_ptr(), d16);
+                for j in 0..cnt {
+                    let b = b0 + j;
+                    let q = qp.add(32 * b);
+                    let d = _mm512_set1_ps(ds[j]);
+                    let q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                        q as *const __m128i,
+                    )));
+                    let q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                        q.add(16) as *const __m128i
+                    )));
+                    _mm512_storeu_ps(op.add(32 * b), _mm512_mul_ps(d, q0));
+                    _mm512_storeu_ps(op.add(32 * b + 16), _mm512_mul_ps(d, q1));
+                }
+                b0 += cnt;
+            }
         }
     }
 

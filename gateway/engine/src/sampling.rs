@@ -108,43 +108,56 @@ impl Sampler {
         }
     }
 
+    /// Draw the next token. Costs O(vocab) (no full sort): top-k uses a selection, top-p
+    /// sorts only the head of the distribution, growing it until it holds `top_p` of the mass.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
         if p.temperature == 0.0 || p.top_k == 1 {
             return argmax(logits);
         }
+        let inv_t = 1.0 / p.temperature;
+        let mx = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         self.cand.clear();
         self.cand.extend(
             logits
                 .iter()
                 .enumerate()
-                .map(|(i, &v)| (i as u32, v / p.temperature)),
+                .map(|(i, &v)| (i as u32, (v - mx) * inv_t)),
         );
         let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if p.top_k > 0 && p.top_k < self.cand.len() {
             self.cand.select_nth_unstable_by(p.top_k - 1, by_logit);
             self.cand.truncate(p.top_k);
         }
-        self.cand.sort_unstable_by(by_logit);
-        let mx = self.cand[0].1;
-        let mut sum = 0f32;
+        // Weights (the maximum is 0 after the shift, so exp never overflows).
         for c in &mut self.cand {
-            c.1 = (c.1 - mx).exp();
-            sum += c.1;
+            c.1 = c.1.exp();
         }
         if p.top_p < 1.0 {
-            let mut acc = 0f32;
-            let mut keep = self.cand.len();
-            for (i, c) in self.cand.iter().enumerate() {
-                acc += c.1 / sum;
-                if acc >= p.top_p {
-                    keep = i + 1;
-                    break;
+            let total: f32 = self.cand.iter().map(|c| c.1).sum();
+            let target = p.top_p * total;
+            let by_w = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+            let n = self.cand.len();
+            let mut k = n.min(64);
+            let keep = loop {
+                if k < n {
+                    self.cand.select_nth_unstable_by(k - 1, by_w);
                 }
-            }
+                self.cand[..k].sort_unstable_by(by_w);
+                let mut acc = 0f32;
+                let hit = self.cand[..k].iter().position(|c| {
+                    acc += c.1;
+                    acc >= target
+                });
+                match hit {
+                    Some(j) => break j + 1,
+                    None if k == n => break n,
+                    None => k = (k * 4).min(n),
+                }
+            };
             self.cand.truncate(keep);
-            sum = self.cand.iter().map(|c| c.1).sum();
         }
+        let sum: f32 = self.cand.iter().map(|c| c.1).sum();
         let r = self.rng.next_f32() * sum;
         let mut acc = 0f32;
         for c in &self.cand {
@@ -204,5 +217,24 @@ mod tests {
             assert_eq!(s.sample(&logits), 0);
         }
         assert_eq!(argmax(&logits), 0);
+    }
+
+    #[test]
+    fn top_p_over_a_large_vocabulary_keeps_the_head() {
+        // Nearly flat, increasing logits: top_p = 0.3 keeps well over 64 candidates (the
+        // first guess), all from the top of the range.
+        let logits: Vec<f32> = (0..5000).map(|i| i as f32 * 1e-3).collect();
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.3,
+            seed: 9,
+        });
+        let draws: Vec<u32> = (0..2000).map(|_| s.sample(&logits)).collect();
+        assert!(draws.iter().all(|&d| d >= 3000), "{:?}", draws.iter().min());
+        assert!(
+            draws.iter().any(|&d| d < 4800),
+            "only the first guess was kept"
+        );
     }
 }

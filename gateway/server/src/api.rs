@@ -70,7 +70,9 @@ pub struct Common {
 #[derive(Debug, Deserialize)]
 pub struct ChatRequest {
     pub messages: Vec<ChatMessage>,
-    #[serde(flatten)]
+    /// Filled from the same body by [`parse_request`] (not flattened: serde loses the field
+    /// path of errors inside flattened structs).
+    #[serde(skip)]
     pub common: Common,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<i64>,
@@ -90,7 +92,9 @@ pub enum PromptSpec {
 #[derive(Debug, Deserialize)]
 pub struct CompletionRequest {
     pub prompt: PromptSpec,
-    #[serde(flatten)]
+    /// Filled from the same body by [`parse_request`] (not flattened: serde loses the field
+    /// path of errors inside flattened structs).
+    #[serde(skip)]
     pub common: Common,
     pub logprobs: Option<i64>,
     pub echo: Option<bool>,
@@ -119,8 +123,35 @@ pub struct DetokenizeRequest {
     pub tokens: Vec<i64>,
 }
 
+/// A request body with the shared sampling fields.
+pub trait WithCommon: DeserializeOwned {
+    fn common_mut(&mut self) -> &mut Common;
+}
+impl WithCommon for ChatRequest {
+    fn common_mut(&mut self) -> &mut Common {
+        &mut self.common
+    }
+}
+impl WithCommon for CompletionRequest {
+    fn common_mut(&mut self) -> &mut Common {
+        &mut self.common
+    }
+}
+
+/// Parse a chat or completion body (its own fields and the shared ones).
+pub fn parse_request<T: WithCommon>(body: &[u8]) -> Result<T, ApiError> {
+    let v = parse_value(body)?;
+    let mut r: T = from_value(v.clone())?;
+    *r.common_mut() = from_value(v)?;
+    Ok(r)
+}
+
 /// Parse a JSON body: syntax errors are 400, a wrong shape is 422 naming the field.
 pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    from_value(parse_value(body)?)
+}
+
+fn parse_value(body: &[u8]) -> Result<Value, ApiError> {
     if body.iter().all(|b| b.is_ascii_whitespace()) {
         return Err(ApiError::bad_json(
             "request body is empty; expected a JSON object",
@@ -132,6 +163,10 @@ pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     if !v.is_object() {
         return Err(ApiError::bad_json("request body must be a JSON object"));
     }
+    Ok(v)
+}
+
+fn from_value<T: DeserializeOwned>(v: Value) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(v).map_err(|e| {
         let path = e.path().to_string();
         let path = if path == "." { String::new() } else { path };
@@ -457,15 +492,16 @@ mod tests {
 
     #[test]
     fn syntax_is_400_shape_is_422() {
-        let e = parse::<ChatRequest>(b"{\"messages\": [").unwrap_err();
+        let e = parse_request::<ChatRequest>(b"{\"messages\": [").unwrap_err();
         assert_eq!(e.status.as_u16(), 400);
-        let e = parse::<ChatRequest>(b"{\"model\": \"m\"}").unwrap_err();
+        let e = parse_request::<ChatRequest>(b"{\"model\": \"m\"}").unwrap_err();
         assert_eq!(e.status.as_u16(), 422);
         assert!(e.message.contains("messages"), "{}", e.message);
-        let e = parse::<ChatRequest>(b"{\"messages\": [], \"temperature\": \"hot\"}").unwrap_err();
+        let e = parse_request::<ChatRequest>(b"{\"messages\": [], \"temperature\": \"hot\"}")
+            .unwrap_err();
         assert_eq!(e.status.as_u16(), 422);
         assert_eq!(e.param.as_deref(), Some("temperature"));
-        let e = parse::<ChatRequest>(b"[1]").unwrap_err();
+        let e = parse_request::<ChatRequest>(b"[1]").unwrap_err();
         assert_eq!(e.status.as_u16(), 400);
     }
 
@@ -473,11 +509,12 @@ mod tests {
     fn ranges_are_checked() {
         let m = ModelConfig::from_path(std::path::Path::new("m.gguf"));
         let r: ChatRequest =
-            parse(br#"{"messages":[{"role":"user","content":"hi"}],"temperature":-1}"#).unwrap();
+            parse_request(br#"{"messages":[{"role":"user","content":"hi"}],"temperature":-1}"#)
+                .unwrap();
         let e = r.validate(&m).unwrap_err();
         assert_eq!(e.status.as_u16(), 422);
         assert!(e.message.contains("-1"));
-        let r: ChatRequest = parse(
+        let r: ChatRequest = parse_request(
             br#"{"messages":[{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}],"max_completion_tokens":5,"seed":3,"stop":"x"}"#,
         )
         .unwrap();
@@ -486,9 +523,9 @@ mod tests {
         assert_eq!(p.sampling.seed, 3);
         assert_eq!(p.stop, vec!["x".to_string()]);
         assert_eq!(r.engine_messages().unwrap()[0].content, "ab");
-        let r: CompletionRequest = parse(br#"{"prompt":"a","n":0}"#).unwrap();
+        let r: CompletionRequest = parse_request(br#"{"prompt":"a","n":0}"#).unwrap();
         assert_eq!(r.validate(&m).unwrap_err().param.as_deref(), Some("n"));
-        let r: CompletionRequest = parse(br#"{"prompt":"a"}"#).unwrap();
+        let r: CompletionRequest = parse_request(br#"{"prompt":"a"}"#).unwrap();
         assert_eq!(r.validate(&m).unwrap().max_tokens, Some(16));
     }
 }

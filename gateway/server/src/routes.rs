@@ -165,7 +165,7 @@ async fn chat(
     let body = read_body(&req, payload, st.cfg.server.max_body_bytes)
         .await
         .map_err(|e| refuse(&st, None, e))?;
-    let r: ChatRequest = api::parse(&body).map_err(|e| refuse(&st, None, e))?;
+    let r: ChatRequest = api::parse_request(&body).map_err(|e| refuse(&st, None, e))?;
     let model = r.common.model.clone();
     let fail = |e| refuse(&st, model.as_deref(), e);
     let (entry, ready) = st.ready(model.as_deref()).map_err(fail)?;
@@ -200,7 +200,7 @@ async fn completions(
     let body = read_body(&req, payload, st.cfg.server.max_body_bytes)
         .await
         .map_err(|e| refuse(&st, None, e))?;
-    let r: CompletionRequest = api::parse(&body).map_err(|e| refuse(&st, None, e))?;
+    let r: CompletionRequest = api::parse_request(&body).map_err(|e| refuse(&st, None, e))?;
     let model = r.common.model.clone();
     let fail = |e| refuse(&st, model.as_deref(), e);
     let (entry, ready) = st.ready(model.as_deref()).map_err(fail)?;
