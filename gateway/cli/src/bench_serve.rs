@@ -201,9 +201,15 @@ pub fn bench_serve(a: ServeBenchArgs) -> Result<()> {
             })
         })
         .collect();
-    // Progress on stderr.
+    // Progress on stderr; the server's resident memory every 5 s.
+    let mut rss_series = vec![(0.0, rss0)];
+    let mut next_rss = 5.0;
     while handles.iter().any(|h| !h.is_finished()) {
         std::thread::sleep(Duration::from_millis(500));
+        if t0.elapsed().as_secs_f64() >= next_rss {
+            rss_series.push((t0.elapsed().as_secs_f64(), rss(&client, &url)));
+            next_rss += 5.0;
+        }
         if !a.json {
             let n = samples.lock().unwrap().len();
             eprint!("\r{:6.1} s  {n} requests done", t0.elapsed().as_secs_f64());
@@ -240,6 +246,7 @@ pub fn bench_serve(a: ServeBenchArgs) -> Result<()> {
         "itl_s": {"p50": percentile(&mut itl, 50.0), "p90": percentile(&mut itl, 90.0), "p99": percentile(&mut itl, 99.0)},
         "e2e_s": {"p50": percentile(&mut e2e, 50.0), "p99": percentile(&mut e2e, 99.0)},
         "server_rss_bytes": {"before": rss0, "after": rss1},
+        "server_rss_mb_every_5s": rss_series.iter().map(|(t, r)| json!([t.round(), r.map(|b| (b / 1e6).round())])).collect::<Vec<_>>(),
     });
     if a.json {
         println!("{v}");
@@ -329,7 +336,7 @@ pub fn bench_gateway(a: GatewayBenchArgs) -> Result<()> {
     let mut direct = Vec::new();
     let mut http = Vec::new();
     let mut tokens = (0, 0);
-    for r in 0..=a.reps {
+    let run_direct = |engine: &mut Engine| -> Result<(f64, usize)> {
         let t = Instant::now();
         let req = GenerateRequest {
             prompt: engine.encode_prompt(&a.prompt)?,
@@ -338,21 +345,31 @@ pub fn bench_gateway(a: GatewayBenchArgs) -> Result<()> {
             stop: vec![],
         };
         let out = engine.generate(&req, &mut |_| {})?;
-        let d = t.elapsed().as_secs_f64();
-        std::thread::sleep(Duration::from_millis(20));
+        Ok((t.elapsed().as_secs_f64(), out.tokens.len()))
+    };
+    let run_http = || -> Result<(f64, usize)> {
         let t = Instant::now();
         let v: Value = client
             .post(format!("{url}/v1/completions"))
             .json(&body)
             .send()?
             .json()?;
-        let h = t.elapsed().as_secs_f64();
-        std::thread::sleep(Duration::from_millis(20));
         let n = v["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize;
+        Ok((t.elapsed().as_secs_f64(), n))
+    };
+    // Alternating, in A-B-B-A order so that neither side always runs first.
+    for r in 0..=a.reps {
+        let ((d, nd), (h, nh)) = if r % 2 == 0 {
+            let d = run_direct(&mut engine)?;
+            (d, run_http()?)
+        } else {
+            let h = run_http()?;
+            (run_direct(&mut engine)?, h)
+        };
         if r == 0 {
             continue; // warm-up
         }
-        tokens = (out.tokens.len(), n);
+        tokens = (nd, nh);
         direct.push(d);
         http.push(h);
     }
@@ -364,6 +381,7 @@ pub fn bench_gateway(a: GatewayBenchArgs) -> Result<()> {
         );
     }
     let (dm, hm) = (median(&mut direct), median(&mut http));
+    let (dmin, hmin) = (direct[0], http[0]); // sorted by median()
     let v = json!({
         "model": a.model.display().to_string(),
         "threads": threads,
@@ -373,7 +391,10 @@ pub fn bench_gateway(a: GatewayBenchArgs) -> Result<()> {
         "generated_tokens": tokens.0,
         "direct_median_s": dm,
         "gateway_median_s": hm,
+        "direct_min_s": dmin,
+        "gateway_min_s": hmin,
         "overhead_ms": (hm - dm) * 1e3,
+        "overhead_min_ms": (hmin - dmin) * 1e3,
         "overhead_ratio": hm / dm,
     });
     if a.json {
