@@ -156,16 +156,41 @@ async fn run_job(
     }
 }
 
+/// Read and parse a chat or completion body; refusals are counted.
+async fn read_request<T: api::WithCommon>(
+    st: &State,
+    req: &HttpRequest,
+    payload: web::Payload,
+) -> Result<T, ApiError> {
+    let body = read_body(req, payload, st.cfg.server.max_body_bytes)
+        .await
+        .map_err(|e| refuse(st, None, e))?;
+    api::parse_request(&body).map_err(|e| refuse(st, None, e))
+}
+
+/// Token ids from a request, checked against the vocabulary.
+fn check_ids(v: &[i64], vocab: usize, param: &str) -> Result<Vec<u32>, ApiError> {
+    v.iter()
+        .map(|&t| {
+            if t < 0 || t as usize >= vocab {
+                Err(ApiError::invalid(
+                    param,
+                    format!("token id {t} is outside the vocabulary of {vocab}"),
+                ))
+            } else {
+                Ok(t as u32)
+            }
+        })
+        .collect()
+}
+
 async fn chat(
     st: State,
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let arrived = Instant::now();
-    let body = read_body(&req, payload, st.cfg.server.max_body_bytes)
-        .await
-        .map_err(|e| refuse(&st, None, e))?;
-    let r: ChatRequest = api::parse_request(&body).map_err(|e| refuse(&st, None, e))?;
+    let r: ChatRequest = read_request(&st, &req, payload).await?;
     let model = r.common.model.clone();
     let fail = |e| refuse(&st, model.as_deref(), e);
     let (entry, ready) = st.ready(model.as_deref()).map_err(fail)?;
@@ -197,29 +222,13 @@ async fn completions(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let arrived = Instant::now();
-    let body = read_body(&req, payload, st.cfg.server.max_body_bytes)
-        .await
-        .map_err(|e| refuse(&st, None, e))?;
-    let r: CompletionRequest = api::parse_request(&body).map_err(|e| refuse(&st, None, e))?;
+    let r: CompletionRequest = read_request(&st, &req, payload).await?;
     let model = r.common.model.clone();
     let fail = |e| refuse(&st, model.as_deref(), e);
     let (entry, ready) = st.ready(model.as_deref()).map_err(fail)?;
     let mut params = r.validate(&entry.cfg).map_err(fail)?;
     let vocab = ready.vocab_size;
-    let ids_ok = |v: &[i64]| -> Result<Vec<u32>, ApiError> {
-        v.iter()
-            .map(|&t| {
-                if t < 0 || t as usize >= vocab {
-                    Err(ApiError::invalid(
-                        "prompt",
-                        format!("token id {t} is outside the vocabulary of {vocab}"),
-                    ))
-                } else {
-                    Ok(t as u32)
-                }
-            })
-            .collect()
-    };
+    let ids_ok = |v: &[i64]| check_ids(v, vocab, "prompt");
     let prompts: Vec<Vec<u32>> = match r.prompt {
         PromptSpec::Ids(v) => vec![ids_ok(&v).map_err(fail)?],
         PromptSpec::IdLists(v) => v
@@ -357,19 +366,7 @@ async fn detokenize(
     let body = read_body(&req, payload, st.cfg.server.max_body_bytes).await?;
     let r: DetokenizeRequest = api::parse(&body)?;
     let (_, ready) = st.ready(r.model.as_deref())?;
-    let mut ids = Vec::with_capacity(r.tokens.len());
-    for &t in &r.tokens {
-        if t < 0 || t as usize >= ready.vocab_size {
-            return Err(ApiError::invalid(
-                "tokens",
-                format!(
-                    "token id {t} is outside the vocabulary of {}",
-                    ready.vocab_size
-                ),
-            ));
-        }
-        ids.push(t as u32);
-    }
+    let ids = check_ids(&r.tokens, ready.vocab_size, "tokens")?;
     let text = ready
         .tokenizer
         .decode(&ids, false)
