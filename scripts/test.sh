@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 ./scripts/fetch-test-data.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --release --all-targets -- -D warnings
+cargo build --workspace --release  # the plugin libraries the host tests load
 cargo test --workspace --release

@@ -1,0 +1,213 @@
+//! Native plugins through the host: the built-in kv-heap plugin runs the real model with the
+//! same greedy output as the engine's own allocator; bad plugins are refused with clear errors.
+//! The plugin libraries are built by `cargo build --workspace` (scripts/test.sh does it first).
+
+use std::path::{Path, PathBuf};
+
+use switchyard_engine::sampling::SamplingParams;
+use switchyard_engine::GenerateRequest;
+use switchyard_plugin_host::{sha256_file, PluginHost};
+
+/// target/<profile>/ (the test binary lives in target/<profile>/deps/).
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().to_path_buf()
+}
+
+fn library(crate_name: &str) -> PathBuf {
+    let p = target_dir().join(format!("lib{}.so", crate_name.replace('-', "_")));
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace first (cargo build --release --workspace)",
+        p.display()
+    );
+    p
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sy-host-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Copy `lib` into `dir` with a manifest; returns the manifest path.
+fn install(
+    dir: &Path,
+    lib: &Path,
+    name: &str,
+    kind: &str,
+    abi: &str,
+    sha: Option<&str>,
+) -> PathBuf {
+    let file = lib.file_name().unwrap().to_str().unwrap().to_string();
+    std::fs::copy(lib, dir.join(&file)).unwrap();
+    let sha = sha.map_or_else(|| sha256_file(&dir.join(&file)).unwrap(), str::to_string);
+    let m = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &m,
+        format!(
+            "name = \"{name}\"\nversion = \"0.1.0\"\nkind = \"{kind}\"\nabi = \"{abi}\"\nfile = \"{file}\"\nsha256 = \"{sha}\"\n"
+        ),
+    )
+    .unwrap();
+    m
+}
+
+fn greedy(engine: &mut switchyard_engine::Engine) -> Vec<u32> {
+    let req = GenerateRequest {
+        prompt: engine.encode_prompt("Once upon a time").unwrap(),
+        max_tokens: 120,
+        sampling: SamplingParams::default(),
+        stop: vec![],
+    };
+    engine.generate(&req, &mut |_| {}).unwrap().tokens
+}
+
+#[test]
+fn kv_heap_plugin_matches_the_builtin_allocator() {
+    let dir = tmpdir("heap");
+    let m = install(
+        &dir,
+        &library("switchyard-kv-heap"),
+        "kv-heap",
+        "kv-allocator",
+        "1.0",
+        None,
+    );
+    let host = PluginHost::new(std::slice::from_ref(&dir));
+    let p = host.load_native(&m).unwrap();
+    assert_eq!((p.name.as_str(), p.abi), ("kv-heap", (1, 0)));
+    assert_eq!(
+        p.sha256,
+        sha256_file(&dir.join("libswitchyard_kv_heap.so")).unwrap()
+    );
+
+    let stories = switchyard_tests::stories_dir();
+    let mut builtin = switchyard_tests::load(&stories, 1, 2);
+    let want = greedy(&mut builtin);
+    let mut e = switchyard_tests::load(&stories, 1, 2);
+    let kv = p.kv_allocator("", e.kv_layout(2)).unwrap();
+    e.set_kv(Box::new(kv));
+    assert_eq!(e.kv.name(), "kv-heap");
+    assert_eq!(greedy(&mut e), want);
+    assert_eq!(e.kv.stats().slots_in_use, 0);
+
+    // Configuration errors come back as messages.
+    let err = p
+        .kv_allocator("pages = 4", e.kv_layout(2))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("kv-heap takes no configuration"), "{err}");
+}
+
+#[test]
+fn bad_plugins_are_refused_with_clear_errors() {
+    let dir = tmpdir("bad");
+    let host = PluginHost::new(std::slice::from_ref(&dir));
+    let heap = library("switchyard-kv-heap");
+
+    // sha256 differs from the manifest.
+    let m = install(
+        &dir,
+        &heap,
+        "kv-heap",
+        "kv-allocator",
+        "1.0",
+        Some(&"0".repeat(64)),
+    );
+    let e = host.load_native(&m).unwrap_err().to_string();
+    assert!(
+        e.contains("sha256 is") && e.contains("manifest says"),
+        "{e}"
+    );
+
+    // The manifest promises another kind.
+    let m = install(&dir, &heap, "kv-heap", "linear-kernels", "1.0", None);
+    let e = host.load_native(&m).unwrap_err().to_string();
+    assert!(
+        e.contains("kv-allocator plugin, the manifest says linear-kernels"),
+        "{e}"
+    );
+
+    // ABI major mismatch.
+    let m = install(
+        &dir,
+        &library("switchyard-test-abi-v2"),
+        "abi-v2",
+        "kv-allocator",
+        "2.0",
+        None,
+    );
+    let e = host.load_native(&m).unwrap_err().to_string();
+    assert!(
+        e.contains("ABI 2.0 is incompatible") && e.contains("majors differ"),
+        "{e}"
+    );
+
+    // No root symbol: a shared library that is not a Switchyard plugin.
+    let libm = [
+        "/lib/x86_64-linux-gnu/libm.so.6",
+        "/usr/lib/x86_64-linux-gnu/libm.so.6",
+        "/lib64/libm.so.6",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+    .expect("libm.so.6");
+    let m = install(&dir, &libm, "libm", "kv-allocator", "1.0", None);
+    let e = host.load_native(&m).unwrap_err().to_string();
+    assert!(e.contains("no root symbol `switchyard_plugin_v1`"), "{e}");
+
+    // Outside the plugin directories: the manifest itself, or a file reached through "..".
+    let elsewhere = tmpdir("elsewhere");
+    let m = install(&elsewhere, &heap, "kv-heap", "kv-allocator", "1.0", None);
+    let e = host.load_native(&m).unwrap_err().to_string();
+    assert!(e.contains("outside the plugin directories"), "{e}");
+    let sha = sha256_file(&heap).unwrap();
+    let escape = dir.join("escape.toml");
+    std::fs::write(
+        &escape,
+        format!(
+            "name = \"kv-heap\"\nversion = \"0.1.0\"\nkind = \"kv-allocator\"\nabi = \"1.0\"\nfile = \"../sy-host-{}-elsewhere/libswitchyard_kv_heap.so\"\nsha256 = \"{sha}\"\n",
+            std::process::id()
+        ),
+    )
+    .unwrap();
+    let e = host.load_native(&escape).unwrap_err().to_string();
+    assert!(e.contains("outside the plugin directories"), "{e}");
+}
+
+#[test]
+fn plugin_errors_and_panics_stop_at_the_boundary() {
+    let dir = tmpdir("faulty");
+    let m = install(
+        &dir,
+        &library("switchyard-test-faulty-kv"),
+        "faulty-kv",
+        "kv-allocator",
+        "1.0",
+        None,
+    );
+    let host = PluginHost::new(std::slice::from_ref(&dir));
+    let p = host.load_native(&m).unwrap();
+    let layout = switchyard_engine::kv::KvLayout {
+        n_layers: 1,
+        kv_heads: 1,
+        head_dim: 8,
+        max_context: 16,
+        max_slots: 1,
+    };
+    let e = p.kv_allocator("error", layout).err().unwrap().to_string();
+    assert!(e.contains("faulty-kv failed: refusing to start"), "{e}");
+    let e = p.kv_allocator("panic", layout).err().unwrap().to_string();
+    assert!(e.contains("panicked: deliberate panic in create"), "{e}");
+    use switchyard_engine::kv::KvAllocator;
+    let mut kv = p.kv_allocator("panic-acquire", layout).unwrap();
+    let e = kv.acquire().unwrap_err().to_string();
+    assert!(e.contains("panicked: deliberate panic in acquire"), "{e}");
+    let mut kv = p.kv_allocator("", layout).unwrap();
+    let e = kv.acquire().unwrap_err().to_string();
+    assert!(e.contains("out of capacity: no slots, ever"), "{e}");
+}

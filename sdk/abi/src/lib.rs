@@ -1,0 +1,253 @@
+//! The C ABI between the Switchyard host and native plugins (cdylib).
+//!
+//! A plugin exports one symbol, [`ROOT_SYMBOL`] (`switchyard_plugin_v1`), an
+//! `extern "C" fn() -> *const PluginDescriptor`. The descriptor says which ABI version the
+//! plugin was built against, its kind, name, version and feature bits, and points at the
+//! vtable of its kind. The host accepts the plugin when the ABI majors are equal and the
+//! host's minor is at least the plugin's.
+//!
+//! Rules that keep the ABI stable:
+//! - only `#[repr(C)]` types and `extern "C"` functions cross the boundary (no `String`,
+//!   `Vec`, trait objects, or Rust panics);
+//! - vtables are append-only: a new minor version adds fields at the end, and the descriptor's
+//!   `vtable_size` tells the host how many the plugin has;
+//! - every fallible call returns a [`Status`] and writes its reason into a host-owned
+//!   [`ErrorBuf`];
+//! - strings are borrowed UTF-8 [`Str`] slices, valid for the duration of the call (the
+//!   descriptor's strings for the life of the library).
+
+#![allow(clippy::missing_safety_doc)]
+
+use std::ffi::c_void;
+
+pub const ABI_MAJOR: u32 = 1;
+pub const ABI_MINOR: u32 = 0;
+
+/// The one symbol a native plugin exports (NUL-terminated for `dlsym`).
+pub const ROOT_SYMBOL: &[u8] = b"switchyard_plugin_v1\0";
+
+/// The type of [`ROOT_SYMBOL`].
+pub type RootFn = unsafe extern "C" fn() -> *const PluginDescriptor;
+
+/// Result of a call: 0 is success.
+#[repr(transparent)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Status(pub i32);
+
+impl Status {
+    pub const OK: Status = Status(0);
+    /// The call failed; the error buffer says why.
+    pub const ERROR: Status = Status(1);
+    /// The plugin panicked; the export macro caught it at the boundary.
+    pub const PANIC: Status = Status(2);
+    /// An argument was out of range.
+    pub const INVALID: Status = Status(3);
+    /// Out of capacity (slots, pages, memory).
+    pub const EXHAUSTED: Status = Status(4);
+
+    pub fn is_ok(self) -> bool {
+        self == Status::OK
+    }
+}
+
+/// Plugin kinds (the `kind` field of the descriptor).
+pub mod kind {
+    pub const KV_ALLOCATOR: u32 = 1;
+    pub const LINEAR_KERNELS: u32 = 2;
+    pub const MODEL_TRANSFORM: u32 = 3;
+
+    pub fn name(k: u32) -> &'static str {
+        match k {
+            KV_ALLOCATOR => "kv-allocator",
+            LINEAR_KERNELS => "linear-kernels",
+            MODEL_TRANSFORM => "model-transform",
+            _ => "unknown",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<u32> {
+        match s {
+            "kv-allocator" => Some(KV_ALLOCATOR),
+            "linear-kernels" => Some(LINEAR_KERNELS),
+            "model-transform" => Some(MODEL_TRANSFORM),
+            _ => None,
+        }
+    }
+}
+
+/// A borrowed UTF-8 string.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct Str {
+    pub ptr: *const u8,
+    pub len: usize,
+}
+
+// SAFETY: a Str only ever points at immutable data (string literals or call arguments).
+unsafe impl Sync for Str {}
+unsafe impl Send for Str {}
+
+impl Str {
+    pub const fn new(s: &'static str) -> Str {
+        Str {
+            ptr: s.as_ptr(),
+            len: s.len(),
+        }
+    }
+
+    pub fn borrow(s: &str) -> Str {
+        Str {
+            ptr: s.as_ptr(),
+            len: s.len(),
+        }
+    }
+
+    /// # Safety
+    /// `ptr..ptr+len` must be readable for `'a`.
+    pub unsafe fn as_str<'a>(&self) -> Result<&'a str, std::str::Utf8Error> {
+        if self.len == 0 {
+            return Ok("");
+        }
+        // SAFETY: the caller guarantees the range is readable.
+        let b = unsafe { std::slice::from_raw_parts(self.ptr, self.len) };
+        std::str::from_utf8(b)
+    }
+}
+
+/// A host-owned buffer the plugin writes an error message into (truncated to `cap`).
+#[repr(C)]
+#[derive(Debug)]
+pub struct ErrorBuf {
+    pub ptr: *mut u8,
+    pub cap: usize,
+    pub len: usize,
+}
+
+impl ErrorBuf {
+    /// Write `msg` (truncated at a character boundary).
+    ///
+    /// # Safety
+    /// `self.ptr` must be writable for `self.cap` bytes (or null).
+    pub unsafe fn write(&mut self, msg: &str) {
+        if self.ptr.is_null() {
+            return;
+        }
+        let mut n = msg.len().min(self.cap);
+        while n > 0 && !msg.is_char_boundary(n) {
+            n -= 1;
+        }
+        // SAFETY: the caller guarantees cap writable bytes.
+        unsafe { std::ptr::copy_nonoverlapping(msg.as_ptr(), self.ptr, n) };
+        self.len = n;
+    }
+}
+
+/// What every native plugin exports through [`ROOT_SYMBOL`].
+#[repr(C)]
+#[derive(Debug)]
+pub struct PluginDescriptor {
+    pub abi_major: u32,
+    pub abi_minor: u32,
+    /// One of [`kind`].
+    pub kind: u32,
+    pub name: Str,
+    pub version: Str,
+    /// Kind-specific feature bits.
+    pub features: u64,
+    /// The kind's vtable (e.g. [`KvAllocatorVTable`]).
+    pub vtable: *const c_void,
+    /// Size in bytes of the plugin's vtable (vtables only grow at the end).
+    pub vtable_size: usize,
+}
+
+// SAFETY: descriptors are immutable statics.
+unsafe impl Sync for PluginDescriptor {}
+
+/// Element types of tensor views.
+pub mod dtype {
+    pub const F32: u32 = 0;
+    pub const F16: u32 = 1;
+    pub const BF16: u32 = 2;
+    pub const I8: u32 = 3;
+    pub const U8: u32 = 4;
+    pub const I32: u32 = 5;
+}
+
+/// Where a tensor lives.
+pub mod device {
+    pub const CPU: u32 = 0;
+    pub const CUDA: u32 = 1;
+}
+
+/// A view of a tensor owned by the host (up to 4 dimensions; strides in elements).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct TensorView {
+    pub ptr: *mut c_void,
+    pub dtype: u32,
+    pub ndim: u32,
+    pub shape: [i64; 4],
+    pub strides: [i64; 4],
+    pub device: u32,
+    pub device_id: i32,
+}
+
+/// On CUDA, the host's context and stream; plugins launch their work on that stream.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct CudaContext {
+    pub context: *mut c_void,
+    pub stream: *mut c_void,
+}
+
+/// Shape of the KV cache (see the engine's `KvLayout`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvLayoutC {
+    pub n_layers: u64,
+    pub kv_heads: u64,
+    pub head_dim: u64,
+    pub max_context: u64,
+    pub max_slots: u64,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KvStatsC {
+    pub reserved_bytes: u64,
+    pub mapped_bytes: u64,
+    pub used_bytes: u64,
+    pub slots_in_use: u64,
+}
+
+/// Opaque per-instance state of a plugin.
+pub type Handle = *mut c_void;
+
+/// The `kv-allocator` kind. For each layer, a slot's K (and V) is one contiguous
+/// `[capacity, kv_heads, head_dim]` f32 region; pointers stay valid until the next `ensure`
+/// or `release` on that slot.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct KvAllocatorVTable {
+    /// A new allocator for `layout`, configured by `config` (plugin-defined text, e.g. TOML).
+    pub create: unsafe extern "C" fn(
+        config: Str,
+        layout: *const KvLayoutC,
+        out: *mut Handle,
+        err: *mut ErrorBuf,
+    ) -> Status,
+    pub destroy: unsafe extern "C" fn(h: Handle),
+    pub acquire: unsafe extern "C" fn(h: Handle, slot: *mut u64, err: *mut ErrorBuf) -> Status,
+    pub ensure:
+        unsafe extern "C" fn(h: Handle, slot: u64, n_tokens: u64, err: *mut ErrorBuf) -> Status,
+    pub capacity: unsafe extern "C" fn(h: Handle, slot: u64) -> u64,
+    pub release: unsafe extern "C" fn(h: Handle, slot: u64),
+    pub kv: unsafe extern "C" fn(
+        h: Handle,
+        layer: u64,
+        slot: u64,
+        k: *mut *mut f32,
+        v: *mut *mut f32,
+    ) -> Status,
+    pub stats: unsafe extern "C" fn(h: Handle, out: *mut KvStatsC),
+}
