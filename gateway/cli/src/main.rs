@@ -114,6 +114,9 @@ struct ServeArgs {
     /// Requests that may wait per model before 429.
     #[arg(long)]
     max_waiting: Option<usize>,
+    /// A directory plugins may be loaded from (repeatable).
+    #[arg(long)]
+    plugin_dir: Vec<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -251,6 +254,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         threads: a.threads,
         max_context: a.max_context,
         max_waiting: a.max_waiting,
+        plugin_dirs: a.plugin_dir,
     };
     let cfg = GatewayConfig::load(&ov, default_model())?;
     switchyard_server::init_logging(cfg.server.log_json);

@@ -37,14 +37,16 @@ impl Default for EngineOptions {
 }
 
 pub struct Engine {
-    pub model: Model,
+    /// Shared by the engines of one model's pipeline generations.
+    pub model: Arc<Model>,
     /// Shared with request handlers (tokenizing happens off the engine thread).
     pub tokenizer: Arc<Tokenizer>,
     pub chat: Arc<ChatTemplate>,
     pub fwd: Forward,
     pub kv: Box<dyn KvAllocator>,
     pub opts: EngineOptions,
-    _source: ModelSource,
+    /// Keeps the mapped file alive while weights point into it.
+    _source: Arc<ModelSource>,
 }
 
 #[derive(Debug, Clone)]
@@ -124,14 +126,32 @@ impl Engine {
         }));
         let fwd = Forward::new(Arc::new(ThreadPool::new(opts.threads)));
         Ok(Self {
-            model,
+            model: Arc::new(model),
             tokenizer: Arc::new(tokenizer),
             chat: Arc::new(chat),
             fwd,
             kv,
             opts,
-            _source: source,
+            _source: Arc::new(source),
         })
+    }
+
+    /// Another engine over the same weights, tokenizer and template, with its own thread
+    /// pool and a fresh default KV allocator of `max_slots` (a new pipeline generation).
+    pub fn fork(&self, threads: usize, max_slots: usize) -> Self {
+        let mut opts = self.opts.clone();
+        opts.threads = threads.max(1);
+        opts.max_slots = max_slots.max(1);
+        let kv = Box::new(HeapKv::new(self.kv_layout(opts.max_slots)));
+        Self {
+            model: self.model.clone(),
+            tokenizer: self.tokenizer.clone(),
+            chat: self.chat.clone(),
+            fwd: Forward::new(Arc::new(ThreadPool::new(opts.threads))),
+            kv,
+            opts,
+            _source: self._source.clone(),
+        }
     }
 
     /// Replace the KV allocator (its layout must fit the model).

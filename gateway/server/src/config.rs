@@ -40,6 +40,8 @@ pub struct ServerSettings {
     pub log_json: bool,
     /// HTTP worker threads (0 = min(cores, 4)).
     pub workers: usize,
+    /// Directories plugins may be loaded from (their `*.toml` manifests).
+    pub plugin_dirs: Vec<PathBuf>,
 }
 
 impl Default for ServerSettings {
@@ -52,6 +54,7 @@ impl Default for ServerSettings {
             shutdown_timeout_secs: 30,
             log_json: false,
             workers: 0,
+            plugin_dirs: Vec::new(),
         }
     }
 }
@@ -79,6 +82,9 @@ pub struct ModelConfig {
     pub default_top_p: f32,
     #[serde(default)]
     pub default_top_k: usize,
+    /// The first pipeline generation (default: the built-in stages).
+    #[serde(default)]
+    pub pipeline: crate::pipeline::PipelineSpec,
 }
 
 fn d_max_batch() -> usize {
@@ -112,6 +118,7 @@ impl ModelConfig {
             default_temperature: d_temperature(),
             default_top_p: d_top_p(),
             default_top_k: 0,
+            pipeline: Default::default(),
         }
     }
 }
@@ -153,6 +160,7 @@ pub struct Overrides {
     pub threads: Option<usize>,
     pub max_context: Option<usize>,
     pub max_waiting: Option<usize>,
+    pub plugin_dirs: Vec<PathBuf>,
 }
 
 /// Environment variables read: SWITCHYARD_CONFIG (file) and SWITCHYARD_SERVER__<KEY>.
@@ -204,6 +212,9 @@ impl GatewayConfig {
         let mut cfg: GatewayConfig = built
             .try_deserialize()
             .map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
+        if !ov.plugin_dirs.is_empty() {
+            cfg.server.plugin_dirs = ov.plugin_dirs.clone();
+        }
         if !ov.models.is_empty() {
             cfg.models = ov
                 .models
@@ -248,6 +259,14 @@ impl GatewayConfig {
                 "server.max_body_bytes must be at least 1024, got {}",
                 s.max_body_bytes
             ));
+        }
+        for d in &s.plugin_dirs {
+            if !d.is_dir() {
+                return Err(format!(
+                    "server.plugin_dirs: {} is not a directory",
+                    d.display()
+                ));
+            }
         }
         if s.admin_token.as_deref() == Some("") {
             return Err(

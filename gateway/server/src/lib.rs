@@ -6,11 +6,13 @@
 //!   scheduler events to JSON and SSE; [`error`]: OpenAI-style errors.
 //! - [`state`]: models loading and serving; [`metrics`]: every exported metric.
 
+pub mod admin;
 pub mod api;
 pub mod config;
 pub mod error;
 pub mod generate;
 pub mod metrics;
+pub mod pipeline;
 pub mod routes;
 pub mod state;
 
@@ -119,6 +121,7 @@ pub async fn serve(cfg: GatewayConfig) -> anyhow::Result<()> {
             .app_data(app_state.clone())
             .wrap(from_fn(access_log))
             .configure(routes::configure)
+            .configure(admin::configure)
             .default_service(web::to(routes::not_found))
     })
     .workers(workers)
@@ -139,7 +142,7 @@ pub async fn serve(cfg: GatewayConfig) -> anyhow::Result<()> {
             .name(format!("load-{}", m.cfg.name))
             .spawn(move || {
                 tracing::info!(model = %m.cfg.name, path = %m.cfg.path.display(), "loading");
-                if let Err(e) = state::load_model(&m, &st.metrics) {
+                if let Err(e) = state::load_model(&m, &st.metrics, &st.registry) {
                     tracing::error!(model = %m.cfg.name, "cannot load: {e}");
                     *m.state.write().unwrap() = ModelState::Failed(e.clone());
                     let _ = tx.send(format!("model `{}`: {e}", m.cfg.name));

@@ -48,6 +48,10 @@ pub struct Metrics {
     pub model_load_seconds: GaugeVec,
     pub build_info: IntGaugeVec,
     pub http_requests: IntCounterVec,
+    pub swaps: IntCounterVec,
+    pub swap_seconds: HistogramVec,
+    pub generation: IntGaugeVec,
+    pub admin_actions: IntCounterVec,
 }
 
 fn hist(name: &str, help: &str, buckets: Vec<f64>) -> HistogramVec {
@@ -170,6 +174,31 @@ impl Metrics {
                 &["version"],
             )
             .unwrap(),
+            swaps: IntCounterVec::new(
+                Opts::new(
+                    "switchyard_pipeline_swaps_total",
+                    "Pipeline swaps and rollbacks by result (ok, failed).",
+                ),
+                &["model", "result"],
+            )
+            .unwrap(),
+            swap_seconds: hist(
+                "switchyard_pipeline_swap_seconds",
+                "From a swap request to the new generation serving (load, handshake, canary).",
+                LATENCY.to_vec(),
+            ),
+            generation: g(
+                "switchyard_pipeline_generation",
+                "The pipeline generation new requests go to.",
+            ),
+            admin_actions: IntCounterVec::new(
+                Opts::new(
+                    "switchyard_admin_actions_total",
+                    "Admin API calls by action and result.",
+                ),
+                &["action", "result"],
+            )
+            .unwrap(),
             http_requests: IntCounterVec::new(
                 Opts::new(
                     "switchyard_http_requests_total",
@@ -203,6 +232,10 @@ impl Metrics {
         r.register(Box::new(m.model_load_seconds.clone())).unwrap();
         r.register(Box::new(m.build_info.clone())).unwrap();
         r.register(Box::new(m.http_requests.clone())).unwrap();
+        r.register(Box::new(m.swaps.clone())).unwrap();
+        r.register(Box::new(m.swap_seconds.clone())).unwrap();
+        r.register(Box::new(m.generation.clone())).unwrap();
+        r.register(Box::new(m.admin_actions.clone())).unwrap();
         #[cfg(target_os = "linux")]
         r.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -233,6 +266,10 @@ impl Metrics {
         self.generation_tokens.with_label_values(&[model]);
         self.sequences_cancelled.with_label_values(&[model]);
         self.model_ready.with_label_values(&[model]).set(0);
+        for r in ["ok", "failed"] {
+            self.swaps.with_label_values(&[model, r]);
+        }
+        self.swap_seconds.with_label_values(&[model]);
     }
 
     pub fn request(&self, model: &str, outcome: &str) {

@@ -126,6 +126,7 @@ async fn run_job(
     } else {
         "cmpl"
     };
+    let generation = ready.generation.to_string();
     let job = Job {
         kind,
         id: format!("{prefix}-{}", crate::request_id(req)),
@@ -146,13 +147,16 @@ async fn run_job(
                 .map(|b| (Ok::<_, actix_web::Error>(b), s))
         });
         Ok(HttpResponse::Ok()
+            .insert_header(("x-switchyard-generation", generation))
             .insert_header((header::CONTENT_TYPE, "text/event-stream"))
             .insert_header((header::CACHE_CONTROL, "no-cache"))
             .insert_header(("X-Accel-Buffering", "no"))
             .streaming(body))
     } else {
         let v = generate::collect(job, rx).await?;
-        Ok(HttpResponse::Ok().json(v))
+        Ok(HttpResponse::Ok()
+            .insert_header(("x-switchyard-generation", generation))
+            .json(v))
     }
 }
 

@@ -2,8 +2,9 @@
 //! handlers reach it through a [`SchedulerHandle`] and tokenize on their own threads with the
 //! shared tokenizer.
 
-use std::sync::{Arc, RwLock};
-use std::time::Instant;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use switchyard_engine::chat::ChatTemplate;
 use switchyard_engine::scheduler::{Scheduler, SchedulerConfig, SchedulerHandle};
@@ -13,6 +14,7 @@ use switchyard_engine::{Engine, EngineOptions};
 use crate::config::{GatewayConfig, ModelConfig};
 use crate::error::ApiError;
 use crate::metrics::{Metrics, ModelMetrics};
+use crate::pipeline::{self, PipelineSpec, PluginInfo, Registry};
 
 /// A model that is loaded and serving.
 pub struct Ready {
@@ -23,6 +25,10 @@ pub struct Ready {
     pub vocab_size: usize,
     pub metrics: Arc<ModelMetrics>,
     pub created: u64,
+    /// Pipeline generation (1 for the first).
+    pub generation: u64,
+    pub spec: PipelineSpec,
+    pub plugins: Vec<PluginInfo>,
 }
 
 pub enum ModelState {
@@ -34,12 +40,20 @@ pub enum ModelState {
 pub struct ModelEntry {
     pub cfg: ModelConfig,
     pub state: RwLock<ModelState>,
+    /// The engine new generations are forked from (weights shared).
+    template: Mutex<Option<Engine>>,
+    /// Specs of earlier generations, newest last (for rollback).
+    history: Mutex<Vec<PipelineSpec>>,
+    /// One swap at a time per model.
+    swap_lock: Mutex<()>,
+    next_generation: AtomicU64,
 }
 
 pub struct AppState {
     pub cfg: GatewayConfig,
     pub models: Vec<Arc<ModelEntry>>,
     pub metrics: Arc<Metrics>,
+    pub registry: Arc<Registry>,
 }
 
 impl AppState {
@@ -52,13 +66,19 @@ impl AppState {
                 Arc::new(ModelEntry {
                     cfg: m.clone(),
                     state: RwLock::new(ModelState::Loading { done: 0, total: 0 }),
+                    template: Mutex::new(None),
+                    history: Mutex::new(Vec::new()),
+                    swap_lock: Mutex::new(()),
+                    next_generation: AtomicU64::new(1),
                 })
             })
             .collect();
+        let registry = Arc::new(Registry::new(&cfg.server.plugin_dirs));
         Self {
             cfg,
             models,
             metrics,
+            registry,
         }
     }
 
@@ -103,7 +123,11 @@ impl AppState {
 }
 
 /// Load one model and start its scheduler; updates `entry` as it goes.
-pub fn load_model(entry: &ModelEntry, metrics: &Metrics) -> Result<(), String> {
+pub fn load_model(
+    entry: &ModelEntry,
+    metrics: &Metrics,
+    registry: &Registry,
+) -> Result<(), String> {
     let c = &entry.cfg;
     let t0 = Instant::now();
     let threads = if c.threads == 0 {
@@ -138,24 +162,12 @@ pub fn load_model(entry: &ModelEntry, metrics: &Metrics) -> Result<(), String> {
     }
     let engine = Engine::load(&c.path, opts, &mut progress)
         .map_err(|e| format!("{}: {e}", c.path.display()))?;
-    let mm = Arc::new(metrics.model(&c.name));
-    let ready = Ready {
-        tokenizer: engine.tokenizer.clone(),
-        chat: engine.chat.clone(),
-        max_context: engine.model.cfg.max_context,
-        vocab_size: engine.model.cfg.vocab_size,
-        metrics: mm.clone(),
-        created: crate::api::unix_now(),
-        sched: {
-            let sc = SchedulerConfig {
-                step_tokens: c.step_tokens,
-                max_waiting: c.max_waiting,
-            };
-            let (h, _join) = Scheduler::spawn(engine, sc, mm, &c.name)
-                .map_err(|e| format!("cannot start the scheduler thread: {e}"))?;
-            h
-        },
-    };
+    // The template keeps one thread: it only serves as the source of new generations.
+    *entry.template.lock().unwrap() = Some(engine.fork(1, 1));
+    drop(engine);
+    let ready = entry
+        .start_generation(&c.pipeline, metrics, registry)
+        .map_err(|e| format!("pipeline: {e}"))?;
     let secs = t0.elapsed().as_secs_f64();
     tracing::info!(
         model = %c.name,
@@ -173,6 +185,115 @@ pub fn load_model(entry: &ModelEntry, metrics: &Metrics) -> Result<(), String> {
         .model_ready
         .with_label_values(&[c.name.as_str()])
         .set(1);
-    *entry.state.write().unwrap() = ModelState::Ready(Arc::new(ready));
+    metrics
+        .generation
+        .with_label_values(&[c.name.as_str()])
+        .set(ready.generation as i64);
+    *entry.state.write().unwrap() = ModelState::Ready(ready);
     Ok(())
+}
+
+impl ModelEntry {
+    fn threads(&self) -> usize {
+        if self.cfg.threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            self.cfg.threads
+        }
+    }
+
+    /// Build, start and canary-test a generation from `spec` (not yet routed to).
+    fn start_generation(
+        &self,
+        spec: &PipelineSpec,
+        metrics: &Metrics,
+        registry: &Registry,
+    ) -> Result<Arc<Ready>, String> {
+        let c = &self.cfg;
+        let tpl = self.template.lock().unwrap();
+        let tpl = tpl.as_ref().ok_or("the model is not loaded")?;
+        let (engine, plugins) =
+            pipeline::build_engine(tpl, spec, self.threads(), c.max_batch, registry)?;
+        let generation = self.next_generation.fetch_add(1, Ordering::AcqRel);
+        let mm = Arc::new(metrics.model(&c.name));
+        let canary_prompt = engine
+            .encode_prompt("Hello")
+            .map_err(|e| format!("canary prompt: {e}"))?;
+        let tokenizer = engine.tokenizer.clone();
+        let chat = engine.chat.clone();
+        let max_context = engine.model.cfg.max_context;
+        let vocab_size = engine.model.cfg.vocab_size;
+        let sc = SchedulerConfig {
+            step_tokens: c.step_tokens,
+            max_waiting: c.max_waiting,
+        };
+        let (sched, _join) =
+            Scheduler::spawn(engine, sc, mm.clone(), &format!("{}-g{generation}", c.name))
+                .map_err(|e| format!("cannot start the scheduler thread: {e}"))?;
+        pipeline::canary(&sched, canary_prompt, Duration::from_secs(60))?;
+        Ok(Arc::new(Ready {
+            tokenizer,
+            chat,
+            sched,
+            max_context,
+            vocab_size,
+            metrics: mm,
+            created: crate::api::unix_now(),
+            generation,
+            spec: spec.clone(),
+            plugins,
+        }))
+    }
+
+    /// Build generation G+1 from `spec` and route new requests to it; G drains and retires.
+    pub fn swap(
+        &self,
+        spec: &PipelineSpec,
+        metrics: &Metrics,
+        registry: &Registry,
+    ) -> Result<Arc<Ready>, String> {
+        let _one = self.swap_lock.lock().unwrap();
+        self.swap_locked(spec, metrics, registry, true)
+    }
+
+    fn swap_locked(
+        &self,
+        spec: &PipelineSpec,
+        metrics: &Metrics,
+        registry: &Registry,
+        remember: bool,
+    ) -> Result<Arc<Ready>, String> {
+        let old = match &*self.state.read().unwrap() {
+            ModelState::Ready(r) => r.clone(),
+            _ => return Err("the model is not serving yet".into()),
+        };
+        let new = self.start_generation(spec, metrics, registry)?;
+        *self.state.write().unwrap() = ModelState::Ready(new.clone());
+        if remember {
+            self.history.lock().unwrap().push(old.spec.clone());
+        }
+        Ok(new)
+    }
+
+    /// Swap back to the previous generation's spec (as a new generation).
+    pub fn rollback(&self, metrics: &Metrics, registry: &Registry) -> Result<Arc<Ready>, String> {
+        let _one = self.swap_lock.lock().unwrap();
+        let prev = self
+            .history
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .ok_or("no earlier generation to roll back to")?;
+        let new = self.swap_locked(&prev, metrics, registry, false)?;
+        self.history.lock().unwrap().pop();
+        Ok(new)
+    }
+
+    pub fn current(&self) -> Option<Arc<Ready>> {
+        match &*self.state.read().unwrap() {
+            ModelState::Ready(r) => Some(r.clone()),
+            _ => None,
+        }
+    }
 }

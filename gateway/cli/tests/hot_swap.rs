@@ -1,0 +1,343 @@
+//! Pipelines under load: swaps between the built-in KV allocator and the kv-heap plugin while
+//! 32 clients stream; failed swaps leave the old generation serving; the admin API's auth.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::blocking::Client;
+use serde_json::{json, Value};
+use switchyard_tests::gateway::Gateway;
+
+const TOKEN: &str = "test-admin-token";
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_switchyard"))
+}
+
+fn client() -> Client {
+    Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
+}
+
+/// A plugin directory with kv-heap and faulty-kv (built by `cargo build --workspace`).
+fn plugin_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sy-swap-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    let target = bin().parent().unwrap();
+    for (lib, plugin) in [
+        ("libswitchyard_kv_heap.so", "kv-heap"),
+        ("libswitchyard_test_faulty_kv.so", "faulty-kv"),
+    ] {
+        let src = target.join(lib);
+        assert!(
+            src.exists(),
+            "{} missing: cargo build --workspace first",
+            src.display()
+        );
+        std::fs::copy(&src, d.join(lib)).unwrap();
+        let sha = switchyard_plugin_host_sha(&d.join(lib));
+        std::fs::write(
+            d.join(format!("{plugin}.toml")),
+            format!(
+                "name = \"{plugin}\"\nversion = \"0.1.0\"\nkind = \"kv-allocator\"\nabi = \"1.0\"\nfile = \"{lib}\"\nsha256 = \"{sha}\"\n"
+            ),
+        )
+        .unwrap();
+    }
+    d
+}
+
+fn switchyard_plugin_host_sha(p: &Path) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .arg(p)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+fn admin(
+    gw: &Gateway,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+    token: Option<&str>,
+) -> (u16, Value) {
+    let c = client();
+    let mut r = match method {
+        "GET" => c.get(gw.url(path)),
+        "PUT" => c.put(gw.url(path)),
+        _ => c.post(gw.url(path)),
+    };
+    if let Some(t) = token {
+        r = r.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    let r = r.send().unwrap();
+    let s = r.status().as_u16();
+    (s, r.json().unwrap_or(Value::Null))
+}
+
+fn start(dir: &Path) -> Gateway {
+    let stories = switchyard_tests::stories_dir();
+    let gw = Gateway::start(
+        bin(),
+        &[
+            "--model",
+            stories.to_str().unwrap(),
+            "--max-batch",
+            "16",
+            "--plugin-dir",
+            dir.to_str().unwrap(),
+            "--admin-token",
+            TOKEN,
+        ],
+        &[],
+    );
+    gw.wait_ready();
+    gw
+}
+
+#[test]
+fn swaps_under_load_drop_nothing() {
+    let dir = plugin_dir("load");
+    let gw = start(&dir);
+    let stop = Arc::new(AtomicBool::new(false));
+    let url = gw.url("/v1/completions");
+    let clients: Vec<_> = (0..32)
+        .map(|i| {
+            let (url, stop) = (url.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let c = client();
+                let mut done = Vec::new();
+                let mut j = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let body = json!({"prompt": "Once upon a time", "max_tokens": 40,
+                        "temperature": 0, "stream": true, "stream_options": {"include_usage": true},
+                        "seed": i * 1000 + j});
+                    let r = c.post(&url).json(&body).send().unwrap();
+                    assert_eq!(r.status(), 200);
+                    let generation: u64 = r.headers()["x-switchyard-generation"]
+                        .to_str()
+                        .unwrap()
+                        .parse()
+                        .unwrap();
+                    let mut text = String::new();
+                    let mut tokens = 0;
+                    let mut finished = false;
+                    let mut got_done = false;
+                    for line in BufReader::new(r).lines() {
+                        let line = line.unwrap();
+                        let Some(d) = line.strip_prefix("data: ") else {
+                            continue;
+                        };
+                        if d == "[DONE]" {
+                            got_done = true;
+                            break;
+                        }
+                        let v: Value = serde_json::from_str(d).unwrap();
+                        assert!(v.get("error").is_none(), "{v}");
+                        if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
+                            tokens = u["completion_tokens"].as_u64().unwrap();
+                        }
+                        if let Some(c) = v["choices"].as_array().and_then(|c| c.first()) {
+                            text.push_str(c["text"].as_str().unwrap_or(""));
+                            finished |= c["finish_reason"].is_string();
+                        }
+                    }
+                    assert!(got_done && finished, "truncated response");
+                    done.push((generation, text, tokens));
+                    j += 1;
+                }
+                done
+            })
+        })
+        .collect();
+
+    // 20 swaps back and forth while the clients stream.
+    let mut swap_secs = Vec::new();
+    let mut last_gen = 1;
+    for i in 0..20 {
+        let plugin = if i % 2 == 0 { "kv-heap" } else { "builtin" };
+        let t0 = Instant::now();
+        let (s, v) = admin(
+            &gw,
+            "PUT",
+            "/admin/models/stories260K/pipeline",
+            Some(json!({"kv_allocator": {"plugin": plugin}})),
+            Some(TOKEN),
+        );
+        assert_eq!(s, 200, "{v}");
+        swap_secs.push(t0.elapsed().as_secs_f64());
+        let g = v["generation"].as_u64().unwrap();
+        assert_eq!(g, last_gen + 1);
+        assert_eq!(v["plugins"][0]["name"], plugin);
+        last_gen = g;
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let results: Vec<(u64, String, u64)> = clients
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    // Greedy, same prompt: every generation (either allocator) must give the same text.
+    let first = &results[0].1;
+    assert!(results.iter().all(|r| &r.1 == first && r.2 == 40));
+    let gens: std::collections::BTreeSet<u64> = results.iter().map(|r| r.0).collect();
+    assert!(gens.len() >= 10, "requests saw only generations {gens:?}");
+    swap_secs.sort_by(f64::total_cmp);
+    eprintln!(
+        "{} requests over generations {:?}; swap latency median {:.1} ms, max {:.1} ms",
+        results.len(),
+        gens,
+        swap_secs[10] * 1e3,
+        swap_secs[19] * 1e3
+    );
+    assert_eq!(
+        gw.metric(r#"switchyard_pipeline_swaps_total{model="stories260K",result="ok"}"#),
+        20.0
+    );
+    assert_eq!(
+        gw.metric(r#"switchyard_requests_total{model="stories260K",outcome="ok"}"#),
+        results.len() as f64
+    );
+}
+
+#[test]
+fn failed_swaps_keep_the_old_generation_and_rollback_works() {
+    let dir = plugin_dir("bad");
+    let gw = start(&dir);
+    let p = "/admin/models/stories260K/pipeline";
+    let (s, v) = admin(
+        &gw,
+        "PUT",
+        p,
+        Some(json!({"kv_allocator": {"plugin": "kv-heap"}})),
+        Some(TOKEN),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["generation"], 2);
+    assert_eq!(v["plugins"][0]["sha256"].as_str().unwrap().len(), 64);
+
+    for (body, needle) in [
+        (
+            json!({"kv_allocator": {"plugin": "faulty-kv", "config": "error"}}),
+            "refusing to start",
+        ),
+        (
+            json!({"kv_allocator": {"plugin": "faulty-kv", "config": "panic"}}),
+            "panicked: deliberate panic in create",
+        ),
+        (
+            json!({"kv_allocator": {"plugin": "faulty-kv", "config": "panic-acquire"}}),
+            "canary",
+        ),
+        (
+            json!({"kv_allocator": {"plugin": "nope"}}),
+            "no plugin named \"nope\"",
+        ),
+        (
+            json!({"kv_allocator": {"plugin": "kv-heap", "config": "x = 1"}}),
+            "takes no configuration",
+        ),
+    ] {
+        let (s, v) = admin(&gw, "PUT", p, Some(body), Some(TOKEN));
+        assert_eq!(s, 422, "{v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(
+            msg.contains(needle) && msg.contains("generation 2 is still serving"),
+            "{msg}"
+        );
+        let (s, v) = admin(&gw, "GET", p, None, Some(TOKEN));
+        assert_eq!((s, v["generation"].as_u64()), (200, Some(2)));
+        let r = client()
+            .post(gw.url("/v1/completions"))
+            .json(&json!({"prompt": "Hi", "max_tokens": 3}))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-switchyard-generation"], "2");
+    }
+    let (s, v) = admin(
+        &gw,
+        "PUT",
+        p,
+        Some(json!({"kv_allocator": {"plugni": "x"}})),
+        Some(TOKEN),
+    );
+    assert_eq!(s, 422, "{v}");
+
+    // Rollback: back to the builtin spec, as generation 3 (failed swaps used no number that serves).
+    let (s, v) = admin(
+        &gw,
+        "POST",
+        "/admin/models/stories260K/rollback",
+        None,
+        Some(TOKEN),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["plugins"][0]["name"], "builtin");
+    assert_eq!(v["previous_generation"], 2);
+    let (s, v) = admin(
+        &gw,
+        "POST",
+        "/admin/models/stories260K/rollback",
+        None,
+        Some(TOKEN),
+    );
+    assert_eq!(s, 422, "{v}");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("no earlier generation"));
+
+    let (s, v) = admin(&gw, "GET", "/admin/plugins", None, Some(TOKEN));
+    assert_eq!(s, 200);
+    let names: Vec<&str> = v["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["faulty-kv", "kv-heap"]);
+    assert!(!gw.log().contains("panicked at gateway"), "{}", gw.log());
+}
+
+#[test]
+fn admin_api_needs_the_token() {
+    let dir = plugin_dir("auth");
+    let gw = start(&dir);
+    let p = "/admin/models/stories260K/pipeline";
+    let body = json!({"kv_allocator": {"plugin": "kv-heap"}});
+    let (s, v) = admin(&gw, "PUT", p, Some(body.clone()), None);
+    assert_eq!(s, 401, "{v}");
+    assert_eq!(v["error"]["code"], "invalid_api_key");
+    let (s, _) = admin(&gw, "PUT", p, Some(body.clone()), Some("wrong"));
+    assert_eq!(s, 403);
+    let (s, _) = admin(&gw, "GET", "/admin/plugins", None, None);
+    assert_eq!(s, 401);
+    let (s, v) = admin(&gw, "GET", p, None, Some(TOKEN));
+    assert_eq!((s, v["generation"].as_u64()), (200, Some(1)));
+    assert_eq!(
+        gw.metric(r#"switchyard_admin_actions_total{action="swap",result="forbidden"}"#),
+        1.0
+    );
+
+    // Without a configured token the admin API does not exist.
+    let stories = switchyard_tests::stories_dir();
+    let plain = Gateway::start(bin(), &["--model", stories.to_str().unwrap()], &[]);
+    plain.wait_ready();
+    let (s, v) = admin(&plain, "GET", "/admin/plugins", None, Some(TOKEN));
+    assert_eq!(s, 404, "{v}");
+}

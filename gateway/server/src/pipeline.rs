@@ -1,0 +1,224 @@
+//! Pipelines as immutable generations. A generation is one engine (sharing the model's
+//! weights, tokenizer and template) with its plugins, behind its own scheduler thread.
+//!
+//! A swap builds generation G+1 beside G: load and hand-shake the plugins, start the
+//! scheduler, run a canary request through it; only then are new requests routed to G+1
+//! (one pointer store). G keeps serving the requests it accepted, and its scheduler thread
+//! ends (freeing its KV cache) when the last of them is done. A failed load or canary leaves
+//! G serving and returns the reason. Rollback builds a new generation from the previous spec.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{mpsc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use switchyard_engine::engine::Engine;
+use switchyard_engine::sampling::SamplingParams;
+use switchyard_engine::scheduler::{EventSink, SeqEvent, SeqRequest};
+use switchyard_plugin_host::{Manifest, NativePlugin, PluginHost};
+
+/// One stage: a plugin by manifest name (or `builtin`) and its configuration text.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageSpec {
+    pub plugin: String,
+    #[serde(default)]
+    pub config: String,
+}
+
+impl StageSpec {
+    pub fn builtin() -> Self {
+        Self {
+            plugin: "builtin".into(),
+            config: String::new(),
+        }
+    }
+}
+
+/// What a generation is made of.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSpec {
+    #[serde(default = "StageSpec::builtin")]
+    pub kv_allocator: StageSpec,
+}
+
+impl Default for PipelineSpec {
+    fn default() -> Self {
+        Self {
+            kv_allocator: StageSpec::builtin(),
+        }
+    }
+}
+
+/// A plugin in use, as the admin API reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PluginInfo {
+    pub stage: String,
+    pub name: String,
+    pub kind: String,
+    pub version: String,
+    pub sha256: Option<String>,
+    pub path: Option<String>,
+}
+
+/// Plugins found in the configured directories (manifests), loaded on first use.
+pub struct Registry {
+    host: PluginHost,
+    dirs: Vec<PathBuf>,
+    loaded: Mutex<HashMap<PathBuf, NativePlugin>>,
+}
+
+impl Registry {
+    pub fn new(dirs: &[PathBuf]) -> Self {
+        Self {
+            host: PluginHost::new(dirs),
+            dirs: dirs.to_vec(),
+            loaded: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Every manifest in the plugin directories (read now, so new plugins show up).
+    pub fn manifests(&self) -> Vec<(PathBuf, Result<Manifest, String>)> {
+        let mut out = Vec::new();
+        for d in &self.dirs {
+            let Ok(rd) = std::fs::read_dir(d) else {
+                continue;
+            };
+            let mut paths: Vec<PathBuf> = rd
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                .collect();
+            paths.sort();
+            for p in paths {
+                let m = Manifest::read(&p).map_err(|e| e.to_string());
+                out.push((p, m));
+            }
+        }
+        out
+    }
+
+    /// The plugin whose manifest is named `name`, verified and loaded (once).
+    pub fn native(&self, name: &str) -> Result<NativePlugin, String> {
+        let found: Vec<PathBuf> = self
+            .manifests()
+            .into_iter()
+            .filter(|(_, m)| m.as_ref().is_ok_and(|m| m.name == name))
+            .map(|(p, _)| p)
+            .collect();
+        let path = match found.as_slice() {
+            [] => {
+                return Err(format!(
+                    "no plugin named {name:?} in the plugin directories ({})",
+                    self.dirs
+                        .iter()
+                        .map(|d| d.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            }
+            [p] => p.clone(),
+            _ => return Err(format!("several manifests name plugin {name:?}")),
+        };
+        // Verified on every use: a file replaced on disk is noticed.
+        let (m, file) = self.host.verify(&path).map_err(|e| e.to_string())?;
+        let mut loaded = self.loaded.lock().unwrap();
+        if let Some(p) = loaded.get(&file) {
+            if p.sha256 == m.sha256.to_ascii_lowercase() {
+                return Ok(p.clone());
+            }
+        }
+        let p = self.host.load_native(&path).map_err(|e| e.to_string())?;
+        loaded.insert(file, p.clone());
+        Ok(p)
+    }
+
+    pub fn loaded(&self) -> Vec<NativePlugin> {
+        self.loaded.lock().unwrap().values().cloned().collect()
+    }
+}
+
+/// Build the engine of a new generation from `template` and `spec`.
+pub fn build_engine(
+    template: &Engine,
+    spec: &PipelineSpec,
+    threads: usize,
+    max_slots: usize,
+    registry: &Registry,
+) -> Result<(Engine, Vec<PluginInfo>), String> {
+    let mut e = template.fork(threads, max_slots);
+    let kv = &spec.kv_allocator;
+    let info = if kv.plugin == "builtin" {
+        if !kv.config.trim().is_empty() {
+            return Err("the builtin KV allocator takes no configuration".into());
+        }
+        PluginInfo {
+            stage: "kv_allocator".into(),
+            name: "builtin".into(),
+            kind: "kv-allocator".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            sha256: None,
+            path: None,
+        }
+    } else {
+        let p = registry.native(&kv.plugin)?;
+        let alloc = p
+            .kv_allocator(&kv.config, e.kv_layout(max_slots))
+            .map_err(|e| e.to_string())?;
+        e.set_kv(Box::new(alloc));
+        PluginInfo {
+            stage: "kv_allocator".into(),
+            name: p.name.clone(),
+            kind: "kv-allocator".into(),
+            version: p.version.clone(),
+            sha256: Some(p.sha256.clone()),
+            path: Some(p.path.display().to_string()),
+        }
+    };
+    Ok((e, vec![info]))
+}
+
+struct CanarySink(mpsc::Sender<SeqEvent>);
+impl EventSink for CanarySink {
+    fn send(&mut self, ev: SeqEvent) -> bool {
+        self.0.send(ev).is_ok()
+    }
+    fn is_closed(&self) -> bool {
+        false
+    }
+}
+
+/// A short greedy request through a new generation's scheduler; Err says what went wrong.
+pub fn canary(
+    sched: &switchyard_engine::scheduler::SchedulerHandle,
+    prompt: Vec<u32>,
+    timeout: Duration,
+) -> Result<(), String> {
+    let (tx, rx) = mpsc::channel();
+    sched
+        .submit(vec![SeqRequest {
+            prompt,
+            max_tokens: 4,
+            sampling: SamplingParams::default(),
+            stop: vec![],
+            logprobs: None,
+            sink: Box::new(CanarySink(tx)),
+        }])
+        .map_err(|e| format!("canary not accepted: {e}"))?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(SeqEvent::Finished { .. }) => return Ok(()),
+            Ok(SeqEvent::Failed(m)) => return Err(format!("canary request failed: {m}")),
+            Ok(_) => {}
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                return Err(format!("canary request did not finish in {timeout:?}"))
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err("canary request: the new generation's scheduler stopped".into())
+            }
+        }
+    }
+}
