@@ -108,6 +108,12 @@ impl Registry {
             .map(|(p, _)| p)
             .collect();
         let path = match found.as_slice() {
+            [] if self.dirs.is_empty() => {
+                return Err(format!(
+                    "no plugin named {name:?}: no plugin directories are configured \
+                     (server.plugin_dirs or --plugin-dir)"
+                ))
+            }
             [] => {
                 return Err(format!(
                     "no plugin named {name:?} in the plugin directories ({})",
