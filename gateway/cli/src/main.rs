@@ -150,6 +150,10 @@ enum BenchCmd {
         /// Repetitions (the mean is reported, after one warm-up round).
         #[arg(long, default_value_t = 3)]
         reps: usize,
+        /// Use a kv-allocator plugin (its plugin.toml; the manifest's directory is the
+        /// plugin directory) instead of the built-in allocator.
+        #[arg(long)]
+        kv_plugin: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -219,8 +223,9 @@ fn run(cli: Cli) -> Result<()> {
             prompt_tokens,
             gen_tokens,
             reps,
+            kv_plugin,
             json,
-        }) => bench_decode(&m, batch, prompt_tokens, gen_tokens, reps, json),
+        }) => bench_decode(&m, batch, prompt_tokens, gen_tokens, reps, kv_plugin, json),
         Cmd::Bench(BenchCmd::Serve(a)) => bench_serve::bench_serve(a),
         Cmd::Bench(BenchCmd::Gateway(a)) => bench_serve::bench_gateway(a),
         Cmd::Inspect { model } => inspect(&model),
@@ -340,12 +345,23 @@ fn bench_decode(
     prompt_tokens: usize,
     gen: usize,
     reps: usize,
+    kv_plugin: Option<PathBuf>,
     json: bool,
 ) -> Result<()> {
     if batch == 0 || gen == 0 || prompt_tokens == 0 {
         bail!("--batch, --prompt-tokens and --gen-tokens must be at least 1");
     }
     let mut e = load(m, batch)?;
+    if let Some(manifest) = kv_plugin {
+        let dir = manifest
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let host = switchyard_plugin_host::PluginHost::new(&[dir]);
+        let p = host.load_native(&manifest)?;
+        let kv = p.kv_allocator("", e.kv_layout(batch))?;
+        e.set_kv(Box::new(kv));
+    }
     if prompt_tokens + gen > e.model.cfg.max_context {
         bail!(
             "--prompt-tokens + --gen-tokens exceeds the model context {}",
@@ -412,6 +428,7 @@ fn bench_decode(
                 "prefill_tok_s": best_pp, "decode_tok_s": best_tg,
                 "prefill_tok_s_runs": pps, "decode_tok_s_runs": tgs,
                 "weight_bytes": e.model.weight_bytes(),
+                "kv_allocator": e.kv.name(),
             })
         );
     } else {
