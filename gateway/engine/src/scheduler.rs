@@ -415,13 +415,25 @@ impl Scheduler {
         info.seqs = chunks.len();
         info.tokens = chunks.iter().map(|c| c.tokens.len()).sum();
         let e = &mut self.engine;
-        let r = e.fwd.forward(&e.model, e.kv.as_mut(), &chunks);
-        drop(chunks);
-        match r {
-            Ok(l) => {
+        // A panic inside the pass (e.g. a KV plugin handing out no memory) fails this batch's
+        // sequences instead of ending the scheduler thread and every other request with it.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            e.fwd.forward(&e.model, e.kv.as_mut(), &chunks).map(|l| {
                 self.logits.clear();
                 self.logits.extend_from_slice(l);
-            }
+            })
+        }))
+        .unwrap_or_else(|p| {
+            let what = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Err(crate::EngineError::Invalid(format!("panic: {what}")))
+        });
+        drop(chunks);
+        match r {
+            Ok(()) => {}
             Err(err) => {
                 // The batch failed as a whole: fail its sequences, keep serving the rest.
                 let msg = format!("forward pass failed: {err}");

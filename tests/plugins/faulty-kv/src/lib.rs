@@ -1,5 +1,6 @@
 //! A kv-allocator plugin that misbehaves as its configuration asks: `error` (create returns an
-//! error status), `panic` (create panics), `panic-acquire` (acquire panics).
+//! error status), `panic` (create panics), `panic-acquire` (acquire panics), `bad-kv` (slots
+//! are handed out, but `kv` returns no memory).
 
 use switchyard_plugin::{
     export_kv_allocator, KvAllocator, KvLayout, KvStats, PluginError, PluginResult,
@@ -20,12 +21,16 @@ impl KvAllocator for Faulty {
         }
     }
     fn acquire(&mut self) -> PluginResult<usize> {
-        if self.mode == "panic-acquire" {
-            panic!("deliberate panic in acquire");
+        match self.mode.as_str() {
+            "panic-acquire" => panic!("deliberate panic in acquire"),
+            "bad-kv" => Ok(0),
+            _ => Err(PluginError::exhausted("no slots, ever")),
         }
-        Err(PluginError::exhausted("no slots, ever"))
     }
     fn ensure(&mut self, _slot: usize, _n: usize) -> PluginResult<()> {
+        if self.mode == "bad-kv" {
+            return Ok(());
+        }
         Err(PluginError::new("never ready"))
     }
     fn capacity(&self, _slot: usize) -> usize {
