@@ -41,7 +41,7 @@ fn plugin_dir(name: &str) -> PathBuf {
             src.display()
         );
         std::fs::copy(&src, d.join(lib)).unwrap();
-        let sha = switchyard_plugin_host_sha(&d.join(lib));
+        let sha = switchyard_plugin_host::sha256_file(&d.join(lib)).unwrap();
         std::fs::write(
             d.join(format!("{plugin}.toml")),
             format!(
@@ -51,18 +51,6 @@ fn plugin_dir(name: &str) -> PathBuf {
         .unwrap();
     }
     d
-}
-
-fn switchyard_plugin_host_sha(p: &Path) -> String {
-    let out = std::process::Command::new("sha256sum")
-        .arg(p)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
 }
 
 fn admin(

@@ -130,14 +130,12 @@ pub fn load_model(
 ) -> Result<(), String> {
     let c = &entry.cfg;
     let t0 = Instant::now();
-    let threads = if c.threads == 0 {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    } else {
-        c.threads
-    };
+    let threads = entry.threads();
+    // The loaded engine only serves as the template generations are forked from: one thread,
+    // one slot (each generation gets its own pool and allocator).
     let opts = EngineOptions {
-        threads,
-        max_slots: c.max_batch,
+        threads: 1,
+        max_slots: 1,
         max_context: c.max_context,
         prefill_chunk: c.step_tokens,
     };
@@ -162,9 +160,7 @@ pub fn load_model(
     }
     let engine = Engine::load(&c.path, opts, &mut progress)
         .map_err(|e| format!("{}: {e}", c.path.display()))?;
-    // The template keeps one thread: it only serves as the source of new generations.
-    *entry.template.lock().unwrap() = Some(engine.fork(1, 1));
-    drop(engine);
+    *entry.template.lock().unwrap() = Some(engine);
     let ready = entry
         .start_generation(&c.pipeline, metrics, registry)
         .map_err(|e| format!("pipeline: {e}"))?;
