@@ -37,6 +37,9 @@ enum Cmd {
     Bench(BenchCmd),
     /// Serve models over an OpenAI-compatible HTTP API.
     Serve(ServeArgs),
+    /// Plugin authoring tools.
+    #[command(subcommand)]
+    Plugin(PluginCmd),
     /// Print a model's configuration and tensor summary.
     Inspect {
         #[arg(long)]
@@ -117,6 +120,20 @@ struct ServeArgs {
     /// A directory plugins may be loaded from (repeatable).
     #[arg(long)]
     plugin_dir: Vec<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum PluginCmd {
+    /// Put a built plugin into a plugin directory with its manifest (<name>.toml, sha256
+    /// included). A WebAssembly core module built with wit-bindgen is turned into a
+    /// component first. Name, version, kind and ABI are read from the plugin itself.
+    Pack {
+        /// The built plugin: a native library (.so) or a WebAssembly module or component.
+        file: PathBuf,
+        /// The plugin directory to write into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -228,6 +245,21 @@ fn run(cli: Cli) -> Result<()> {
         }) => bench_decode(&m, batch, prompt_tokens, gen_tokens, reps, kv_plugin, json),
         Cmd::Bench(BenchCmd::Serve(a)) => bench_serve::bench_serve(a),
         Cmd::Bench(BenchCmd::Gateway(a)) => bench_serve::bench_gateway(a),
+        Cmd::Plugin(PluginCmd::Pack { file, out }) => {
+            let p = switchyard_plugin_host::pack(&file, &out)
+                .with_context(|| format!("cannot pack {}", file.display()))?;
+            println!(
+                "packed {} {} ({}, ABI {}) into {}\nmanifest: {}\nsha256: {}",
+                p.manifest.name,
+                p.manifest.version,
+                p.manifest.kind,
+                p.manifest.abi,
+                p.file_path.display(),
+                p.manifest_path.display(),
+                p.manifest.sha256
+            );
+            Ok(())
+        }
         Cmd::Inspect { model } => inspect(&model),
         Cmd::Serve(a) => serve(a),
     }

@@ -44,6 +44,8 @@ pub struct Engine {
     pub chat: Arc<ChatTemplate>,
     pub fwd: Forward,
     pub kv: Box<dyn KvAllocator>,
+    /// Tokenizer patch of this pipeline generation (none: the model reads base ids).
+    pub patch: Option<Arc<dyn crate::patch::TokenPatch>>,
     pub opts: EngineOptions,
     /// Keeps the mapped file alive while weights point into it.
     _source: Arc<ModelSource>,
@@ -131,6 +133,7 @@ impl Engine {
             chat: Arc::new(chat),
             fwd,
             kv,
+            patch: None,
             opts,
             _source: Arc::new(source),
         })
@@ -149,6 +152,7 @@ impl Engine {
             chat: self.chat.clone(),
             fwd: Forward::new(Arc::new(ThreadPool::new(opts.threads))),
             kv,
+            patch: None,
             opts,
             _source: self._source.clone(),
         }

@@ -41,6 +41,8 @@ pub enum EngineError {
     Invalid(String),
     #[error("KV cache: {0}")]
     Kv(String),
+    #[error("tokenizer patch: {0}")]
+    Patch(String),
 }
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;

@@ -17,6 +17,7 @@ pub mod forward;
 pub mod gguf;
 pub mod kv;
 pub mod model;
+pub mod patch;
 pub mod pool;
 pub mod quant;
 pub mod sampling;

@@ -339,6 +339,16 @@ impl Scheduler {
             };
             let mut w = self.queue.pop_front().unwrap();
             self.waiting_count.fetch_sub(1, Ordering::AcqRel);
+            if let Some(p) = &self.engine.patch {
+                match p.encode(&w.req.prompt) {
+                    Ok(ids) => w.req.prompt = ids,
+                    Err(e) => {
+                        self.engine.kv.release(slot);
+                        w.req.sink.send(SeqEvent::Failed(e.to_string()));
+                        continue;
+                    }
+                }
+            }
             let n_prompt = w.req.prompt.len();
             if n_prompt == 0 || n_prompt >= ctx {
                 self.engine.kv.release(slot);
@@ -458,7 +468,8 @@ impl Scheduler {
             }
             let logits = &self.logits[row * vocab..(row + 1) * vocab];
             row += 1;
-            match sample_one(s, logits, &self.engine.tokenizer) {
+            let patch = self.engine.patch.as_deref();
+            match sample_one(s, logits, &self.engine.tokenizer, patch) {
                 Next::Continue => {}
                 Next::Done => done.push(i),
                 Next::Abandoned => {
@@ -486,7 +497,12 @@ enum Next {
 }
 
 /// Sample the next token of `s`.
-fn sample_one(s: &mut Seq, logits: &[f32], tok: &crate::tokenizer::Tokenizer) -> Next {
+fn sample_one(
+    s: &mut Seq,
+    logits: &[f32],
+    tok: &crate::tokenizer::Tokenizer,
+    patch: Option<&dyn crate::patch::TokenPatch>,
+) -> Next {
     let id = s.sampler.sample(logits);
     let logprob = s.req.logprobs.map(|n| token_logprob(logits, id, n));
     let finish = |s: &mut Seq, reason| {
@@ -499,21 +515,39 @@ fn sample_one(s: &mut Seq, logits: &[f32], tok: &crate::tokenizer::Tokenizer) ->
         });
         Next::Done
     };
-    if tok.stop_ids.contains(&id) {
+    // The base ids this token stands for (one, unless a tokenizer patch merged several).
+    let base = match patch {
+        None => vec![id],
+        Some(p) => match p.decode(&[id]) {
+            Ok(b) => b,
+            Err(e) => {
+                s.req.sink.send(SeqEvent::Failed(e.to_string()));
+                return Next::Done;
+            }
+        },
+    };
+    if base.len() == 1 && tok.stop_ids.contains(&base[0]) {
         return finish(s, FinishReason::Stop);
     }
     s.tokens.push(id);
     s.generated += 1;
     let mut delta = String::new();
-    let hit = match s.text.push(tok, id, &mut |t| delta.push_str(t)) {
-        Ok(h) => h,
-        Err(e) => {
-            s.req
-                .sink
-                .send(SeqEvent::Failed(format!("detokenization failed: {e}")));
-            return Next::Done;
+    let mut hit = false;
+    for &b in &base {
+        match s.text.push(tok, b, &mut |t| delta.push_str(t)) {
+            Ok(true) => {
+                hit = true;
+                break;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                s.req
+                    .sink
+                    .send(SeqEvent::Failed(format!("detokenization failed: {e}")));
+                return Next::Done;
+            }
         }
-    };
+    }
     if !s.req.sink.send(SeqEvent::Token {
         id,
         text: delta,

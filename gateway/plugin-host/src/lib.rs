@@ -12,9 +12,42 @@
 
 pub mod manifest;
 pub mod native;
+pub mod wasm;
 
 pub use manifest::Manifest;
 pub use native::{NativeKvAllocator, NativePlugin};
+pub use wasm::{PatchStage, WasmCallError, WasmLimits, WasmPlugin, WasmTokenizerPatch};
+
+/// How a plugin call ended (for metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallOutcome {
+    Ok,
+    /// The plugin returned an error status.
+    Error,
+    /// A native plugin panicked (caught at the boundary) or a WebAssembly guest trapped.
+    Trap,
+    /// A WebAssembly call ran past its deadline.
+    Deadline,
+    /// A WebAssembly guest tried to grow its memory past the cap.
+    Memory,
+}
+
+impl CallOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallOutcome::Ok => "ok",
+            CallOutcome::Error => "error",
+            CallOutcome::Trap => "trap",
+            CallOutcome::Deadline => "deadline",
+            CallOutcome::Memory => "memory",
+        }
+    }
+}
+
+/// Told about every plugin call (the gateway turns these into metrics).
+pub trait CallObserver: Send + Sync {
+    fn call(&self, plugin: &str, op: &str, duration: std::time::Duration, outcome: CallOutcome);
+}
 
 use std::path::{Path, PathBuf};
 
@@ -103,6 +136,18 @@ impl PluginHost {
         Ok((m, file))
     }
 
+    /// Verify and load a WebAssembly (component) plugin.
+    pub fn load_wasm(&self, manifest_path: &Path) -> Result<WasmPlugin> {
+        let (m, file) = self.verify(manifest_path)?;
+        if m.kind != "tokenizer-patch" {
+            return Err(HostError::Manifest {
+                path: manifest_path.to_path_buf(),
+                msg: format!("kind {} is a native kind, not a WebAssembly one", m.kind),
+            });
+        }
+        wasm::load(&m, &file)
+    }
+
     /// Verify and load a native plugin.
     pub fn load_native(&self, manifest_path: &Path) -> Result<NativePlugin> {
         let (m, file) = self.verify(manifest_path)?;
@@ -112,11 +157,89 @@ impl PluginHost {
 
 /// Lower-case hex sha256 of a file.
 pub fn sha256_file(path: &Path) -> Result<String> {
-    use sha2::{Digest, Sha256};
     let bytes = std::fs::read(path).map_err(|e| HostError::Io {
         path: path.to_path_buf(),
         source: e,
     })?;
-    let d = Sha256::digest(&bytes);
-    Ok(d.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(sha256_bytes(&bytes))
+}
+
+/// What [`pack`] wrote.
+#[derive(Debug, Clone)]
+pub struct Packed {
+    pub manifest: Manifest,
+    pub manifest_path: PathBuf,
+    pub file_path: PathBuf,
+}
+
+/// Put a built plugin into `out_dir` with its manifest (`<name>.toml`): a native library as
+/// it is, a WebAssembly core module turned into a component first. Name, version, kind and
+/// ABI come from the plugin itself (the native descriptor, or the component's `info()`).
+/// This loads the plugin: use it on files you built.
+pub fn pack(file: &Path, out_dir: &Path) -> Result<Packed> {
+    let io = |path: &Path, e: std::io::Error| HostError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    let bytes = std::fs::read(file).map_err(|e| io(file, e))?;
+    std::fs::create_dir_all(out_dir).map_err(|e| io(out_dir, e))?;
+    let (manifest, data, file_name) = if bytes.starts_with(b"\0asm") {
+        let component = if wasm::is_core_module(&bytes) {
+            wasm::componentize(&bytes).map_err(|msg| HostError::Load {
+                path: file.to_path_buf(),
+                msg,
+            })?
+        } else {
+            bytes
+        };
+        let info = wasm::describe(&component).map_err(|msg| HostError::Load {
+            path: file.to_path_buf(),
+            msg,
+        })?;
+        let file_name = format!("{}.wasm", info.name);
+        let m = Manifest {
+            name: info.name,
+            version: info.version,
+            kind: "tokenizer-patch".into(),
+            abi: format!("{}.{}", wasm::WIT_VERSION.0, wasm::WIT_VERSION.1),
+            file: file_name.clone(),
+            sha256: sha256_bytes(&component),
+        };
+        (m, component, file_name)
+    } else {
+        let (kind, name, version, (major, minor)) = native::describe(file)?;
+        let file_name = file
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_else(|| format!("lib{name}.so"));
+        let m = Manifest {
+            name,
+            version,
+            kind,
+            abi: format!("{major}.{minor}"),
+            file: file_name.clone(),
+            sha256: sha256_bytes(&bytes),
+        };
+        (m, bytes, file_name)
+    };
+    let file_path = out_dir.join(&file_name);
+    // Write beside, then rename: a running gateway never sees half a file.
+    let tmp = out_dir.join(format!(".{file_name}.tmp"));
+    std::fs::write(&tmp, &data).map_err(|e| io(&tmp, e))?;
+    std::fs::rename(&tmp, &file_path).map_err(|e| io(&file_path, e))?;
+    let manifest_path = out_dir.join(format!("{}.toml", manifest.name));
+    std::fs::write(&manifest_path, manifest.to_toml()).map_err(|e| io(&manifest_path, e))?;
+    Ok(Packed {
+        manifest,
+        manifest_path,
+        file_path,
+    })
+}
+
+fn sha256_bytes(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }

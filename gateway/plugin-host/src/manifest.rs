@@ -63,6 +63,20 @@ impl Manifest {
         Ok(m)
     }
 
+    /// The manifest as `plugin.toml` text.
+    pub fn to_toml(&self) -> String {
+        let q = |s: &str| toml::Value::String(s.to_string()).to_string();
+        format!(
+            "name = {}\nversion = {}\nkind = {}\nabi = {}\nfile = {}\nsha256 = {}\n",
+            q(&self.name),
+            q(&self.version),
+            q(&self.kind),
+            q(&self.abi),
+            q(&self.file),
+            q(&self.sha256)
+        )
+    }
+
     pub fn read(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| HostError::Io {
             path: path.to_path_buf(),

@@ -22,7 +22,8 @@ pub struct NativePlugin {
     desc: &'static abi::PluginDescriptor,
 }
 
-pub(crate) fn load(m: &Manifest, file: &Path) -> Result<NativePlugin> {
+/// Open `file` (never unloaded) and read its descriptor, checking the ABI version.
+fn open(file: &Path) -> Result<&'static abi::PluginDescriptor> {
     let hs = |msg: String| HostError::Handshake {
         path: file.to_path_buf(),
         msg,
@@ -65,6 +66,27 @@ pub(crate) fn load(m: &Manifest, file: &Path) -> Result<NativePlugin> {
             abi::ABI_MINOR
         )));
     }
+    Ok(desc)
+}
+
+/// What a native plugin library says about itself: (kind, name, version, ABI).
+/// Loads the library (running its initializers) without a manifest: for authors' tools.
+pub fn describe(file: &Path) -> Result<(String, String, String, (u32, u32))> {
+    let desc = open(file)?;
+    let (name, version) = names(file, desc)?;
+    Ok((
+        abi::kind::name(desc.kind).to_string(),
+        name,
+        version,
+        (desc.abi_major, desc.abi_minor),
+    ))
+}
+
+fn names(file: &Path, desc: &abi::PluginDescriptor) -> Result<(String, String)> {
+    let hs = |msg: String| HostError::Handshake {
+        path: file.to_path_buf(),
+        msg,
+    };
     // SAFETY: descriptor strings live as long as the library.
     let name = unsafe { desc.name.as_str() }
         .map_err(|_| hs("descriptor name is not UTF-8".into()))?
@@ -72,6 +94,16 @@ pub(crate) fn load(m: &Manifest, file: &Path) -> Result<NativePlugin> {
     let version = unsafe { desc.version.as_str() }
         .map_err(|_| hs("descriptor version is not UTF-8".into()))?
         .to_string();
+    Ok((name, version))
+}
+
+pub(crate) fn load(m: &Manifest, file: &Path) -> Result<NativePlugin> {
+    let hs = |msg: String| HostError::Handshake {
+        path: file.to_path_buf(),
+        msg,
+    };
+    let desc = open(file)?;
+    let (name, version) = names(file, desc)?;
     let kind_name = abi::kind::name(desc.kind);
     if kind_name != m.kind {
         return Err(hs(format!(
