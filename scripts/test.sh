@@ -7,4 +7,5 @@ cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --workspace --release --all-targets -- -D warnings
 cargo build --workspace --release  # the plugin libraries the host tests load
+./scripts/build-wasm-plugins.sh    # the WebAssembly guests (test and template plugins)
 cargo test --workspace --release

@@ -24,7 +24,8 @@ fn client() -> Client {
         .unwrap()
 }
 
-/// A plugin directory with kv-heap and faulty-kv (built by `cargo build --workspace`).
+/// A plugin directory with kv-heap and faulty-kv (built by `cargo build --workspace`) and
+/// the faulty-patch WebAssembly guest (built by scripts/build-wasm-plugins.sh).
 fn plugin_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("sy-swap-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -49,6 +50,16 @@ fn plugin_dir(name: &str) -> PathBuf {
             ),
         )
         .unwrap();
+    }
+    let wasm = switchyard_tests::root().join("target/wasm-plugins/faulty-patch");
+    for f in ["faulty-patch.wasm", "faulty-patch.toml"] {
+        let src = wasm.join(f);
+        assert!(
+            src.exists(),
+            "{} missing: run scripts/build-wasm-plugins.sh first",
+            src.display()
+        );
+        std::fs::copy(&src, d.join(f)).unwrap();
     }
     d
 }
@@ -91,7 +102,10 @@ fn start(dir: &Path) -> Gateway {
             "--admin-token",
             TOKEN,
         ],
-        &[],
+        &[
+            ("SWITCHYARD_SERVER__WASM_CALL_DEADLINE_MS", "300"),
+            ("SWITCHYARD_SERVER__WASM_MAX_MEMORY_MB", "32"),
+        ],
     );
     gw.wait_ready();
     gw
@@ -170,7 +184,7 @@ fn swaps_under_load_drop_nothing() {
         swap_secs.push(t0.elapsed().as_secs_f64());
         let g = v["generation"].as_u64().unwrap();
         assert_eq!(g, last_gen + 1);
-        assert_eq!(v["plugins"][0]["name"], plugin);
+        assert_eq!(v["plugins"][1]["name"], plugin);
         last_gen = g;
         std::thread::sleep(Duration::from_millis(150));
     }
@@ -216,7 +230,7 @@ fn failed_swaps_keep_the_old_generation_and_rollback_works() {
     );
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["generation"], 2);
-    assert_eq!(v["plugins"][0]["sha256"].as_str().unwrap().len(), 64);
+    assert_eq!(v["plugins"][1]["sha256"].as_str().unwrap().len(), 64);
 
     for (body, needle) in [
         (
@@ -238,6 +252,34 @@ fn failed_swaps_keep_the_old_generation_and_rollback_works() {
         (
             json!({"kv_allocator": {"plugin": "nope"}}),
             "no plugin named \"nope\"",
+        ),
+        (
+            json!({"tokenizer_patch": {"plugin": "faulty-patch", "config": "trap"}}),
+            "faulty-patch: encode trapped",
+        ),
+        (
+            json!({"tokenizer_patch": {"plugin": "faulty-patch", "config": "loop"}}),
+            "ran past its deadline of 300ms",
+        ),
+        (
+            json!({"tokenizer_patch": {"plugin": "faulty-patch", "config": "grow"}}),
+            "past the cap of 32 MiB",
+        ),
+        (
+            json!({"tokenizer_patch": {"plugin": "faulty-patch", "config": "init-error"}}),
+            "refusing to start",
+        ),
+        (
+            json!({"tokenizer_patch": {"plugin": "faulty-patch", "config": "bad-roundtrip"}}),
+            "decode(encode(x)) != x",
+        ),
+        (
+            json!({"tokenizer_patch": {"plugin": "kv-heap"}}),
+            "not a tokenizer patch",
+        ),
+        (
+            json!({"kv_allocator": {"plugin": "faulty-patch", "config": "ok"}}),
+            "not a native one",
         ),
         (
             json!({"kv_allocator": {"plugin": "kv-heap", "config": "x = 1"}}),
@@ -279,7 +321,7 @@ fn failed_swaps_keep_the_old_generation_and_rollback_works() {
         Some(TOKEN),
     );
     assert_eq!(s, 200, "{v}");
-    assert_eq!(v["plugins"][0]["name"], "builtin");
+    assert_eq!(v["plugins"][1]["name"], "builtin");
     assert_eq!(v["previous_generation"], 2);
     let (s, v) = admin(
         &gw,
@@ -302,7 +344,7 @@ fn failed_swaps_keep_the_old_generation_and_rollback_works() {
         .iter()
         .map(|p| p["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["faulty-kv", "kv-heap"]);
+    assert_eq!(names, ["faulty-kv", "faulty-patch", "kv-heap"]);
     // Plugin panics are caught (the default hook still prints them); none in the server.
     assert!(
         !gw.log().contains("panicked at gateway/server"),
@@ -337,4 +379,71 @@ fn admin_api_needs_the_token() {
     plain.wait_ready();
     let (s, v) = admin(&plain, "GET", "/admin/plugins", None, Some(TOKEN));
     assert_eq!(s, 404, "{v}");
+}
+
+fn greedy_text(gw: &Gateway) -> (String, String) {
+    let r = client()
+        .post(gw.url("/v1/completions"))
+        .json(&json!({"prompt": "Once upon a time", "max_tokens": 40, "temperature": 0}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let g = r.headers()["x-switchyard-generation"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let v: Value = r.json().unwrap();
+    (v["choices"][0]["text"].as_str().unwrap().to_string(), g)
+}
+
+#[test]
+fn a_webassembly_patch_stage_serves_and_is_metered() {
+    let dir = plugin_dir("wasm");
+    let gw = start(&dir);
+    let (base, g) = greedy_text(&gw);
+    assert_eq!(g, "1");
+    let p = "/admin/models/stories260K/pipeline";
+    // A trapping patch fails its swap and is counted as a trap of that attempt.
+    let (s, _) = admin(
+        &gw,
+        "PUT",
+        p,
+        Some(json!({"tokenizer_patch": {"plugin": "faulty-patch", "config": "trap"}})),
+        Some(TOKEN),
+    );
+    assert_eq!(s, 422);
+    // The identity patch runs in the request path: same greedy text, calls counted.
+    let (s, v) = admin(
+        &gw,
+        "PUT",
+        p,
+        Some(
+            json!({"tokenizer_patch": {"plugin": "faulty-patch", "config": "ok"},
+                    "kv_allocator": {"plugin": "kv-heap"}}),
+        ),
+        Some(TOKEN),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["plugins"][0]["name"], "faulty-patch");
+    assert_eq!(v["plugins"][0]["kind"], "tokenizer-patch");
+    let gen = v["generation"].as_u64().unwrap().to_string();
+    let (text, g) = greedy_text(&gw);
+    assert_eq!(g, gen);
+    assert_eq!(text, base);
+    let calls = |op: &str| {
+        gw.metric(&format!(
+            r#"switchyard_plugin_calls_total{{generation="{gen}",model="stories260K",op="{op}",outcome="ok",plugin="faulty-patch"}}"#
+        ))
+    };
+    assert!(calls("encode") >= 2.0, "{}", calls("encode"));
+    assert!(calls("decode") >= 40.0, "{}", calls("decode"));
+    let kv_calls = gw.metric(&format!(
+        r#"switchyard_plugin_calls_total{{generation="{gen}",model="stories260K",op="acquire",outcome="ok",plugin="kv-heap"}}"#
+    ));
+    assert!(kv_calls >= 2.0, "{kv_calls}");
+    let traps = gw.metric(
+        r#"switchyard_plugin_traps_total{generation="2",model="stories260K",plugin="faulty-patch",reason="trap"}"#,
+    );
+    assert_eq!(traps, 1.0);
+    assert!(gw.metric(r#"switchyard_pipeline_generations_active{model="stories260K"}"#) >= 1.0);
 }

@@ -349,6 +349,14 @@ impl Scheduler {
                     }
                 }
             }
+            let vocab = self.engine.model.cfg.vocab_size as u32;
+            if let Some(bad) = w.req.prompt.iter().find(|&&t| t >= vocab) {
+                self.engine.kv.release(slot);
+                w.req.sink.send(SeqEvent::Failed(format!(
+                    "token id {bad} is outside the model's vocabulary of {vocab}"
+                )));
+                continue;
+            }
             let n_prompt = w.req.prompt.len();
             if n_prompt == 0 || n_prompt >= ctx {
                 self.engine.kv.release(slot);

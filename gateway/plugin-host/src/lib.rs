@@ -15,7 +15,7 @@ pub mod native;
 pub mod wasm;
 
 pub use manifest::Manifest;
-pub use native::{NativeKvAllocator, NativePlugin};
+pub use native::{NativeKvAllocator, NativeLinearKernels, NativeModelTransform, NativePlugin};
 pub use wasm::{PatchStage, WasmCallError, WasmLimits, WasmPlugin, WasmTokenizerPatch};
 
 /// How a plugin call ended (for metrics).

@@ -125,7 +125,9 @@ pub(crate) fn load(m: &Manifest, file: &Path) -> Result<NativePlugin> {
     }
     let need = match desc.kind {
         abi::kind::KV_ALLOCATOR => std::mem::size_of::<abi::KvAllocatorVTable>(),
-        _ => 0,
+        abi::kind::LINEAR_KERNELS => std::mem::size_of::<abi::LinearKernelsVTable>(),
+        abi::kind::MODEL_TRANSFORM => std::mem::size_of::<abi::ModelTransformVTable>(),
+        k => return Err(hs(format!("unknown plugin kind {k}"))),
     };
     if desc.vtable.is_null() || desc.vtable_size < need {
         return Err(hs(format!(
@@ -206,6 +208,7 @@ impl NativePlugin {
             layout,
             name: self.name.clone(),
             err: buf,
+            observer: None,
         })
     }
 }
@@ -217,6 +220,7 @@ pub struct NativeKvAllocator {
     layout: KvLayout,
     name: String,
     err: Vec<u8>,
+    observer: Option<std::sync::Arc<dyn crate::CallObserver>>,
 }
 
 // SAFETY: the SDK requires KvAllocator implementations to be Send; the handle is used from
@@ -224,13 +228,36 @@ pub struct NativeKvAllocator {
 unsafe impl Send for NativeKvAllocator {}
 
 impl NativeKvAllocator {
-    fn check(&mut self, f: impl FnOnce(&mut abi::ErrorBuf) -> abi::Status) -> EngineResult<()> {
+    /// Report acquire/ensure/release calls (duration and outcome) to `o`.
+    pub fn with_observer(mut self, o: std::sync::Arc<dyn crate::CallObserver>) -> Self {
+        self.observer = Some(o);
+        self
+    }
+
+    fn observe(&self, op: &str, t0: std::time::Instant, st: abi::Status) {
+        if let Some(o) = &self.observer {
+            let outcome = match st {
+                abi::Status::OK => crate::CallOutcome::Ok,
+                abi::Status::PANIC => crate::CallOutcome::Trap,
+                _ => crate::CallOutcome::Error,
+            };
+            o.call(&self.name, op, t0.elapsed(), outcome);
+        }
+    }
+
+    fn check(
+        &mut self,
+        op: &str,
+        f: impl FnOnce(&mut abi::ErrorBuf) -> abi::Status,
+    ) -> EngineResult<()> {
         let mut eb = abi::ErrorBuf {
             ptr: self.err.as_mut_ptr(),
             cap: self.err.len(),
             len: 0,
         };
+        let t0 = std::time::Instant::now();
         let st = f(&mut eb);
+        self.observe(op, t0, st);
         if st.is_ok() {
             Ok(())
         } else {
@@ -254,21 +281,25 @@ impl KvAllocator for NativeKvAllocator {
         let mut slot = 0u64;
         let (vt, h) = (self.vt, self.h);
         // SAFETY: valid handle and pointers.
-        self.check(|eb| unsafe { (vt.acquire)(h, &mut slot, eb) })?;
+        self.check("acquire", |eb| unsafe { (vt.acquire)(h, &mut slot, eb) })?;
         Ok(slot as usize)
     }
     fn ensure(&mut self, slot: usize, n_tokens: usize) -> EngineResult<()> {
         let (vt, h) = (self.vt, self.h);
         // SAFETY: valid handle and pointers.
-        self.check(|eb| unsafe { (vt.ensure)(h, slot as u64, n_tokens as u64, eb) })
+        self.check("ensure", |eb| unsafe {
+            (vt.ensure)(h, slot as u64, n_tokens as u64, eb)
+        })
     }
     fn capacity(&self, slot: usize) -> usize {
         // SAFETY: valid handle.
         unsafe { (self.vt.capacity)(self.h, slot as u64) as usize }
     }
     fn release(&mut self, slot: usize) {
+        let t0 = std::time::Instant::now();
         // SAFETY: valid handle.
-        unsafe { (self.vt.release)(self.h, slot as u64) }
+        unsafe { (self.vt.release)(self.h, slot as u64) };
+        self.observe("release", t0, abi::Status::OK);
     }
     fn kv(&mut self, layer: usize, slot: usize) -> (*mut f32, *mut f32) {
         let (mut k, mut v) = (std::ptr::null_mut(), std::ptr::null_mut());
@@ -296,5 +327,226 @@ impl KvAllocator for NativeKvAllocator {
     }
     fn name(&self) -> &str {
         &self.name
+    }
+}
+
+fn err_buf(buf: &mut [u8]) -> abi::ErrorBuf {
+    abi::ErrorBuf {
+        ptr: buf.as_mut_ptr(),
+        cap: buf.len(),
+        len: 0,
+    }
+}
+
+fn f32_view(data: *const f32, shape: &[usize]) -> abi::TensorView {
+    let mut v = abi::TensorView {
+        ptr: data as *mut c_void,
+        dtype: abi::dtype::F32,
+        ndim: shape.len() as u32,
+        shape: [1; 4],
+        strides: [1; 4],
+        device: abi::device::CPU,
+        device_id: 0,
+    };
+    let mut st = 1i64;
+    for d in (0..shape.len()).rev() {
+        v.shape[d] = shape[d] as i64;
+        v.strides[d] = st;
+        st *= shape[d] as i64;
+    }
+    v
+}
+
+impl NativePlugin {
+    fn vtable_of<T>(&self, kind: u32) -> Result<&'static T> {
+        if self.kind != kind {
+            return Err(HostError::Call {
+                name: self.name.clone(),
+                msg: format!(
+                    "is a {} plugin, not a {}",
+                    abi::kind::name(self.kind),
+                    abi::kind::name(kind)
+                ),
+            });
+        }
+        // SAFETY: kind and vtable size were checked at load.
+        Ok(unsafe { &*(self.desc.vtable as *const T) })
+    }
+
+    fn create_with(
+        &self,
+        f: impl FnOnce(&mut abi::Handle, &mut abi::ErrorBuf) -> abi::Status,
+    ) -> Result<abi::Handle> {
+        let mut buf = vec![0u8; ERR_CAP];
+        let mut eb = err_buf(&mut buf);
+        let mut h: abi::Handle = std::ptr::null_mut();
+        let st = f(&mut h, &mut eb);
+        if !st.is_ok() || h.is_null() {
+            return Err(HostError::Call {
+                name: self.name.clone(),
+                msg: call_err(&self.name, st, &buf, eb.len),
+            });
+        }
+        Ok(h)
+    }
+
+    /// A new instance of a `linear-kernels` plugin.
+    pub fn linear_kernels(&self, config: &str) -> Result<NativeLinearKernels> {
+        let vt: &'static abi::LinearKernelsVTable = self.vtable_of(abi::kind::LINEAR_KERNELS)?;
+        // SAFETY: valid pointers for the call.
+        let h =
+            self.create_with(|h, eb| unsafe { (vt.create)(abi::Str::borrow(config), h, eb) })?;
+        Ok(NativeLinearKernels {
+            vt,
+            h,
+            name: self.name.clone(),
+        })
+    }
+
+    /// A new instance of a `model-transform` plugin.
+    pub fn model_transform(&self, config: &str) -> Result<NativeModelTransform> {
+        let vt: &'static abi::ModelTransformVTable = self.vtable_of(abi::kind::MODEL_TRANSFORM)?;
+        // SAFETY: valid pointers for the call.
+        let h =
+            self.create_with(|h, eb| unsafe { (vt.create)(abi::Str::borrow(config), h, eb) })?;
+        Ok(NativeModelTransform {
+            vt,
+            h,
+            name: self.name.clone(),
+        })
+    }
+}
+
+fn check(name: &str, f: impl FnOnce(&mut abi::ErrorBuf) -> abi::Status) -> EngineResult<()> {
+    let mut buf = [0u8; ERR_CAP];
+    let mut eb = err_buf(&mut buf);
+    let st = f(&mut eb);
+    if st.is_ok() {
+        Ok(())
+    } else {
+        Err(EngineError::Invalid(call_err(name, st, &buf, eb.len)))
+    }
+}
+
+/// An instance of a `linear-kernels` plugin (f32 on the CPU through this wrapper).
+pub struct NativeLinearKernels {
+    vt: &'static abi::LinearKernelsVTable,
+    h: abi::Handle,
+    name: String,
+}
+
+// SAFETY: the SDK requires LinearKernels to be Send + Sync.
+unsafe impl Send for NativeLinearKernels {}
+unsafe impl Sync for NativeLinearKernels {}
+
+impl Drop for NativeLinearKernels {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from create and is dropped once.
+        unsafe { (self.vt.destroy)(self.h) };
+    }
+}
+
+impl NativeLinearKernels {
+    /// Register weight `id`: `w` is `[out, inp]` row-major f32.
+    pub fn prepare(&mut self, id: u64, w: &[f32], out: usize, inp: usize) -> EngineResult<()> {
+        if w.len() != out * inp {
+            return Err(EngineError::Invalid(format!(
+                "weight of {} values is not {out} x {inp}",
+                w.len()
+            )));
+        }
+        let v = f32_view(w.as_ptr(), &[out, inp]);
+        let (vt, h) = (self.vt, self.h);
+        // SAFETY: the view is valid for the call.
+        check(&self.name, |eb| unsafe { (vt.prepare)(h, id, &v, eb) })
+    }
+
+    /// `y[n, out] = x[n, inp] · W[id]ᵀ`.
+    pub fn linear(
+        &self,
+        id: u64,
+        x: &[f32],
+        n: usize,
+        inp: usize,
+        y: &mut [f32],
+        out: usize,
+    ) -> EngineResult<()> {
+        if x.len() != n * inp || y.len() != n * out {
+            return Err(EngineError::Invalid("linear: shapes do not match".into()));
+        }
+        let xv = f32_view(x.as_ptr(), &[n, inp]);
+        let yv = f32_view(y.as_mut_ptr(), &[n, out]);
+        let (vt, h) = (self.vt, self.h);
+        // SAFETY: views valid for the call; y is not read meanwhile.
+        check(&self.name, |eb| unsafe {
+            (vt.linear)(h, id, &xv, &yv, std::ptr::null(), eb)
+        })
+    }
+}
+
+/// An instance of a `model-transform` plugin.
+pub struct NativeModelTransform {
+    vt: &'static abi::ModelTransformVTable,
+    h: abi::Handle,
+    name: String,
+}
+
+// SAFETY: the SDK requires ModelTransform to be Send; used through &mut self.
+unsafe impl Send for NativeModelTransform {}
+
+impl Drop for NativeModelTransform {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from create and is dropped once.
+        unsafe { (self.vt.destroy)(self.h) };
+    }
+}
+
+impl NativeModelTransform {
+    /// The plan (JSON) for the input model `model` (JSON).
+    pub fn plan(&mut self, model: &str) -> EngineResult<String> {
+        let mut cap = 64 << 10;
+        loop {
+            let mut out = vec![0u8; cap];
+            let mut bb = abi::ByteBuf {
+                ptr: out.as_mut_ptr(),
+                cap,
+                len: 0,
+            };
+            let mut buf = [0u8; ERR_CAP];
+            let mut eb = err_buf(&mut buf);
+            // SAFETY: valid pointers for the call.
+            let st = unsafe { (self.vt.plan)(self.h, abi::Str::borrow(model), &mut bb, &mut eb) };
+            if st == abi::Status::EXHAUSTED && bb.len > cap {
+                cap = bb.len;
+                continue;
+            }
+            if !st.is_ok() {
+                return Err(EngineError::Invalid(call_err(&self.name, st, &buf, eb.len)));
+            }
+            out.truncate(bb.len);
+            return String::from_utf8(out).map_err(|_| {
+                EngineError::Invalid(format!("plugin {}: plan is not UTF-8", self.name))
+            });
+        }
+    }
+
+    /// Fill output tensor `index` (f32 `out_shape`) from f32 sources.
+    pub fn produce(
+        &mut self,
+        index: usize,
+        sources: &[(&[f32], &[usize])],
+        out: &mut [f32],
+        out_shape: &[usize],
+    ) -> EngineResult<()> {
+        let src: Vec<abi::TensorView> = sources
+            .iter()
+            .map(|(d, s)| f32_view(d.as_ptr(), s))
+            .collect();
+        let ov = f32_view(out.as_mut_ptr(), out_shape);
+        let (vt, h) = (self.vt, self.h);
+        // SAFETY: views valid for the call.
+        check(&self.name, |eb| unsafe {
+            (vt.produce)(h, index as u64, src.as_ptr(), src.len() as u64, &ov, eb)
+        })
     }
 }

@@ -208,8 +208,9 @@ impl WasmPlugin {
         );
         store.limiter(|l| l);
         store.set_epoch_deadline(deadline_ticks(limits.call_deadline));
-        let patch = bindings::TokenizerPatch::instantiate(&mut store, &self.component, &self.linker)
-            .map_err(|e| format!("cannot instantiate the component: {e:#}"))?;
+        let patch =
+            bindings::TokenizerPatch::instantiate(&mut store, &self.component, &self.linker)
+                .map_err(|e| format!("cannot instantiate the component: {e:#}"))?;
         Ok(Live { store, patch })
     }
 
@@ -247,10 +248,18 @@ fn deadline_ticks(d: Duration) -> u64 {
 pub enum WasmCallError {
     /// The guest returned an error.
     #[error("plugin {plugin}: {op} failed: {msg}")]
-    Guest { plugin: String, op: String, msg: String },
+    Guest {
+        plugin: String,
+        op: String,
+        msg: String,
+    },
     /// The guest trapped (including running past its deadline or its memory cap).
     #[error("plugin {plugin}: {op} trapped: {msg}")]
-    Trap { plugin: String, op: String, msg: String },
+    Trap {
+        plugin: String,
+        op: String,
+        msg: String,
+    },
     /// The call ran past its deadline.
     #[error("plugin {plugin}: {op} ran past its deadline of {deadline:?} and was stopped")]
     Deadline {
@@ -259,8 +268,14 @@ pub enum WasmCallError {
         deadline: Duration,
     },
     /// The guest tried to grow its memory past the cap.
-    #[error("plugin {plugin}: {op} tried to grow memory past the cap of {cap} MiB and was stopped")]
-    Memory { plugin: String, op: String, cap: usize },
+    #[error(
+        "plugin {plugin}: {op} tried to grow memory past the cap of {cap} MiB and was stopped"
+    )]
+    Memory {
+        plugin: String,
+        op: String,
+        cap: usize,
+    },
 }
 
 impl WasmCallError {

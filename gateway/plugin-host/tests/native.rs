@@ -211,3 +211,75 @@ fn plugin_errors_and_panics_stop_at_the_boundary() {
     let e = kv.acquire().unwrap_err().to_string();
     assert!(e.contains("out of capacity: no slots, ever"), "{e}");
 }
+
+#[test]
+fn linear_kernels_and_model_transform_plugins_run_through_the_host() {
+    let dir = tmpdir("kinds");
+    let host = PluginHost::new(std::slice::from_ref(&dir));
+    let m = install(
+        &dir,
+        &library("switchyard-linear-dense"),
+        "linear-dense",
+        "linear-kernels",
+        "1.0",
+        None,
+    );
+    let p = host.load_native(&m).unwrap();
+    // The wrong kind is refused by name.
+    let e = p
+        .kv_allocator(
+            "",
+            switchyard_engine::kv::KvLayout {
+                n_layers: 1,
+                kv_heads: 1,
+                head_dim: 1,
+                max_context: 1,
+                max_slots: 1,
+            },
+        )
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("not a kv-allocator"), "{e}");
+    let e = p.linear_kernels("x = 1").err().unwrap();
+    assert!(e.to_string().contains("takes no configuration"), "{e}");
+    let mut k = p.linear_kernels("").unwrap();
+    let (n, inp, out) = (3, 70, 33);
+    let w: Vec<f32> = (0..out * inp)
+        .map(|i| ((i * 7919) % 200) as f32 / 100.0 - 1.0)
+        .collect();
+    let x: Vec<f32> = (0..n * inp)
+        .map(|i| ((i * 104729) % 300) as f32 / 150.0 - 1.0)
+        .collect();
+    k.prepare(5, &w, out, inp).unwrap();
+    let mut y = vec![0f32; n * out];
+    k.linear(5, &x, n, inp, &mut y, out).unwrap();
+    for r in 0..n {
+        for o in 0..out {
+            let want: f32 = (0..inp).map(|i| x[r * inp + i] * w[o * inp + i]).sum();
+            assert!((y[r * out + o] - want).abs() < 1e-3, "{r},{o}");
+        }
+    }
+    let e = k.linear(6, &x, n, inp, &mut y, out).unwrap_err();
+    assert!(e.to_string().contains("was not prepared"), "{e}");
+
+    let m = install(
+        &dir,
+        &library("switchyard-transform-identity"),
+        "transform-identity",
+        "model-transform",
+        "1.0",
+        None,
+    );
+    let p = host.load_native(&m).unwrap();
+    let mut t = p.model_transform("").unwrap();
+    let model = r#"{"config": {"n_layers": 1}, "tensors": [{"name": "a", "dtype": "F32", "shape": [2, 3]}]}"#;
+    let plan: serde_json::Value = serde_json::from_str(&t.plan(model).unwrap()).unwrap();
+    assert_eq!(plan["config"]["n_layers"], 1);
+    assert_eq!(plan["tensors"][0]["sources"][0], "a");
+    let src = [1f32, 2., 3., 4., 5., 6.];
+    let mut out = [0f32; 6];
+    t.produce(0, &[(&src, &[2, 3])], &mut out, &[2, 3]).unwrap();
+    assert_eq!(out, src);
+    let e = t.plan("not json").unwrap_err();
+    assert!(e.to_string().contains("model description"), "{e}");
+}

@@ -12,7 +12,9 @@ use switchyard_plugin_host::{
 };
 
 fn packed(guest: &str) -> PathBuf {
-    let d = switchyard_tests::root().join("target/wasm-plugins").join(guest);
+    let d = switchyard_tests::root()
+        .join("target/wasm-plugins")
+        .join(guest);
     assert!(
         d.is_dir(),
         "{} is missing: run scripts/build-wasm-plugins.sh first",
@@ -30,7 +32,7 @@ fn tmpdir(name: &str) -> PathBuf {
 
 fn load(guest: &str, name: &str) -> Arc<WasmPlugin> {
     let dir = packed(guest);
-    let host = PluginHost::new(&[dir.clone()]);
+    let host = PluginHost::new(std::slice::from_ref(&dir));
     Arc::new(host.load_wasm(&dir.join(format!("{name}.toml"))).unwrap())
 }
 
@@ -57,7 +59,9 @@ fn template_patch_round_trips() {
     let mut x = 12345u64;
     let long: Vec<u32> = (0..1000)
         .map(|_| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((x >> 33) % 4) as u32
         })
         .collect();
@@ -141,7 +145,7 @@ fn install(dir: &Path, name: &str, file: &str, bytes: &[u8], abi: &str) -> PathB
 #[test]
 fn wrong_components_are_refused_with_clear_errors() {
     let dir = tmpdir("bad");
-    let host = PluginHost::new(&[dir.clone()]);
+    let host = PluginHost::new(std::slice::from_ref(&dir));
     let good = std::fs::read(packed("faulty-patch").join("faulty-patch.wasm")).unwrap();
 
     // A newer WIT minor than the host's, and another major.
@@ -174,7 +178,10 @@ fn wrong_components_are_refused_with_clear_errors() {
     // Garbage.
     let m = install(&dir, "junk", "junk.wasm", b"\0asm\x0d\0\x01\0junk", "1.0");
     let e = host.load_wasm(&m).unwrap_err();
-    assert!(e.to_string().contains("not a valid WebAssembly component"), "{e}");
+    assert!(
+        e.to_string().contains("not a valid WebAssembly component"),
+        "{e}"
+    );
     // A file changed after its manifest was written.
     let m = install(&dir, "faulty-patch", "f.wasm", &good, "1.0");
     std::fs::write(dir.join("f.wasm"), [&good[..], b"x"].concat()).unwrap();

@@ -106,7 +106,7 @@ async fn plugins(st: State, req: HttpRequest) -> Result<HttpResponse, ApiError> 
                 "manifest": path.display().to_string(),
                 "name": m.name, "version": m.version, "kind": m.kind, "abi": m.abi,
                 "sha256": m.sha256.to_ascii_lowercase(),
-                "loaded": loaded.iter().any(|p| p.name == m.name && p.sha256 == m.sha256.to_ascii_lowercase()),
+                "loaded": loaded.iter().any(|p| p.name() == m.name && p.sha256() == m.sha256.to_ascii_lowercase()),
             }),
             Err(e) => json!({"manifest": path.display().to_string(), "error": e}),
         })
@@ -117,7 +117,10 @@ async fn plugins(st: State, req: HttpRequest) -> Result<HttpResponse, ApiError> 
         .inc();
     Ok(HttpResponse::Ok().json(json!({
         "plugin_dirs": st.cfg.server.plugin_dirs,
-        "builtin": [{"name": "builtin", "kind": "kv-allocator"}],
+        "builtin": [
+            {"name": "builtin", "kind": "tokenizer-patch", "stage": "tokenizer_patch", "description": "no patch: the model reads base ids"},
+            {"name": "builtin", "kind": "kv-allocator", "stage": "kv_allocator", "description": "the engine's heap allocator"},
+        ],
         "plugins": found,
     })))
 }

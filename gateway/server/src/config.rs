@@ -9,6 +9,9 @@
 //! max_body_bytes = 4194304
 //! shutdown_timeout_secs = 30
 //! log_json = false
+//! plugin_dirs = ["plugins-enabled"]  # where plugins may be loaded from
+//! wasm_call_deadline_ms = 1000    # longest one WebAssembly plugin call may run
+//! wasm_max_memory_mb = 256        # memory cap of one WebAssembly plugin instance
 //!
 //! [[models]]
 //! name = "smollm2"
@@ -42,6 +45,10 @@ pub struct ServerSettings {
     pub workers: usize,
     /// Directories plugins may be loaded from (their `*.toml` manifests).
     pub plugin_dirs: Vec<PathBuf>,
+    /// Deadline of one WebAssembly plugin call, milliseconds.
+    pub wasm_call_deadline_ms: u64,
+    /// Memory cap of one WebAssembly plugin instance, MiB.
+    pub wasm_max_memory_mb: usize,
 }
 
 impl Default for ServerSettings {
@@ -55,6 +62,8 @@ impl Default for ServerSettings {
             log_json: false,
             workers: 0,
             plugin_dirs: Vec::new(),
+            wasm_call_deadline_ms: 1000,
+            wasm_max_memory_mb: 256,
         }
     }
 }
@@ -267,6 +276,18 @@ impl GatewayConfig {
                     d.display()
                 ));
             }
+        }
+        if !(1..=60_000).contains(&s.wasm_call_deadline_ms) {
+            return Err(format!(
+                "server.wasm_call_deadline_ms must be in 1..=60000, got {}",
+                s.wasm_call_deadline_ms
+            ));
+        }
+        if !(1..=4096).contains(&s.wasm_max_memory_mb) {
+            return Err(format!(
+                "server.wasm_max_memory_mb must be in 1..=4096, got {}",
+                s.wasm_max_memory_mb
+            ));
         }
         if s.admin_token.as_deref() == Some("") {
             return Err(

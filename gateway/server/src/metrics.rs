@@ -52,7 +52,16 @@ pub struct Metrics {
     pub swap_seconds: HistogramVec,
     pub generation: IntGaugeVec,
     pub admin_actions: IntCounterVec,
+    pub generations_active: IntGaugeVec,
+    pub plugin_calls: IntCounterVec,
+    pub plugin_call_seconds: HistogramVec,
+    pub plugin_traps: IntCounterVec,
 }
+
+/// Plugin call durations: 1 µs to 1 s.
+const PLUGIN_CALL: &[f64] = &[
+    1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 0.1, 1.0,
+];
 
 fn hist(name: &str, help: &str, buckets: Vec<f64>) -> HistogramVec {
     HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &["model"]).unwrap()
@@ -191,6 +200,37 @@ impl Metrics {
                 "switchyard_pipeline_generation",
                 "The pipeline generation new requests go to.",
             ),
+            generations_active: g(
+                "switchyard_pipeline_generations_active",
+                "Pipeline generations with a running scheduler (the current one plus any still \
+                 finishing their requests).",
+            ),
+            plugin_calls: IntCounterVec::new(
+                Opts::new(
+                    "switchyard_plugin_calls_total",
+                    "Plugin calls by model, pipeline generation, plugin, operation and outcome \
+                     (ok, error, trap, deadline, memory).",
+                ),
+                &["model", "generation", "plugin", "op", "outcome"],
+            )
+            .unwrap(),
+            plugin_call_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "switchyard_plugin_call_seconds",
+                    "Duration of plugin calls by model, plugin and operation.",
+                )
+                .buckets(PLUGIN_CALL.to_vec()),
+                &["model", "plugin", "op"],
+            )
+            .unwrap(),
+            plugin_traps: IntCounterVec::new(
+                Opts::new(
+                    "switchyard_plugin_traps_total",
+                    "Plugin calls that trapped or panicked, by reason (trap, deadline, memory).",
+                ),
+                &["model", "generation", "plugin", "reason"],
+            )
+            .unwrap(),
             admin_actions: IntCounterVec::new(
                 Opts::new(
                     "switchyard_admin_actions_total",
@@ -235,6 +275,10 @@ impl Metrics {
         r.register(Box::new(m.swaps.clone())).unwrap();
         r.register(Box::new(m.swap_seconds.clone())).unwrap();
         r.register(Box::new(m.generation.clone())).unwrap();
+        r.register(Box::new(m.generations_active.clone())).unwrap();
+        r.register(Box::new(m.plugin_calls.clone())).unwrap();
+        r.register(Box::new(m.plugin_call_seconds.clone())).unwrap();
+        r.register(Box::new(m.plugin_traps.clone())).unwrap();
         r.register(Box::new(m.admin_actions.clone())).unwrap();
         #[cfg(target_os = "linux")]
         r.register(Box::new(
@@ -270,6 +314,7 @@ impl Metrics {
             self.swaps.with_label_values(&[model, r]);
         }
         self.swap_seconds.with_label_values(&[model]);
+        self.generations_active.with_label_values(&[model]);
     }
 
     pub fn request(&self, model: &str, outcome: &str) {
@@ -358,5 +403,41 @@ impl SchedObserver for ModelMetrics {
     }
     fn cancelled(&self) {
         self.cancelled.inc();
+    }
+}
+
+/// Plugin calls of one pipeline generation, as metrics.
+pub struct PluginCallMetrics {
+    pub metrics: std::sync::Arc<Metrics>,
+    pub model: String,
+    pub generation: String,
+}
+
+impl switchyard_plugin_host::CallObserver for PluginCallMetrics {
+    fn call(
+        &self,
+        plugin: &str,
+        op: &str,
+        duration: std::time::Duration,
+        outcome: switchyard_plugin_host::CallOutcome,
+    ) {
+        let m = &self.metrics;
+        let o = outcome.as_str();
+        m.plugin_calls
+            .with_label_values(&[&self.model, &self.generation, plugin, op, o])
+            .inc();
+        m.plugin_call_seconds
+            .with_label_values(&[&self.model, plugin, op])
+            .observe(duration.as_secs_f64());
+        if matches!(
+            outcome,
+            switchyard_plugin_host::CallOutcome::Trap
+                | switchyard_plugin_host::CallOutcome::Deadline
+                | switchyard_plugin_host::CallOutcome::Memory
+        ) {
+            m.plugin_traps
+                .with_label_values(&[&self.model, &self.generation, plugin, o])
+                .inc();
+        }
     }
 }

@@ -9,14 +9,16 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{mpsc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use switchyard_engine::engine::Engine;
 use switchyard_engine::sampling::SamplingParams;
 use switchyard_engine::scheduler::{EventSink, SeqEvent, SeqRequest};
-use switchyard_plugin_host::{Manifest, NativePlugin, PluginHost};
+use switchyard_plugin_host::{
+    CallObserver, Manifest, NativePlugin, PatchStage, PluginHost, WasmLimits, WasmPlugin,
+};
 
 /// One stage: a plugin by manifest name (or `builtin`) and its configuration text.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -40,6 +42,10 @@ impl StageSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PipelineSpec {
+    /// Tokenizer patch (WebAssembly `tokenizer-patch` plugin); `builtin` is no patch.
+    #[serde(default = "StageSpec::builtin")]
+    pub tokenizer_patch: StageSpec,
+    /// KV-cache allocator (native `kv-allocator` plugin); `builtin` is the engine's own.
     #[serde(default = "StageSpec::builtin")]
     pub kv_allocator: StageSpec,
 }
@@ -47,6 +53,7 @@ pub struct PipelineSpec {
 impl Default for PipelineSpec {
     fn default() -> Self {
         Self {
+            tokenizer_patch: StageSpec::builtin(),
             kv_allocator: StageSpec::builtin(),
         }
     }
@@ -63,19 +70,44 @@ pub struct PluginInfo {
     pub path: Option<String>,
 }
 
+/// A plugin the registry has loaded.
+#[derive(Clone)]
+pub enum Loaded {
+    Native(NativePlugin),
+    Wasm(Arc<WasmPlugin>),
+}
+
+impl Loaded {
+    pub fn name(&self) -> &str {
+        match self {
+            Loaded::Native(p) => &p.name,
+            Loaded::Wasm(p) => &p.name,
+        }
+    }
+    pub fn sha256(&self) -> &str {
+        match self {
+            Loaded::Native(p) => &p.sha256,
+            Loaded::Wasm(p) => &p.sha256,
+        }
+    }
+}
+
 /// Plugins found in the configured directories (manifests), loaded on first use.
 pub struct Registry {
     host: PluginHost,
     dirs: Vec<PathBuf>,
-    loaded: Mutex<HashMap<PathBuf, NativePlugin>>,
+    loaded: Mutex<HashMap<PathBuf, Loaded>>,
+    /// Limits of every WebAssembly plugin instance.
+    pub wasm_limits: WasmLimits,
 }
 
 impl Registry {
-    pub fn new(dirs: &[PathBuf]) -> Self {
+    pub fn new(dirs: &[PathBuf], wasm_limits: WasmLimits) -> Self {
         Self {
             host: PluginHost::new(dirs),
             dirs: dirs.to_vec(),
             loaded: Mutex::new(HashMap::new()),
+            wasm_limits,
         }
     }
 
@@ -99,8 +131,9 @@ impl Registry {
         out
     }
 
-    /// The plugin whose manifest is named `name`, verified and loaded (once).
-    pub fn native(&self, name: &str) -> Result<NativePlugin, String> {
+    /// The plugin whose manifest is named `name`, verified and loaded (once per file
+    /// content: a file replaced on disk is noticed, as the manifest is verified on every use).
+    fn get(&self, name: &str) -> Result<Loaded, String> {
         let found: Vec<PathBuf> = self
             .manifests()
             .into_iter()
@@ -127,51 +160,133 @@ impl Registry {
             [p] => p.clone(),
             _ => return Err(format!("several manifests name plugin {name:?}")),
         };
-        // Verified on every use: a file replaced on disk is noticed.
         let (m, file) = self.host.verify(&path).map_err(|e| e.to_string())?;
         let mut loaded = self.loaded.lock().unwrap();
         if let Some(p) = loaded.get(&file) {
-            if p.sha256 == m.sha256.to_ascii_lowercase() {
+            if p.sha256() == m.sha256.to_ascii_lowercase() {
                 return Ok(p.clone());
             }
         }
-        let p = self.host.load_native(&path).map_err(|e| e.to_string())?;
+        let p = if m.kind == "tokenizer-patch" {
+            Loaded::Wasm(Arc::new(
+                self.host.load_wasm(&path).map_err(|e| e.to_string())?,
+            ))
+        } else {
+            Loaded::Native(self.host.load_native(&path).map_err(|e| e.to_string())?)
+        };
         loaded.insert(file, p.clone());
         Ok(p)
     }
 
-    pub fn loaded(&self) -> Vec<NativePlugin> {
+    /// A native plugin by manifest name.
+    pub fn native(&self, name: &str) -> Result<NativePlugin, String> {
+        match self.get(name)? {
+            Loaded::Native(p) => Ok(p),
+            Loaded::Wasm(_) => Err(format!(
+                "plugin {name:?} is a WebAssembly tokenizer-patch plugin, not a native one"
+            )),
+        }
+    }
+
+    /// A WebAssembly plugin by manifest name.
+    pub fn wasm(&self, name: &str) -> Result<Arc<WasmPlugin>, String> {
+        match self.get(name)? {
+            Loaded::Wasm(p) => Ok(p),
+            Loaded::Native(p) => Err(format!(
+                "plugin {name:?} is a native {} plugin, not a tokenizer patch",
+                switchyard_plugin_abi::kind::name(p.kind)
+            )),
+        }
+    }
+
+    pub fn loaded(&self) -> Vec<Loaded> {
         self.loaded.lock().unwrap().values().cloned().collect()
     }
 }
 
-/// Build the engine of a new generation from `template` and `spec`.
+/// A short text whose ids every tokenizer patch must round-trip before it serves.
+const ROUNDTRIP_TEXT: &str = "The quick brown fox jumps over the lazy dog. \
+    Once upon a time, in 2024, 3.14159 != 2.71828; naïve café — ünïcödé, 東京, \
+    def f(x): return x ** 2  # code";
+
+/// Build the engine of a new generation from `template` and `spec`. Plugin calls are
+/// reported to `observer`.
 pub fn build_engine(
     template: &Engine,
     spec: &PipelineSpec,
     threads: usize,
     max_slots: usize,
     registry: &Registry,
+    observer: Arc<dyn CallObserver>,
 ) -> Result<(Engine, Vec<PluginInfo>), String> {
     let mut e = template.fork(threads, max_slots);
+    let mut infos = Vec::new();
+
+    let tp = &spec.tokenizer_patch;
+    infos.push(if tp.plugin == "builtin" {
+        if !tp.config.trim().is_empty() {
+            return Err("the builtin tokenizer patch (none) takes no configuration".into());
+        }
+        builtin_info("tokenizer_patch", "tokenizer-patch")
+    } else {
+        let p = registry.wasm(&tp.plugin)?;
+        let inst = p
+            .tokenizer_patch(tp.config.as_bytes(), registry.wasm_limits, Some(observer.clone()))
+            .map_err(|e| e.to_string())?;
+        let info = inst.info().map_err(|e| e.to_string())?;
+        let vocab = e.model.cfg.vocab_size as u32;
+        if info.base_vocab_size != 0 && info.base_vocab_size != vocab {
+            return Err(format!(
+                "tokenizer patch {} was built for a base vocabulary of {} ids, the model has {vocab}",
+                p.name, info.base_vocab_size
+            ));
+        }
+        if info.patched_vocab_size > vocab {
+            return Err(format!(
+                "tokenizer patch {} produces ids up to {}, but the model reads only {vocab}: \
+                 a patch that adds ids needs the patched model in the same pipeline",
+                p.name,
+                info.patched_vocab_size - 1
+            ));
+        }
+        let ids = e
+            .encode_prompt(ROUNDTRIP_TEXT)
+            .map_err(|e| format!("round-trip check: {e}"))?;
+        let enc = inst.encode(&ids).map_err(|e| e.to_string())?;
+        let dec = inst.decode(&enc).map_err(|e| e.to_string())?;
+        if dec != ids {
+            return Err(format!(
+                "tokenizer patch {}: decode(encode(x)) != x on the round-trip check \
+                 ({} ids in, {} encoded, {} decoded)",
+                p.name,
+                ids.len(),
+                enc.len(),
+                dec.len()
+            ));
+        }
+        e.patch = Some(Arc::new(PatchStage(Arc::new(inst))));
+        PluginInfo {
+            stage: "tokenizer_patch".into(),
+            name: p.name.clone(),
+            kind: "tokenizer-patch".into(),
+            version: p.version.clone(),
+            sha256: Some(p.sha256.clone()),
+            path: Some(p.path.display().to_string()),
+        }
+    });
+
     let kv = &spec.kv_allocator;
-    let info = if kv.plugin == "builtin" {
+    infos.push(if kv.plugin == "builtin" {
         if !kv.config.trim().is_empty() {
             return Err("the builtin KV allocator takes no configuration".into());
         }
-        PluginInfo {
-            stage: "kv_allocator".into(),
-            name: "builtin".into(),
-            kind: "kv-allocator".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            sha256: None,
-            path: None,
-        }
+        builtin_info("kv_allocator", "kv-allocator")
     } else {
         let p = registry.native(&kv.plugin)?;
         let alloc = p
             .kv_allocator(&kv.config, e.kv_layout(max_slots))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())?
+            .with_observer(observer);
         e.set_kv(Box::new(alloc));
         PluginInfo {
             stage: "kv_allocator".into(),
@@ -181,8 +296,19 @@ pub fn build_engine(
             sha256: Some(p.sha256.clone()),
             path: Some(p.path.display().to_string()),
         }
-    };
-    Ok((e, vec![info]))
+    });
+    Ok((e, infos))
+}
+
+fn builtin_info(stage: &str, kind: &str) -> PluginInfo {
+    PluginInfo {
+        stage: stage.into(),
+        name: "builtin".into(),
+        kind: kind.into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        sha256: None,
+        path: None,
+    }
 }
 
 struct CanarySink(mpsc::Sender<SeqEvent>);

@@ -73,7 +73,13 @@ impl AppState {
                 })
             })
             .collect();
-        let registry = Arc::new(Registry::new(&cfg.server.plugin_dirs));
+        let registry = Arc::new(Registry::new(
+            &cfg.server.plugin_dirs,
+            switchyard_plugin_host::WasmLimits {
+                call_deadline: Duration::from_millis(cfg.server.wasm_call_deadline_ms),
+                max_memory: cfg.server.wasm_max_memory_mb << 20,
+            },
+        ));
         Self {
             cfg,
             models,
@@ -125,7 +131,7 @@ impl AppState {
 /// Load one model and start its scheduler; updates `entry` as it goes.
 pub fn load_model(
     entry: &ModelEntry,
-    metrics: &Metrics,
+    metrics: &Arc<Metrics>,
     registry: &Registry,
 ) -> Result<(), String> {
     let c = &entry.cfg;
@@ -202,15 +208,20 @@ impl ModelEntry {
     fn start_generation(
         &self,
         spec: &PipelineSpec,
-        metrics: &Metrics,
+        metrics: &Arc<Metrics>,
         registry: &Registry,
     ) -> Result<Arc<Ready>, String> {
         let c = &self.cfg;
         let tpl = self.template.lock().unwrap();
         let tpl = tpl.as_ref().ok_or("the model is not loaded")?;
-        let (engine, plugins) =
-            pipeline::build_engine(tpl, spec, self.threads(), c.max_batch, registry)?;
         let generation = self.next_generation.fetch_add(1, Ordering::AcqRel);
+        let observer = Arc::new(crate::metrics::PluginCallMetrics {
+            metrics: metrics.clone(),
+            model: c.name.clone(),
+            generation: generation.to_string(),
+        });
+        let (engine, plugins) =
+            pipeline::build_engine(tpl, spec, self.threads(), c.max_batch, registry, observer)?;
         let mm = Arc::new(metrics.model(&c.name));
         let canary_prompt = engine
             .encode_prompt("Hello")
@@ -223,9 +234,21 @@ impl ModelEntry {
             step_tokens: c.step_tokens,
             max_waiting: c.max_waiting,
         };
-        let (sched, _join) =
+        let (sched, join) =
             Scheduler::spawn(engine, sc, mm.clone(), &format!("{}-g{generation}", c.name))
                 .map_err(|e| format!("cannot start the scheduler thread: {e}"))?;
+        // Count the generation as active until its scheduler thread ends (after its last
+        // request, once it is no longer current).
+        let active = metrics
+            .generations_active
+            .with_label_values(&[c.name.as_str()]);
+        active.inc();
+        let _ = std::thread::Builder::new()
+            .name(format!("{}-g{generation}-watch", c.name))
+            .spawn(move || {
+                let _ = join.join();
+                active.dec();
+            });
         pipeline::canary(&sched, canary_prompt, Duration::from_secs(60))?;
         Ok(Arc::new(Ready {
             tokenizer,
@@ -245,7 +268,7 @@ impl ModelEntry {
     pub fn swap(
         &self,
         spec: &PipelineSpec,
-        metrics: &Metrics,
+        metrics: &Arc<Metrics>,
         registry: &Registry,
     ) -> Result<Arc<Ready>, String> {
         let _one = self.swap_lock.lock().unwrap();
@@ -255,7 +278,7 @@ impl ModelEntry {
     fn swap_locked(
         &self,
         spec: &PipelineSpec,
-        metrics: &Metrics,
+        metrics: &Arc<Metrics>,
         registry: &Registry,
         remember: bool,
     ) -> Result<Arc<Ready>, String> {
@@ -272,7 +295,11 @@ impl ModelEntry {
     }
 
     /// Swap back to the previous generation's spec (as a new generation).
-    pub fn rollback(&self, metrics: &Metrics, registry: &Registry) -> Result<Arc<Ready>, String> {
+    pub fn rollback(
+        &self,
+        metrics: &Arc<Metrics>,
+        registry: &Registry,
+    ) -> Result<Arc<Ready>, String> {
         let _one = self.swap_lock.lock().unwrap();
         let prev = self
             .history

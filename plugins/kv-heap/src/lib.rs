@@ -111,3 +111,21 @@ export_kv_allocator!(
     name = "kv-heap",
     version = env!("CARGO_PKG_VERSION")
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchyard_plugin_test_support as ts;
+
+    #[test]
+    fn conformance_on_the_type_and_through_the_abi() {
+        let l = ts::kv_allocator::small_layout();
+        ts::kv_allocator::conformance::<HeapKv>("", l);
+        ts::kv_allocator::conformance_abi(switchyard_plugin_v1, "", l);
+        let d = ts::root_descriptor(switchyard_plugin_v1).unwrap();
+        assert_eq!(
+            (d.kind.as_str(), d.name.as_str()),
+            ("kv-allocator", "kv-heap")
+        );
+    }
+}

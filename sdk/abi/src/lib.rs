@@ -251,3 +251,77 @@ pub struct KvAllocatorVTable {
     ) -> Status,
     pub stats: unsafe extern "C" fn(h: Handle, out: *mut KvStatsC),
 }
+
+/// A host-owned output buffer for variable-length results (e.g. JSON). When `cap` is too
+/// small the plugin sets `len` to the size it needs and returns [`Status::EXHAUSTED`]; the
+/// host grows the buffer and calls again.
+#[repr(C)]
+#[derive(Debug)]
+pub struct ByteBuf {
+    pub ptr: *mut u8,
+    pub cap: usize,
+    pub len: usize,
+}
+
+/// Block-quantized element types of tensor views (GGML layouts; shapes count elements, and
+/// `strides[0]` of a 2-D weight is its row length in bytes).
+pub mod qtype {
+    pub const Q4_0: u32 = 0x100 + 2;
+    pub const Q4_1: u32 = 0x100 + 3;
+    pub const Q8_0: u32 = 0x100 + 8;
+}
+
+/// The `linear-kernels` kind: the linear layers of a model (sparse or dense).
+///
+/// The host registers each weight once with `prepare` (id = layer × 16 + projection, see the
+/// SDK's `LinearId`), letting the plugin repack it (e.g. column-major for sparse inputs),
+/// then calls `linear` for every forward pass: `y[n, out] = x[n, in] · W[out, in]ᵀ`. On CUDA
+/// the host passes its context and stream (`cuda` is null on the CPU).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct LinearKernelsVTable {
+    pub create: unsafe extern "C" fn(config: Str, out: *mut Handle, err: *mut ErrorBuf) -> Status,
+    pub destroy: unsafe extern "C" fn(h: Handle),
+    pub prepare: unsafe extern "C" fn(
+        h: Handle,
+        id: u64,
+        weight: *const TensorView,
+        err: *mut ErrorBuf,
+    ) -> Status,
+    pub linear: unsafe extern "C" fn(
+        h: Handle,
+        id: u64,
+        x: *const TensorView,
+        y: *const TensorView,
+        cuda: *const CudaContext,
+        err: *mut ErrorBuf,
+    ) -> Status,
+}
+
+/// The `model-transform` kind: an offline rewrite of a model's tensors (Gstack growth,
+/// AdaptiVocab embeddings). The host streams: it asks for a plan, then for each output
+/// tensor of the plan loads that tensor's sources and calls `produce`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct ModelTransformVTable {
+    pub create: unsafe extern "C" fn(config: Str, out: *mut Handle, err: *mut ErrorBuf) -> Status,
+    pub destroy: unsafe extern "C" fn(h: Handle),
+    /// `model` is the input model as JSON (`{"config": {…config.json…}, "tensors":
+    /// [{"name", "dtype", "shape"}…]}`); the plan written to `out` is JSON
+    /// `{"config": {…}, "tensors": [{"name", "dtype", "shape", "sources": [names…]}…]}`.
+    pub plan: unsafe extern "C" fn(
+        h: Handle,
+        model: Str,
+        out: *mut ByteBuf,
+        err: *mut ErrorBuf,
+    ) -> Status,
+    /// Fill output tensor `index` of the plan from its sources, in the plan's order.
+    pub produce: unsafe extern "C" fn(
+        h: Handle,
+        index: u64,
+        sources: *const TensorView,
+        n_sources: u64,
+        out: *const TensorView,
+        err: *mut ErrorBuf,
+    ) -> Status,
+}

@@ -277,24 +277,397 @@ macro_rules! export_kv_allocator {
         $crate::export_kv_allocator!($ty, name = $name, version = $version, features = 0);
     };
     ($ty:ty, name = $name:expr, version = $version:expr, features = $features:expr) => {
-        static SWITCHYARD_KV_VTABLE: $crate::abi::KvAllocatorVTable =
-            $crate::kv_trampolines::vtable::<$ty>();
+        $crate::__export_plugin!(
+            $crate::abi::KvAllocatorVTable,
+            $crate::kv_trampolines::vtable::<$ty>(),
+            $crate::abi::kind::KV_ALLOCATOR,
+            $name,
+            $version,
+            $features
+        );
+    };
+}
+
+// ---------------------------------------------------------------------------------------
+// Tensor views
+
+/// A borrowed view of a host tensor (see [`abi::TensorView`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Tensor {
+    pub raw: abi::TensorView,
+}
+
+impl Tensor {
+    /// Dimensions in use.
+    pub fn shape(&self) -> &[i64] {
+        &self.raw.shape[..self.raw.ndim as usize]
+    }
+
+    pub fn dtype(&self) -> u32 {
+        self.raw.dtype
+    }
+
+    pub fn on_cpu(&self) -> bool {
+        self.raw.device == abi::device::CPU
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape().iter().product::<i64>().max(0) as usize
+    }
+
+    /// True when the view is a dense row-major f32 tensor on the CPU.
+    pub fn is_dense_f32(&self) -> bool {
+        if self.raw.dtype != abi::dtype::F32 || !self.on_cpu() {
+            return false;
+        }
+        let n = self.raw.ndim as usize;
+        let mut expect = 1i64;
+        for d in (0..n).rev() {
+            if self.raw.strides[d] != expect {
+                return false;
+            }
+            expect *= self.raw.shape[d];
+        }
+        true
+    }
+
+    /// The elements of a dense f32 CPU tensor.
+    ///
+    /// # Safety
+    /// The host guarantees the view is valid for the call; do not keep the slice.
+    pub unsafe fn as_f32<'a>(&self) -> PluginResult<&'a [f32]> {
+        if !self.is_dense_f32() {
+            return Err(PluginError::invalid(
+                "expected a dense row-major f32 tensor on the CPU",
+            ));
+        }
+        // SAFETY: dense f32 view of numel elements, valid for the call.
+        Ok(unsafe { std::slice::from_raw_parts(self.raw.ptr as *const f32, self.numel()) })
+    }
+
+    /// The elements of a dense f32 CPU tensor, writable.
+    ///
+    /// # Safety
+    /// As [`as_f32`](Self::as_f32); the host passes output views it does not read meanwhile.
+    pub unsafe fn as_f32_mut<'a>(&self) -> PluginResult<&'a mut [f32]> {
+        if !self.is_dense_f32() {
+            return Err(PluginError::invalid(
+                "expected a dense row-major f32 tensor on the CPU",
+            ));
+        }
+        // SAFETY: as above.
+        Ok(unsafe { std::slice::from_raw_parts_mut(self.raw.ptr as *mut f32, self.numel()) })
+    }
+
+    /// A dense f32 CPU view of `data` with `shape` (for tests and hosts).
+    pub fn from_f32(data: &[f32], shape: &[usize]) -> Tensor {
+        assert!(shape.len() <= 4 && shape.iter().product::<usize>() == data.len());
+        let mut raw = abi::TensorView {
+            ptr: data.as_ptr() as *mut std::ffi::c_void,
+            dtype: abi::dtype::F32,
+            ndim: shape.len() as u32,
+            shape: [1; 4],
+            strides: [1; 4],
+            device: abi::device::CPU,
+            device_id: 0,
+        };
+        let mut s = 1i64;
+        for d in (0..shape.len()).rev() {
+            raw.shape[d] = shape[d] as i64;
+            raw.strides[d] = s;
+            s *= shape[d] as i64;
+        }
+        Tensor { raw }
+    }
+}
+
+/// Identifies one linear layer: `layer * 16 + projection`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LinearId(pub u64);
+
+impl LinearId {
+    pub const Q: u64 = 0;
+    pub const K: u64 = 1;
+    pub const V: u64 = 2;
+    pub const O: u64 = 3;
+    pub const GATE: u64 = 4;
+    pub const UP: u64 = 5;
+    pub const DOWN: u64 = 6;
+    /// The output head (layer = number of layers).
+    pub const HEAD: u64 = 7;
+
+    pub fn new(layer: usize, projection: u64) -> Self {
+        LinearId(layer as u64 * 16 + projection)
+    }
+    pub fn layer(self) -> usize {
+        (self.0 / 16) as usize
+    }
+    pub fn projection(self) -> u64 {
+        self.0 % 16
+    }
+}
+
+/// The `linear-kernels` kind.
+pub trait LinearKernels: Send + Sync + 'static {
+    fn create(config: &str) -> PluginResult<Self>
+    where
+        Self: Sized;
+    /// Register weight `id` (`[out, in]`, row-major); the plugin may copy and repack it.
+    fn prepare(&mut self, id: LinearId, weight: &Tensor) -> PluginResult<()>;
+    /// `y[n, out] = x[n, in] · W[id]ᵀ`. `cuda` is the host's context and stream on a GPU.
+    fn linear(
+        &self,
+        id: LinearId,
+        x: &Tensor,
+        y: &Tensor,
+        cuda: Option<&abi::CudaContext>,
+    ) -> PluginResult<()>;
+}
+
+/// The `model-transform` kind (offline; the host streams tensors through it).
+pub trait ModelTransform: Send + 'static {
+    fn create(config: &str) -> PluginResult<Self>
+    where
+        Self: Sized;
+    /// The plan, as JSON, for the input model described by `model` (JSON; see
+    /// [`abi::ModelTransformVTable::plan`]).
+    fn plan(&mut self, model: &str) -> PluginResult<String>;
+    /// Fill output tensor `index` of the plan from its sources.
+    fn produce(&mut self, index: usize, sources: &[Tensor], out: &Tensor) -> PluginResult<()>;
+}
+
+/// Trampolines from the C vtable to a [`LinearKernels`] implementation.
+pub mod linear_trampolines {
+    use super::*;
+
+    /// # Safety
+    /// Called by the host with valid pointers.
+    pub unsafe extern "C" fn create<T: LinearKernels>(
+        config: Str,
+        out: *mut Handle,
+        err: *mut ErrorBuf,
+    ) -> Status {
+        unsafe {
+            guard(err, || {
+                let cfg = config
+                    .as_str()
+                    .map_err(|e| PluginError::invalid(format!("config is not UTF-8: {e}")))?;
+                *out = Box::into_raw(Box::new(T::create(cfg)?)) as Handle;
+                Ok(())
+            })
+        }
+    }
+
+    /// # Safety
+    /// `h` came from `create::<T>`.
+    pub unsafe extern "C" fn destroy<T: LinearKernels>(h: Handle) {
+        if !h.is_null() {
+            let _ = catch_unwind(AssertUnwindSafe(|| unsafe {
+                drop(Box::from_raw(h as *mut T));
+            }));
+        }
+    }
+
+    /// # Safety
+    /// `h` came from `create::<T>`; `w` is valid.
+    pub unsafe extern "C" fn prepare<T: LinearKernels>(
+        h: Handle,
+        id: u64,
+        w: *const abi::TensorView,
+        err: *mut ErrorBuf,
+    ) -> Status {
+        unsafe {
+            guard(err, || {
+                (*(h as *mut T)).prepare(LinearId(id), &Tensor { raw: *w })
+            })
+        }
+    }
+
+    /// # Safety
+    /// `h` came from `create::<T>`; views are valid; `cuda` is null or valid.
+    pub unsafe extern "C" fn linear<T: LinearKernels>(
+        h: Handle,
+        id: u64,
+        x: *const abi::TensorView,
+        y: *const abi::TensorView,
+        cuda: *const abi::CudaContext,
+        err: *mut ErrorBuf,
+    ) -> Status {
+        unsafe {
+            guard(err, || {
+                (*(h as *const T)).linear(
+                    LinearId(id),
+                    &Tensor { raw: *x },
+                    &Tensor { raw: *y },
+                    cuda.as_ref(),
+                )
+            })
+        }
+    }
+
+    pub const fn vtable<T: LinearKernels>() -> abi::LinearKernelsVTable {
+        abi::LinearKernelsVTable {
+            create: create::<T>,
+            destroy: destroy::<T>,
+            prepare: prepare::<T>,
+            linear: linear::<T>,
+        }
+    }
+}
+
+/// Trampolines from the C vtable to a [`ModelTransform`] implementation.
+pub mod transform_trampolines {
+    use super::*;
+
+    /// # Safety
+    /// Called by the host with valid pointers.
+    pub unsafe extern "C" fn create<T: ModelTransform>(
+        config: Str,
+        out: *mut Handle,
+        err: *mut ErrorBuf,
+    ) -> Status {
+        unsafe {
+            guard(err, || {
+                let cfg = config
+                    .as_str()
+                    .map_err(|e| PluginError::invalid(format!("config is not UTF-8: {e}")))?;
+                *out = Box::into_raw(Box::new(T::create(cfg)?)) as Handle;
+                Ok(())
+            })
+        }
+    }
+
+    /// # Safety
+    /// `h` came from `create::<T>`.
+    pub unsafe extern "C" fn destroy<T: ModelTransform>(h: Handle) {
+        if !h.is_null() {
+            let _ = catch_unwind(AssertUnwindSafe(|| unsafe {
+                drop(Box::from_raw(h as *mut T));
+            }));
+        }
+    }
+
+    /// # Safety
+    /// `h` came from `create::<T>`; `out` is a valid host buffer.
+    pub unsafe extern "C" fn plan<T: ModelTransform>(
+        h: Handle,
+        model: Str,
+        out: *mut abi::ByteBuf,
+        err: *mut ErrorBuf,
+    ) -> Status {
+        unsafe {
+            guard(err, || {
+                let m = model
+                    .as_str()
+                    .map_err(|e| PluginError::invalid(format!("model is not UTF-8: {e}")))?;
+                let p = (*(h as *mut T)).plan(m)?;
+                let o = &mut *out;
+                o.len = p.len();
+                if p.len() > o.cap {
+                    return Err(PluginError::exhausted(format!(
+                        "plan needs {} bytes",
+                        p.len()
+                    )));
+                }
+                std::ptr::copy_nonoverlapping(p.as_ptr(), o.ptr, p.len());
+                Ok(())
+            })
+        }
+    }
+
+    /// # Safety
+    /// `h` came from `create::<T>`; views are valid.
+    pub unsafe extern "C" fn produce<T: ModelTransform>(
+        h: Handle,
+        index: u64,
+        sources: *const abi::TensorView,
+        n_sources: u64,
+        out: *const abi::TensorView,
+        err: *mut ErrorBuf,
+    ) -> Status {
+        unsafe {
+            guard(err, || {
+                let src: Vec<Tensor> = if n_sources == 0 {
+                    Vec::new()
+                } else {
+                    std::slice::from_raw_parts(sources, n_sources as usize)
+                        .iter()
+                        .map(|r| Tensor { raw: *r })
+                        .collect()
+                };
+                (*(h as *mut T)).produce(index as usize, &src, &Tensor { raw: *out })
+            })
+        }
+    }
+
+    pub const fn vtable<T: ModelTransform>() -> abi::ModelTransformVTable {
+        abi::ModelTransformVTable {
+            create: create::<T>,
+            destroy: destroy::<T>,
+            plan: plan::<T>,
+            produce: produce::<T>,
+        }
+    }
+}
+
+/// Export the descriptor and root symbol for a vtable (used by the `export_*` macros).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __export_plugin {
+    ($vt_ty:ty, $vt:expr, $kind:expr, $name:expr, $version:expr, $features:expr) => {
+        static SWITCHYARD_VTABLE: $vt_ty = $vt;
         static SWITCHYARD_DESCRIPTOR: $crate::abi::PluginDescriptor =
             $crate::abi::PluginDescriptor {
                 abi_major: $crate::abi::ABI_MAJOR,
                 abi_minor: $crate::abi::ABI_MINOR,
-                kind: $crate::abi::kind::KV_ALLOCATOR,
+                kind: $kind,
                 name: $crate::abi::Str::new($name),
                 version: $crate::abi::Str::new($version),
                 features: $features,
-                vtable: &SWITCHYARD_KV_VTABLE as *const $crate::abi::KvAllocatorVTable
-                    as *const ::std::ffi::c_void,
-                vtable_size: ::std::mem::size_of::<$crate::abi::KvAllocatorVTable>(),
+                vtable: &SWITCHYARD_VTABLE as *const $vt_ty as *const ::std::ffi::c_void,
+                vtable_size: ::std::mem::size_of::<$vt_ty>(),
             };
         /// The plugin's root symbol.
         #[no_mangle]
         pub extern "C" fn switchyard_plugin_v1() -> *const $crate::abi::PluginDescriptor {
             &SWITCHYARD_DESCRIPTOR
         }
+    };
+}
+
+/// Export a [`LinearKernels`] implementation as this library's plugin.
+#[macro_export]
+macro_rules! export_linear_kernels {
+    ($ty:ty, name = $name:expr, version = $version:expr) => {
+        $crate::export_linear_kernels!($ty, name = $name, version = $version, features = 0);
+    };
+    ($ty:ty, name = $name:expr, version = $version:expr, features = $features:expr) => {
+        $crate::__export_plugin!(
+            $crate::abi::LinearKernelsVTable,
+            $crate::linear_trampolines::vtable::<$ty>(),
+            $crate::abi::kind::LINEAR_KERNELS,
+            $name,
+            $version,
+            $features
+        );
+    };
+}
+
+/// Export a [`ModelTransform`] implementation as this library's plugin.
+#[macro_export]
+macro_rules! export_model_transform {
+    ($ty:ty, name = $name:expr, version = $version:expr) => {
+        $crate::export_model_transform!($ty, name = $name, version = $version, features = 0);
+    };
+    ($ty:ty, name = $name:expr, version = $version:expr, features = $features:expr) => {
+        $crate::__export_plugin!(
+            $crate::abi::ModelTransformVTable,
+            $crate::transform_trampolines::vtable::<$ty>(),
+            $crate::abi::kind::MODEL_TRANSFORM,
+            $name,
+            $version,
+            $features
+        );
     };
 }
