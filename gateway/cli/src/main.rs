@@ -1,5 +1,6 @@
 //! The `switchyard` binary.
 
+mod bench_plugins;
 mod bench_serve;
 
 use std::io::Write;
@@ -178,6 +179,8 @@ enum BenchCmd {
     Serve(bench_serve::ServeBenchArgs),
     /// Latency the gateway adds over calling the engine directly (both in this process).
     Gateway(bench_serve::GatewayBenchArgs),
+    /// Cost of plugin calls: a WebAssembly tokenizer patch on a long prompt, native ABI calls.
+    Plugins(bench_plugins::PluginBenchArgs),
 }
 
 fn bar(len: u64, msg: &str) -> ProgressBar {
@@ -245,6 +248,7 @@ fn run(cli: Cli) -> Result<()> {
         }) => bench_decode(&m, batch, prompt_tokens, gen_tokens, reps, kv_plugin, json),
         Cmd::Bench(BenchCmd::Serve(a)) => bench_serve::bench_serve(a),
         Cmd::Bench(BenchCmd::Gateway(a)) => bench_serve::bench_gateway(a),
+        Cmd::Bench(BenchCmd::Plugins(a)) => bench_plugins::bench_plugins(a),
         Cmd::Plugin(PluginCmd::Pack { file, out }) => {
             let p = switchyard_plugin_host::pack(&file, &out)
                 .with_context(|| format!("cannot pack {}", file.display()))?;

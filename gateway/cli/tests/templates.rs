@@ -71,13 +71,19 @@ fn templates_build_pack_load_and_serve() {
         .arg(&so)
         .arg("--out")
         .arg(&dir));
-    assert!(out.contains("packed static-kv 0.1.0 (kv-allocator, ABI 1.0)"), "{out}");
+    assert!(
+        out.contains("packed static-kv 0.1.0 (kv-allocator, ABI 1.0)"),
+        "{out}"
+    );
     let out = run(Command::new(bin())
         .args(["plugin", "pack"])
         .arg(&wasm)
         .arg("--out")
         .arg(&dir));
-    assert!(out.contains("packed pair-merge-patch 0.1.0 (tokenizer-patch, ABI 1.0)"), "{out}");
+    assert!(
+        out.contains("packed pair-merge-patch 0.1.0 (tokenizer-patch, ABI 1.0)"),
+        "{out}"
+    );
     // A file that is not a plugin gets a clear error naming it.
     let junk = dir.join("junk.so");
     std::fs::write(&junk, b"not a library").unwrap();
@@ -143,7 +149,10 @@ fn templates_build_pack_load_and_serve() {
     assert_eq!(s, 200, "{v}");
     let (text, g) = completion(&c, &gw);
     assert_eq!(g, v["generation"].to_string());
-    assert_eq!(text, base, "the identity patch and static allocator change nothing");
+    assert_eq!(
+        text, base,
+        "the identity patch and static allocator change nothing"
+    );
     // Pairs add ids the model cannot read: refused, the old generation keeps serving.
     let (s, v) = put(json!({
         "tokenizer_patch": {"plugin": "pair-merge-patch", "config": "vocab 512\npair 1 2"}
@@ -154,6 +163,9 @@ fn templates_build_pack_load_and_serve() {
     // A configuration the template rejects.
     let (s, v) = put(json!({"kv_allocator": {"plugin": "static-kv", "config": "slots = 2"}}));
     assert_eq!(s, 422, "{v}");
-    assert!(v["error"]["message"].as_str().unwrap().contains("unknown key"));
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("unknown key"));
     let _ = std::fs::remove_dir_all(&dir);
 }
