@@ -1,5 +1,5 @@
-//! Pipelines under load: swaps between the built-in KV allocator and the kv-heap plugin while
-//! 32 clients stream; failed swaps leave the old generation serving; the admin API's auth.
+//! Pipelines under load: swaps between the built-in stages and plugins (a WebAssembly tokenizer
+//! patch and the kv-heap allocator) while 32 clients stream; failed swaps leave the old generation serving; the admin API's auth.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -171,13 +171,18 @@ fn swaps_under_load_drop_nothing() {
     let mut swap_secs = Vec::new();
     let mut last_gen = 1;
     for i in 0..20 {
-        let plugin = if i % 2 == 0 { "kv-heap" } else { "builtin" };
+        // Even swaps: the WebAssembly identity patch + the kv-heap plugin; odd: built-ins.
+        let (patch, plugin) = if i % 2 == 0 {
+            (json!({"plugin": "faulty-patch", "config": "ok"}), "kv-heap")
+        } else {
+            (json!({"plugin": "builtin"}), "builtin")
+        };
         let t0 = Instant::now();
         let (s, v) = admin(
             &gw,
             "PUT",
             "/admin/models/stories260K/pipeline",
-            Some(json!({"kv_allocator": {"plugin": plugin}})),
+            Some(json!({"tokenizer_patch": patch, "kv_allocator": {"plugin": plugin}})),
             Some(TOKEN),
         );
         assert_eq!(s, 200, "{v}");
