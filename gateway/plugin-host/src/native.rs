@@ -339,22 +339,7 @@ fn err_buf(buf: &mut [u8]) -> abi::ErrorBuf {
 }
 
 fn f32_view(data: *const f32, shape: &[usize]) -> abi::TensorView {
-    let mut v = abi::TensorView {
-        ptr: data as *mut c_void,
-        dtype: abi::dtype::F32,
-        ndim: shape.len() as u32,
-        shape: [1; 4],
-        strides: [1; 4],
-        device: abi::device::CPU,
-        device_id: 0,
-    };
-    let mut st = 1i64;
-    for d in (0..shape.len()).rev() {
-        v.shape[d] = shape[d] as i64;
-        v.strides[d] = st;
-        st *= shape[d] as i64;
-    }
-    v
+    abi::TensorView::dense_f32(data, shape)
 }
 
 impl NativePlugin {

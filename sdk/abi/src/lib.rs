@@ -192,6 +192,29 @@ pub struct TensorView {
     pub device_id: i32,
 }
 
+impl TensorView {
+    /// A dense row-major f32 view of `ptr` on the CPU (up to 4 dimensions; strides in
+    /// elements).
+    pub fn dense_f32(ptr: *const f32, shape: &[usize]) -> TensorView {
+        let mut v = TensorView {
+            ptr: ptr as *mut c_void,
+            dtype: dtype::F32,
+            ndim: shape.len().min(4) as u32,
+            shape: [1; 4],
+            strides: [1; 4],
+            device: device::CPU,
+            device_id: 0,
+        };
+        let mut st = 1i64;
+        for d in (0..shape.len().min(4)).rev() {
+            v.shape[d] = shape[d] as i64;
+            v.strides[d] = st;
+            st *= shape[d] as i64;
+        }
+        v
+    }
+}
+
 /// On CUDA, the host's context and stream; plugins launch their work on that stream.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]

@@ -164,16 +164,6 @@ pub mod kv_trampolines {
     }
 
     /// # Safety
-    /// `h` came from `create::<T>` and is not used afterwards.
-    pub unsafe extern "C" fn destroy<T: KvAllocator>(h: Handle) {
-        if !h.is_null() {
-            let _ = catch_unwind(AssertUnwindSafe(|| unsafe {
-                drop(Box::from_raw(h as *mut T));
-            }));
-        }
-    }
-
-    /// # Safety
     /// `h` came from `create::<T>`; pointers are valid.
     pub unsafe extern "C" fn acquire<T: KvAllocator>(
         h: Handle,
@@ -259,7 +249,7 @@ pub mod kv_trampolines {
     pub const fn vtable<T: KvAllocator>() -> abi::KvAllocatorVTable {
         abi::KvAllocatorVTable {
             create: create::<T>,
-            destroy: destroy::<T>,
+            destroy: destroy_boxed::<T>,
             acquire: acquire::<T>,
             ensure: ensure::<T>,
             capacity: capacity::<T>,
@@ -363,22 +353,9 @@ impl Tensor {
     /// A dense f32 CPU view of `data` with `shape` (for tests and hosts).
     pub fn from_f32(data: &[f32], shape: &[usize]) -> Tensor {
         assert!(shape.len() <= 4 && shape.iter().product::<usize>() == data.len());
-        let mut raw = abi::TensorView {
-            ptr: data.as_ptr() as *mut std::ffi::c_void,
-            dtype: abi::dtype::F32,
-            ndim: shape.len() as u32,
-            shape: [1; 4],
-            strides: [1; 4],
-            device: abi::device::CPU,
-            device_id: 0,
-        };
-        let mut s = 1i64;
-        for d in (0..shape.len()).rev() {
-            raw.shape[d] = shape[d] as i64;
-            raw.strides[d] = s;
-            s *= shape[d] as i64;
+        Tensor {
+            raw: abi::TensorView::dense_f32(data.as_ptr(), shape),
         }
-        Tensor { raw }
     }
 }
 
@@ -437,6 +414,40 @@ pub trait ModelTransform: Send + 'static {
     fn produce(&mut self, index: usize, sources: &[Tensor], out: &Tensor) -> PluginResult<()>;
 }
 
+/// Box the instance `make` builds from the UTF-8 `config` into `*out` (the `create` of
+/// every kind whose constructor takes only its configuration).
+///
+/// # Safety
+/// `out` is writable; `err` is null or valid.
+pub unsafe fn create_boxed<T>(
+    config: Str,
+    out: *mut Handle,
+    err: *mut ErrorBuf,
+    make: impl FnOnce(&str) -> PluginResult<T>,
+) -> Status {
+    unsafe {
+        guard(err, || {
+            let cfg = config
+                .as_str()
+                .map_err(|e| PluginError::invalid(format!("config is not UTF-8: {e}")))?;
+            *out = Box::into_raw(Box::new(make(cfg)?)) as Handle;
+            Ok(())
+        })
+    }
+}
+
+/// Drop an instance boxed by a `create` trampoline (the `destroy` of every kind).
+///
+/// # Safety
+/// `h` is null or came from a `create` of `T`, and is not used afterwards.
+pub unsafe extern "C" fn destroy_boxed<T>(h: Handle) {
+    if !h.is_null() {
+        let _ = catch_unwind(AssertUnwindSafe(|| unsafe {
+            drop(Box::from_raw(h as *mut T));
+        }));
+    }
+}
+
 /// Trampolines from the C vtable to a [`LinearKernels`] implementation.
 pub mod linear_trampolines {
     use super::*;
@@ -448,25 +459,7 @@ pub mod linear_trampolines {
         out: *mut Handle,
         err: *mut ErrorBuf,
     ) -> Status {
-        unsafe {
-            guard(err, || {
-                let cfg = config
-                    .as_str()
-                    .map_err(|e| PluginError::invalid(format!("config is not UTF-8: {e}")))?;
-                *out = Box::into_raw(Box::new(T::create(cfg)?)) as Handle;
-                Ok(())
-            })
-        }
-    }
-
-    /// # Safety
-    /// `h` came from `create::<T>`.
-    pub unsafe extern "C" fn destroy<T: LinearKernels>(h: Handle) {
-        if !h.is_null() {
-            let _ = catch_unwind(AssertUnwindSafe(|| unsafe {
-                drop(Box::from_raw(h as *mut T));
-            }));
-        }
+        unsafe { create_boxed(config, out, err, T::create) }
     }
 
     /// # Safety
@@ -509,7 +502,7 @@ pub mod linear_trampolines {
     pub const fn vtable<T: LinearKernels>() -> abi::LinearKernelsVTable {
         abi::LinearKernelsVTable {
             create: create::<T>,
-            destroy: destroy::<T>,
+            destroy: destroy_boxed::<T>,
             prepare: prepare::<T>,
             linear: linear::<T>,
         }
@@ -527,25 +520,7 @@ pub mod transform_trampolines {
         out: *mut Handle,
         err: *mut ErrorBuf,
     ) -> Status {
-        unsafe {
-            guard(err, || {
-                let cfg = config
-                    .as_str()
-                    .map_err(|e| PluginError::invalid(format!("config is not UTF-8: {e}")))?;
-                *out = Box::into_raw(Box::new(T::create(cfg)?)) as Handle;
-                Ok(())
-            })
-        }
-    }
-
-    /// # Safety
-    /// `h` came from `create::<T>`.
-    pub unsafe extern "C" fn destroy<T: ModelTransform>(h: Handle) {
-        if !h.is_null() {
-            let _ = catch_unwind(AssertUnwindSafe(|| unsafe {
-                drop(Box::from_raw(h as *mut T));
-            }));
-        }
+        unsafe { create_boxed(config, out, err, T::create) }
     }
 
     /// # Safety
@@ -604,7 +579,7 @@ pub mod transform_trampolines {
     pub const fn vtable<T: ModelTransform>() -> abi::ModelTransformVTable {
         abi::ModelTransformVTable {
             create: create::<T>,
-            destroy: destroy::<T>,
+            destroy: destroy_boxed::<T>,
             plan: plan::<T>,
             produce: produce::<T>,
         }
