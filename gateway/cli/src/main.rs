@@ -2,6 +2,7 @@
 
 mod bench_plugins;
 mod bench_serve;
+mod transform;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -41,6 +42,13 @@ enum Cmd {
     /// Plugin authoring tools.
     #[command(subcommand)]
     Plugin(PluginCmd),
+    /// Offline model transforms through model-transform plugins (written as a Hugging Face
+    /// safetensors directory).
+    #[command(subcommand)]
+    Transform(transform::TransformCmd),
+    /// Gstack growth planning.
+    #[command(subcommand)]
+    Gstack(transform::GstackCmd),
     /// Print a model's configuration and tensor summary.
     Inspect {
         #[arg(long)]
@@ -264,6 +272,8 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Cmd::Transform(t) => transform::transform(t),
+        Cmd::Gstack(transform::GstackCmd::Plan(a)) => transform::plan(a),
         Cmd::Inspect { model } => inspect(&model),
         Cmd::Serve(a) => serve(a),
     }

@@ -22,6 +22,7 @@ pub mod pool;
 pub mod quant;
 pub mod sampling;
 pub mod scheduler;
+pub mod tensors;
 pub mod tokenizer;
 
 pub use engine::{Engine, EngineOptions, FinishReason, GenerateOutput, GenerateRequest};

@@ -159,21 +159,47 @@ impl TensorSource for GgufSource<'_> {
 }
 
 /// tensor name → (dtype, shape, byte offset in the file, byte length)
-type StIndex = std::collections::HashMap<String, (String, Vec<usize>, usize, usize)>;
+pub(crate) type StIndex = std::collections::HashMap<String, (String, Vec<usize>, usize, usize)>;
 
-struct SafetensorsSource {
+pub(crate) struct SafetensorsSource {
     dir: PathBuf,
     /// (file, mmap, tensor name → (dtype, shape, byte range within the mmap))
-    files: Vec<(PathBuf, Arc<memmap2::Mmap>, StIndex)>,
+    pub(crate) files: Vec<(PathBuf, Arc<memmap2::Mmap>, StIndex)>,
 }
 
 impl SafetensorsSource {
-    fn open(dir: &Path) -> Result<Self> {
-        let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|e| EngineError::io(dir, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-            .collect();
+    pub(crate) fn open(dir: &Path) -> Result<Self> {
+        // The files of the model: those the shard index names, else model.safetensors, else
+        // every *.safetensors (a directory may hold other safetensors, such as test data).
+        let index_path = dir.join("model.safetensors.index.json");
+        let mut paths: Vec<PathBuf> = if index_path.exists() {
+            let bad = |reason: String| EngineError::Config {
+                path: index_path.clone(),
+                reason,
+            };
+            let text = std::fs::read_to_string(&index_path)
+                .map_err(|e| EngineError::io(&index_path, e))?;
+            let j: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+            let map = j["weight_map"]
+                .as_object()
+                .ok_or_else(|| bad("no weight_map object".into()))?;
+            let mut files: Vec<PathBuf> = map
+                .values()
+                .filter_map(|v| v.as_str().map(|f| dir.join(f)))
+                .collect();
+            files.sort();
+            files.dedup();
+            files
+        } else if dir.join("model.safetensors").exists() {
+            vec![dir.join("model.safetensors")]
+        } else {
+            std::fs::read_dir(dir)
+                .map_err(|e| EngineError::io(dir, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                .collect()
+        };
         paths.sort();
         if paths.is_empty() {
             return Err(EngineError::Config {
@@ -190,8 +216,8 @@ impl SafetensorsSource {
                 path: p.clone(),
                 reason,
             };
-            let (hlen, meta) =
-                safetensors::SafeTensors::read_metadata(&map).map_err(|e| bad(e.to_string()))?;
+            let (hlen, meta) = safetensors::SafeTensors::read_metadata(&map)
+                .map_err(|e| bad(truncation(&map).unwrap_or_else(|| e.to_string())))?;
             let base = 8 + hlen;
             let mut index = std::collections::HashMap::new();
             for (name, info) in meta.tensors() {
@@ -218,6 +244,34 @@ impl SafetensorsSource {
             files,
         })
     }
+}
+
+/// Why a safetensors file is shorter than its header says, if it is.
+fn truncation(map: &[u8]) -> Option<String> {
+    let len = map.len();
+    let Some(h) = map.get(..8) else {
+        return Some(format!(
+            "truncated: {len} bytes, not even the header length"
+        ));
+    };
+    let n = u64::from_le_bytes(h.try_into().ok()?) as usize;
+    if 8usize.saturating_add(n) > len {
+        return Some(format!(
+            "truncated: the header alone is {n} bytes, the file holds {len}"
+        ));
+    }
+    let header: serde_json::Value = serde_json::from_slice(&map[8..8 + n]).ok()?;
+    let end = header
+        .as_object()?
+        .values()
+        .filter_map(|t| t["data_offsets"][1].as_u64())
+        .max()? as usize;
+    (8 + n + end > len).then(|| {
+        format!(
+            "truncated: the tensors need {} bytes, the file holds {len}",
+            8 + n + end
+        )
+    })
 }
 
 impl TensorSource for SafetensorsSource {
@@ -464,7 +518,7 @@ fn rope_tables(cfg: &Config) -> (Vec<f32>, Vec<f32>) {
     (cos, sin)
 }
 
-fn gguf_config(g: &GgufFile) -> Result<Config> {
+pub(crate) fn gguf_config(g: &GgufFile) -> Result<Config> {
     let bad = |reason: String| EngineError::Config {
         path: g.path.clone(),
         reason,
@@ -516,7 +570,7 @@ fn gguf_config(g: &GgufFile) -> Result<Config> {
     Ok(cfg)
 }
 
-fn hf_config(dir: &Path) -> Result<Config> {
+pub(crate) fn hf_config(dir: &Path) -> Result<Config> {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| EngineError::io(&path, e))?;
     let bad = |reason: String| EngineError::Config {

@@ -560,8 +560,16 @@ pub mod simd {
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_f16(row: &[u8], x: &[f32]) -> f32 {
-        let n = x.len();
-        assert!(row.len() >= 2 * n && n.is_multiple_of(8));
+        let full = x.len();
+        assert!(row.len() >= 2 * full);
+        // Rows whose length is not a multiple of 8: the tail goes scalar.
+        let n = full & !7;
+        let tail: f32 = (n..full)
+            .map(|i| {
+                half::f16::from_bits(u16::from_le_bytes([row[2 * i], row[2 * i + 1]])).to_f32()
+                    * x[i]
+            })
+            .sum();
         unsafe {
             let mut acc0 = _mm256_setzero_ps();
             let mut acc1 = _mm256_setzero_ps();
@@ -582,14 +590,21 @@ pub mod simd {
                 acc0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x.as_ptr().add(i)), acc0);
                 i += 8;
             }
-            hsum(_mm256_add_ps(acc0, acc1))
+            hsum(_mm256_add_ps(acc0, acc1)) + tail
         }
     }
 
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_bf16(row: &[u8], x: &[f32]) -> f32 {
-        let n = x.len();
-        assert!(row.len() >= 2 * n && n.is_multiple_of(8));
+        let full = x.len();
+        assert!(row.len() >= 2 * full);
+        let n = full & !7;
+        let tail: f32 = (n..full)
+            .map(|i| {
+                half::bf16::from_bits(u16::from_le_bytes([row[2 * i], row[2 * i + 1]])).to_f32()
+                    * x[i]
+            })
+            .sum();
         unsafe {
             let mut acc = _mm256_setzero_ps();
             let mut i = 0;
@@ -599,7 +614,7 @@ pub mod simd {
                 acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(x.as_ptr().add(i)), acc);
                 i += 8;
             }
-            hsum(acc)
+            hsum(acc) + tail
         }
     }
 
@@ -1129,19 +1144,25 @@ mod tests {
 
     #[test]
     fn fused_dots_match_dequantized() {
-        let cols = 256;
-        let x: Vec<f32> = (0..cols)
-            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
-            .collect();
-        let mut xs = Vec::new();
-        block_sums(&x, &mut xs);
-        for ty in [
-            GgmlType::F16,
-            GgmlType::BF16,
-            GgmlType::Q8_0,
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
-        ] {
+        // Half-precision rows of any length (e.g. 172 = stories260K's FFN width), quantized
+        // rows in whole blocks.
+        let cases = [
+            (GgmlType::F16, 256),
+            (GgmlType::F16, 172),
+            (GgmlType::F16, 7),
+            (GgmlType::BF16, 256),
+            (GgmlType::BF16, 172),
+            (GgmlType::BF16, 13),
+            (GgmlType::Q8_0, 256),
+            (GgmlType::Q4_0, 256),
+            (GgmlType::Q4_1, 256),
+        ];
+        for (ty, cols) in cases {
+            let x: Vec<f32> = (0..cols)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+                .collect();
+            let mut xs = Vec::new();
+            block_sums(&x, &mut xs);
             let row = rand_row(ty, cols);
             let mut w = vec![0f32; cols];
             dequantize_row(ty, &row, &mut w);
@@ -1152,7 +1173,7 @@ mod tests {
             ] {
                 assert!(
                     (got as f64 - want).abs() <= 1e-4 * want.abs().max(1.0),
-                    "{ty:?}: {got} vs {want}"
+                    "{ty:?} x {cols}: {got} vs {want}"
                 );
             }
         }

@@ -12,6 +12,7 @@
 
 pub mod manifest;
 pub mod native;
+pub mod transform;
 pub mod wasm;
 
 pub use manifest::Manifest;
@@ -224,7 +225,7 @@ pub fn pack(file: &Path, out_dir: &Path) -> Result<Packed> {
     };
     let file_path = out_dir.join(&file_name);
     // Write beside, then rename: a running gateway never sees half a file.
-    let tmp = out_dir.join(format!(".{file_name}.tmp"));
+    let tmp = out_dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
     std::fs::write(&tmp, &data).map_err(|e| io(&tmp, e))?;
     std::fs::rename(&tmp, &file_path).map_err(|e| io(&file_path, e))?;
     let manifest_path = out_dir.join(format!("{}.toml", manifest.name));
