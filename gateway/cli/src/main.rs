@@ -1,5 +1,6 @@
 //! The `switchyard` binary.
 
+mod bench_kv;
 mod bench_plugins;
 mod bench_serve;
 mod transform;
@@ -180,6 +181,9 @@ enum BenchCmd {
         /// plugin directory) instead of the built-in allocator.
         #[arg(long)]
         kv_plugin: Option<PathBuf>,
+        /// Configuration text of the --kv-plugin (e.g. "page_kb = 64" for vattention).
+        #[arg(long, default_value = "")]
+        kv_config: String,
         #[arg(long)]
         json: bool,
     },
@@ -189,6 +193,9 @@ enum BenchCmd {
     Gateway(bench_serve::GatewayBenchArgs),
     /// Cost of plugin calls: a WebAssembly tokenizer patch on a long prompt, native ABI calls.
     Plugins(bench_plugins::PluginBenchArgs),
+    /// KV allocators: vAttention vs static vs heap (memory on a length mix, sequences in a
+    /// fixed budget, mapping overhead in decode).
+    Kv(bench_kv::KvBenchArgs),
 }
 
 fn bar(len: u64, msg: &str) -> ProgressBar {
@@ -252,11 +259,21 @@ fn run(cli: Cli) -> Result<()> {
             gen_tokens,
             reps,
             kv_plugin,
+            kv_config,
             json,
-        }) => bench_decode(&m, batch, prompt_tokens, gen_tokens, reps, kv_plugin, json),
+        }) => bench_decode(
+            &m,
+            batch,
+            prompt_tokens,
+            gen_tokens,
+            reps,
+            kv_plugin.map(|p| (p, kv_config)),
+            json,
+        ),
         Cmd::Bench(BenchCmd::Serve(a)) => bench_serve::bench_serve(a),
         Cmd::Bench(BenchCmd::Gateway(a)) => bench_serve::bench_gateway(a),
         Cmd::Bench(BenchCmd::Plugins(a)) => bench_plugins::bench_plugins(a),
+        Cmd::Bench(BenchCmd::Kv(a)) => bench_kv::bench_kv(a),
         Cmd::Plugin(PluginCmd::Pack { file, out }) => {
             let p = switchyard_plugin_host::pack(&file, &out)
                 .with_context(|| format!("cannot pack {}", file.display()))?;
@@ -391,21 +408,21 @@ fn bench_decode(
     prompt_tokens: usize,
     gen: usize,
     reps: usize,
-    kv_plugin: Option<PathBuf>,
+    kv_plugin: Option<(PathBuf, String)>,
     json: bool,
 ) -> Result<()> {
     if batch == 0 || gen == 0 || prompt_tokens == 0 {
         bail!("--batch, --prompt-tokens and --gen-tokens must be at least 1");
     }
     let mut e = load(m, batch)?;
-    if let Some(manifest) = kv_plugin {
+    if let Some((manifest, kv_config)) = kv_plugin {
         let dir = manifest
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
         let host = switchyard_plugin_host::PluginHost::new(&[dir]);
         let p = host.load_native(&manifest)?;
-        let kv = p.kv_allocator("", e.kv_layout(batch))?;
+        let kv = p.kv_allocator(&kv_config, e.kv_layout(batch))?;
         e.set_kv(Box::new(kv));
     }
     if prompt_tokens + gen > e.model.cfg.max_context {

@@ -119,7 +119,7 @@ pub fn transform(cmd: TransformCmd) -> Result<()> {
 /// The manifest of the plugin to run: given (a manifest, or a library packed beside this
 /// binary first), or `<name>.toml` in a plugin directory, or the library built beside this
 /// binary.
-fn find_plugin(given: Option<&Path>, dirs: &[PathBuf], name: &str) -> Result<PathBuf> {
+pub(crate) fn find_plugin(given: Option<&Path>, dirs: &[PathBuf], name: &str) -> Result<PathBuf> {
     let packed_dir = || -> Result<PathBuf> {
         let exe = std::env::current_exe().context("locating this binary")?;
         Ok(exe
@@ -143,8 +143,9 @@ fn find_plugin(given: Option<&Path>, dirs: &[PathBuf], name: &str) -> Result<Pat
     }
     let exe = std::env::current_exe().context("locating this binary")?;
     let lib = exe.parent().unwrap_or(Path::new(".")).join(format!(
-        "{}switchyard_{name}{}",
+        "{}switchyard_{}{}",
         std::env::consts::DLL_PREFIX,
+        name.replace('-', "_"),
         std::env::consts::DLL_SUFFIX
     ));
     if !lib.exists() {

@@ -418,6 +418,35 @@ impl Scheduler {
             info.prefill_tokens += n;
             plan.push((i, n, s.cached + n == s.n_prompt));
         }
+        // Make room in the KV cache first, sequence by sequence: when an allocator runs out
+        // of physical memory, that sequence alone fails (its memory goes back for the others)
+        // and the rest of the batch goes ahead. (Admission already waits while an allocator
+        // refuses new sequences.)
+        let mut failed: Vec<(usize, String)> = Vec::new();
+        plan.retain(|&(i, n, _)| {
+            let s = &self.running[i];
+            match self.engine.kv.ensure(s.slot, s.cached + n) {
+                Ok(()) => true,
+                Err(e) => {
+                    failed.push((i, e.to_string()));
+                    false
+                }
+            }
+        });
+        failed.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        for (i, msg) in failed {
+            let last = self.running.len() - 1;
+            let mut s = self.running.swap_remove(i);
+            self.engine.kv.release(s.slot);
+            s.req.sink.send(SeqEvent::Failed(msg));
+            // The sequence that moved into i keeps its place in the plan.
+            for p in plan.iter_mut().filter(|p| p.0 == last) {
+                p.0 = i;
+            }
+        }
+        if plan.is_empty() {
+            return;
+        }
         let chunks: Vec<SeqChunk> = plan
             .iter()
             .map(|&(i, n, logits)| {

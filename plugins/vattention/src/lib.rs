@@ -8,10 +8,10 @@
 //!   committed (`mprotect(READ|WRITE)`, then touched so the page faults happen here, not in
 //!   the attention kernel). One "page" is the configured size in every one of the
 //!   2·n_layers reservations at once.
-//! - **Deferred reclamation:** a freed slot keeps its pages; `acquire` hands out the free slot
-//!   with the most pages so the next request reuses them. Pages go back
-//!   (`madvise(MADV_DONTNEED)` + `mprotect(PROT_NONE)`) only when the physical budget needs
-//!   them for a live sequence.
+//! - **Deferred reclamation:** a freed slot keeps up to `retain_pages` of its pages; `acquire`
+//!   hands out the free slot with the most pages so the next request reuses them. Those pages
+//!   go back (`madvise(MADV_DONTNEED)` + `mprotect(PROT_NONE)`) when the physical budget
+//!   needs them for a live sequence.
 //! - **Mapping ahead:** after each `ensure`, a background thread maps `ahead_pages` beyond the
 //!   sequence's need, so decode steps find their next page already mapped.
 //! - **Budget:** `budget_mb` caps physical KV memory. When it is spent and nothing can be
@@ -19,7 +19,8 @@
 //!   scheduler keeps the request waiting or fails that sequence alone.
 //!
 //! Configuration (`key = value` lines): `page_kb` (4 … 2048, default 64), `budget_mb` (0 = no
-//! cap, default), `ahead_pages` (default 1), `prefault` (true), `background` (true).
+//! cap, default), `ahead_pages` (default 1), `retain_pages` (default 8, or `all`), `prefault`
+//! (true), `background` (true).
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -37,6 +38,8 @@ pub struct Config {
     pub ahead_pages: usize,
     pub prefault: bool,
     pub background: bool,
+    /// Page sets a freed slot keeps for its next sequence (`usize::MAX` = all of them).
+    pub retain_pages: usize,
 }
 
 impl Default for Config {
@@ -47,6 +50,7 @@ impl Default for Config {
             ahead_pages: 1,
             prefault: true,
             background: true,
+            retain_pages: 8,
         }
     }
 }
@@ -87,10 +91,12 @@ pub fn parse_config(text: &str) -> Result<Config, String> {
             "budget_mb" => c.budget_bytes = Some(num()? << 20).filter(|&b| b > 0),
             "ahead_pages" => c.ahead_pages = num()?,
             "prefault" => c.prefault = flag()?,
+            "retain_pages" if v == "all" => c.retain_pages = usize::MAX,
+            "retain_pages" => c.retain_pages = num()?,
             "background" => c.background = flag()?,
             other => {
                 return Err(format!(
-                    "line {}: unknown key {other:?} (known: page_kb, budget_mb, ahead_pages, prefault, background)",
+                    "line {}: unknown key {other:?} (known: page_kb, budget_mb, ahead_pages, prefault, background, retain_pages)",
                     n + 1
                 ))
             }
@@ -486,7 +492,10 @@ impl KvAllocator for VAttention {
     fn release(&mut self, slot: usize) {
         let mut g = self.lock();
         if slot < g.in_use.len() {
-            // The pages stay with the slot for the next sequence (deferred reclamation).
+            // Up to retain_pages stay with the slot for the next sequence (deferred
+            // reclamation); the rest go back now.
+            let keep = g.cfg.retain_pages;
+            g.unmap(slot, keep);
             g.in_use[slot] = false;
             g.used_tokens[slot] = 0;
             g.want[slot] = 0;
@@ -653,7 +662,9 @@ mod tests {
 
     #[test]
     fn freed_slots_keep_pages_for_the_next_sequence() {
-        let mut kv = VAttention::create("page_kb = 4\nahead_pages = 0", layout()).unwrap();
+        let mut kv =
+            VAttention::create("page_kb = 4\nahead_pages = 0\nretain_pages = all", layout())
+                .unwrap();
         let a = kv.acquire().unwrap();
         let b = kv.acquire().unwrap();
         kv.ensure(a, 20).unwrap();
@@ -671,6 +682,15 @@ mod tests {
         kv.ensure(c, 20).unwrap();
         assert_eq!(kv.counters().pages_mapped, mapped);
         assert_eq!(kv.counters().pages_unmapped, 0);
+
+        // With retain_pages = 2 a freed slot keeps two page sets and returns the rest.
+        let mut kv =
+            VAttention::create("page_kb = 4\nahead_pages = 0\nretain_pages = 2", layout()).unwrap();
+        let a = kv.acquire().unwrap();
+        kv.ensure(a, 20).unwrap();
+        kv.release(a);
+        assert_eq!(kv.mapped_pages(a), 2);
+        assert_eq!(kv.counters().pages_unmapped, 3);
     }
 
     #[test]
