@@ -204,13 +204,11 @@ pub fn bench_kv(a: KvBenchArgs) -> Result<()> {
 
     // 1. Memory.
     eprintln!("memory run ...");
-    let mut mem = Vec::new();
-    mem.push(memory_run(&mut HeapKv::new(base), &lens)?);
-    mem.push(memory_run(
-        plugin("vattention", &vcfg, base)?.as_mut(),
-        &lens,
-    )?);
-    mem.push(memory_run(plugin("kv-static", "", base)?.as_mut(), &lens)?);
+    let mem = vec![
+        memory_run(&mut HeapKv::new(base), &lens)?,
+        memory_run(plugin("vattention", &vcfg, base)?.as_mut(), &lens)?,
+        memory_run(plugin("kv-static", "", base)?.as_mut(), &lens)?,
+    ];
     let (v_mean, s_mean) = (
         mem[1]["mean_mapped_mib"].as_f64().unwrap(),
         mem[2]["mean_mapped_mib"].as_f64().unwrap(),

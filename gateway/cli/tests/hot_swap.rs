@@ -34,6 +34,8 @@ fn plugin_dir(name: &str) -> PathBuf {
     for (lib, plugin) in [
         ("libswitchyard_kv_heap.so", "kv-heap"),
         ("libswitchyard_test_faulty_kv.so", "faulty-kv"),
+        ("libswitchyard_kv_static.so", "kv-static"),
+        ("libswitchyard_vattention.so", "vattention"),
     ] {
         let src = target.join(lib);
         assert!(
@@ -171,18 +173,27 @@ fn swaps_under_load_drop_nothing() {
     let mut swap_secs = Vec::new();
     let mut last_gen = 1;
     for i in 0..20 {
-        // Even swaps: the WebAssembly identity patch + the kv-heap plugin; odd: built-ins.
-        let (patch, plugin) = if i % 2 == 0 {
-            (json!({"plugin": "faulty-patch", "config": "ok"}), "kv-heap")
-        } else {
-            (json!({"plugin": "builtin"}), "builtin")
+        // In turn: the WebAssembly identity patch + the kv-heap plugin; built-ins; the static
+        // allocator; vAttention (4 KiB pages, so sequences cross many); so every fourth swap
+        // goes from static allocation to vAttention under load.
+        let none = json!({"plugin": "builtin"});
+        let (patch, plugin, config) = match i % 4 {
+            0 => (
+                json!({"plugin": "faulty-patch", "config": "ok"}),
+                "kv-heap",
+                "",
+            ),
+            1 => (none, "builtin", ""),
+            2 => (none, "kv-static", ""),
+            _ => (none, "vattention", "page_kb = 4\nahead_pages = 2"),
         };
         let t0 = Instant::now();
         let (s, v) = admin(
             &gw,
             "PUT",
             "/admin/models/stories260K/pipeline",
-            Some(json!({"tokenizer_patch": patch, "kv_allocator": {"plugin": plugin}})),
+            Some(json!({"tokenizer_patch": patch,
+                        "kv_allocator": {"plugin": plugin, "config": config}})),
             Some(TOKEN),
         );
         assert_eq!(s, 200, "{v}");
@@ -349,7 +360,16 @@ fn failed_swaps_keep_the_old_generation_and_rollback_works() {
         .iter()
         .map(|p| p["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["faulty-kv", "faulty-patch", "kv-heap"]);
+    assert_eq!(
+        names,
+        [
+            "faulty-kv",
+            "faulty-patch",
+            "kv-heap",
+            "kv-static",
+            "vattention"
+        ]
+    );
     // Plugin panics are caught (the default hook still prints them); none in the server.
     assert!(
         !gw.log().contains("panicked at gateway/server"),
@@ -451,4 +471,67 @@ fn a_webassembly_patch_stage_serves_and_is_metered() {
     );
     assert_eq!(traps, 1.0);
     assert!(gw.metric(r#"switchyard_pipeline_generations_active{model="stories260K"}"#) >= 1.0);
+}
+
+#[test]
+fn vattention_out_of_memory_fails_only_what_it_must() {
+    let dir = plugin_dir("oom");
+    let gw = start(&dir);
+    let long = |c: &Client| {
+        c.post(gw.url("/v1/completions"))
+            .json(&json!({"prompt": "Once upon a time", "max_tokens": 200, "temperature": 0}))
+            .send()
+            .unwrap()
+    };
+    let r = long(&client());
+    assert_eq!(r.status(), 200);
+    let want: Value = r.json().unwrap();
+    let want = want["choices"][0]["text"].as_str().unwrap().to_string();
+    // 1 MiB of physical KV: 25 page sets of 4 KiB in each of the 10 K/V reservations, 32
+    // tokens per page; one 205-token sequence needs 7. Twelve at once cannot all fit.
+    let (s, v) = admin(
+        &gw,
+        "PUT",
+        "/admin/models/stories260K/pipeline",
+        Some(json!({"kv_allocator": {"plugin": "vattention",
+            "config": "page_kb = 4\nbudget_mb = 1\nretain_pages = 0\nahead_pages = 0"}})),
+        Some(TOKEN),
+    );
+    assert_eq!(s, 200, "{v}");
+    // One at a time, everything fits.
+    for _ in 0..3 {
+        let r = long(&client());
+        assert_eq!(r.status(), 200);
+    }
+    // Twelve at once: the budget runs out.
+    let burst: Vec<(u16, Value)> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..12)
+            .map(|_| {
+                sc.spawn(|| {
+                    let r = long(&client());
+                    (r.status().as_u16(), r.json::<Value>().unwrap())
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let ok = burst.iter().filter(|(s, _)| *s == 200).count();
+    let full = burst.iter().filter(|(s, _)| *s == 503).count();
+    assert_eq!(ok + full, 12, "{burst:?}");
+    assert!(ok >= 1 && full >= 1, "ok {ok}, out of memory {full}");
+    for (s, v) in &burst {
+        if *s == 200 {
+            // Nothing another sequence did corrupted this one.
+            assert_eq!(v["choices"][0]["text"], want.as_str());
+        } else {
+            assert_eq!(v["error"]["code"], "kv_cache_exhausted", "{v}");
+            let m = v["error"]["message"].as_str().unwrap();
+            assert!(m.contains("budget exhausted") && m.contains("retry"), "{m}");
+        }
+    }
+    // Served on, with the same text.
+    let r = long(&client());
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().unwrap();
+    assert_eq!(v["choices"][0]["text"], want.as_str());
 }

@@ -433,7 +433,7 @@ impl Scheduler {
                 }
             }
         });
-        failed.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        failed.sort_unstable_by_key(|f| std::cmp::Reverse(f.0));
         for (i, msg) in failed {
             let last = self.running.len() - 1;
             let mut s = self.running.swap_remove(i);

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use switchyard_engine::kv::KvAllocator;
 use switchyard_engine::sampling::SamplingParams;
 use switchyard_engine::GenerateRequest;
 use switchyard_plugin_host::{sha256_file, PluginHost};
@@ -282,4 +283,82 @@ fn linear_kernels_and_model_transform_plugins_run_through_the_host() {
     assert_eq!(out, src);
     let e = t.plan("not json").unwrap_err();
     assert!(e.to_string().contains("model description"), "{e}");
+}
+
+#[test]
+fn vattention_and_static_allocators_give_the_reference_greedy_text() {
+    // The reference: llama2.c's 200 greedy tokens from BOS. Every allocator (and vAttention
+    // in several configurations: 4 KiB pages so a sequence crosses ~30 of them, mapping ahead
+    // on the thread or inline, no prefault, pages kept or returned) must give exactly them.
+    let dir = tmpdir("vattn");
+    let host = PluginHost::new(std::slice::from_ref(&dir));
+    let vm = install(
+        &dir,
+        &library("switchyard-vattention"),
+        "vattention",
+        "kv-allocator",
+        "1.0",
+        None,
+    );
+    let sm = install(
+        &dir,
+        &library("switchyard-kv-static"),
+        "kv-static",
+        "kv-allocator",
+        "1.0",
+        None,
+    );
+    let stories = switchyard_tests::stories_dir();
+    let want: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(stories.join("reference_greedy.json")).unwrap(),
+    )
+    .unwrap();
+    let want: Vec<u32> = want["generated_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    let run = |kv: Option<Box<dyn switchyard_engine::kv::KvAllocator>>| {
+        let mut e = switchyard_tests::load(&stories, 1, 2);
+        if let Some(kv) = kv {
+            e.set_kv(kv);
+        }
+        let req = GenerateRequest {
+            prompt: vec![1],
+            max_tokens: 200,
+            sampling: SamplingParams::default(),
+            stop: vec![],
+        };
+        let out = e.generate(&req, &mut |_| {}).unwrap().tokens;
+        assert_eq!(e.kv.stats().slots_in_use, 0);
+        out
+    };
+    assert_eq!(run(None), want, "builtin heap allocator");
+    let layout = switchyard_tests::load(&stories, 1, 2).kv_layout(2);
+    let sp = host.load_native(&sm).unwrap();
+    assert_eq!(
+        run(Some(Box::new(sp.kv_allocator("", layout).unwrap()))),
+        want,
+        "kv-static"
+    );
+    let vp = host.load_native(&vm).unwrap();
+    for cfg in [
+        "",
+        "page_kb = 4",
+        "page_kb = 4\nahead_pages = 0",
+        "page_kb = 4\nbackground = false\nprefault = false",
+        "page_kb = 4\nretain_pages = 0\nbudget_mb = 1",
+        "page_kb = 2048",
+    ] {
+        let kv = vp.kv_allocator(cfg, layout).unwrap();
+        assert_eq!(kv.name(), "vattention");
+        assert_eq!(run(Some(Box::new(kv))), want, "vattention {cfg:?}");
+    }
+    let e = vp
+        .kv_allocator("page_kb = 3", layout)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("power of two"), "{e}");
 }

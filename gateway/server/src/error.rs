@@ -116,6 +116,23 @@ impl ApiError {
         e
     }
 
+    /// A sequence the engine could not finish: 503 with a retry hint when the KV cache ran
+    /// out of memory (a transient condition), 500 otherwise.
+    pub fn generation_failed(msg: &str) -> Self {
+        if msg.starts_with("KV cache:") && msg.contains("out of capacity") {
+            let mut e = Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                format!("generation stopped: {msg}; retry later"),
+            )
+            .with_code("kv_cache_exhausted");
+            e.retry_after = Some(1);
+            e
+        } else {
+            Self::internal(format!("generation failed: {msg}"))
+        }
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
             .with_code("internal_error")

@@ -281,7 +281,7 @@ pub async fn collect(
             SeqEvent::Failed(msg) => {
                 rec.finish(outcome::ERROR);
                 tracing::error!(id = %job.id, "generation failed: {msg}");
-                return Err(ApiError::internal(format!("generation failed: {msg}")));
+                return Err(ApiError::generation_failed(&msg));
             }
         }
     }
@@ -434,10 +434,7 @@ impl SseStream {
             }
             SeqEvent::Failed(msg) => {
                 tracing::error!(id = %self.job.id, "generation failed: {msg}");
-                self.end(
-                    outcome::ERROR,
-                    Some(ApiError::internal(format!("generation failed: {msg}"))),
-                );
+                self.end(outcome::ERROR, Some(ApiError::generation_failed(&msg)));
             }
         }
     }
