@@ -20,7 +20,7 @@ use switchyard_engine::forward::SeqChunk;
 use switchyard_engine::kv::{HeapKv, KvAllocator, KvLayout};
 use switchyard_engine::sampling::{Sampler, SamplingParams};
 use switchyard_engine::{Engine, EngineOptions};
-use switchyard_plugin_host::{CallObserver, CallOutcome, PluginHost};
+use switchyard_plugin_host::{CallObserver, CallOutcome, NativePlugin, PluginHost};
 
 #[derive(Args)]
 pub struct KvBenchArgs {
@@ -74,11 +74,24 @@ pub fn lengths(n: usize, max_context: usize, seed: u64) -> Vec<usize> {
         .collect()
 }
 
-fn plugin(name: &str, config: &str, layout: KvLayout) -> Result<Box<dyn KvAllocator>> {
-    let manifest = crate::transform::find_plugin(None, &[], name)?;
-    let dir = manifest.parent().unwrap().to_path_buf();
-    let p = PluginHost::new(&[dir]).load_native(&manifest)?;
-    Ok(Box::new(p.kv_allocator(config, layout)?))
+/// The vattention and kv-static plugins (built beside this binary), loaded once.
+struct Plugins {
+    vattention: NativePlugin,
+    kv_static: NativePlugin,
+}
+
+impl Plugins {
+    fn load() -> Result<Self> {
+        let one = |name: &str| -> Result<NativePlugin> {
+            let manifest = crate::transform::find_plugin(None, &[], name)?;
+            let dir = manifest.parent().unwrap().to_path_buf();
+            Ok(PluginHost::new(&[dir]).load_native(&manifest)?)
+        };
+        Ok(Self {
+            vattention: one("vattention")?,
+            kv_static: one("kv-static")?,
+        })
+    }
 }
 
 /// Memory run: mean and peak mapped bytes, mean used bytes.
@@ -128,25 +141,24 @@ fn memory_run(kv: &mut dyn KvAllocator, lens: &[usize]) -> Result<Value> {
 #[derive(Default)]
 struct EnsureTimer {
     ns: AtomicU64,
-    calls: AtomicU64,
 }
 
 impl CallObserver for EnsureTimer {
     fn call(&self, _plugin: &str, op: &str, d: Duration, _o: CallOutcome) {
         if op == "ensure" {
             self.ns.fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
-            self.calls.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
 
-/// Decode `tokens` tokens for `batch` sequences from a 1-token prompt; seconds.
-fn decode(e: &mut Engine, batch: usize, tokens: usize) -> Result<f64> {
+/// Decode `tokens` greedy tokens for `batch` fresh sequences that start from token `first`
+/// (one forward pass per step over the batch); seconds.
+pub fn decode(e: &mut Engine, batch: usize, tokens: usize, first: u32) -> Result<f64> {
     let slots: Vec<usize> = (0..batch)
         .map(|_| e.kv.acquire())
         .collect::<Result<_, _>>()?;
     let vocab = e.model.cfg.vocab_size;
-    let mut last: Vec<u32> = (0..batch as u32).map(|i| 1 + i).collect();
+    let mut last: Vec<u32> = vec![first; batch];
     let mut sampler = Sampler::new(SamplingParams::default());
     let t = Instant::now();
     for step in 0..tokens {
@@ -202,12 +214,14 @@ pub fn bench_kv(a: KvBenchArgs) -> Result<()> {
         mean_len
     );
 
+    let plugins = Plugins::load()?;
+
     // 1. Memory.
     eprintln!("memory run ...");
     let mem = vec![
         memory_run(&mut HeapKv::new(base), &lens)?,
-        memory_run(plugin("vattention", &vcfg, base)?.as_mut(), &lens)?,
-        memory_run(plugin("kv-static", "", base)?.as_mut(), &lens)?,
+        memory_run(&mut plugins.vattention.kv_allocator(&vcfg, base)?, &lens)?,
+        memory_run(&mut plugins.kv_static.kv_allocator("", base)?, &lens)?,
     ];
     let (v_mean, s_mean) = (
         mem[1]["mean_mapped_mib"].as_f64().unwrap(),
@@ -223,8 +237,7 @@ pub fn bench_kv(a: KvBenchArgs) -> Result<()> {
         max_slots: (budget / (16.0 * per_token)) as usize + 1,
         ..base
     };
-    let mut v = plugin(
-        "vattention",
+    let mut v = plugins.vattention.kv_allocator(
         &format!("{vcfg}\nbudget_mb = {}\nahead_pages = 0", a.budget_mb),
         many,
     )?;
@@ -245,34 +258,29 @@ pub fn bench_kv(a: KvBenchArgs) -> Result<()> {
         ..base
     };
     let timer = Arc::new(EnsureTimer::default());
-    let mut times: Vec<(String, Vec<f64>)> = Vec::new();
     let names = ["heap", "vattention", "kv-static"];
-    for n in names {
-        times.push((n.to_string(), Vec::new()));
-    }
+    let mut secs: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    let mut ensure_share = Vec::new();
     for round in 0..=a.rounds {
         for (i, n) in names.iter().enumerate() {
-            let kv: Box<dyn KvAllocator> = match *n {
-                "heap" => Box::new(HeapKv::new(dl)),
-                "vattention" => {
-                    let manifest = crate::transform::find_plugin(None, &[], "vattention")?;
-                    let dir = manifest.parent().unwrap().to_path_buf();
-                    let p = PluginHost::new(&[dir]).load_native(&manifest)?;
-                    Box::new(p.kv_allocator(&vcfg, dl)?.with_observer(timer.clone()))
-                }
-                _ => plugin(n, "", dl)?,
+            let kv: Box<dyn KvAllocator> = match i {
+                0 => Box::new(HeapKv::new(dl)),
+                1 => Box::new(
+                    plugins
+                        .vattention
+                        .kv_allocator(&vcfg, dl)?
+                        .with_observer(timer.clone()),
+                ),
+                _ => Box::new(plugins.kv_static.kv_allocator("", dl)?),
             };
             e.set_kv(kv);
-            if *n == "vattention" && round > 0 {
-                timer.ns.store(0, Ordering::Relaxed);
-                timer.calls.store(0, Ordering::Relaxed);
-            }
-            let secs = decode(&mut e, a.decode_batch, a.decode_tokens)?;
+            timer.ns.store(0, Ordering::Relaxed);
+            let t = decode(&mut e, a.decode_batch, a.decode_tokens, 1)?;
             if round > 0 {
-                times[i].1.push(secs);
+                // round 0 warms up
+                secs[i].push(t);
                 if *n == "vattention" {
-                    let ns = timer.ns.load(Ordering::Relaxed) as f64;
-                    times[i].1.push(-ns / 1e9); // kept apart below
+                    ensure_share.push(timer.ns.load(Ordering::Relaxed) as f64 / 1e9 / t);
                 }
             }
         }
@@ -282,23 +290,10 @@ pub fn bench_kv(a: KvBenchArgs) -> Result<()> {
         v[v.len() / 2]
     };
     let mut decode_json = serde_json::Map::new();
-    let mut ensure_share = Vec::new();
-    for (n, v) in &times {
-        let secs: Vec<f64> = v.iter().copied().filter(|x| *x > 0.0).collect();
-        if n == "vattention" {
-            let ens: Vec<f64> = v
-                .iter()
-                .copied()
-                .filter(|x| *x <= 0.0)
-                .map(|x| -x)
-                .collect();
-            for (s, e) in secs.iter().zip(&ens) {
-                ensure_share.push(e / s);
-            }
-        }
-        let m = median(secs);
+    for (n, v) in names.iter().zip(secs) {
+        let m = median(v);
         decode_json.insert(
-            n.clone(),
+            n.to_string(),
             json!({"median_seconds": m, "tok_s": (a.decode_batch * a.decode_tokens) as f64 / m}),
         );
     }

@@ -13,8 +13,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use switchyard_engine::chat::Message;
-use switchyard_engine::forward::SeqChunk;
-use switchyard_engine::sampling::{Sampler, SamplingParams};
+use switchyard_engine::sampling::SamplingParams;
 use switchyard_engine::{Engine, EngineOptions, GenerateRequest};
 
 #[derive(Parser)]
@@ -451,29 +450,7 @@ fn bench_decode(
         for &s in &slots {
             e.kv.release(s);
         }
-        let slots: Vec<usize> = (0..batch)
-            .map(|_| e.kv.acquire())
-            .collect::<Result<_, _>>()?;
-        let mut last: Vec<u32> = vec![prompt[0]; batch];
-        let mut sampler = Sampler::new(SamplingParams::default());
-        let t = Instant::now();
-        for step in 0..gen {
-            let toks: Vec<[u32; 1]> = last.iter().map(|&t| [t]).collect();
-            let chunks: Vec<SeqChunk> = slots
-                .iter()
-                .zip(&toks)
-                .map(|(&s, t)| SeqChunk::last_logits(s, step, t))
-                .collect();
-            let logits = e.fwd.forward(&e.model, e.kv.as_mut(), &chunks)?;
-            let v = vocab as usize;
-            for (i, l) in last.iter_mut().enumerate() {
-                *l = sampler.sample(&logits[i * v..(i + 1) * v]);
-            }
-        }
-        let tg = (gen * batch) as f64 / t.elapsed().as_secs_f64();
-        for s in slots {
-            e.kv.release(s);
-        }
+        let tg = (gen * batch) as f64 / bench_kv::decode(&mut e, batch, gen, prompt[0])?;
         if rep > 0 {
             pps.push(pp);
             tgs.push(tg);

@@ -283,18 +283,7 @@ impl TensorSource for SafetensorsSource {
             let Some((dtype, shape, start, len)) = index.get(name) else {
                 continue;
             };
-            let ty = match dtype.as_str() {
-                "F32" => GgmlType::F32,
-                "F16" => GgmlType::F16,
-                "BF16" => GgmlType::BF16,
-                other => {
-                    return Err(EngineError::UnsupportedDtype {
-                        path: path.clone(),
-                        tensor: name.into(),
-                        dtype: other.into(),
-                    })
-                }
-            };
+            let ty = st_dtype(path, name, dtype)?;
             let cols = *shape.last().unwrap_or(&1);
             let rows = if shape.len() > 1 {
                 shape[..shape.len() - 1].iter().product()
@@ -314,6 +303,20 @@ impl TensorSource for SafetensorsSource {
             }));
         }
         Ok(None)
+    }
+}
+
+/// The tensor type of a safetensors dtype the engine reads (F32, F16, BF16).
+pub(crate) fn st_dtype(path: &Path, tensor: &str, dtype: &str) -> Result<GgmlType> {
+    match dtype {
+        "F32" => Ok(GgmlType::F32),
+        "F16" => Ok(GgmlType::F16),
+        "BF16" => Ok(GgmlType::BF16),
+        other => Err(EngineError::UnsupportedDtype {
+            path: path.to_path_buf(),
+            tensor: tensor.into(),
+            dtype: other.into(),
+        }),
     }
 }
 

@@ -49,7 +49,8 @@ enum Where {
 }
 
 enum Files {
-    Gguf(Arc<GgufFile>),
+    /// The file and the tokenizer built from its metadata (once, at open).
+    Gguf(Arc<GgufFile>, Box<Tokenizer>),
     St(SafetensorsSource),
 }
 
@@ -92,20 +93,9 @@ impl ModelFiles {
             let mut list: Vec<_> = index.iter().collect();
             list.sort_by_key(|(_, v)| v.2);
             for (name, (dtype, shape, start, len)) in list {
-                let stored = match dtype.as_str() {
-                    "F32" => GgmlType::F32,
-                    "F16" => GgmlType::F16,
-                    "BF16" => GgmlType::BF16,
-                    other => {
-                        return Err(EngineError::UnsupportedDtype {
-                            path: path.clone(),
-                            tensor: name.clone(),
-                            dtype: other.into(),
-                        })
-                    }
-                };
+                let stored = model::st_dtype(path, name, dtype)?;
                 let n: usize = shape.iter().product();
-                if n * elem_bytes(dtype) != *len {
+                if stored.row_bytes(n) != *len {
                     return Err(EngineError::Safetensors {
                         path: path.clone(),
                         reason: format!("tensor '{name}': {len} bytes for shape {shape:?}"),
@@ -210,7 +200,7 @@ impl ModelFiles {
             config,
             cfg,
             tensors,
-            files: Files::Gguf(Arc::new(g)),
+            files: Files::Gguf(Arc::new(g), Box::new(tok)),
         })
     }
 
@@ -225,7 +215,7 @@ impl ModelFiles {
 
     fn raw(&self, t: &TensorMeta) -> &[u8] {
         match (&self.files, &t.where_) {
-            (Files::Gguf(g), Where::Gguf { index, .. }) => {
+            (Files::Gguf(g, _), Where::Gguf { index, .. }) => {
                 g.tensor_bytes(&g.header.tensors[*index])
             }
             (Files::St(st), Where::St { file, start, len }) => &st.files[*file].1[*start..][..*len],
@@ -305,8 +295,7 @@ impl ModelFiles {
                     }
                 }
             }
-            Files::Gguf(g) => {
-                let tok = Tokenizer::from_gguf(g)?;
+            Files::Gguf(_, tok) => {
                 let p = dir.join("tokenizer.json");
                 tok.inner()
                     .save(&p, false)
@@ -355,13 +344,6 @@ impl ModelFiles {
 pub fn write_json(path: &Path, v: &Json) -> Result<()> {
     let text = serde_json::to_string_pretty(v).expect("JSON values serialize");
     std::fs::write(path, text + "\n").map_err(|e| EngineError::io(path, e))
-}
-
-fn elem_bytes(dtype: &str) -> usize {
-    match dtype {
-        "F32" => 4,
-        _ => 2,
-    }
 }
 
 /// The Hugging Face name of a GGUF llama tensor, and the head count to un-permute by for q/k.

@@ -229,7 +229,14 @@ pub fn pack(file: &Path, out_dir: &Path) -> Result<Packed> {
     std::fs::write(&tmp, &data).map_err(|e| io(&tmp, e))?;
     std::fs::rename(&tmp, &file_path).map_err(|e| io(&file_path, e))?;
     let manifest_path = out_dir.join(format!("{}.toml", manifest.name));
-    std::fs::write(&manifest_path, manifest.to_toml()).map_err(|e| io(&manifest_path, e))?;
+    // The manifest too: a reader (or a concurrent pack) never sees half of it.
+    let tmp = out_dir.join(format!(
+        ".{}.toml.tmp-{}",
+        manifest.name,
+        std::process::id()
+    ));
+    std::fs::write(&tmp, manifest.to_toml()).map_err(|e| io(&tmp, e))?;
+    std::fs::rename(&tmp, &manifest_path).map_err(|e| io(&manifest_path, e))?;
     Ok(Packed {
         manifest,
         manifest_path,

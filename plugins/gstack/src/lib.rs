@@ -14,7 +14,7 @@
 
 use serde_json::{json, Value};
 use switchyard_plugin::{
-    export_model_transform, ModelTransform, PluginError, PluginResult, Tensor,
+    copy_one_source, export_model_transform, ModelTransform, PluginError, PluginResult, Tensor,
 };
 
 /// Architectures whose decoder layers are `model.layers.N.*` with `num_hidden_layers`.
@@ -32,25 +32,16 @@ pub enum Growth {
 pub fn parse_config(config: &str) -> Result<Growth, String> {
     let mut factor = None;
     let mut layers = None;
-    for (n, line) in config.lines().enumerate() {
-        let line = line.split('#').next().unwrap_or("").trim();
-        if line.is_empty() {
-            continue;
-        }
-        let (k, v) = line
-            .split_once('=')
-            .ok_or_else(|| format!("line {}: expected `key = value`, got {line:?}", n + 1))?;
-        let (k, v) = (k.trim(), v.trim());
+    for (n, k, v) in switchyard_plugin::config_pairs(config)? {
         let num: i64 = v
             .parse()
-            .map_err(|_| format!("line {}: {k} must be an integer, got {v:?}", n + 1))?;
+            .map_err(|_| format!("line {n}: {k} must be an integer, got {v:?}"))?;
         match k {
             "factor" => factor = Some(num),
             "layers" => layers = Some(num),
             other => {
                 return Err(format!(
-                    "line {}: unknown key {other:?} (known: factor, layers)",
-                    n + 1
+                    "line {n}: unknown key {other:?} (known: factor, layers)"
                 ))
             }
         }
@@ -211,18 +202,7 @@ impl ModelTransform for Gstack {
             .sizes
             .get(index)
             .ok_or_else(|| PluginError::invalid(format!("no tensor {index} in the plan")))?;
-        let [src] = sources else {
-            return Err(PluginError::invalid("one source expected"));
-        };
-        // SAFETY: host views valid for the call.
-        let (s, o) = unsafe { (src.as_f32()?, out.as_f32_mut()?) };
-        if s.len() != n || o.len() != n {
-            return Err(PluginError::invalid(
-                "source and output sizes differ from the plan",
-            ));
-        }
-        o.copy_from_slice(s);
-        Ok(())
+        copy_one_source(n, sources, out)
     }
 }
 

@@ -4,7 +4,7 @@
 
 use serde_json::{json, Value};
 use switchyard_plugin::{
-    export_model_transform, ModelTransform, PluginError, PluginResult, Tensor,
+    copy_one_source, export_model_transform, ModelTransform, PluginError, PluginResult, Tensor,
 };
 
 pub struct Identity {
@@ -53,18 +53,7 @@ impl ModelTransform for Identity {
             .sizes
             .get(index)
             .ok_or_else(|| PluginError::invalid(format!("no tensor {index} in the plan")))?;
-        let [src] = sources else {
-            return Err(PluginError::invalid("one source expected"));
-        };
-        // SAFETY: host views valid for the call.
-        let (s, o) = unsafe { (src.as_f32()?, out.as_f32_mut()?) };
-        if s.len() != n || o.len() != n {
-            return Err(PluginError::invalid(
-                "source and output sizes differ from the plan",
-            ));
-        }
-        o.copy_from_slice(s);
-        Ok(())
+        copy_one_source(n, sources, out)
     }
 }
 

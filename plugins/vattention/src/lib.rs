@@ -57,26 +57,14 @@ impl Default for Config {
 
 pub fn parse_config(text: &str) -> Result<Config, String> {
     let mut c = Config::default();
-    for (n, line) in text.lines().enumerate() {
-        let line = line.split('#').next().unwrap_or("").trim();
-        if line.is_empty() {
-            continue;
-        }
-        let (k, v) = line
-            .split_once('=')
-            .ok_or_else(|| format!("line {}: expected `key = value`, got {line:?}", n + 1))?;
-        let (k, v) = (k.trim(), v.trim());
+    for (n, k, v) in switchyard_plugin::config_pairs(text)? {
         let num = || -> Result<usize, String> {
-            v.parse().map_err(|_| {
-                format!(
-                    "line {}: {k} must be a non-negative integer, got {v:?}",
-                    n + 1
-                )
-            })
+            v.parse()
+                .map_err(|_| format!("line {n}: {k} must be a non-negative integer, got {v:?}"))
         };
         let flag = || -> Result<bool, String> {
             v.parse()
-                .map_err(|_| format!("line {}: {k} must be true or false, got {v:?}", n + 1))
+                .map_err(|_| format!("line {n}: {k} must be true or false, got {v:?}"))
         };
         match k {
             "page_kb" => {
@@ -96,8 +84,7 @@ pub fn parse_config(text: &str) -> Result<Config, String> {
             "background" => c.background = flag()?,
             other => {
                 return Err(format!(
-                    "line {}: unknown key {other:?} (known: page_kb, budget_mb, ahead_pages, prefault, background, retain_pages)",
-                    n + 1
+                    "line {n}: unknown key {other:?} (known: page_kb, budget_mb, ahead_pages, prefault, background, retain_pages)"
                 ))
             }
         }
@@ -291,7 +278,6 @@ pub struct VAttention {
     shared: Shared,
     worker: Option<JoinHandle<()>>,
     _res: Reservations,
-    layout: KvLayout,
 }
 
 impl VAttention {
@@ -420,7 +406,6 @@ impl KvAllocator for VAttention {
             shared,
             worker,
             _res: res,
-            layout,
         })
     }
 
@@ -530,7 +515,7 @@ impl KvAllocator for VAttention {
 
 impl VAttention {
     pub fn layout(&self) -> KvLayout {
-        self.layout
+        self.lock().layout
     }
 }
 

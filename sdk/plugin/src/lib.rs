@@ -132,6 +132,41 @@ pub unsafe fn guard(err: *mut ErrorBuf, f: impl FnOnce() -> PluginResult<()>) ->
 }
 
 /// Trampolines from the C vtable to a [`KvAllocator`] implementation.
+/// The `key = value` lines of a plugin configuration text (`#` starts a comment, blank
+/// lines are skipped): `(line number, key, value)`, trimmed. The shared reader for plugins
+/// whose configuration is a few settings.
+pub fn config_pairs(text: &str) -> Result<Vec<(usize, &str, &str)>, String> {
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let (k, v) = line
+            .split_once('=')
+            .ok_or_else(|| format!("line {}: expected `key = value`, got {line:?}", n + 1))?;
+        out.push((n + 1, k.trim(), v.trim()));
+    }
+    Ok(out)
+}
+
+/// `produce` of a transform whose output tensor is a copy of its one source (Gstack, the
+/// identity): checks the sizes against the planned element count `n`, then copies.
+pub fn copy_one_source(n: usize, sources: &[Tensor], out: &Tensor) -> PluginResult<()> {
+    let [src] = sources else {
+        return Err(PluginError::invalid("one source expected"));
+    };
+    // SAFETY: host views valid for the call.
+    let (s, o) = unsafe { (src.as_f32()?, out.as_f32_mut()?) };
+    if s.len() != n || o.len() != n {
+        return Err(PluginError::invalid(
+            "source and output sizes differ from the plan",
+        ));
+    }
+    o.copy_from_slice(s);
+    Ok(())
+}
+
 pub mod kv_trampolines {
     use super::*;
 
