@@ -35,6 +35,7 @@ fn collect(rx: mpsc::Receiver<SeqEvent>) -> (Vec<u32>, String, FinishReason) {
                 reason,
                 text: t,
                 completion_tokens,
+                ..
             } => {
                 text.push_str(&t);
                 assert_eq!(completion_tokens, ids.len());

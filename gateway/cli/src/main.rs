@@ -3,6 +3,7 @@
 mod bench_kv;
 mod bench_plugins;
 mod bench_serve;
+mod chat;
 mod transform;
 
 use std::io::Write;
@@ -39,6 +40,9 @@ enum Cmd {
     Bench(BenchCmd),
     /// Serve models over an OpenAI-compatible HTTP API.
     Serve(ServeArgs),
+    /// Chat in the terminal with a running gateway (--url) or with a model served
+    /// in-process (--model PATH); answers stream as they are generated.
+    Chat(chat::ChatArgs),
     /// Plugin authoring tools.
     #[command(subcommand)]
     Plugin(PluginCmd),
@@ -292,6 +296,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Gstack(transform::GstackCmd::Plan(a)) => transform::plan(a),
         Cmd::Inspect { model } => inspect(&model),
         Cmd::Serve(a) => serve(a),
+        Cmd::Chat(a) => chat::chat(a),
     }
 }
 

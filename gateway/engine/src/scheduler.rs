@@ -55,6 +55,8 @@ pub enum SeqEvent {
     /// Admitted into a slot after `queue_secs` in the waiting queue.
     Started {
         queue_secs: f64,
+        /// Prompt tokens the tokenizer patch saved (base ids minus the ids the model reads).
+        prompt_saved: usize,
     },
     /// One generated token and the text it released (may be empty while a multi-byte
     /// character or a possible stop string is incomplete).
@@ -68,6 +70,8 @@ pub enum SeqEvent {
         reason: FinishReason,
         text: String,
         completion_tokens: usize,
+        /// Generated tokens the tokenizer patch saved (base ids minus generated ids).
+        completion_saved: usize,
     },
     Failed(String),
 }
@@ -194,6 +198,8 @@ struct Seq {
     /// Tokens already written to the KV cache.
     cached: usize,
     generated: usize,
+    /// Base ids the generated tokens stand for (more than `generated` under a patch).
+    generated_base: usize,
     max_new: usize,
     sampler: Sampler,
     text: TextStream,
@@ -339,9 +345,13 @@ impl Scheduler {
             };
             let mut w = self.queue.pop_front().unwrap();
             self.waiting_count.fetch_sub(1, Ordering::AcqRel);
+            let mut prompt_saved = 0;
             if let Some(p) = &self.engine.patch {
                 match p.encode(&w.req.prompt) {
-                    Ok(ids) => w.req.prompt = ids,
+                    Ok(ids) => {
+                        prompt_saved = w.req.prompt.len().saturating_sub(ids.len());
+                        w.req.prompt = ids;
+                    }
                     Err(e) => {
                         self.engine.kv.release(slot);
                         w.req.sink.send(SeqEvent::Failed(e.to_string()));
@@ -366,7 +376,10 @@ impl Scheduler {
                 continue;
             }
             let queue_secs = w.arrived.elapsed().as_secs_f64();
-            if !w.req.sink.send(SeqEvent::Started { queue_secs }) {
+            if !w.req.sink.send(SeqEvent::Started {
+                queue_secs,
+                prompt_saved,
+            }) {
                 self.engine.kv.release(slot);
                 self.observer.cancelled();
                 continue;
@@ -381,6 +394,7 @@ impl Scheduler {
                 n_prompt,
                 cached: 0,
                 generated: 0,
+                generated_base: 0,
                 max_new,
                 sampler: Sampler::new(w.req.sampling.clone()),
                 text: TextStream::new(&w.req.stop),
@@ -549,6 +563,7 @@ fn sample_one(
             reason,
             text: tail,
             completion_tokens: s.generated,
+            completion_saved: s.generated_base.saturating_sub(s.generated),
         });
         Next::Done
     };
@@ -568,6 +583,7 @@ fn sample_one(
     }
     s.tokens.push(id);
     s.generated += 1;
+    s.generated_base += base.len();
     let mut delta = String::new();
     let mut hit = false;
     for &b in &base {

@@ -95,6 +95,8 @@ struct Recorder {
     first: bool,
     last_token: Vec<Option<Instant>>,
     outcome: Option<&'static str>,
+    /// Tokens the tokenizer patch saved in this request: prompt, completion.
+    saved: (usize, usize),
 }
 
 impl Recorder {
@@ -111,13 +113,27 @@ impl Recorder {
             first: true,
             last_token: vec![None; job.choices],
             outcome: None,
+            saved: (0, 0),
         }
     }
 
     fn event(&mut self, index: usize, ev: &SeqEvent) {
         let m = &self.ready.metrics;
         match ev {
-            SeqEvent::Started { queue_secs } => m.queue_time.observe(*queue_secs),
+            SeqEvent::Started {
+                queue_secs,
+                prompt_saved,
+            } => {
+                m.queue_time.observe(*queue_secs);
+                m.prompt_saved.inc_by(*prompt_saved as u64);
+                self.saved.0 += prompt_saved;
+            }
+            SeqEvent::Finished {
+                completion_saved, ..
+            } => {
+                m.completion_saved.inc_by(*completion_saved as u64);
+                self.saved.1 += completion_saved;
+            }
             SeqEvent::Token { .. } => {
                 let now = Instant::now();
                 if self.first {
@@ -272,6 +288,7 @@ pub async fn collect(
                 reason,
                 text,
                 completion_tokens,
+                ..
             } => {
                 a.text.push_str(&text);
                 a.completion_tokens = completion_tokens;
@@ -314,12 +331,22 @@ pub async fn collect(
         "model": job.model,
         "system_fingerprint": Value::Null,
         "choices": choices,
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        },
+        "usage": usage(&job, prompt_tokens, completion_tokens, rec.saved),
     }))
+}
+
+/// The `usage` object. Under a tokenizer patch it adds `tokens_saved` (prompt and completion
+/// tokens the model did not have to process, against the base tokenizer's count).
+fn usage(job: &Job, prompt: usize, completion: usize, saved: (usize, usize)) -> Value {
+    let mut u = json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    });
+    if job.ready.spec.tokenizer_patch.plugin != "builtin" {
+        u["tokens_saved"] = json!({"prompt": saved.0, "completion": saved.1});
+    }
+    u
 }
 
 /// The state of one SSE response.
@@ -453,7 +480,7 @@ impl SseStream {
                 "model": j.model,
                 "system_fingerprint": Value::Null,
                 "choices": [],
-                "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c},
+                "usage": usage(j, p, c, self.rec.saved),
             });
             self.pending.push_back(sse(&v));
         }

@@ -107,6 +107,15 @@ pub fn init_logging(json: bool) {
 /// Serve until SIGINT/SIGTERM (graceful: in-flight requests finish within the configured
 /// timeout) or until a model fails to load (error).
 pub async fn serve(cfg: GatewayConfig) -> anyhow::Result<()> {
+    serve_notify(cfg, None).await
+}
+
+/// [`serve`], sending the bound addresses to `bound` once it listens (for in-process use
+/// with port 0).
+pub async fn serve_notify(
+    cfg: GatewayConfig,
+    bound: Option<std::sync::mpsc::Sender<Vec<std::net::SocketAddr>>>,
+) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let state = web::Data::new(AppState::new(cfg.clone(), metrics));
     let s = &cfg.server;
@@ -130,6 +139,9 @@ pub async fn serve(cfg: GatewayConfig) -> anyhow::Result<()> {
     .with_context(|| format!("cannot listen on {}:{}", s.host, s.port))?;
     for a in srv.addrs() {
         tracing::info!("listening on http://{a}");
+    }
+    if let Some(tx) = bound {
+        let _ = tx.send(srv.addrs());
     }
     let server = srv.run();
     let handle = server.handle();

@@ -56,6 +56,8 @@ pub struct Metrics {
     pub plugin_calls: IntCounterVec,
     pub plugin_call_seconds: HistogramVec,
     pub plugin_traps: IntCounterVec,
+    pub tokens_saved: IntCounterVec,
+    pub activation_sparsity: GaugeVec,
 }
 
 /// Plugin call durations: 1 µs to 1 s.
@@ -231,6 +233,24 @@ impl Metrics {
                 &["model", "generation", "plugin", "reason"],
             )
             .unwrap(),
+            tokens_saved: IntCounterVec::new(
+                Opts::new(
+                    "switchyard_tokens_saved_total",
+                    "Tokens the tokenizer patch saved, by kind (prompt, completion): base-tokenizer \
+                     ids minus the ids the model processed.",
+                ),
+                &["model", "kind"],
+            )
+            .unwrap(),
+            activation_sparsity: GaugeVec::new(
+                Opts::new(
+                    "switchyard_activation_sparsity_ratio",
+                    "Share of linear-layer inputs the pipeline's linear kernels skip \
+                     (0 = dense).",
+                ),
+                &["model"],
+            )
+            .unwrap(),
             admin_actions: IntCounterVec::new(
                 Opts::new(
                     "switchyard_admin_actions_total",
@@ -280,6 +300,8 @@ impl Metrics {
         r.register(Box::new(m.plugin_call_seconds.clone())).unwrap();
         r.register(Box::new(m.plugin_traps.clone())).unwrap();
         r.register(Box::new(m.admin_actions.clone())).unwrap();
+        r.register(Box::new(m.tokens_saved.clone())).unwrap();
+        r.register(Box::new(m.activation_sparsity.clone())).unwrap();
         #[cfg(target_os = "linux")]
         r.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -314,6 +336,12 @@ impl Metrics {
             self.swaps.with_label_values(&[model, r]);
         }
         self.swap_seconds.with_label_values(&[model]);
+        for k in ["prompt", "completion"] {
+            self.tokens_saved.with_label_values(&[model, k]);
+        }
+        self.activation_sparsity
+            .with_label_values(&[model])
+            .set(0.0);
         self.generations_active.with_label_values(&[model]);
     }
 
@@ -352,6 +380,8 @@ impl Metrics {
             batch_seqs: self.batch_seqs.with_label_values(l),
             step_seconds: self.step_seconds.with_label_values(l),
             cancelled: self.sequences_cancelled.with_label_values(l),
+            prompt_saved: self.tokens_saved.with_label_values(&[model, "prompt"]),
+            completion_saved: self.tokens_saved.with_label_values(&[model, "completion"]),
         }
     }
 }
@@ -382,6 +412,8 @@ pub struct ModelMetrics {
     batch_seqs: Histogram,
     step_seconds: Histogram,
     cancelled: IntCounter,
+    pub prompt_saved: IntCounter,
+    pub completion_saved: IntCounter,
 }
 
 impl SchedObserver for ModelMetrics {

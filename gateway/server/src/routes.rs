@@ -302,9 +302,17 @@ async fn models(st: State) -> HttpResponse {
 }
 
 fn model_card(m: &crate::state::ModelEntry) -> serde_json::Value {
-    let (ready, ctx, created) = match &*m.state.read().unwrap() {
-        ModelState::Ready(r) => (true, Some(r.max_context), r.created),
-        _ => (false, None, 0),
+    let (ready, ctx, created, pipeline) = match &*m.state.read().unwrap() {
+        ModelState::Ready(r) => {
+            let plugins: Vec<_> = r
+                .plugins
+                .iter()
+                .map(|p| json!({"stage": p.stage, "name": p.name, "kind": p.kind, "version": p.version}))
+                .collect();
+            let pipeline = json!({"generation": r.generation, "plugins": plugins});
+            (true, Some(r.max_context), r.created, pipeline)
+        }
+        _ => (false, None, 0, serde_json::Value::Null),
     };
     json!({
         "id": m.cfg.name,
@@ -314,6 +322,7 @@ fn model_card(m: &crate::state::ModelEntry) -> serde_json::Value {
         "root": m.cfg.path.display().to_string(),
         "max_model_len": ctx,
         "ready": ready,
+        "pipeline": pipeline,
     })
 }
 
