@@ -3,7 +3,9 @@
 #  - the default model (scripts/fetch-default-model.sh);
 #  - llama.cpp's tokenizer test vectors (vocabulary-only GGUF files with .inp/.out pairs),
 #    from the PyPI source package llama-cpp-python==0.3.36 (MIT), into .cache/vocab/;
-#  - a Python virtual environment with the official `openai` client, in .cache/venv/.
+#  - a Python virtual environment with the official `openai` client and kubernetes-validate
+#    (Kubernetes schemas for the deploy/ checks), in .cache/venv/;
+#  - Debian's prometheus package (prometheus and promtool, for the deploy/ tests).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 CACHE="${SWITCHYARD_CACHE:-$ROOT/.cache}"
@@ -37,4 +39,19 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import openai" 2>/dev
   echo "installing openai==3.57.0 from PyPI into $VENV ..." >&2
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install --quiet --disable-pip-version-check openai==3.57.0 >&2
+fi
+if ! "$VENV/bin/python" -c "import kubernetes_validate, yaml" 2>/dev/null; then
+  echo "installing kubernetes-validate==1.37.0 from PyPI into $VENV ..." >&2
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check kubernetes-validate==1.37.0 >&2
+fi
+# A real Prometheus server and promtool (deploy/ tests).
+if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+  SUDO=""
+  [ "$(id -u)" = 0 ] || SUDO="sudo"
+  echo "installing Debian's prometheus package ..." >&2
+  $SUDO apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  # The package may start a system service where an init system runs; the tests start
+  # their own server on a free port.
+  $SUDO systemctl stop prometheus 2>/dev/null || true
 fi

@@ -33,7 +33,11 @@ impl Gateway {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(i) = line.find("listening on http://") {
-                    let addr = line[i + "listening on ".len()..].trim().to_string();
+                    // (a plain or a JSON log line: the address ends at a space or quote)
+                    let addr: String = line[i + "listening on ".len()..]
+                        .chars()
+                        .take_while(|c| !c.is_whitespace() && *c != '"')
+                        .collect();
                     let _ = tx.send(addr);
                 }
                 l2.lock().unwrap().push(line);
@@ -110,5 +114,78 @@ impl Drop for Gateway {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A plugin directory with the kv-allocator plugins kv-heap, kv-static, vattention and the
+/// test plugin faulty-kv (built by `cargo build --workspace` next to `bin`), and the
+/// faulty-patch WebAssembly guest (built by scripts/build-wasm-plugins.sh).
+pub fn plugin_dir(bin: &Path, name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("sy-plugins-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    let target = bin.parent().unwrap();
+    for (lib, plugin) in [
+        ("libswitchyard_kv_heap.so", "kv-heap"),
+        ("libswitchyard_test_faulty_kv.so", "faulty-kv"),
+        ("libswitchyard_kv_static.so", "kv-static"),
+        ("libswitchyard_vattention.so", "vattention"),
+    ] {
+        let src = target.join(lib);
+        assert!(
+            src.exists(),
+            "{} missing: cargo build --workspace first",
+            src.display()
+        );
+        std::fs::copy(&src, d.join(lib)).unwrap();
+        let sha = switchyard_plugin_host::sha256_file(&d.join(lib)).unwrap();
+        std::fs::write(
+            d.join(format!("{plugin}.toml")),
+            format!(
+                "name = \"{plugin}\"\nversion = \"0.1.0\"\nkind = \"kv-allocator\"\nabi = \"1.0\"\nfile = \"{lib}\"\nsha256 = \"{sha}\"\n"
+            ),
+        )
+        .unwrap();
+    }
+    let wasm = crate::root().join("target/wasm-plugins/faulty-patch");
+    for f in ["faulty-patch.wasm", "faulty-patch.toml"] {
+        let src = wasm.join(f);
+        assert!(
+            src.exists(),
+            "{} missing: run scripts/build-wasm-plugins.sh first",
+            src.display()
+        );
+        std::fs::copy(&src, d.join(f)).unwrap();
+    }
+    d
+}
+
+impl Gateway {
+    /// An admin API call (`token` as bearer); status and JSON body.
+    pub fn admin(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+        token: Option<&str>,
+    ) -> (u16, serde_json::Value) {
+        let c = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(120))
+            .build()
+            .unwrap();
+        let mut r = match method {
+            "GET" => c.get(self.url(path)),
+            "PUT" => c.put(self.url(path)),
+            _ => c.post(self.url(path)),
+        };
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let r = r.send().unwrap();
+        let s = r.status().as_u16();
+        (s, r.json().unwrap_or(serde_json::Value::Null))
     }
 }

@@ -24,46 +24,8 @@ fn client() -> Client {
         .unwrap()
 }
 
-/// A plugin directory with kv-heap and faulty-kv (built by `cargo build --workspace`) and
-/// the faulty-patch WebAssembly guest (built by scripts/build-wasm-plugins.sh).
 fn plugin_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("sy-swap-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    let target = bin().parent().unwrap();
-    for (lib, plugin) in [
-        ("libswitchyard_kv_heap.so", "kv-heap"),
-        ("libswitchyard_test_faulty_kv.so", "faulty-kv"),
-        ("libswitchyard_kv_static.so", "kv-static"),
-        ("libswitchyard_vattention.so", "vattention"),
-    ] {
-        let src = target.join(lib);
-        assert!(
-            src.exists(),
-            "{} missing: cargo build --workspace first",
-            src.display()
-        );
-        std::fs::copy(&src, d.join(lib)).unwrap();
-        let sha = switchyard_plugin_host::sha256_file(&d.join(lib)).unwrap();
-        std::fs::write(
-            d.join(format!("{plugin}.toml")),
-            format!(
-                "name = \"{plugin}\"\nversion = \"0.1.0\"\nkind = \"kv-allocator\"\nabi = \"1.0\"\nfile = \"{lib}\"\nsha256 = \"{sha}\"\n"
-            ),
-        )
-        .unwrap();
-    }
-    let wasm = switchyard_tests::root().join("target/wasm-plugins/faulty-patch");
-    for f in ["faulty-patch.wasm", "faulty-patch.toml"] {
-        let src = wasm.join(f);
-        assert!(
-            src.exists(),
-            "{} missing: run scripts/build-wasm-plugins.sh first",
-            src.display()
-        );
-        std::fs::copy(&src, d.join(f)).unwrap();
-    }
-    d
+    switchyard_tests::gateway::plugin_dir(bin(), &format!("swap-{name}"))
 }
 
 fn admin(
@@ -73,21 +35,7 @@ fn admin(
     body: Option<Value>,
     token: Option<&str>,
 ) -> (u16, Value) {
-    let c = client();
-    let mut r = match method {
-        "GET" => c.get(gw.url(path)),
-        "PUT" => c.put(gw.url(path)),
-        _ => c.post(gw.url(path)),
-    };
-    if let Some(t) = token {
-        r = r.bearer_auth(t);
-    }
-    if let Some(b) = body {
-        r = r.json(&b);
-    }
-    let r = r.send().unwrap();
-    let s = r.status().as_u16();
-    (s, r.json().unwrap_or(Value::Null))
+    gw.admin(method, path, body, token)
 }
 
 fn start(dir: &Path) -> Gateway {

