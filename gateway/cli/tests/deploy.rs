@@ -425,6 +425,58 @@ fn prometheus_scrapes_the_gateway_and_promtool_passes() {
     );
     assert!(value(&ttft[0]) > 0.0, "{ttft:?}");
 
+    // Rates need two scrapes: wait for three, with requests between them.
+    let t0 = Instant::now();
+    loop {
+        let n = query(&base, r#"count_over_time(up{job="switchyard"}[1m])"#);
+        if n.first().is_some_and(|v| value(v) >= 3.0) {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "no third scrape");
+        let r = c
+            .post(gw.url("/v1/completions"))
+            .json(&json!({"prompt": "Once", "max_tokens": 4, "stream": true}))
+            .send()
+            .unwrap();
+        r.text().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    // Every dashboard query is valid PromQL that returns data from this gateway (with the
+    // dashboard's variables at "All" and a 1-minute rate window).
+    let dash: Value = serde_json::from_str(
+        &std::fs::read_to_string(deploy().join("grafana/dashboards/switchyard.json")).unwrap(),
+    )
+    .unwrap();
+    let mut exprs = Vec::new();
+    dashboard_exprs(&dash, &mut exprs);
+    let mut empty = Vec::new();
+    for e in &exprs {
+        // Grafana's label_values(SERIES, LABEL) for the variables: query SERIES.
+        let e = match e.strip_prefix("label_values(") {
+            Some(rest) => rest[..rest.rfind(',').unwrap()].to_string(),
+            None => e.clone(),
+        };
+        let q = e
+            .replace("$__rate_interval", "1m")
+            .replace("$model", ".*")
+            .replace("$instance", ".*");
+        let r: Value = c
+            .get(format!("{base}/api/v1/query?query={}", url_encode(&q)))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        assert_eq!(r["status"], "success", "dashboard query {q}: {r}");
+        if r["data"]["result"].as_array().is_none_or(|a| a.is_empty()) {
+            empty.push(q);
+        }
+    }
+    assert!(
+        empty.is_empty(),
+        "dashboard queries without data: {empty:#?}"
+    );
+
     // The rules loaded and evaluate without errors.
     let t0 = Instant::now();
     loop {
