@@ -483,3 +483,93 @@ fn vattention_out_of_memory_fails_only_what_it_must() {
     let v: Value = r.json().unwrap();
     assert_eq!(v["choices"][0]["text"], want.as_str());
 }
+
+#[test]
+fn tokens_saved_by_a_patch_are_reported_in_usage_and_metrics() {
+    // A patch that reads "▁Once ▁upon" (ids 403 407 of stories260K) as the byte token <0xFF>
+    // (258, never produced for valid UTF-8): each occurrence saves one prompt token.
+    let dir = plugin_dir("saved");
+    let gw = start(&dir);
+    let prompt = "Once upon a time there was a cat. Once upon a time";
+    let c = client();
+    let tok: Value = c
+        .post(gw.url("/tokenize"))
+        .json(&json!({"prompt": prompt}))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let ids: Vec<u64> = tok["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    let pairs = ids.windows(2).filter(|w| w == &[403, 407]).count();
+    assert_eq!(pairs, 2, "{ids:?}");
+    let body = json!({"prompt": prompt, "max_tokens": 24, "temperature": 0});
+    let plain: Value = c
+        .post(gw.url("/v1/completions"))
+        .json(&body)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert!(plain["usage"].get("tokens_saved").is_none(), "{plain}");
+
+    let (s, v) = admin(
+        &gw,
+        "PUT",
+        "/admin/models/stories260K/pipeline",
+        Some(json!({"tokenizer_patch": {"plugin": "faulty-patch", "config": "merge 403 407 258"}})),
+        Some(TOKEN),
+    );
+    assert_eq!(s, 200, "{v}");
+    let r: Value = c
+        .post(gw.url("/v1/completions"))
+        .json(&body)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let u = &r["usage"];
+    assert_eq!(
+        u["prompt_tokens"].as_u64().unwrap(),
+        ids.len() as u64,
+        "{r}"
+    );
+    assert_eq!(u["tokens_saved"]["prompt"], 2, "{r}");
+    let completion_saved = u["tokens_saved"]["completion"].as_u64().unwrap();
+    // Streaming reports the same.
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    sbody["stream_options"] = json!({"include_usage": true});
+    let text = c
+        .post(gw.url("/v1/completions"))
+        .json(&sbody)
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    let usage: Value = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str::<Value>(d).unwrap())
+        .find(|v| !v["usage"].is_null())
+        .unwrap()["usage"]
+        .clone();
+    assert_eq!(usage["tokens_saved"]["prompt"], 2, "{usage}");
+    assert_eq!(
+        usage["tokens_saved"]["completion"].as_u64().unwrap(),
+        completion_saved
+    );
+    assert_eq!(
+        gw.metric(r#"switchyard_tokens_saved_total{kind="prompt",model="stories260K"}"#),
+        4.0
+    );
+    assert_eq!(
+        gw.metric(r#"switchyard_tokens_saved_total{kind="completion",model="stories260K"}"#),
+        2.0 * completion_saved as f64
+    );
+}

@@ -5,7 +5,10 @@
 //! - `trap`: `encode` traps (a Rust panic is `unreachable` in a panic=abort guest);
 //! - `loop`: `encode` never returns (the host's deadline must stop it);
 //! - `grow`: `encode` allocates until the host's memory cap refuses;
-//! - `bad-roundtrip`: `decode` does not invert `encode`.
+//! - `bad-roundtrip`: `decode` does not invert `encode`;
+//! - `merge A B C`: a working patch that reads each adjacent pair of ids A B as the one id C
+//!   (and C back as A B), to test the accounting of tokens saved. C must be an id the base
+//!   tokenizer does not produce (e.g. a byte token that valid UTF-8 never needs).
 
 use std::cell::RefCell;
 
@@ -21,6 +24,15 @@ thread_local! {
 
 struct Faulty;
 
+/// A, B and C of `merge A B C` (validated by `init`).
+fn merge_ids(mode: &str) -> [u32; 3] {
+    let v: Vec<u32> = mode[6..]
+        .split_whitespace()
+        .map(|x| x.parse().unwrap())
+        .collect();
+    [v[0], v[1], v[2]]
+}
+
 fn mode() -> String {
     MODE.with(|m| m.borrow().clone())
 }
@@ -32,7 +44,15 @@ impl Guest for Faulty {
         if m == "init-error" {
             return Err("init-error mode: refusing to start".into());
         }
-        if !["ok", "trap", "loop", "grow", "bad-roundtrip"].contains(&m.as_str()) {
+        if let Some(rest) = m.strip_prefix("merge ") {
+            let v: Vec<u32> = rest
+                .split_whitespace()
+                .map(|x| x.parse::<u32>().map_err(|e| format!("merge: {x:?}: {e}")))
+                .collect::<Result<_, _>>()?;
+            if v.len() != 3 {
+                return Err("merge takes three ids: A B C".into());
+            }
+        } else if !["ok", "trap", "loop", "grow", "bad-roundtrip"].contains(&m.as_str()) {
             return Err(format!("unknown mode {m:?}"));
         }
         MODE.with(|x| *x.borrow_mut() = m);
@@ -55,13 +75,36 @@ impl Guest for Faulty {
                     std::hint::black_box(&hoard);
                 }
             }
+            m if m.starts_with("merge ") => {
+                let [a, b, c] = merge_ids(m);
+                let mut out = Vec::with_capacity(ids.len());
+                let mut i = 0;
+                while i < ids.len() {
+                    if i + 1 < ids.len() && ids[i] == a && ids[i + 1] == b {
+                        out.push(c);
+                        i += 2;
+                    } else {
+                        out.push(ids[i]);
+                        i += 1;
+                    }
+                }
+                Ok(out)
+            }
             _ => Ok(ids),
         }
     }
 
     fn decode(ids: Vec<u32>) -> Result<Vec<u32>, String> {
-        if mode() == "bad-roundtrip" {
+        let m = mode();
+        if m == "bad-roundtrip" {
             return Ok(ids.into_iter().map(|i| i ^ 1).collect());
+        }
+        if m.starts_with("merge ") {
+            let [a, b, c] = merge_ids(&m);
+            return Ok(ids
+                .into_iter()
+                .flat_map(|i| if i == c { vec![a, b] } else { vec![i] })
+                .collect());
         }
         Ok(ids)
     }
