@@ -5,6 +5,7 @@
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -104,6 +105,30 @@ commands:
   /help            this list
   /quit            leave (also Ctrl-D)";
 
+/// True while an answer streams: Ctrl-C then stops the answer instead of the program.
+static GENERATING: AtomicBool = AtomicBool::new(false);
+/// Set by Ctrl-C during an answer.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Ctrl-C (SIGINT): during an answer, stop it (the request is dropped, so the gateway frees
+/// its sequence) and return to the prompt; at the prompt, leave.
+fn install_interrupt_handler() -> Result<()> {
+    // SAFETY: the action only touches atomics and calls write(2) and _exit(2), all
+    // async-signal-safe.
+    unsafe {
+        signal_hook_registry::register(libc::SIGINT, || {
+            if GENERATING.load(Ordering::SeqCst) {
+                INTERRUPTED.store(true, Ordering::SeqCst);
+            } else {
+                libc::write(1, b"\n".as_ptr().cast(), 1);
+                libc::_exit(130);
+            }
+        })
+    }
+    .context("cannot install the Ctrl-C handler")?;
+    Ok(())
+}
+
 pub fn chat(a: ChatArgs) -> Result<()> {
     let client = Client::builder()
         .connect_timeout(Duration::from_secs(5))
@@ -147,6 +172,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
             .cloned()
             .with_context(|| format!("the gateway at {} serves no model", s.base))?,
     };
+    install_interrupt_handler()?;
     println!(
         "switchyard chat · {} · model {} · /help for commands, /quit to leave",
         s.base, s.model
@@ -201,7 +227,11 @@ fn start_in_process(a: &ChatArgs) -> Result<String> {
     let server = std::thread::Builder::new()
         .name("gateway".into())
         .spawn(move || {
-            actix_web::rt::System::new().block_on(switchyard_server::serve_notify(cfg, Some(tx)))
+            actix_web::rt::System::new().block_on(switchyard_server::serve_notify(
+                cfg,
+                Some(tx),
+                false,
+            ))
         })?;
     let addrs = match rx.recv() {
         Ok(a) => a,
@@ -406,8 +436,17 @@ impl Session {
         let mut ttft = None;
         let mut usage = Value::Null;
         let mut done = false;
+        let mut interrupted = false;
+        let mut chunks = 0u64;
         let mut out = std::io::stdout();
+        INTERRUPTED.store(false, Ordering::SeqCst);
+        GENERATING.store(true, Ordering::SeqCst);
+        let _generating = Generating;
         for line in std::io::BufReader::new(r).lines() {
+            if INTERRUPTED.load(Ordering::SeqCst) {
+                interrupted = true;
+                break;
+            }
             let line = line.context("the stream broke")?;
             let Some(d) = line.strip_prefix("data: ") else {
                 continue;
@@ -428,14 +467,24 @@ impl Session {
                     ttft = Some(t0.elapsed());
                 }
                 answer.push_str(t);
+                chunks += u64::from(!t.is_empty());
                 let _ = out.write_all(t.as_bytes());
                 let _ = out.flush();
             }
         }
-        if !done {
+        if interrupted {
+            // Dropping the response closes the connection: the gateway cancels the sequence.
+            let _ = out.write_all(b" [interrupted]");
+            let _ = out.flush();
+        } else if !done {
             bail!("the stream ended before [DONE]");
         }
         let n = |k: &str| usage[k].as_u64().unwrap_or(0);
+        // Without usage (interrupted), count the text's chunks as an estimate of tokens.
+        let completion = match usage["completion_tokens"].as_u64() {
+            Some(c) => c,
+            None => chunks,
+        };
         let saved = usage
             .get("tokens_saved")
             .map(|s| s["prompt"].as_u64().unwrap_or(0) + s["completion"].as_u64().unwrap_or(0));
@@ -444,12 +493,21 @@ impl Session {
             TurnStats {
                 model: self.model.clone(),
                 prompt_tokens: n("prompt_tokens"),
-                completion_tokens: n("completion_tokens"),
+                completion_tokens: completion,
                 saved,
                 ttft,
                 total: t0.elapsed(),
             },
         ))
+    }
+}
+
+/// Clears GENERATING when an answer ends, however it ends.
+struct Generating;
+
+impl Drop for Generating {
+    fn drop(&mut self) {
+        GENERATING.store(false, Ordering::SeqCst);
     }
 }
 

@@ -256,6 +256,44 @@ fn chat_in_a_terminal_streams_keeps_the_conversation_and_switches_models() {
     c.expect("you> ");
     c.type_line("/quit");
     assert!(c.wait().success());
+
+    // Ctrl-C during a long answer stops that answer (the gateway cancels the sequence) and
+    // the chat goes on; Ctrl-C at the prompt leaves with status 130.
+    let mut c = PtyChild::spawn(&["--url", &gw.base, "--model", "smol", "--max-tokens", "1500"]);
+    c.expect("you> ");
+    c.type_line("Write a very long story about a dragon who learns to cook.");
+    c.expect("smol> ");
+    // Wait for some text, then interrupt.
+    let t0 = Instant::now();
+    loop {
+        let n = c.out.lock().unwrap()[c.seen..].len();
+        if n > 40 {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "no answer text");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let cancelled = r#"switchyard_requests_total{model="smol",outcome="cancelled"}"#;
+    let before = gw.metric(cancelled);
+    // SAFETY: plain kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(c.child.id() as i32, libc::SIGINT) }, 0);
+    let stats = c.expect("[interrupted]\n");
+    assert!(!stats.contains("error"), "{stats}");
+    c.expect("you> ");
+    let t0 = Instant::now();
+    while gw.metric(cancelled) < before + 1.0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the gateway did not see the cancellation"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    c.type_line("/stats");
+    c.expect("turn 1: [smol");
+    c.expect("you> ");
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(c.child.id() as i32, libc::SIGINT) }, 0);
+    assert_eq!(c.wait().code(), Some(130));
     let _ = std::fs::remove_dir_all(&dir);
 }
 

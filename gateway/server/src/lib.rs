@@ -107,14 +107,15 @@ pub fn init_logging(json: bool) {
 /// Serve until SIGINT/SIGTERM (graceful: in-flight requests finish within the configured
 /// timeout) or until a model fails to load (error).
 pub async fn serve(cfg: GatewayConfig) -> anyhow::Result<()> {
-    serve_notify(cfg, None).await
+    serve_notify(cfg, None, true).await
 }
 
 /// [`serve`], sending the bound addresses to `bound` once it listens (for in-process use
-/// with port 0).
+/// with port 0). Without `signals` the server leaves SIGINT/SIGTERM to its host program.
 pub async fn serve_notify(
     cfg: GatewayConfig,
     bound: Option<std::sync::mpsc::Sender<Vec<std::net::SocketAddr>>>,
+    signals: bool,
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let state = web::Data::new(AppState::new(cfg.clone(), metrics));
@@ -134,9 +135,11 @@ pub async fn serve_notify(
             .default_service(web::to(routes::not_found))
     })
     .workers(workers)
-    .shutdown_timeout(s.shutdown_timeout_secs)
-    .bind((s.host.as_str(), s.port))
-    .with_context(|| format!("cannot listen on {}:{}", s.host, s.port))?;
+    .shutdown_timeout(s.shutdown_timeout_secs);
+    let srv = if signals { srv } else { srv.disable_signals() };
+    let srv = srv
+        .bind((s.host.as_str(), s.port))
+        .with_context(|| format!("cannot listen on {}:{}", s.host, s.port))?;
     for a in srv.addrs() {
         tracing::info!("listening on http://{a}");
     }
