@@ -10,6 +10,7 @@ kubernetes-validate, which scripts/fetch-test-data.sh installs into .cache/venv)
 - cross-references: selectors match the pod labels, probes and the ServiceMonitor use named
   ports that exist, volumes name ConfigMaps that exist, the HPA targets the Deployment, the
   grace period covers preStop + the gateway's shutdown timeout;
+- the committed dashboard is what grafana/make_dashboard.py generates;
 - compose.yaml: the files it mounts exist, Prometheus scrapes the gateway service's port,
   Grafana's datasource points at the Prometheus service and its dashboard provider at the
   mounted dashboards.
@@ -225,6 +226,15 @@ dash_text = open(os.path.join(HERE, "grafana/dashboards/switchyard.json")).read(
 for u in set(re.findall(r'"uid":\s*"([^"]+)"', dash_text)) - {"switchyard"}:
     if u != uid:
         problem(f"the dashboard uses datasource uid {u}, the provisioned one is {uid}")
+# The committed dashboard is what its generator writes.
+import subprocess
+import tempfile
+with tempfile.TemporaryDirectory() as t:
+    fresh = os.path.join(t, "d.json")
+    subprocess.run([sys.executable, os.path.join(HERE, "grafana/make_dashboard.py"), "--out", fresh],
+                   check=True, capture_output=True)
+    if open(fresh).read() != dash_text:
+        problem("grafana/dashboards/switchyard.json is not what make_dashboard.py writes: rerun it")
 dp = yaml.safe_load(open(os.path.join(HERE, "grafana/provisioning/dashboards/switchyard.yml")))
 gmounts = {v.split(":")[1] for v in services["grafana"]["volumes"]}
 if dp["providers"][0]["options"]["path"] not in gmounts:

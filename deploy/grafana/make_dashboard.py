@@ -6,6 +6,7 @@ against a live /metrics). Run `python3 deploy/grafana/make_dashboard.py` after e
 """
 import json
 import os
+import sys
 
 DS = {"type": "prometheus", "uid": "prometheus"}
 SEL = 'model=~"$model", instance=~"$instance"'
@@ -190,6 +191,8 @@ dashboard = {
 }
 
 out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dashboards", "switchyard.json")
+if len(sys.argv) == 3 and sys.argv[1] == "--out":
+    out = sys.argv[2]
 with open(out, "w") as f:
     json.dump(dashboard, f, indent=2)
     f.write("\n")
