@@ -235,6 +235,18 @@ with tempfile.TemporaryDirectory() as t:
                    check=True, capture_output=True)
     if open(fresh).read() != dash_text:
         problem("grafana/dashboards/switchyard.json is not what make_dashboard.py writes: rerun it")
+# Panels do not overlap on the grid.
+import json
+occupied = {}
+for p in json.loads(dash_text)["panels"]:
+    g = p["gridPos"]
+    for x in range(g["x"], g["x"] + g["w"]):
+        for y in range(g["y"], g["y"] + g["h"]):
+            if (x, y) in occupied:
+                problem(f"dashboard panels {occupied[(x, y)]!r} and {p['title']!r} overlap")
+            occupied[(x, y)] = p["title"]
+    if g["x"] + g["w"] > 24:
+        problem(f"dashboard panel {p['title']!r} is wider than the grid")
 dp = yaml.safe_load(open(os.path.join(HERE, "grafana/provisioning/dashboards/switchyard.yml")))
 gmounts = {v.split(":")[1] for v in services["grafana"]["volumes"]}
 if dp["providers"][0]["options"]["path"] not in gmounts:

@@ -127,9 +127,14 @@ panel("Activation sparsity",
       [(f"max by (model) (switchyard_activation_sparsity_ratio{{{SEL}}})", "{{model}}")],
       unit="percentunit", x=8,
       desc="Share of linear-layer inputs the pipeline's kernels skip (0 = dense).")
+panel("KV allocator call latency p99",
+      [(f'histogram_quantile(0.99, sum by (plugin, op, le) (rate(switchyard_plugin_call_seconds_bucket{{{SEL}, op=~"acquire|ensure|release"}}[$__rate_interval])))',
+        "{{plugin}} {{op}}")], unit="s", x=16,
+      desc="ensure maps pages on the decode path (vAttention maps ahead on a background "
+           "thread, so this should stay in microseconds); built-in allocators are not plugins.")
 panel("Sequences cancelled (client went away)",
       [(f"sum by (model) (rate(switchyard_sequences_cancelled_total{{{SEL}}}[$__rate_interval]))",
-        "{{model}}")], unit="ops", x=16)
+        "{{model}}")], unit="ops", w=24, h=6)
 
 row("Plugins and pipelines")
 panel("Plugin calls per second",
