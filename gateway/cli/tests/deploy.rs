@@ -128,6 +128,26 @@ fn exercised_gateway(name: &str) -> Gateway {
     gw
 }
 
+fn metrics_text(gw: &Gateway) -> String {
+    client()
+        .get(gw.url("/metrics"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap()
+}
+
+/// The dashboard, and its queries (and variable definitions).
+fn dashboard() -> (Value, Vec<String>) {
+    let dash: Value = serde_json::from_str(
+        &std::fs::read_to_string(deploy().join("grafana/dashboards/switchyard.json")).unwrap(),
+    )
+    .unwrap();
+    let mut exprs = Vec::new();
+    dashboard_exprs(&dash, &mut exprs);
+    (dash, exprs)
+}
+
 /// Metric names the exposition defines (histograms and summaries with their suffixes).
 fn exported_names(metrics: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
@@ -186,20 +206,10 @@ fn dashboard_exprs(v: &Value, out: &mut Vec<String>) {
 #[test]
 fn every_metric_the_dashboard_rules_and_manifests_use_is_exported() {
     let gw = exercised_gateway("names");
-    let metrics = client()
-        .get(gw.url("/metrics"))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let metrics = metrics_text(&gw);
     let have = exported_names(&metrics);
 
-    let dash: Value = serde_json::from_str(
-        &std::fs::read_to_string(deploy().join("grafana/dashboards/switchyard.json")).unwrap(),
-    )
-    .unwrap();
-    let mut exprs = Vec::new();
-    dashboard_exprs(&dash, &mut exprs);
+    let (dash, exprs) = dashboard();
     assert!(exprs.len() >= 25, "only {} queries", exprs.len());
     let mut used: Vec<(String, String)> = Vec::new();
     for e in &exprs {
@@ -320,12 +330,7 @@ fn prometheus_scrapes_the_gateway_and_promtool_passes() {
     );
 
     let gw = exercised_gateway("prom");
-    let metrics = client()
-        .get(gw.url("/metrics"))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let metrics = metrics_text(&gw);
     let lint = run_ok(
         Command::new(&promtool).args(["check", "metrics"]),
         Some(&metrics),
@@ -444,12 +449,7 @@ fn prometheus_scrapes_the_gateway_and_promtool_passes() {
 
     // Every dashboard query is valid PromQL that returns data from this gateway (with the
     // dashboard's variables at "All" and a 1-minute rate window).
-    let dash: Value = serde_json::from_str(
-        &std::fs::read_to_string(deploy().join("grafana/dashboards/switchyard.json")).unwrap(),
-    )
-    .unwrap();
-    let mut exprs = Vec::new();
-    dashboard_exprs(&dash, &mut exprs);
+    let (_, exprs) = dashboard();
     let mut empty = Vec::new();
     for e in &exprs {
         // Grafana's label_values(SERIES, LABEL) for the variables: query SERIES.

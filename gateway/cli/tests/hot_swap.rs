@@ -508,13 +508,15 @@ fn tokens_saved_by_a_patch_are_reported_in_usage_and_metrics() {
     let pairs = ids.windows(2).filter(|w| w == &[403, 407]).count();
     assert_eq!(pairs, 2, "{ids:?}");
     let body = json!({"prompt": prompt, "max_tokens": 24, "temperature": 0});
-    let plain: Value = c
-        .post(gw.url("/v1/completions"))
-        .json(&body)
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let complete = || -> Value {
+        c.post(gw.url("/v1/completions"))
+            .json(&body)
+            .send()
+            .unwrap()
+            .json()
+            .unwrap()
+    };
+    let plain = complete();
     assert!(plain["usage"].get("tokens_saved").is_none(), "{plain}");
 
     let (s, v) = admin(
@@ -525,13 +527,7 @@ fn tokens_saved_by_a_patch_are_reported_in_usage_and_metrics() {
         Some(TOKEN),
     );
     assert_eq!(s, 200, "{v}");
-    let r: Value = c
-        .post(gw.url("/v1/completions"))
-        .json(&body)
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let r = complete();
     let u = &r["usage"];
     assert_eq!(
         u["prompt_tokens"].as_u64().unwrap(),
