@@ -18,9 +18,12 @@ kubernetes-validate, which scripts/fetch-test-data.sh installs into .cache/venv)
 Prints one line per problem and exits 1 if there is any.
 """
 import copy
+import json
 import os
 import re
+import subprocess
 import sys
+import tempfile
 
 import yaml
 import kubernetes_validate
@@ -227,8 +230,6 @@ for u in set(re.findall(r'"uid":\s*"([^"]+)"', dash_text)) - {"switchyard"}:
     if u != uid:
         problem(f"the dashboard uses datasource uid {u}, the provisioned one is {uid}")
 # The committed dashboard is what its generator writes.
-import subprocess
-import tempfile
 with tempfile.TemporaryDirectory() as t:
     fresh = os.path.join(t, "d.json")
     subprocess.run([sys.executable, os.path.join(HERE, "grafana/make_dashboard.py"), "--out", fresh],
@@ -236,7 +237,6 @@ with tempfile.TemporaryDirectory() as t:
     if open(fresh).read() != dash_text:
         problem("grafana/dashboards/switchyard.json is not what make_dashboard.py writes: rerun it")
 # Panels do not overlap on the grid.
-import json
 occupied = {}
 for p in json.loads(dash_text)["panels"]:
     g = p["gridPos"]

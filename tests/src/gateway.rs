@@ -161,6 +161,30 @@ pub fn plugin_dir(bin: &Path, name: &str) -> std::path::PathBuf {
 }
 
 impl Gateway {
+    /// stories260K served with the plugins of `plugin_dir` and the admin API enabled by
+    /// `token` (plus `extra` flags and environment); returns once it is ready.
+    pub fn stories_with_plugins(
+        bin: &Path,
+        plugin_dir: &Path,
+        token: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Gateway {
+        let stories = crate::stories_dir();
+        let mut args = vec![
+            "--model",
+            stories.to_str().unwrap(),
+            "--plugin-dir",
+            plugin_dir.to_str().unwrap(),
+            "--admin-token",
+            token,
+        ];
+        args.extend_from_slice(extra);
+        let gw = Gateway::start(bin, &args, env);
+        gw.wait_ready();
+        gw
+    }
+
     /// An admin API call (`token` as bearer); status and JSON body.
     pub fn admin(
         &self,

@@ -254,13 +254,11 @@ fn start_in_process(a: &ChatArgs) -> Result<String> {
                 _ => anyhow::anyhow!("the in-process gateway stopped"),
             });
         }
-        let ready = names.iter().all(|n| {
-            c.get(format!("{base}/v1/models/{n}"))
-                .send()
-                .and_then(|r| r.json::<Value>())
-                .is_ok_and(|v| v["ready"] == true)
-        });
-        if ready {
+        // /health is 200 once every model is loaded.
+        if c.get(format!("{base}/health"))
+            .send()
+            .is_ok_and(|r| r.status().is_success())
+        {
             eprintln!(" ready in {:.1} s", t0.elapsed().as_secs_f64());
             return Ok(base);
         }
@@ -479,12 +477,7 @@ impl Session {
         } else if !done {
             bail!("the stream ended before [DONE]");
         }
-        let n = |k: &str| usage[k].as_u64().unwrap_or(0);
-        // Without usage (interrupted), count the text's chunks as an estimate of tokens.
-        let completion = match usage["completion_tokens"].as_u64() {
-            Some(c) => c,
-            None => chunks,
-        };
+        // Without usage (interrupted), the text's chunks estimate the generated tokens.
         let saved = usage
             .get("tokens_saved")
             .map(|s| s["prompt"].as_u64().unwrap_or(0) + s["completion"].as_u64().unwrap_or(0));
@@ -492,8 +485,8 @@ impl Session {
             answer,
             TurnStats {
                 model: self.model.clone(),
-                prompt_tokens: n("prompt_tokens"),
-                completion_tokens: completion,
+                prompt_tokens: usage["prompt_tokens"].as_u64().unwrap_or(0),
+                completion_tokens: usage["completion_tokens"].as_u64().unwrap_or(chunks),
                 saved,
                 ttft,
                 total: t0.elapsed(),

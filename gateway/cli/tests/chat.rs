@@ -324,25 +324,23 @@ fn chat_serves_a_model_in_process_and_refuses_bad_arguments() {
         "{stdout}"
     );
 
-    let out = Command::new(bin())
-        .args(["chat", "--model", "/no/such/model.gguf"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    // Bad arguments: exit status 1 and stderr saying what is wrong.
+    let fails = |args: &[&str]| -> String {
+        let out = Command::new(bin())
+            .arg("chat")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = fails(&["--model", "/no/such/model.gguf"]);
     assert!(
         err.contains("/no/such/model.gguf") && err.contains("no such file"),
         "{err}"
     );
-
-    let out = Command::new(bin())
-        .args(["chat", "--url", "http://127.0.0.1:9"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let err = fails(&["--url", "http://127.0.0.1:9"]);
     assert!(
         err.contains("cannot reach the gateway at http://127.0.0.1:9"),
         "{err}"

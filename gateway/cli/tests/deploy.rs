@@ -76,20 +76,7 @@ fn run_ok(cmd: &mut Command, stdin: Option<&str>) -> String {
 /// (plugin calls, traps, failed swaps, latency histograms) has series.
 fn exercised_gateway(name: &str) -> Gateway {
     let dir = switchyard_tests::gateway::plugin_dir(bin(), &format!("deploy-{name}"));
-    let stories = switchyard_tests::stories_dir();
-    let gw = Gateway::start(
-        bin(),
-        &[
-            "--model",
-            stories.to_str().unwrap(),
-            "--plugin-dir",
-            dir.to_str().unwrap(),
-            "--admin-token",
-            TOKEN,
-        ],
-        &[],
-    );
-    gw.wait_ready();
+    let gw = Gateway::stories_with_plugins(bin(), &dir, TOKEN, &[], &[]);
     let p = "/admin/models/stories260K/pipeline";
     let (s, v) = gw.admin(
         "PUT",

@@ -39,26 +39,16 @@ fn admin(
 }
 
 fn start(dir: &Path) -> Gateway {
-    let stories = switchyard_tests::stories_dir();
-    let gw = Gateway::start(
+    Gateway::stories_with_plugins(
         bin(),
-        &[
-            "--model",
-            stories.to_str().unwrap(),
-            "--max-batch",
-            "16",
-            "--plugin-dir",
-            dir.to_str().unwrap(),
-            "--admin-token",
-            TOKEN,
-        ],
+        dir,
+        TOKEN,
+        &["--max-batch", "16"],
         &[
             ("SWITCHYARD_SERVER__WASM_CALL_DEADLINE_MS", "300"),
             ("SWITCHYARD_SERVER__WASM_MAX_MEMORY_MB", "32"),
         ],
-    );
-    gw.wait_ready();
-    gw
+    )
 }
 
 #[test]

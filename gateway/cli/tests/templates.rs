@@ -98,20 +98,7 @@ fn templates_build_pack_load_and_serve() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("junk.so"));
     std::fs::remove_file(&junk).unwrap();
 
-    let stories = switchyard_tests::stories_dir();
-    let gw = Gateway::start(
-        bin(),
-        &[
-            "--model",
-            stories.to_str().unwrap(),
-            "--plugin-dir",
-            dir.to_str().unwrap(),
-            "--admin-token",
-            TOKEN,
-        ],
-        &[],
-    );
-    gw.wait_ready();
+    let gw = Gateway::stories_with_plugins(bin(), &dir, TOKEN, &[], &[]);
     let c = Client::builder()
         .timeout(Duration::from_secs(60))
         .build()
