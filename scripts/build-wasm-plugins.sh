@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 root=$(pwd)
 guests=("$@")
 if [ ${#guests[@]} -eq 0 ]; then
-  guests=(tests/plugins/faulty-patch sdk/template/wasm-tokenizer-patch)
+  guests=(plugins/adaptivocab tests/plugins/faulty-patch sdk/template/wasm-tokenizer-patch)
 fi
 
 if rustup target list --installed 2>/dev/null | grep -qx wasm32-unknown-unknown; then

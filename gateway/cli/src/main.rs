@@ -5,6 +5,7 @@ mod bench_plugins;
 mod bench_serve;
 mod chat;
 mod transform;
+mod vocab;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -53,6 +54,9 @@ enum Cmd {
     /// Gstack growth planning.
     #[command(subcommand)]
     Gstack(transform::GstackCmd),
+    /// AdaptiVocab domain vocabularies: build a tokenizer patch, measure it.
+    #[command(subcommand)]
+    Vocab(VocabCmd),
     /// Print a model's configuration and tensor summary.
     Inspect {
         #[arg(long)]
@@ -146,6 +150,64 @@ enum PluginCmd {
         /// The plugin directory to write into (created if missing).
         #[arg(long)]
         out: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum MatchingArg {
+    Longest,
+    SelectionOrder,
+}
+
+impl From<MatchingArg> for switchyard_adaptivocab::Matching {
+    fn from(m: MatchingArg) -> Self {
+        match m {
+            MatchingArg::Longest => Self::Longest,
+            MatchingArg::SelectionOrder => Self::SelectionOrder,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum VocabCmd {
+    /// Build an AdaptiVocab patch from a domain corpus: free K rare tokens of the base
+    /// vocabulary and give their ids to the K best domain n-grams.
+    Build {
+        /// The base model (.gguf or Hugging Face directory); only its tokenizer is read.
+        #[arg(long)]
+        model: PathBuf,
+        /// Corpus files or directories (recursively; .gz files are decompressed).
+        #[arg(long, required = true, num_args = 1..)]
+        corpus: Vec<PathBuf>,
+        /// Tokens to replace (K).
+        #[arg(long)]
+        replace: usize,
+        /// Longest n-gram (2 or 3).
+        #[arg(long, default_value_t = 3)]
+        max_n: usize,
+        /// How the patched encoder picks among n-grams matching at one position.
+        #[arg(long, value_enum, default_value = "longest")]
+        matching: MatchingArg,
+        /// The patch file to write (JSON).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Token counts of files with and without a patch, and the round trip check.
+    Eval {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        patch: PathBuf,
+        /// Files or directories to measure (repeatable).
+        #[arg(long, required = true, num_args = 1..)]
+        file: Vec<PathBuf>,
+        /// Override the patch's matching rule.
+        #[arg(long, value_enum)]
+        matching: Option<MatchingArg>,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -294,6 +356,30 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Transform(t) => transform::transform(t),
         Cmd::Gstack(transform::GstackCmd::Plan(a)) => transform::plan(a),
+        Cmd::Vocab(VocabCmd::Build {
+            model,
+            corpus,
+            replace,
+            max_n,
+            matching,
+            out,
+            json,
+        }) => vocab::build(&vocab::BuildOptions {
+            model,
+            corpus,
+            replace,
+            max_n,
+            matching: matching.into(),
+            out,
+            json,
+        }),
+        Cmd::Vocab(VocabCmd::Eval {
+            model,
+            patch,
+            file,
+            matching,
+            json,
+        }) => vocab::eval(&model, &patch, &file, matching.map(Into::into), json),
         Cmd::Inspect { model } => inspect(&model),
         Cmd::Serve(a) => serve(a),
         Cmd::Chat(a) => chat::chat(a),
