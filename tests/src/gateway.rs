@@ -119,7 +119,7 @@ impl Drop for Gateway {
 
 /// A plugin directory with the kv-allocator plugins kv-heap, kv-static, vattention and the
 /// test plugin faulty-kv (built by `cargo build --workspace` next to `bin`), and the
-/// faulty-patch WebAssembly guest (built by scripts/build-wasm-plugins.sh).
+/// faulty-patch and adaptivocab WebAssembly guests (built by scripts/build-wasm-plugins.sh).
 pub fn plugin_dir(bin: &Path, name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("sy-plugins-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -147,9 +147,16 @@ pub fn plugin_dir(bin: &Path, name: &str) -> std::path::PathBuf {
         )
         .unwrap();
     }
-    let wasm = crate::root().join("target/wasm-plugins/faulty-patch");
-    for f in ["faulty-patch.wasm", "faulty-patch.toml"] {
-        let src = wasm.join(f);
+    for (guest, f) in [
+        ("faulty-patch", "faulty-patch.wasm"),
+        ("faulty-patch", "faulty-patch.toml"),
+        ("adaptivocab", "adaptivocab.wasm"),
+        ("adaptivocab", "adaptivocab.toml"),
+    ] {
+        let src = crate::root()
+            .join("target/wasm-plugins")
+            .join(guest)
+            .join(f);
         assert!(
             src.exists(),
             "{} missing: run scripts/build-wasm-plugins.sh first",

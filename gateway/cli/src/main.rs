@@ -221,6 +221,10 @@ enum EvalCmd {
         file: PathBuf,
         #[arg(long, default_value_t = 512)]
         ctx: usize,
+        /// Score through an AdaptiVocab patch (the model must be the patched one): the text
+        /// is tokenized by the base tokenizer, then encoded by the patch.
+        #[arg(long)]
+        patch: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -316,7 +320,13 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Generate(a) => generate(a),
-        Cmd::Eval(EvalCmd::Perplexity { m, file, ctx, json }) => perplexity(&m, &file, ctx, json),
+        Cmd::Eval(EvalCmd::Perplexity {
+            m,
+            file,
+            ctx,
+            patch,
+            json,
+        }) => perplexity(&m, &file, ctx, patch.as_deref(), json),
         Cmd::Bench(BenchCmd::Decode {
             m,
             batch,
@@ -465,10 +475,19 @@ fn generate(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-fn perplexity(m: &ModelArgs, file: &Path, ctx: usize, json: bool) -> Result<()> {
+fn perplexity(
+    m: &ModelArgs,
+    file: &Path,
+    ctx: usize,
+    patch: Option<&Path>,
+    json: bool,
+) -> Result<()> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let mut e = load(m, 1)?;
+    if let Some(p) = patch {
+        e.patch = Some(std::sync::Arc::new(vocab::NativePatch::open(p, &e)?));
+    }
     let pb = bar(0, "perplexity");
     let t = Instant::now();
     let r = e.perplexity(&text, ctx, &mut |i, n| {
@@ -482,6 +501,7 @@ fn perplexity(m: &ModelArgs, file: &Path, ctx: usize, json: bool) -> Result<()> 
         v["seconds"] = secs.into();
         v["model"] = m.model.display().to_string().into();
         v["file"] = file.display().to_string().into();
+        v["patch"] = patch.map(|p| p.display().to_string()).into();
         println!("{v}");
     } else {
         println!(

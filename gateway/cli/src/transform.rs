@@ -15,9 +15,32 @@ use switchyard_plugin_host::PluginHost;
 pub enum TransformCmd {
     /// Gstack depthwise growth: repeat the whole layer stack G times (the gstack plugin).
     Gstack(GstackArgs),
+    /// AdaptiVocab: the model for a tokenizer patch (new embedding and LM-head rows for its
+    /// n-gram ids; the adaptivocab-transform plugin). The patch is copied into the output as
+    /// adaptivocab-patch.json.
+    Adaptivocab(AdaptivocabArgs),
     /// Run any model-transform plugin.
     Run(RunArgs),
 }
+
+#[derive(Args)]
+pub struct AdaptivocabArgs {
+    #[command(flatten)]
+    common: Common,
+    /// The AdaptiVocab patch file (from `switchyard vocab build`).
+    #[arg(long)]
+    patch: PathBuf,
+    /// The adaptivocab-transform plugin: its manifest (.toml) or library (.so). Default: the
+    /// adaptivocab-transform.toml in a --plugin-dir, else the library built beside this binary.
+    #[arg(long)]
+    plugin: Option<PathBuf>,
+    /// A directory to look for adaptivocab-transform.toml in (repeatable).
+    #[arg(long)]
+    plugin_dir: Vec<PathBuf>,
+}
+
+/// The file an AdaptiVocab-patched model carries its patch in.
+pub const PATCH_FILE: &str = "adaptivocab-patch.json";
 
 #[derive(Args)]
 pub struct Common {
@@ -107,11 +130,38 @@ pub fn transform(cmd: TransformCmd) -> Result<()> {
                 (None, None) => "factor = 4".to_string(),
             };
             let manifest = find_plugin(a.plugin.as_deref(), &a.plugin_dir, "gstack")?;
-            run(&manifest, &config, &a.common)
+            run(&manifest, &config, &config, &a.common)
+        }
+        TransformCmd::Adaptivocab(a) => {
+            let patch = crate::vocab::read_patch(&a.patch)?;
+            let text = String::from_utf8(std::fs::read(&a.patch)?)
+                .with_context(|| format!("{}: not UTF-8", a.patch.display()))?;
+            let tok = crate::vocab::load_tokenizer(&a.common.model)?;
+            if tok.vocab_size() != patch.base_vocab_size() as usize {
+                bail!(
+                    "{} was built for a vocabulary of {} ids; {} has {}",
+                    a.patch.display(),
+                    patch.base_vocab_size(),
+                    a.common.model.display(),
+                    tok.vocab_size()
+                );
+            }
+            let manifest =
+                find_plugin(a.plugin.as_deref(), &a.plugin_dir, "adaptivocab-transform")?;
+            let what = format!(
+                "patch {} ({} n-grams)",
+                a.patch.display(),
+                patch.file.added.len()
+            );
+            run(&manifest, &text, &what, &a.common)?;
+            let dst = a.common.out.join(PATCH_FILE);
+            std::fs::write(&dst, text.as_bytes())
+                .with_context(|| format!("writing {}", dst.display()))?;
+            Ok(())
         }
         TransformCmd::Run(a) => {
             let manifest = find_plugin(Some(&a.plugin), &[], "")?;
-            run(&manifest, &a.config, &a.common)
+            run(&manifest, &a.config, &a.config, &a.common)
         }
     }
 }
@@ -160,7 +210,9 @@ pub(crate) fn find_plugin(given: Option<&Path>, dirs: &[PathBuf], name: &str) ->
     Ok(packed.manifest_path)
 }
 
-fn run(manifest: &Path, config: &str, c: &Common) -> Result<()> {
+/// Run the transform plugin of `manifest` with `config`; `recorded` is what the output's
+/// switchyard-transform.json says the configuration was.
+fn run(manifest: &Path, config: &str, recorded: &str, c: &Common) -> Result<()> {
     let dir = manifest.parent().unwrap_or(Path::new(".")).to_path_buf();
     let host = PluginHost::new(std::slice::from_ref(&dir));
     let plugin = host
@@ -182,7 +234,7 @@ fn run(manifest: &Path, config: &str, c: &Common) -> Result<()> {
         dtype,
         force: c.force,
         shard_bytes: c.shard_mib << 20,
-        provenance: json!({"name": plugin.name, "version": plugin.version, "config": config}),
+        provenance: json!({"name": plugin.name, "version": plugin.version, "config": recorded}),
     };
     let pb = ProgressBar::new(0);
     pb.set_style(

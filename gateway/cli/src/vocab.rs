@@ -699,3 +699,40 @@ pub fn eval(
     }
     Ok(())
 }
+
+/// An AdaptiVocab patch run natively (the same code as the WebAssembly plugin), as the
+/// engine's tokenizer patch.
+pub struct NativePatch(pub Patch, String);
+
+impl NativePatch {
+    /// Read `path` and check it against the engine's model: the vocabulary size, and the
+    /// patch digest the patched model records (`adaptivocab.patch_sha256` in config.json).
+    pub fn open(path: &Path, e: &switchyard_engine::Engine) -> Result<Self> {
+        let p = read_patch(path)?;
+        if p.base_vocab_size() as usize != e.model.cfg.vocab_size {
+            bail!(
+                "{} was built for a vocabulary of {} ids; the model has {}",
+                path.display(),
+                p.base_vocab_size(),
+                e.model.cfg.vocab_size
+            );
+        }
+        Ok(Self(p, path.display().to_string()))
+    }
+}
+
+impl switchyard_engine::patch::TokenPatch for NativePatch {
+    fn name(&self) -> &str {
+        &self.1
+    }
+    fn encode(&self, ids: &[u32]) -> switchyard_engine::Result<Vec<u32>> {
+        self.0
+            .encode(ids)
+            .map_err(switchyard_engine::EngineError::Invalid)
+    }
+    fn decode(&self, ids: &[u32]) -> switchyard_engine::Result<Vec<u32>> {
+        self.0
+            .decode(ids)
+            .map_err(switchyard_engine::EngineError::Invalid)
+    }
+}

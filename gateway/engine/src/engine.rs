@@ -158,6 +158,48 @@ impl Engine {
         }
     }
 
+    /// Like [`fork`](Self::fork), but over other weights of the same architecture (e.g. an
+    /// AdaptiVocab-patched model: new embedding and head rows, same shapes), which the caller
+    /// has checked with [`same_shapes`](Self::same_shapes). Tokenizer and template are shared.
+    pub fn fork_with_model(
+        &self,
+        threads: usize,
+        max_slots: usize,
+        model: Arc<Model>,
+        source: Arc<ModelSource>,
+    ) -> Self {
+        let mut e = self.fork(threads, max_slots);
+        e.model = model;
+        e._source = source;
+        e
+    }
+
+    /// Why `other` cannot stand in for this engine's weights, if it cannot.
+    pub fn same_shapes(&self, other: &crate::model::Config) -> std::result::Result<(), String> {
+        let a = &self.model.cfg;
+        let pairs = [
+            ("layers", a.n_layers, other.n_layers),
+            ("hidden size", a.dim, other.dim),
+            ("attention heads", a.n_heads, other.n_heads),
+            ("KV heads", a.n_kv_heads, other.n_kv_heads),
+            ("head size", a.head_dim, other.head_dim),
+            ("FFN size", a.ffn_dim, other.ffn_dim),
+            ("vocabulary", a.vocab_size, other.vocab_size),
+        ];
+        for (what, x, y) in pairs {
+            if x != y {
+                return Err(format!("its {what} is {y}, the served model's is {x}"));
+            }
+        }
+        if other.max_context < a.max_context {
+            return Err(format!(
+                "its context is {}, the served model's is {}",
+                other.max_context, a.max_context
+            ));
+        }
+        Ok(())
+    }
+
     /// Replace the KV allocator (its layout must fit the model).
     pub fn set_kv(&mut self, kv: Box<dyn KvAllocator>) {
         self.kv = kv;
@@ -302,7 +344,12 @@ impl Engine {
             )));
         }
         let add_bos = self.tokenizer.add_bos && self.tokenizer.bos.is_some();
-        let tokens = self.tokenizer.encode(text, add_bos)?;
+        let mut tokens = self.tokenizer.encode(text, add_bos)?;
+        // Under a tokenizer patch the model reads patched ids; bytes are counted on the base
+        // text they stand for, so bits per byte compare across vocabularies.
+        if let Some(p) = &self.patch {
+            tokens = p.encode(&tokens)?;
+        }
         let n_chunks = tokens.len() / ctx;
         if tokens.len() < 2 * ctx {
             return Err(EngineError::Invalid(format!(
@@ -333,7 +380,11 @@ impl Engine {
                     nll -= logprob(row, chunk[j + 1]) as f64;
                     count += 1;
                 }
-                bytes += self.tokenizer.decode(&chunk[first + 1..], false)?.len();
+                let scored = match &self.patch {
+                    Some(p) => p.decode(&chunk[first + 1..])?,
+                    None => chunk[first + 1..].to_vec(),
+                };
+                bytes += self.tokenizer.decode(&scored, false)?.len();
                 progress(c + 1, n_chunks);
             }
             Ok(())

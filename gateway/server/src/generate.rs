@@ -126,7 +126,8 @@ impl Recorder {
             } => {
                 m.queue_time.observe(*queue_secs);
                 m.prompt_saved.inc_by(*prompt_saved as u64);
-                self.saved.0 += prompt_saved;
+                // The prompt is counted once in usage, however many choices read it.
+                self.saved.0 = self.saved.0.max(*prompt_saved);
             }
             SeqEvent::Finished {
                 completion_saved, ..
@@ -335,9 +336,12 @@ pub async fn collect(
     }))
 }
 
-/// The `usage` object. Under a tokenizer patch it adds `tokens_saved` (prompt and completion
-/// tokens the model did not have to process, against the base tokenizer's count).
+/// The `usage` object. Under a tokenizer patch, prompt and completion tokens are the ids the
+/// model read and wrote, and `tokens_saved` (prompt and completion) says how many fewer that
+/// is than the base tokenizer's count.
 fn usage(job: &Job, prompt: usize, completion: usize, saved: (usize, usize)) -> Value {
+    // Under a patch, prompt_tokens counts the ids the model read (base count minus saved).
+    let prompt = prompt.saturating_sub(saved.0);
     let mut u = json!({
         "prompt_tokens": prompt,
         "completion_tokens": completion,

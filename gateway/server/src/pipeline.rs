@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use switchyard_engine::engine::Engine;
+use switchyard_engine::model::{Model, ModelSource};
 use switchyard_engine::sampling::SamplingParams;
 use switchyard_engine::scheduler::{EventSink, SeqEvent, SeqRequest};
 use switchyard_plugin_host::{
@@ -27,6 +28,16 @@ pub struct StageSpec {
     pub plugin: String,
     #[serde(default)]
     pub config: String,
+    /// A file whose bytes are the configuration instead of `config` (e.g. an AdaptiVocab
+    /// patch). Read when a generation is built.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_file: Option<String>,
+    /// Tokenizer-patch stage only: the patched model (a directory from `switchyard transform
+    /// adaptivocab`) whose weights this pipeline serves with the patch, so that the two swap
+    /// as one unit. Without `config`/`config_file`, the patch is the model's
+    /// `adaptivocab-patch.json`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
 }
 
 impl StageSpec {
@@ -34,8 +45,37 @@ impl StageSpec {
         Self {
             plugin: "builtin".into(),
             config: String::new(),
+            config_file: None,
+            model: None,
         }
     }
+
+    /// The configuration bytes: `config`, or the contents of `config_file`, or (with `model`)
+    /// the model's `adaptivocab-patch.json`.
+    pub fn config_bytes(&self) -> Result<Vec<u8>, String> {
+        let file = match (&self.config_file, &self.model) {
+            (Some(_), _) if !self.config.trim().is_empty() => {
+                return Err("give either config or config_file, not both".into())
+            }
+            (Some(f), _) => PathBuf::from(f),
+            (None, Some(m)) if self.config.trim().is_empty() => {
+                std::path::Path::new(m).join(PATCH_FILE)
+            }
+            _ => return Ok(self.config.as_bytes().to_vec()),
+        };
+        std::fs::read(&file).map_err(|e| format!("config file {}: {e}", file.display()))
+    }
+}
+
+/// The file an AdaptiVocab-patched model directory carries its patch in.
+pub const PATCH_FILE: &str = "adaptivocab-patch.json";
+
+fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(b)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
 }
 
 /// What a generation is made of.
@@ -68,6 +108,9 @@ pub struct PluginInfo {
     pub version: String,
     pub sha256: Option<String>,
     pub path: Option<String>,
+    /// The weights this stage brings (a patched model), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
 }
 
 /// A plugin the registry has loaded.
@@ -92,11 +135,15 @@ impl Loaded {
     }
 }
 
+type Weights = (std::sync::Weak<Model>, std::sync::Weak<ModelSource>);
+
 /// Plugins found in the configured directories (manifests), loaded on first use.
 pub struct Registry {
     host: PluginHost,
     dirs: Vec<PathBuf>,
     loaded: Mutex<HashMap<PathBuf, Loaded>>,
+    /// Patched models in use by some generation, by (path, context cap): loaded once.
+    models: Mutex<HashMap<(PathBuf, usize), Weights>>,
     /// Limits of every WebAssembly plugin instance.
     pub wasm_limits: WasmLimits,
 }
@@ -107,6 +154,7 @@ impl Registry {
             host: PluginHost::new(dirs),
             dirs: dirs.to_vec(),
             loaded: Mutex::new(HashMap::new()),
+            models: Mutex::new(HashMap::new()),
             wasm_limits,
         }
     }
@@ -199,6 +247,35 @@ impl Registry {
         }
     }
 
+    /// The weights of the model at `path` with its context capped at `max_context`: shared
+    /// while any generation holds them, loaded again after the last one is gone.
+    pub fn weights(
+        &self,
+        path: &str,
+        max_context: usize,
+    ) -> Result<(Arc<Model>, Arc<ModelSource>), String> {
+        let key = (PathBuf::from(path), max_context);
+        let mut models = self.models.lock().unwrap();
+        models.retain(|_, w| w.0.strong_count() > 0);
+        if let Some((m, s)) = models.get(&key) {
+            if let (Some(m), Some(s)) = (m.upgrade(), s.upgrade()) {
+                return Ok((m, s));
+            }
+        }
+        let t = Instant::now();
+        let (mut m, src) = Model::load(std::path::Path::new(path), &mut |_, _| {})
+            .map_err(|e| format!("model {path}: {e}"))?;
+        m.cfg.max_context = m.cfg.max_context.min(max_context);
+        tracing::info!(
+            model = path,
+            seconds = t.elapsed().as_secs_f64(),
+            "loaded pipeline weights"
+        );
+        let (m, src) = (Arc::new(m), Arc::new(src));
+        models.insert(key, (Arc::downgrade(&m), Arc::downgrade(&src)));
+        Ok((m, src))
+    }
+
     pub fn loaded(&self) -> Vec<Loaded> {
         self.loaded.lock().unwrap().values().cloned().collect()
     }
@@ -219,19 +296,36 @@ pub fn build_engine(
     registry: &Registry,
     observer: Arc<dyn CallObserver>,
 ) -> Result<(Engine, Vec<PluginInfo>), String> {
-    let mut e = template.fork(threads, max_slots);
+    let tp = &spec.tokenizer_patch;
+    let mut e = match &tp.model {
+        Some(_) if tp.plugin == "builtin" => {
+            return Err(
+                "tokenizer_patch.model needs a tokenizer-patch plugin: a patched model \
+                        serves only with its patch"
+                    .into(),
+            )
+        }
+        Some(m) => {
+            let (w, src) = registry.weights(m, template.model.cfg.max_context)?;
+            template
+                .same_shapes(&w.cfg)
+                .map_err(|r| format!("model {m} cannot stand in for the served model: {r}"))?;
+            template.fork_with_model(threads, max_slots, w, src)
+        }
+        None => template.fork(threads, max_slots),
+    };
     let mut infos = Vec::new();
 
-    let tp = &spec.tokenizer_patch;
     infos.push(if tp.plugin == "builtin" {
-        if !tp.config.trim().is_empty() {
+        if !tp.config.trim().is_empty() || tp.config_file.is_some() {
             return Err("the builtin tokenizer patch (none) takes no configuration".into());
         }
         builtin_info("tokenizer_patch", "tokenizer-patch")
     } else {
         let p = registry.wasm(&tp.plugin)?;
+        let config = tp.config_bytes()?;
         let inst = p
-            .tokenizer_patch(tp.config.as_bytes(), registry.wasm_limits, Some(observer.clone()))
+            .tokenizer_patch(&config, registry.wasm_limits, Some(observer.clone()))
             .map_err(|e| e.to_string())?;
         let info = inst.info().map_err(|e| e.to_string())?;
         let vocab = e.model.cfg.vocab_size as u32;
@@ -249,12 +343,51 @@ pub fn build_engine(
                 info.patched_vocab_size - 1
             ));
         }
+        match &tp.model {
+            None if info.patched_vocab_size != 0 => {
+                return Err(format!(
+                    "tokenizer patch {} gives ids new meanings: a patch that adds ids needs \
+                     the patched model in the same pipeline (tokenizer_patch.model = the \
+                     directory written by `switchyard transform adaptivocab`)",
+                    p.name
+                ))
+            }
+            None => {}
+            Some(m) => {
+                let cfg_path = std::path::Path::new(m).join("config.json");
+                let recorded = std::fs::read(&cfg_path)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                    .and_then(|v| v["adaptivocab"]["patch_sha256"].as_str().map(String::from));
+                let have = sha256_hex(&config);
+                match recorded {
+                    Some(r) if r == have => {}
+                    Some(r) => {
+                        return Err(format!(
+                            "model {m} was made for another patch (sha256 {r}) than this \
+                             stage's (sha256 {have})"
+                        ))
+                    }
+                    None => {
+                        return Err(format!(
+                            "model {m} records no tokenizer patch ({} has no \
+                             adaptivocab.patch_sha256): make it with `switchyard transform \
+                             adaptivocab` from this patch",
+                            cfg_path.display()
+                        ))
+                    }
+                }
+            }
+        }
         let ids = e
             .encode_prompt(ROUNDTRIP_TEXT)
             .map_err(|e| format!("round-trip check: {e}"))?;
         let enc = inst.encode(&ids).map_err(|e| e.to_string())?;
         let dec = inst.decode(&enc).map_err(|e| e.to_string())?;
-        if dec != ids {
+        // Ids must come back, or (a patch that removed tokens writes them as their
+        // decompositions) at least the very same text.
+        let text = |x: &[u32]| e.tokenizer.decode(x, false).map_err(|e| e.to_string());
+        if dec != ids && text(&dec)? != text(&ids)? {
             return Err(format!(
                 "tokenizer patch {}: decode(encode(x)) != x on the round-trip check \
                  ({} ids in, {} encoded, {} decoded)",
@@ -272,19 +405,25 @@ pub fn build_engine(
             version: p.version.clone(),
             sha256: Some(p.sha256.clone()),
             path: Some(p.path.display().to_string()),
+            model: tp.model.clone(),
         }
     });
 
     let kv = &spec.kv_allocator;
+    if kv.model.is_some() {
+        return Err("kv_allocator takes no model (only tokenizer_patch does)".into());
+    }
     infos.push(if kv.plugin == "builtin" {
-        if !kv.config.trim().is_empty() {
+        if !kv.config.trim().is_empty() || kv.config_file.is_some() {
             return Err("the builtin KV allocator takes no configuration".into());
         }
         builtin_info("kv_allocator", "kv-allocator")
     } else {
         let p = registry.native(&kv.plugin)?;
+        let config = String::from_utf8(kv.config_bytes()?)
+            .map_err(|_| "kv_allocator configuration is not UTF-8 text".to_string())?;
         let alloc = p
-            .kv_allocator(&kv.config, e.kv_layout(max_slots))
+            .kv_allocator(&config, e.kv_layout(max_slots))
             .map_err(|e| e.to_string())?
             .with_observer(observer);
         e.set_kv(Box::new(alloc));
@@ -295,6 +434,7 @@ pub fn build_engine(
             version: p.version.clone(),
             sha256: Some(p.sha256.clone()),
             path: Some(p.path.display().to_string()),
+            model: None,
         }
     });
     Ok((e, infos))
@@ -308,6 +448,7 @@ fn builtin_info(stage: &str, kind: &str) -> PluginInfo {
         version: env!("CARGO_PKG_VERSION").into(),
         sha256: None,
         path: None,
+        model: None,
     }
 }
 

@@ -364,11 +364,23 @@ async fn tokenize(
             ))
         }
     };
-    Ok(HttpResponse::Ok().json(json!({
+    let mut v = json!({
         "count": ids.len(),
         "max_model_len": ready.max_context,
         "tokens": ids,
-    })))
+    });
+    // Under a tokenizer patch: the ids the model reads, and both counts.
+    if let Some(p) = ready.patch.clone() {
+        let base = ids.len();
+        let patched = web::block(move || p.encode(&ids))
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?
+            .map_err(|e| ApiError::internal(format!("tokenizer patch: {e}")))?;
+        v["base_count"] = json!(base);
+        v["patched_count"] = json!(patched.len());
+        v["patched_tokens"] = json!(patched);
+    }
+    Ok(HttpResponse::Ok().json(v))
 }
 
 async fn detokenize(

@@ -29,6 +29,8 @@ pub struct Ready {
     pub generation: u64,
     pub spec: PipelineSpec,
     pub plugins: Vec<PluginInfo>,
+    /// The generation's tokenizer patch (for /tokenize), if any.
+    pub patch: Option<Arc<dyn switchyard_engine::patch::TokenPatch>>,
 }
 
 pub enum ModelState {
@@ -228,6 +230,7 @@ impl ModelEntry {
             .map_err(|e| format!("canary prompt: {e}"))?;
         let tokenizer = engine.tokenizer.clone();
         let chat = engine.chat.clone();
+        let patch = engine.patch.clone();
         let max_context = engine.model.cfg.max_context;
         let vocab_size = engine.model.cfg.vocab_size;
         let sc = SchedulerConfig {
@@ -261,6 +264,7 @@ impl ModelEntry {
             generation,
             spec: spec.clone(),
             plugins,
+            patch,
         }))
     }
 
