@@ -194,6 +194,28 @@ enum VocabCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Cost of the patch's encode/decode per 1,000 tokens of real text: the WebAssembly
+    /// plugin vs the same code native, side by side.
+    Bench {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        patch: PathBuf,
+        /// The adaptivocab plugin's manifest (its directory is the plugin directory).
+        #[arg(long)]
+        plugin: PathBuf,
+        /// Text files or directories the prompts are cut from.
+        #[arg(long, required = true, num_args = 1..)]
+        file: Vec<PathBuf>,
+        /// Prompt length in base ids.
+        #[arg(long, default_value_t = 1000)]
+        tokens: usize,
+        /// Timed calls per measurement (median of 5 rounds).
+        #[arg(long, default_value_t = 500)]
+        iters: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Token counts of files with and without a patch, and the round trip check.
     Eval {
         #[arg(long)]
@@ -390,6 +412,15 @@ fn run(cli: Cli) -> Result<()> {
             matching,
             json,
         }) => vocab::eval(&model, &patch, &file, matching.map(Into::into), json),
+        Cmd::Vocab(VocabCmd::Bench {
+            model,
+            patch,
+            plugin,
+            file,
+            tokens,
+            iters,
+            json,
+        }) => vocab::bench(&model, &patch, &plugin, &file, tokens, iters, json),
         Cmd::Inspect { model } => inspect(&model),
         Cmd::Serve(a) => serve(a),
         Cmd::Chat(a) => chat::chat(a),

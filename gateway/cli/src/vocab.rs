@@ -736,3 +736,102 @@ impl switchyard_engine::patch::TokenPatch for NativePatch {
             .map_err(switchyard_engine::EngineError::Invalid)
     }
 }
+
+/// `vocab bench`: the cost of the patch's encode and decode on real text, through the
+/// WebAssembly plugin (wasmtime, the copies in and out of the guest) and natively (the same
+/// crate compiled into this binary), side by side on the same prompts.
+pub fn bench(
+    model: &Path,
+    patch_path: &Path,
+    plugin: &Path,
+    files: &[PathBuf],
+    tokens: usize,
+    iters: usize,
+    json_out: bool,
+) -> Result<()> {
+    use std::hint::black_box;
+    if tokens == 0 || iters == 0 {
+        bail!("--tokens and --iters must be at least 1");
+    }
+    let tok = load_tokenizer(model)?;
+    let patch = read_patch(patch_path)?;
+    let config = std::fs::read(patch_path)?;
+    let files = corpus_files(files)?;
+    let (docs, _) = tokenize_files(&tok, &files, "tokenizing")?;
+    let all: Vec<u32> = docs.concat();
+    let prompts: Vec<&[u32]> = all.chunks_exact(tokens).take(64).collect();
+    if prompts.is_empty() {
+        bail!("the files hold fewer than {tokens} tokens");
+    }
+    let dir = plugin.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let host = switchyard_plugin_host::PluginHost::new(&[dir]);
+    let w = std::sync::Arc::new(
+        host.load_wasm(plugin)
+            .with_context(|| format!("loading plugin {}", plugin.display()))?,
+    );
+    let inst = w
+        .tokenizer_patch(&config, switchyard_plugin_host::WasmLimits::default(), None)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", plugin.display()))?;
+    let mut patched = Vec::new();
+    for p in &prompts {
+        let n = patch.encode(p).map_err(anyhow::Error::msg)?;
+        let wv = inst.encode(p).map_err(|e| anyhow::anyhow!("{e}"))?;
+        if n != wv {
+            bail!("the plugin's encode differs from the native encode");
+        }
+        patched.push(n);
+    }
+    let time = |f: &mut dyn FnMut(usize)| -> f64 {
+        let mut rounds: Vec<f64> = (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                for i in 0..iters {
+                    f(i % prompts.len());
+                }
+                t.elapsed().as_nanos() as f64 / iters as f64
+            })
+            .collect();
+        rounds.sort_by(f64::total_cmp);
+        rounds[2]
+    };
+    let per_k = |ns: f64| ns * 1000.0 / tokens as f64;
+    let native_enc = per_k(time(&mut |i| {
+        black_box(patch.encode(black_box(prompts[i])).unwrap());
+    }));
+    let wasm_enc = per_k(time(&mut |i| {
+        black_box(inst.encode(black_box(prompts[i])).unwrap());
+    }));
+    let native_dec = per_k(time(&mut |i| {
+        black_box(patch.decode(black_box(&patched[i])).unwrap());
+    }));
+    let wasm_dec = per_k(time(&mut |i| {
+        black_box(inst.decode(black_box(&patched[i])).unwrap());
+    }));
+    let tok_ns = per_k(time(&mut |i| {
+        let text = tok.decode(prompts[i], false).unwrap();
+        black_box(tok.encode(&text, false).unwrap());
+    }));
+    let v = json!({
+        "prompt_tokens": tokens,
+        "prompts": prompts.len(),
+        "iters": iters,
+        "encode_us_per_1000_tokens": {"wasm": wasm_enc / 1e3, "native": native_enc / 1e3, "ratio": wasm_enc / native_enc},
+        "decode_us_per_1000_tokens": {"wasm": wasm_dec / 1e3, "native": native_dec / 1e3, "ratio": wasm_dec / native_dec},
+        "base_tokenizer_encode_us_per_1000_tokens": tok_ns / 1e3,
+        "patch_share_of_tokenization": wasm_enc / tok_ns,
+    });
+    if json_out {
+        println!("{v}");
+    } else {
+        println!(
+            "per 1,000 base tokens: encode {:.1} µs WebAssembly vs {:.1} µs native ({:.2}×), decode {:.1} vs {:.1} µs; base tokenizer {:.0} µs",
+            wasm_enc / 1e3,
+            native_enc / 1e3,
+            wasm_enc / native_enc,
+            wasm_dec / 1e3,
+            native_dec / 1e3,
+            tok_ns / 1e3
+        );
+    }
+    Ok(())
+}
