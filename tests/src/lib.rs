@@ -69,3 +69,34 @@ pub fn venv_python() -> PathBuf {
 }
 
 pub mod gateway;
+
+/// Checks of a finished `switchyard` command.
+pub mod cli {
+    use std::process::Output;
+
+    /// Success; the stdout.
+    pub fn ok(out: &Output) -> String {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "stderr: {err}");
+        String::from_utf8(out.stdout.clone()).unwrap()
+    }
+
+    /// A clear error: exit status 1, no panic, the stderr names every needle.
+    pub fn clean_error(out: &Output, needles: &[&str]) {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "stderr: {err}");
+        assert!(!err.contains("panicked"), "panic: {err}");
+        for n in needles {
+            assert!(err.contains(n), "stderr lacks {n:?}: {err}");
+        }
+    }
+}
+
+/// The JSON events of a server-sent-events body (`data: …` lines, `[DONE]` left out).
+pub fn sse_events(body: &str) -> Vec<serde_json::Value> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect()
+}

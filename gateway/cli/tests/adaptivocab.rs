@@ -10,6 +10,7 @@ use std::process::{Command, Output};
 use reqwest::blocking::Client;
 use serde_json::{json, Value};
 use switchyard_adaptivocab::Patch;
+use switchyard_tests::cli::{clean_error, ok};
 use switchyard_tests::gateway::{plugin_dir, Gateway};
 
 const TOKEN: &str = "av-token";
@@ -23,22 +24,6 @@ fn run(args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("run switchyard")
-}
-
-fn ok(out: &Output) -> String {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "stderr: {err}");
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
-/// A clear error: exit status 1, no panic, the stderr names every needle.
-fn clean_error(out: &Output, needles: &[&str]) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
-    assert!(!err.contains("panicked"), "panic: {err}");
-    for n in needles {
-        assert!(err.contains(n), "stderr lacks {n:?}: {err}");
-    }
 }
 
 fn tmpdir(name: &str) -> PathBuf {
@@ -268,12 +253,15 @@ fn build_eval_transform_and_serve_a_patch_on_stories260k() {
     let pipeline = "/admin/models/stories260K/pipeline";
 
     // The patch without its model is refused, and so is a model made for another patch.
-    let (st, v) = gw.admin(
-        "PUT",
-        pipeline,
-        Some(json!({"tokenizer_patch": {"plugin": "adaptivocab", "config_file": s(&patch_path)}})),
-        Some(TOKEN),
-    );
+    let swap = |stage: Value| {
+        gw.admin(
+            "PUT",
+            pipeline,
+            Some(json!({ "tokenizer_patch": stage })),
+            Some(TOKEN),
+        )
+    };
+    let (st, v) = swap(json!({"plugin": "adaptivocab", "config_file": s(&patch_path)}));
     assert_eq!(st, 422, "{v}");
     assert!(
         v["error"]["message"]
@@ -284,12 +272,8 @@ fn build_eval_transform_and_serve_a_patch_on_stories260k() {
     );
     let other = d.join("other.json");
     build(&d, &other, "12");
-    let (st, v) = gw.admin(
-        "PUT",
-        pipeline,
-        Some(json!({"tokenizer_patch": {"plugin": "adaptivocab", "config_file": s(&other), "model": s(&model)}})),
-        Some(TOKEN),
-    );
+    let (st, v) =
+        swap(json!({"plugin": "adaptivocab", "config_file": s(&other), "model": s(&model)}));
     assert_eq!(st, 422, "{v}");
     assert!(
         v["error"]["message"]
@@ -299,12 +283,7 @@ fn build_eval_transform_and_serve_a_patch_on_stories260k() {
         "{v}"
     );
 
-    let (st, v) = gw.admin(
-        "PUT",
-        pipeline,
-        Some(json!({"tokenizer_patch": {"plugin": "adaptivocab", "model": s(&model)}})),
-        Some(TOKEN),
-    );
+    let (st, v) = swap(json!({"plugin": "adaptivocab", "model": s(&model)}));
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["plugins"][0]["model"], s(&model), "{v}");
 
@@ -341,11 +320,8 @@ fn build_eval_transform_and_serve_a_patch_on_stories260k() {
         .unwrap()
         .text()
         .unwrap();
-    let joined: String = streamed
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter(|l| *l != "[DONE]")
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+    let joined: String = switchyard_tests::sse_events(&streamed)
+        .into_iter()
         .filter_map(|v| v["choices"][0]["text"].as_str().map(String::from))
         .collect();
     assert_eq!(joined, text);

@@ -3,6 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use switchyard_tests::cli::clean_error;
+
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_switchyard"))
 }
@@ -48,16 +50,6 @@ fn generate_with(model: &Path) -> Output {
         "--prompt",
         "x",
     ])
-}
-
-/// A clear error: exit status 1, one `error:` line naming `needle`s, no panic.
-fn assert_clean_error(out: &Output, needles: &[&str]) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
-    assert!(!err.contains("panicked"), "panic: {err}");
-    for n in needles {
-        assert!(err.contains(n), "stderr lacks {n:?}: {err}");
-    }
 }
 
 #[test]
@@ -116,7 +108,7 @@ fn perplexity_json() {
         "--file",
         d.join("short.txt").to_str().unwrap(),
     ]);
-    assert_clean_error(&out, &["needs at least"]);
+    clean_error(&out, &["needs at least"]);
 }
 
 #[test]
@@ -152,16 +144,16 @@ fn truncated_and_corrupt_gguf() {
     let cut = d.join("cut.gguf");
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
     let out = generate_with(&cut);
-    assert_clean_error(&out, &["cut.gguf", "truncated"]);
+    clean_error(&out, &["cut.gguf", "truncated"]);
 
     let junk = d.join("junk.gguf");
     std::fs::write(&junk, b"this is not a model at all").unwrap();
     let out = generate_with(&junk);
-    assert_clean_error(&out, &["junk.gguf", "bad magic"]);
+    clean_error(&out, &["junk.gguf", "bad magic"]);
 
     let missing = d.join("missing.gguf");
     let out = generate_with(&missing);
-    assert_clean_error(&out, &["missing.gguf", "no such file"]);
+    clean_error(&out, &["missing.gguf", "no such file"]);
 }
 
 /// A minimal GGUF with the given architecture and one tensor of GGML type `ty`.
@@ -195,13 +187,13 @@ fn unsupported_arch_and_tensor_type() {
     let d = tmpdir("unsupported");
     let p = d.join("gpt2.gguf");
     std::fs::write(&p, tiny_gguf("gpt2", 0)).unwrap();
-    assert_clean_error(
+    clean_error(
         &run(&["generate", "--model", p.to_str().unwrap()]),
         &["gpt2.gguf", "unsupported architecture 'gpt2'"],
     );
     let p = d.join("q5.gguf");
     std::fs::write(&p, tiny_gguf("llama", 6)).unwrap();
-    assert_clean_error(
+    clean_error(
         &run(&["generate", "--model", p.to_str().unwrap()]),
         &["q5.gguf", "unsupported tensor type Q5_0"],
     );
@@ -215,7 +207,7 @@ fn broken_hf_directories() {
     for f in ["config.json", "model.safetensors"] {
         std::fs::copy(src.join(f), d.join(f)).unwrap();
     }
-    assert_clean_error(
+    clean_error(
         &run(&["generate", "--model", d.to_str().unwrap()]),
         &["tokenizer.json", "missing"],
     );
@@ -226,7 +218,7 @@ fn broken_hf_directories() {
     }
     let w = std::fs::read(src.join("model.safetensors")).unwrap();
     std::fs::write(d.join("model.safetensors"), &w[..w.len() - 1000]).unwrap();
-    assert_clean_error(
+    clean_error(
         &run(&["generate", "--model", d.to_str().unwrap()]),
         &["model.safetensors"],
     );
@@ -244,7 +236,7 @@ fn broken_hf_directories() {
         &d.join("model.safetensors"),
     )
     .unwrap();
-    assert_clean_error(
+    clean_error(
         &run(&["generate", "--model", d.to_str().unwrap()]),
         &["model.safetensors", "unsupported tensor type I32"],
     );
@@ -257,7 +249,7 @@ fn broken_hf_directories() {
         .unwrap()
         .replace("\"llama\"", "\"mamba\"");
     std::fs::write(d.join("config.json"), cfg).unwrap();
-    assert_clean_error(
+    clean_error(
         &run(&["generate", "--model", d.to_str().unwrap()]),
         &["config.json", "mamba"],
     );
@@ -267,15 +259,15 @@ fn broken_hf_directories() {
 fn bad_arguments() {
     let gguf = stories().join("stories260K.f32.gguf");
     let g = gguf.to_str().unwrap();
-    assert_clean_error(
+    clean_error(
         &run(&["generate", "--model", g, "--temperature=-1"]),
         &["temperature"],
     );
-    assert_clean_error(
+    clean_error(
         &run(&["generate", "--model", g, "--threads", "0"]),
         &["--threads"],
     );
-    assert_clean_error(
+    clean_error(
         &run(&["generate", "--model", g, "--top-p", "0"]),
         &["top_p"],
     );

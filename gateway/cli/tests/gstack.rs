@@ -9,6 +9,7 @@ use std::process::{Command, Output};
 
 use reqwest::blocking::Client;
 use serde_json::{json, Value};
+use switchyard_tests::cli::{clean_error, ok};
 use switchyard_tests::gateway::Gateway;
 
 fn bin() -> PathBuf {
@@ -33,22 +34,6 @@ fn tmpdir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-fn ok(out: &Output) -> String {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "stderr: {err}");
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
-/// A clear error: exit status 1, no panic, the stderr names every needle.
-fn clean_error(out: &Output, needles: &[&str]) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
-    assert!(!err.contains("panicked"), "panic: {err}");
-    for n in needles {
-        assert!(err.contains(n), "stderr lacks {n:?}: {err}");
-    }
 }
 
 fn grow(model: &Path, out: &Path, extra: &[&str]) -> Output {

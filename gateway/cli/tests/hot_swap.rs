@@ -539,11 +539,8 @@ fn tokens_saved_by_a_patch_are_reported_in_usage_and_metrics() {
         .unwrap()
         .text()
         .unwrap();
-    let usage: Value = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter(|d| *d != "[DONE]")
-        .map(|d| serde_json::from_str::<Value>(d).unwrap())
+    let usage: Value = switchyard_tests::sse_events(&text)
+        .into_iter()
         .find(|v| !v["usage"].is_null())
         .unwrap()["usage"]
         .clone();
