@@ -39,9 +39,6 @@ pub struct AdaptivocabArgs {
     plugin_dir: Vec<PathBuf>,
 }
 
-/// The file an AdaptiVocab-patched model carries its patch in.
-pub const PATCH_FILE: &str = "adaptivocab-patch.json";
-
 #[derive(Args)]
 pub struct Common {
     /// The input model: a .gguf file or a Hugging Face directory.
@@ -133,8 +130,8 @@ pub fn transform(cmd: TransformCmd) -> Result<()> {
             run(&manifest, &config, &config, &a.common)
         }
         TransformCmd::Adaptivocab(a) => {
-            let patch = crate::vocab::read_patch(&a.patch)?;
-            let text = String::from_utf8(std::fs::read(&a.patch)?)
+            let (patch, bytes) = crate::vocab::read_patch(&a.patch)?;
+            let text = String::from_utf8(bytes)
                 .with_context(|| format!("{}: not UTF-8", a.patch.display()))?;
             let tok = crate::vocab::load_tokenizer(&a.common.model)?;
             if tok.vocab_size() != patch.base_vocab_size() as usize {
@@ -154,7 +151,7 @@ pub fn transform(cmd: TransformCmd) -> Result<()> {
                 patch.file.added.len()
             );
             run(&manifest, &text, &what, &a.common)?;
-            let dst = a.common.out.join(PATCH_FILE);
+            let dst = a.common.out.join(switchyard_server::pipeline::PATCH_FILE);
             std::fs::write(&dst, text.as_bytes())
                 .with_context(|| format!("writing {}", dst.display()))?;
             Ok(())

@@ -156,11 +156,7 @@ fn vocab_facts(tok: &Tokenizer) -> Result<VocabFacts> {
         .inner()
         .to_string(false)
         .map_err(|e| anyhow::anyhow!("serializing the tokenizer: {e}"))?;
-    let sha256 = {
-        use sha2::Digest;
-        let d = sha2::Sha256::digest(js.as_bytes());
-        d.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    };
+    let sha256 = switchyard_plugin_host::sha256_bytes(js.as_bytes());
     let v: Json = serde_json::from_str(&js)?;
     let model = &v["model"];
     if model["type"].as_str() != Some("BPE") {
@@ -596,10 +592,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Read and validate a patch file, naming the file in errors.
-pub fn read_patch(path: &Path) -> Result<Patch> {
+/// Read and validate a patch file, naming the file in errors; the patch and the file's bytes.
+pub fn read_patch(path: &Path) -> Result<(Patch, Vec<u8>)> {
     let bytes = std::fs::read(path).with_context(|| format!("reading patch {}", path.display()))?;
-    Patch::from_json(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    let p = Patch::from_json(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok((p, bytes))
 }
 
 /// `vocab eval`: base vs patched token counts and the round trip, over files.
@@ -611,7 +608,7 @@ pub fn eval(
     json: bool,
 ) -> Result<()> {
     let tok = load_tokenizer(model)?;
-    let mut patch = read_patch(patch_path)?;
+    let (mut patch, _) = read_patch(patch_path)?;
     if patch.base_vocab_size() as usize != tok.vocab_size() {
         bail!(
             "{} was built for a vocabulary of {} ids; {} has {}",
@@ -634,9 +631,10 @@ pub fn eval(
     let mut enc_secs = 0f64;
     for (f, ids) in files.iter().zip(&docs) {
         let t = Instant::now();
-        let enc = patch
-            .encode(ids)
+        let exp = patch
+            .expand(ids)
             .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+        let enc = patch.encode_expanded(&exp);
         enc_secs += t.elapsed().as_secs_f64();
         let dec = patch
             .decode(&enc)
@@ -644,7 +642,6 @@ pub fn eval(
         base += ids.len();
         patched += enc.len();
         removed_in_input += ids.iter().filter(|&&i| patch.is_removed(i)).count();
-        let exp = patch.expand(ids).map_err(|e| anyhow::anyhow!(e))?;
         let e_ok = dec == exp;
         let t_ok = tok.decode(&dec, false)? == tok.decode(ids, false)?;
         ids_exact &= dec == *ids;
@@ -705,10 +702,11 @@ pub fn eval(
 pub struct NativePatch(pub Patch, String);
 
 impl NativePatch {
-    /// Read `path` and check it against the engine's model: the vocabulary size, and the
-    /// patch digest the patched model records (`adaptivocab.patch_sha256` in config.json).
+    /// Read `path` and check it against the engine's vocabulary size. (Whether the model is
+    /// the one made for this patch is the caller's choice: `eval perplexity` also scores a
+    /// patch on other weights.)
     pub fn open(path: &Path, e: &switchyard_engine::Engine) -> Result<Self> {
-        let p = read_patch(path)?;
+        let (p, _) = read_patch(path)?;
         if p.base_vocab_size() as usize != e.model.cfg.vocab_size {
             bail!(
                 "{} was built for a vocabulary of {} ids; the model has {}",
@@ -754,8 +752,7 @@ pub fn bench(
         bail!("--tokens and --iters must be at least 1");
     }
     let tok = load_tokenizer(model)?;
-    let patch = read_patch(patch_path)?;
-    let config = std::fs::read(patch_path)?;
+    let (patch, config) = read_patch(patch_path)?;
     let files = corpus_files(files)?;
     let (docs, _) = tokenize_files(&tok, &files, "tokenizing")?;
     let all: Vec<u32> = docs.concat();

@@ -244,7 +244,8 @@ pub fn pack(file: &Path, out_dir: &Path) -> Result<Packed> {
     })
 }
 
-fn sha256_bytes(bytes: &[u8]) -> String {
+/// Lower-case hex sha256 of `bytes`.
+pub fn sha256_bytes(bytes: &[u8]) -> String {
     use sha2::{Digest, Sha256};
     Sha256::digest(bytes)
         .iter()

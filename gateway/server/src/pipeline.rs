@@ -70,14 +70,6 @@ impl StageSpec {
 /// The file an AdaptiVocab-patched model directory carries its patch in.
 pub const PATCH_FILE: &str = "adaptivocab-patch.json";
 
-fn sha256_hex(b: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(b)
-        .iter()
-        .map(|x| format!("{x:02x}"))
-        .collect()
-}
-
 /// What a generation is made of.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -359,7 +351,7 @@ pub fn build_engine(
                     .ok()
                     .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
                     .and_then(|v| v["adaptivocab"]["patch_sha256"].as_str().map(String::from));
-                let have = sha256_hex(&config);
+                let have = switchyard_plugin_host::sha256_bytes(&config);
                 match recorded {
                     Some(r) if r == have => {}
                     Some(r) => {
