@@ -4,6 +4,7 @@ mod bench_kv;
 mod bench_plugins;
 mod bench_serve;
 mod chat;
+mod larosa;
 mod transform;
 mod vocab;
 
@@ -57,6 +58,9 @@ enum Cmd {
     /// AdaptiVocab domain vocabularies: build a tokenizer patch, measure it.
     #[command(subcommand)]
     Vocab(VocabCmd),
+    /// Calibration of optimization operators.
+    #[command(subcommand)]
+    Calibrate(CalibrateCmd),
     /// Print a model's configuration and tensor summary.
     Inspect {
         #[arg(long)]
@@ -234,6 +238,13 @@ enum VocabCmd {
 }
 
 #[derive(Subcommand)]
+enum CalibrateCmd {
+    /// LaRoSA: one orthogonal rotation per layer from the eigenvectors of the layer's
+    /// attention-input covariance over calibration text (safetensors file).
+    Larosa(larosa::CalibrateArgs),
+}
+
+#[derive(Subcommand)]
 enum EvalCmd {
     /// Perplexity as llama.cpp's llama-perplexity computes it, plus bits per byte.
     Perplexity {
@@ -247,6 +258,13 @@ enum EvalCmd {
         /// is tokenized by the base tokenizer, then encoded by the patch.
         #[arg(long)]
         patch: Option<PathBuf>,
+        /// Score the LaRoSA-rotated model (a rotation from `switchyard calibrate larosa`).
+        #[arg(long)]
+        rotation: Option<PathBuf>,
+        /// Run the linear layers through the larosa plugin with this configuration
+        /// (e.g. "sparsity = 0.4"; without --rotation it is unrotated top-k, TEAL-style).
+        #[arg(long)]
+        linear: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -287,6 +305,8 @@ enum BenchCmd {
     /// KV allocators: vAttention vs static vs heap (memory on a length mix, sequences in a
     /// fixed budget, mapping overhead in decode).
     Kv(bench_kv::KvBenchArgs),
+    /// LaRoSA: batch-1 decode tokens/s, dense vs rotated top-k sparse kernels, side by side.
+    Larosa(larosa::LarosaBenchArgs),
 }
 
 fn bar(len: u64, msg: &str) -> ProgressBar {
@@ -347,8 +367,20 @@ fn run(cli: Cli) -> Result<()> {
             file,
             ctx,
             patch,
+            rotation,
+            linear,
             json,
-        }) => perplexity(&m, &file, ctx, patch.as_deref(), json),
+        }) => perplexity(
+            &m,
+            &file,
+            ctx,
+            patch.as_deref(),
+            rotation.as_deref(),
+            linear.as_deref(),
+            json,
+        ),
+        Cmd::Calibrate(CalibrateCmd::Larosa(a)) => larosa::calibrate(a),
+        Cmd::Bench(BenchCmd::Larosa(a)) => larosa::bench(a),
         Cmd::Bench(BenchCmd::Decode {
             m,
             batch,
@@ -511,6 +543,8 @@ fn perplexity(
     file: &Path,
     ctx: usize,
     patch: Option<&Path>,
+    rotation: Option<&Path>,
+    linear: Option<&str>,
     json: bool,
 ) -> Result<()> {
     let text =
@@ -519,6 +553,7 @@ fn perplexity(
     if let Some(p) = patch {
         e.patch = Some(std::sync::Arc::new(vocab::NativePatch::open(p, &e)?));
     }
+    larosa::apply(&mut e, rotation, linear)?;
     let pb = bar(0, "perplexity");
     let t = Instant::now();
     let r = e.perplexity(&text, ctx, &mut |i, n| {
@@ -533,6 +568,8 @@ fn perplexity(
         v["model"] = m.model.display().to_string().into();
         v["file"] = file.display().to_string().into();
         v["patch"] = patch.map(|p| p.display().to_string()).into();
+        v["rotation"] = rotation.map(|p| p.display().to_string()).into();
+        v["linear"] = linear.into();
         println!("{v}");
     } else {
         println!(

@@ -6,6 +6,7 @@
 
 use crate::error::{EngineError, Result};
 use crate::kv::KvAllocator;
+use crate::linear::{proj, LinearKernels};
 use crate::model::{Model, RopeStyle, Weight};
 use crate::pool::ThreadPool;
 use crate::quant::{self, GgmlType};
@@ -76,6 +77,11 @@ impl Ptr {
 pub struct Forward {
     pool: std::sync::Arc<ThreadPool>,
     s: Scratch,
+    /// The layers' projections through these kernels instead of the engine's products.
+    pub linear: Option<std::sync::Arc<dyn LinearKernels>>,
+    /// When set, each forward pass stores every layer's normalized attention input (before
+    /// the norm's scale: `x / rms(x)`, `(n, dim)` per layer) here (LaRoSA calibration).
+    pub capture: Option<Vec<Vec<f32>>>,
 }
 
 impl Forward {
@@ -83,6 +89,8 @@ impl Forward {
         Self {
             pool,
             s: Scratch::default(),
+            linear: None,
+            capture: None,
         }
     }
 
@@ -158,7 +166,30 @@ impl Forward {
             }
         }
 
+        let linear = self.linear.clone();
+        if let Some(cap) = &mut self.capture {
+            cap.resize(m.layers.len(), Vec::new());
+        }
         for (li, l) in m.layers.iter().enumerate() {
+            if let Some(a) = &l.adapter {
+                matmul(
+                    pool,
+                    a,
+                    &s.x[..n * dim],
+                    n,
+                    &mut s.tmp[..n * dim],
+                    &mut s.xsum,
+                );
+                s.x[..n * dim].copy_from_slice(&s.tmp[..n * dim]);
+            }
+            if let Some(cap) = &mut self.capture {
+                let c = &mut cap[li];
+                c.clear();
+                for xr in s.x[..n * dim].chunks_exact(dim) {
+                    let inv = 1.0 / (quant::dot_f32(xr, xr) / dim as f32 + m.cfg.rms_eps).sqrt();
+                    c.extend(xr.iter().map(|v| v * inv));
+                }
+            }
             // Attention block.
             rmsnorm_rows(
                 &s.x[..n * dim],
@@ -166,30 +197,40 @@ impl Forward {
                 c.rms_eps,
                 &mut s.xb[..n * dim],
             );
-            matmul(
+            let lin = linear.as_deref();
+            project(
                 pool,
+                lin,
+                li,
+                proj::Q,
                 &l.wq,
                 &s.xb[..n * dim],
                 n,
                 &mut s.q[..n * qd],
                 &mut s.xsum,
-            );
-            matmul(
+            )?;
+            project(
                 pool,
+                lin,
+                li,
+                proj::K,
                 &l.wk,
                 &s.xb[..n * dim],
                 n,
                 &mut s.k[..n * kvd],
                 &mut s.xsum,
-            );
-            matmul(
+            )?;
+            project(
                 pool,
+                lin,
+                li,
+                proj::V,
                 &l.wv,
                 &s.xb[..n * dim],
                 n,
                 &mut s.v[..n * kvd],
                 &mut s.xsum,
-            );
+            )?;
             for r in 0..n {
                 let p = s.row_pos[r];
                 rope(m, p, &mut s.q[r * qd..(r + 1) * qd]);
@@ -219,14 +260,17 @@ impl Forward {
                 }
             }
             attention(pool, c.max_context, hd, nh, nkv, s);
-            matmul(
+            project(
                 pool,
+                lin,
+                li,
+                proj::O,
                 &l.wo,
                 &s.att[..n * qd],
                 n,
                 &mut s.tmp[..n * dim],
                 &mut s.xsum,
-            );
+            )?;
             add_in_place(&mut s.x[..n * dim], &s.tmp[..n * dim]);
 
             // MLP block.
@@ -237,33 +281,42 @@ impl Forward {
                 &mut s.xb[..n * dim],
             );
             let f = c.ffn_dim;
-            matmul(
+            project(
                 pool,
+                lin,
+                li,
+                proj::GATE,
                 &l.w_gate,
                 &s.xb[..n * dim],
                 n,
                 &mut s.hb[..n * f],
                 &mut s.xsum,
-            );
-            matmul(
+            )?;
+            project(
                 pool,
+                lin,
+                li,
+                proj::UP,
                 &l.w_up,
                 &s.xb[..n * dim],
                 n,
                 &mut s.hb2[..n * f],
                 &mut s.xsum,
-            );
+            )?;
             for (g, u) in s.hb[..n * f].iter_mut().zip(&s.hb2[..n * f]) {
                 *g = *g / (1.0 + (-*g).exp()) * u;
             }
-            matmul(
+            project(
                 pool,
+                lin,
+                li,
+                proj::DOWN,
                 &l.w_down,
                 &s.hb[..n * f],
                 n,
                 &mut s.tmp[..n * dim],
                 &mut s.xsum,
-            );
+            )?;
             add_in_place(&mut s.x[..n * dim], &s.tmp[..n * dim]);
         }
 
@@ -296,6 +349,32 @@ impl Forward {
             &mut s.xsum,
         );
         Ok(&self.s.logits[..n_sel * vocab])
+    }
+}
+
+/// One projection of layer `li`: through the pipeline's linear kernels when it has them
+/// (the engine's workers rest meanwhile, leaving the cores to the kernels' threads), else the
+/// engine's own product.
+fn project(
+    pool: &ThreadPool,
+    linear: Option<&dyn LinearKernels>,
+    li: usize,
+    projection: u64,
+    w: &Weight,
+    x: &[f32],
+    n: usize,
+    out: &mut [f32],
+    xsum: &mut Vec<f32>,
+) -> Result<()> {
+    match linear {
+        Some(k) => {
+            pool.rest();
+            k.linear(li, projection, x, n, out)
+        }
+        None => {
+            matmul(pool, w, x, n, out, xsum);
+            Ok(())
+        }
     }
 }
 

@@ -6,7 +6,8 @@
 //! - [`tokenizer`] and [`chat`]: HF `tokenizers` built from tokenizer.json or GGUF metadata;
 //!   the model's Jinja chat template.
 //! - [`forward`]: the batched forward pass over several sequences; [`kv`]: the KV-cache
-//!   allocator interface; [`pool`]: the thread pool.
+//!   allocator interface; [`pool`]: the thread pool; [`linear`]: linear kernels from a
+//!   plugin; [`larosa`]: LaRoSA calibration and rotated models.
 //! - [`engine`]: generation and perplexity loops; [`sampling`]: the sampler;
 //!   [`scheduler`]: continuous batching with chunked prefill over many sequences.
 
@@ -16,6 +17,8 @@ pub mod error;
 pub mod forward;
 pub mod gguf;
 pub mod kv;
+pub mod larosa;
+pub mod linear;
 pub mod model;
 pub mod patch;
 pub mod pool;

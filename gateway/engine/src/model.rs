@@ -72,6 +72,18 @@ impl Weight {
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         quant::dequantize_row(self.ty, self.row(r), &mut out[..self.cols]);
     }
+    /// An f32 weight owning `data` (`rows × cols`, row-major).
+    pub fn from_f32(rows: usize, cols: usize, data: Vec<f32>) -> Self {
+        assert_eq!(data.len(), rows * cols, "weight data is not rows x cols");
+        let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        Weight {
+            ty: GgmlType::F32,
+            rows,
+            cols,
+            data: Bytes::Owned(Arc::new(bytes)),
+            row_bytes: cols * 4,
+        }
+    }
     pub fn to_f32(&self) -> Vec<f32> {
         let mut v = vec![0f32; self.rows * self.cols];
         for (r, o) in v.chunks_exact_mut(self.cols).enumerate() {
@@ -109,6 +121,9 @@ pub struct Layer {
     pub w_gate: Weight,
     pub w_up: Weight,
     pub w_down: Weight,
+    /// A `dim × dim` map applied to the residual stream before this layer (LaRoSA's change of
+    /// basis `Q_{l-1}ᵀ·Q_l` between layers rotated differently); `None` in a plain model.
+    pub adapter: Option<Weight>,
 }
 
 pub struct Model {
@@ -441,6 +456,7 @@ impl Model {
                 w_gate: need(src, &n("gate"), cfg.ffn_dim, d)?,
                 w_up: need(src, &n("up"), cfg.ffn_dim, d)?,
                 w_down: need(src, &n("down"), d, cfg.ffn_dim)?,
+                adapter: None,
             });
             progress(i + 1, cfg.n_layers);
         }

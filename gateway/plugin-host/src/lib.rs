@@ -16,7 +16,9 @@ pub mod transform;
 pub mod wasm;
 
 pub use manifest::Manifest;
-pub use native::{NativeKvAllocator, NativeLinearKernels, NativeModelTransform, NativePlugin};
+pub use native::{
+    ModelLinear, NativeKvAllocator, NativeLinearKernels, NativeModelTransform, NativePlugin,
+};
 pub use wasm::{PatchStage, WasmCallError, WasmLimits, WasmPlugin, WasmTokenizerPatch};
 
 /// How a plugin call ended (for metrics).

@@ -535,3 +535,64 @@ impl NativeModelTransform {
         })
     }
 }
+
+/// A `linear-kernels` plugin instance holding every projection of one model: what the
+/// engine's forward pass calls in place of its own products.
+pub struct ModelLinear {
+    k: NativeLinearKernels,
+    /// Per layer, (out, in) of each projection.
+    shapes: Vec<[(usize, usize); 7]>,
+}
+
+impl ModelLinear {
+    /// Register the seven projections of every layer of `m` (as f32) with `k`;
+    /// `progress(layers done, total)`.
+    pub fn prepare(
+        mut k: NativeLinearKernels,
+        m: &switchyard_engine::model::Model,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> EngineResult<Self> {
+        use switchyard_engine::linear::proj;
+        let mut shapes = Vec::with_capacity(m.layers.len());
+        for (li, l) in m.layers.iter().enumerate() {
+            let ws = [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down];
+            let mut sh = [(0, 0); 7];
+            for (p, w) in ws.iter().enumerate() {
+                let id = li as u64 * 16 + p as u64;
+                k.prepare(id, &w.to_f32(), w.rows, w.cols).map_err(|e| {
+                    EngineError::Invalid(format!("preparing layer {li} {}: {e}", proj::NAMES[p]))
+                })?;
+                sh[p] = (w.rows, w.cols);
+            }
+            shapes.push(sh);
+            progress(li + 1, m.layers.len());
+        }
+        Ok(Self { k, shapes })
+    }
+}
+
+impl switchyard_engine::linear::LinearKernels for ModelLinear {
+    fn name(&self) -> &str {
+        &self.k.name
+    }
+
+    fn linear(
+        &self,
+        layer: usize,
+        projection: u64,
+        x: &[f32],
+        n: usize,
+        y: &mut [f32],
+    ) -> EngineResult<()> {
+        let (out, inp) = self
+            .shapes
+            .get(layer)
+            .and_then(|s| s.get(projection as usize))
+            .copied()
+            .ok_or_else(|| {
+                EngineError::Invalid(format!("no projection {projection} in layer {layer}"))
+            })?;
+        self.k
+            .linear(layer as u64 * 16 + projection, x, n, inp, y, out)
+    }
+}
