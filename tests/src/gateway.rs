@@ -118,18 +118,20 @@ impl Drop for Gateway {
 }
 
 /// A plugin directory with the kv-allocator plugins kv-heap, kv-static, vattention and the
-/// test plugin faulty-kv (built by `cargo build --workspace` next to `bin`), and the
-/// faulty-patch and adaptivocab WebAssembly guests (built by scripts/build-wasm-plugins.sh).
+/// test plugin faulty-kv, the linear-kernels plugin larosa (built by `cargo build
+/// --workspace` next to `bin`), and the faulty-patch and adaptivocab WebAssembly guests
+/// (built by scripts/build-wasm-plugins.sh).
 pub fn plugin_dir(bin: &Path, name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("sy-plugins-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     let target = bin.parent().unwrap();
-    for (lib, plugin) in [
-        ("libswitchyard_kv_heap.so", "kv-heap"),
-        ("libswitchyard_test_faulty_kv.so", "faulty-kv"),
-        ("libswitchyard_kv_static.so", "kv-static"),
-        ("libswitchyard_vattention.so", "vattention"),
+    for (lib, plugin, kind) in [
+        ("libswitchyard_kv_heap.so", "kv-heap", "kv-allocator"),
+        ("libswitchyard_test_faulty_kv.so", "faulty-kv", "kv-allocator"),
+        ("libswitchyard_kv_static.so", "kv-static", "kv-allocator"),
+        ("libswitchyard_vattention.so", "vattention", "kv-allocator"),
+        ("libswitchyard_larosa.so", "larosa", "linear-kernels"),
     ] {
         let src = target.join(lib);
         assert!(
@@ -142,7 +144,7 @@ pub fn plugin_dir(bin: &Path, name: &str) -> std::path::PathBuf {
         std::fs::write(
             d.join(format!("{plugin}.toml")),
             format!(
-                "name = \"{plugin}\"\nversion = \"0.1.0\"\nkind = \"kv-allocator\"\nabi = \"1.0\"\nfile = \"{lib}\"\nsha256 = \"{sha}\"\n"
+                "name = \"{plugin}\"\nversion = \"0.1.0\"\nkind = \"{kind}\"\nabi = \"1.0\"\nfile = \"{lib}\"\nsha256 = \"{sha}\"\n"
             ),
         )
         .unwrap();

@@ -58,6 +58,27 @@ pub fn load(path: &std::path::Path, threads: usize, slots: usize) -> switchyard_
 }
 
 /// Python with the `openai` client, installed by scripts/fetch-test-data.sh.
+/// A small story corpus sampled from stories260K itself by the `switchyard` binary `bin`
+/// (seeds 1..=n, 400 tokens each), one file per story, under `dir/train` (all but the last)
+/// and `dir/test` (the last).
+pub fn stories_corpus(bin: &std::path::Path, dir: &std::path::Path, n: u64) {
+    let stories = stories_dir();
+    for sub in ["train", "test"] {
+        std::fs::create_dir_all(dir.join(sub)).unwrap();
+    }
+    for seed in 1..=n {
+        let out = std::process::Command::new(bin)
+            .args(["generate", "--model", stories.to_str().unwrap()])
+            .args(["--max-tokens", "400", "--temperature", "1", "--seed"])
+            .arg(seed.to_string())
+            .output()
+            .expect("run switchyard");
+        let text = cli::ok(&out);
+        let sub = if seed == n { "test" } else { "train" };
+        std::fs::write(dir.join(sub).join(format!("story{seed}.txt")), text).unwrap();
+    }
+}
+
 pub fn venv_python() -> PathBuf {
     let p = cache().join("venv/bin/python");
     assert!(

@@ -37,28 +37,8 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// A small story corpus sampled from stories260K itself (seeds 1..=n), one file per story,
-/// under `dir/train` (all but the last) and `dir/test` (the last).
 fn corpus(dir: &Path, n: u64) {
-    let stories = switchyard_tests::stories_dir();
-    for sub in ["train", "test"] {
-        std::fs::create_dir_all(dir.join(sub)).unwrap();
-    }
-    for seed in 1..=n {
-        let out = ok(&run(&[
-            "generate",
-            "--model",
-            s(&stories),
-            "--max-tokens",
-            "400",
-            "--temperature",
-            "1",
-            "--seed",
-            &seed.to_string(),
-        ]));
-        let sub = if seed == n { "test" } else { "train" };
-        std::fs::write(dir.join(sub).join(format!("story{seed}.txt")), out).unwrap();
-    }
+    switchyard_tests::stories_corpus(&bin(), dir, n)
 }
 
 fn build(dir: &Path, out: &Path, replace: &str) -> Value {

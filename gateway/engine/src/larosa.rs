@@ -142,7 +142,7 @@ impl Rotation {
                 .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
                 .collect();
             let err = orthogonality_error(&m, d);
-            if !(err < 1e-3) {
+            if err.is_nan() || err >= 1e-3 {
                 return Err(bad(format!(
                     "layers.{l}.q is not orthogonal (max |QᵀQ - I| = {err:.2e})"
                 )));

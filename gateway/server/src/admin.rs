@@ -120,6 +120,7 @@ async fn plugins(st: State, req: HttpRequest) -> Result<HttpResponse, ApiError> 
         "builtin": [
             {"name": "builtin", "kind": "tokenizer-patch", "stage": "tokenizer_patch", "description": "no patch: the model reads base ids"},
             {"name": "builtin", "kind": "kv-allocator", "stage": "kv_allocator", "description": "the engine's heap allocator"},
+            {"name": "builtin", "kind": "linear-kernels", "stage": "linear_kernels", "description": "the engine's dense products"},
         ],
         "plugins": found,
     })))

@@ -38,6 +38,10 @@ pub struct StageSpec {
     /// `adaptivocab-patch.json`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    /// Linear-kernels stage only: a LaRoSA rotation (`switchyard calibrate larosa`); this
+    /// generation serves the model rotated by it (built once, shared while in use).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<String>,
 }
 
 impl StageSpec {
@@ -47,6 +51,7 @@ impl StageSpec {
             config: String::new(),
             config_file: None,
             model: None,
+            rotation: None,
         }
     }
 
@@ -80,6 +85,10 @@ pub struct PipelineSpec {
     /// KV-cache allocator (native `kv-allocator` plugin); `builtin` is the engine's own.
     #[serde(default = "StageSpec::builtin")]
     pub kv_allocator: StageSpec,
+    /// Linear layers (native `linear-kernels` plugin, e.g. larosa's sparse kernels);
+    /// `builtin` is the engine's dense products.
+    #[serde(default = "StageSpec::builtin")]
+    pub linear_kernels: StageSpec,
 }
 
 impl Default for PipelineSpec {
@@ -87,7 +96,25 @@ impl Default for PipelineSpec {
         Self {
             tokenizer_patch: StageSpec::builtin(),
             kv_allocator: StageSpec::builtin(),
+            linear_kernels: StageSpec::builtin(),
         }
+    }
+}
+
+impl PipelineSpec {
+    /// The activation sparsity the linear stage's configuration asks for (`sparsity = s`),
+    /// 0 for dense kernels.
+    pub fn activation_sparsity(&self) -> f64 {
+        let l = &self.linear_kernels;
+        if l.plugin == "builtin" {
+            return 0.0;
+        }
+        l.config
+            .lines()
+            .filter_map(|line| line.split('#').next()?.split_once('='))
+            .find(|(k, _)| k.trim() == "sparsity")
+            .and_then(|(_, v)| v.trim().parse().ok())
+            .unwrap_or(0.0)
     }
 }
 
@@ -103,6 +130,9 @@ pub struct PluginInfo {
     /// The weights this stage brings (a patched model), if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    /// The LaRoSA rotation the model is served under (linear_kernels stage).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<String>,
 }
 
 /// A plugin the registry has loaded.
@@ -129,6 +159,11 @@ impl Loaded {
 
 type Weights = (std::sync::Weak<Model>, std::sync::Weak<ModelSource>);
 
+/// A rotated model's key: the address of the model it was built from, and the rotation file.
+type RotatedKey = (usize, PathBuf);
+/// (the rotated model, the base it was built from)
+type RotatedEntry = (std::sync::Weak<Model>, std::sync::Weak<Model>);
+
 /// Plugins found in the configured directories (manifests), loaded on first use.
 pub struct Registry {
     host: PluginHost,
@@ -136,6 +171,9 @@ pub struct Registry {
     loaded: Mutex<HashMap<PathBuf, Loaded>>,
     /// Patched models in use by some generation, by (path, context cap): loaded once.
     models: Mutex<HashMap<(PathBuf, usize), Weights>>,
+    /// LaRoSA-rotated models in use by some generation (built once per base and rotation),
+    /// with the base they were built from (its address is the key while it lives).
+    rotated: Mutex<HashMap<RotatedKey, RotatedEntry>>,
     /// Limits of every WebAssembly plugin instance.
     pub wasm_limits: WasmLimits,
 }
@@ -147,6 +185,7 @@ impl Registry {
             dirs: dirs.to_vec(),
             loaded: Mutex::new(HashMap::new()),
             models: Mutex::new(HashMap::new()),
+            rotated: Mutex::new(HashMap::new()),
             wasm_limits,
         }
     }
@@ -266,6 +305,35 @@ impl Registry {
         let (m, src) = (Arc::new(m), Arc::new(src));
         models.insert(key, (Arc::downgrade(&m), Arc::downgrade(&src)));
         Ok((m, src))
+    }
+
+    /// `base` rotated by the LaRoSA rotation in file `rotation`: shared while any generation
+    /// holds it.
+    pub fn rotated(
+        &self,
+        base: &Arc<Model>,
+        rotation: &str,
+        pool: &switchyard_engine::pool::ThreadPool,
+    ) -> Result<Arc<Model>, String> {
+        let key = (Arc::as_ptr(base) as usize, PathBuf::from(rotation));
+        let mut rotated = self.rotated.lock().unwrap();
+        rotated.retain(|_, (m, b)| m.strong_count() > 0 && b.strong_count() > 0);
+        if let Some(m) = rotated.get(&key).and_then(|(m, _)| m.upgrade()) {
+            return Ok(m);
+        }
+        let t = Instant::now();
+        let rot = switchyard_engine::larosa::Rotation::load(std::path::Path::new(rotation))
+            .map_err(|e| format!("rotation: {e}"))?;
+        let m = switchyard_engine::larosa::rotate_model(base, &rot, pool, &mut |_, _| {})
+            .map_err(|e| format!("rotation {rotation}: {e}"))?;
+        tracing::info!(
+            rotation,
+            seconds = t.elapsed().as_secs_f64(),
+            "built the rotated model"
+        );
+        let m = Arc::new(m);
+        rotated.insert(key, (Arc::downgrade(&m), Arc::downgrade(base)));
+        Ok(m)
     }
 
     pub fn loaded(&self) -> Vec<Loaded> {
@@ -398,6 +466,50 @@ pub fn build_engine(
             sha256: Some(p.sha256.clone()),
             path: Some(p.path.display().to_string()),
             model: tp.model.clone(),
+            rotation: None,
+        }
+    });
+
+    let lin = &spec.linear_kernels;
+    if lin.model.is_some() {
+        return Err("linear_kernels takes no model (only tokenizer_patch does)".into());
+    }
+    if tp.rotation.is_some() || spec.kv_allocator.rotation.is_some() {
+        return Err("only the linear_kernels stage takes a rotation".into());
+    }
+    if let Some(r) = &lin.rotation {
+        e.model = registry.rotated(&e.model, r, e.fwd.pool())?;
+    }
+    infos.push(if lin.plugin == "builtin" {
+        if !lin.config.trim().is_empty() || lin.config_file.is_some() {
+            return Err("the builtin linear kernels take no configuration".into());
+        }
+        let mut i = builtin_info("linear_kernels", "linear-kernels");
+        i.rotation = lin.rotation.clone();
+        i
+    } else {
+        let p = registry.native(&lin.plugin)?;
+        let config = String::from_utf8(lin.config_bytes()?)
+            .map_err(|_| "linear_kernels configuration is not UTF-8 text".to_string())?;
+        let k = p.linear_kernels(&config).map_err(|e| e.to_string())?;
+        let t = Instant::now();
+        let ml = switchyard_plugin_host::ModelLinear::prepare(k, &e.model, &mut |_, _| {})
+            .map_err(|e| e.to_string())?;
+        tracing::info!(
+            plugin = p.name,
+            seconds = t.elapsed().as_secs_f64(),
+            "linear kernels prepared the weights"
+        );
+        e.fwd.linear = Some(Arc::new(ml));
+        PluginInfo {
+            stage: "linear_kernels".into(),
+            name: p.name.clone(),
+            kind: "linear-kernels".into(),
+            version: p.version.clone(),
+            sha256: Some(p.sha256.clone()),
+            path: Some(p.path.display().to_string()),
+            model: None,
+            rotation: lin.rotation.clone(),
         }
     });
 
@@ -427,6 +539,7 @@ pub fn build_engine(
             sha256: Some(p.sha256.clone()),
             path: Some(p.path.display().to_string()),
             model: None,
+            rotation: None,
         }
     });
     Ok((e, infos))
@@ -441,6 +554,7 @@ fn builtin_info(stage: &str, kind: &str) -> PluginInfo {
         sha256: None,
         path: None,
         model: None,
+        rotation: None,
     }
 }
 

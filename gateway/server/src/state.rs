@@ -193,6 +193,10 @@ pub fn load_model(
         .generation
         .with_label_values(&[c.name.as_str()])
         .set(ready.generation as i64);
+    metrics
+        .activation_sparsity
+        .with_label_values(&[c.name.as_str()])
+        .set(ready.spec.activation_sparsity());
     *entry.state.write().unwrap() = ModelState::Ready(ready);
     Ok(())
 }
@@ -292,6 +296,10 @@ impl ModelEntry {
         };
         let new = self.start_generation(spec, metrics, registry)?;
         *self.state.write().unwrap() = ModelState::Ready(new.clone());
+        metrics
+            .activation_sparsity
+            .with_label_values(&[self.cfg.name.as_str()])
+            .set(new.spec.activation_sparsity());
         if remember {
             self.history.lock().unwrap().push(old.spec.clone());
         }
