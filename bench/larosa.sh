@@ -23,11 +23,11 @@ ROT=$W/smollm2-linuxdoc.safetensors
 [ -f $ROT ] || $SY calibrate larosa --model $F32 --text $C/linux-doc/train --tokens 20480 --window 2048 --out $ROT --json > $W/calibrate.json
 # Held-out text: the first 24 KB of the linux-doc test split (sorted files).
 python3 - "$C/linux-doc/test" "$W/heldout.txt" <<'PY'
-import os, sys
+import gzip, os, sys
 src, out = sys.argv[1:]
 text = ""
 for f in sorted(os.listdir(src)):
-    text += open(os.path.join(src, f), encoding="utf-8", errors="replace").read() + "\n"
+    text += gzip.open(os.path.join(src, f)).read().decode("utf-8", "replace") + "\n"
     if len(text) > 24000:
         break
 open(out, "w").write(text[:24000])

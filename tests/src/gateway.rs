@@ -128,7 +128,11 @@ pub fn plugin_dir(bin: &Path, name: &str) -> std::path::PathBuf {
     let target = bin.parent().unwrap();
     for (lib, plugin, kind) in [
         ("libswitchyard_kv_heap.so", "kv-heap", "kv-allocator"),
-        ("libswitchyard_test_faulty_kv.so", "faulty-kv", "kv-allocator"),
+        (
+            "libswitchyard_test_faulty_kv.so",
+            "faulty-kv",
+            "kv-allocator",
+        ),
         ("libswitchyard_kv_static.so", "kv-static", "kv-allocator"),
         ("libswitchyard_vattention.so", "vattention", "kv-allocator"),
         ("libswitchyard_larosa.so", "larosa", "linear-kernels"),

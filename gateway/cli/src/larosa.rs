@@ -38,36 +38,16 @@ pub struct CalibrateArgs {
     json: bool,
 }
 
-/// Text of files and directories (recursively, sorted), one document after another.
-fn read_texts(paths: &[PathBuf]) -> Result<String> {
-    let mut files = Vec::new();
-    for p in paths {
-        if p.is_dir() {
-            let mut stack = vec![p.clone()];
-            while let Some(d) = stack.pop() {
-                for e in
-                    std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))?
-                {
-                    let e = e?.path();
-                    if e.is_dir() {
-                        stack.push(e);
-                    } else {
-                        files.push(e);
-                    }
-                }
-            }
-        } else if p.exists() {
-            files.push(p.clone());
-        } else {
-            bail!("{}: no such file or directory", p.display());
-        }
-    }
-    files.sort();
+/// Text of files and directories (recursively, sorted; `.gz` decompressed), one document
+/// after another, read until `enough` bytes.
+fn read_texts(paths: &[PathBuf], enough: usize) -> Result<String> {
     let mut text = String::new();
-    for f in files {
-        let b = std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?;
-        text.push_str(&String::from_utf8_lossy(&b));
+    for f in crate::vocab::corpus_files(paths)? {
+        text.push_str(&crate::vocab::read_text(&f)?);
         text.push('\n');
+        if text.len() >= enough {
+            break;
+        }
     }
     Ok(text)
 }
@@ -79,7 +59,8 @@ pub fn calibrate(a: CalibrateArgs) -> Result<()> {
     if !(0.0..=1.0).contains(&a.reg) {
         bail!("--reg must be in [0, 1]");
     }
-    let text = read_texts(&a.text)?;
+    // Generously more bytes than tokens (a few bytes per token), so that reading stops early.
+    let text = read_texts(&a.text, a.tokens.saturating_mul(16))?;
     let mut e = load(&a.m, 1)?;
     let mut ids = e.tokenizer.encode(&text, false)?;
     if ids.len() < a.tokens {

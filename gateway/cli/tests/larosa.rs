@@ -114,7 +114,10 @@ fn calibrate_rotate_sparsify_and_refuse_bad_input() {
                 extra.extend_from_slice(&["--rotation", r]);
             }
             let p = ppl(&held_out, &extra);
-            assert!(p > last * 0.999, "rotation {rotation} s={sp}: {p} after {last}");
+            assert!(
+                p > last * 0.999,
+                "rotation {rotation} s={sp}: {p} after {last}"
+            );
             last = p;
         }
     }
@@ -131,10 +134,16 @@ fn calibrate_rotate_sparsify_and_refuse_bad_input() {
     let missing = dir.join("nope");
     clean_error(
         &run(&[
-            "calibrate", "larosa", "--model", s(&stories), "--text", s(&missing), "--out",
+            "calibrate",
+            "larosa",
+            "--model",
+            s(&stories),
+            "--text",
+            s(&missing),
+            "--out",
             s(&dir.join("x.safetensors")),
         ]),
-        &["nope", "no such file"],
+        &["nope", "No such file"],
     );
     let junk = dir.join("junk.safetensors");
     std::fs::write(&junk, b"not a rotation").unwrap();
@@ -144,11 +153,24 @@ fn calibrate_rotate_sparsify_and_refuse_bad_input() {
             vec!["--rotation", s(&junk)],
             vec!["junk.safetensors", "safetensors"],
         ),
-        (vec!["--linear", "sparsity = 2"], vec!["sparsity", "[0, 0.99]"]),
-        (vec!["--linear", "colour = red"], vec!["unknown key", "colour"]),
+        (
+            vec!["--linear", "sparsity = 2"],
+            vec!["sparsity", "[0, 0.99]"],
+        ),
+        (
+            vec!["--linear", "colour = red"],
+            vec!["unknown key", "colour"],
+        ),
     ] {
         let mut a = vec![
-            "eval", "perplexity", "--model", s(&stories), "--file", t, "--ctx", "64",
+            "eval",
+            "perplexity",
+            "--model",
+            s(&stories),
+            "--file",
+            t,
+            "--ctx",
+            "64",
         ];
         a.extend_from_slice(&args);
         clean_error(&run(&a), &needles);
@@ -166,7 +188,14 @@ fn calibrate_rotate_sparsify_and_refuse_bad_input() {
         .save(&other)
         .unwrap();
     let mut a = vec![
-        "eval", "perplexity", "--model", s(&stories), "--file", t, "--ctx", "64",
+        "eval",
+        "perplexity",
+        "--model",
+        s(&stories),
+        "--file",
+        t,
+        "--ctx",
+        "64",
     ];
     a.extend_from_slice(&["--rotation", s(&other)]);
     clean_error(&run(&a), &["2 layers of width 16", "5 layers of width 64"]);

@@ -292,25 +292,33 @@ impl Larosa {
         self.pool.n_threads() > 1 && work >= PARALLEL_MIN_WORK
     }
 
-    /// One token: `y = Σ_{j ∈ idx} x_j · column_j`.
+    /// One token: `y = Σ_{j ∈ idx} x_j · column_j`. The threads split the kept columns
+    /// (each streams whole, nearly adjacent columns) into partial sums, added up at the end.
     fn sparse_row(&self, w: &Stored, x: &[f32], idx: &[u32], y: &mut [f32]) {
-        let yp = Ptr(y.as_mut_ptr());
-        let job = |ti: usize, nt: usize| {
-            let (r0, r1) = Self::range(w, ti, nt);
-            if r0 >= r1 {
-                return;
-            }
-            // SAFETY: threads own disjoint output ranges.
-            let yr = unsafe { std::slice::from_raw_parts_mut(yp.at(r0), r1 - r0) };
-            match &w.cols {
-                Cols::F32(t) => kernels::sparse_f32(t, w.out_pad, r0, x, idx, yr),
-                Cols::Q8 { q, scales } => kernels::sparse_q8(q, scales, w.out_pad, r0, x, idx, yr),
-            }
+        let one = |ids: &[u32], acc: &mut [f32]| match &w.cols {
+            Cols::F32(t) => kernels::sparse_f32(t, w.out_pad, 0, x, ids, acc),
+            Cols::Q8 { q, scales } => kernels::sparse_q8(q, scales, w.out_pad, 0, x, ids, acc),
         };
-        if self.threads_for(idx.len() * w.out) {
-            self.pool.run(&job);
-        } else {
-            job(0, 1);
+        if !self.threads_for(idx.len() * w.out) {
+            one(idx, y);
+            return;
+        }
+        let nt = self.pool.n_threads();
+        let out = w.out;
+        let mut part = vec![0f32; nt * out];
+        let pp = Ptr(part.as_mut_ptr());
+        let per = idx.len().div_ceil(nt);
+        self.pool.run(&|ti, _| {
+            let ids = &idx[(ti * per).min(idx.len())..((ti + 1) * per).min(idx.len())];
+            // SAFETY: each thread owns its partial-sum row.
+            let acc = unsafe { std::slice::from_raw_parts_mut(pp.at(ti * out), out) };
+            one(ids, acc);
+        });
+        y.copy_from_slice(&part[..out]);
+        for p in part[out..].chunks_exact(out) {
+            for (a, b) in y.iter_mut().zip(p) {
+                *a += b;
+            }
         }
     }
 
