@@ -40,6 +40,13 @@ for s in 0.25 0.4 0.5; do
   ppl --rotation $ROT --linear "sparsity = $s" >> "$R"
   ppl --linear "sparsity = $s" >> "$R"
 done
+# Diagnostic: only the inputs the rotation touches (q/k/v, gate/up) sparsified at 0.8 s.
+R2=$W/quality-inputs-only.jsonl
+: > "$R2"
+ppl --rotation $ROT --linear "sparsity = 0.5
+coef_out = 0" >> "$R2"
+ppl --linear "sparsity = 0.5
+coef_out = 0" >> "$R2"
 $SY bench larosa --model $F32 --rotation $ROT --sparsity 0.4,0.5 --gen-tokens 64 --reps 3 --json > $W/speed-f32.json
 $SY bench larosa --model $F32 --rotation $ROT --sparsity 0.4,0.5 --storage q8 --gen-tokens 64 --reps 3 --json > $W/speed-q8.json
 python3 - "$W" <<'PY'
@@ -49,14 +56,20 @@ rows = [json.loads(l) for l in open(os.path.join(w, "quality.jsonl"))]
 def kind(r):
     if r["linear"] is None: return "dense"
     return "larosa" if r["rotation"] else "topk-unrotated"
-quality = [{"method": kind(r), "sparsity": float(r["linear"].split("=")[1]) if r["linear"] else 0.0,
-            "ppl": r["ppl"], "bits_per_byte": r["bits_per_byte"], "tokens_scored": r["tokens"]} for r in rows]
+def row(r):
+    return {"method": kind(r), "linear_config": r["linear"],
+            "sparsity": float(r["linear"].split("\n")[0].split("=")[1]) if r["linear"] else 0.0,
+            "ppl": r["ppl"], "bits_per_byte": r["bits_per_byte"], "tokens_scored": r["tokens"],
+            "seconds": r["seconds"]}
+quality = [row(r) for r in rows]
+inputs_only = [row(json.loads(l)) for l in open(os.path.join(w, "quality-inputs-only.jsonl"))]
 out = {
     "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (CPU only)",
     "model": ".cache/av/smollm2-f32 (SmolLM2-135M-Instruct Q4_1 GGUF dequantized to f32)",
     "calibration": json.load(open(os.path.join(w, "calibrate.json"))),
     "heldout": "first 24,000 chars of linux-doc-6.1 test split (files never used in calibration), ctx 512",
     "quality": quality,
+    "quality_rotated_inputs_only": inputs_only,
     "speed_f32": json.load(open(os.path.join(w, "speed-f32.json"))),
     "speed_q8": json.load(open(os.path.join(w, "speed-q8.json"))),
 }

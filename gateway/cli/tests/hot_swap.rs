@@ -306,6 +306,7 @@ fn failed_swaps_keep_the_old_generation_and_rollback_works() {
             "faulty-patch",
             "kv-heap",
             "kv-static",
+            "larosa",
             "vattention"
         ]
     );

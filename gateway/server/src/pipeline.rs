@@ -470,6 +470,35 @@ pub fn build_engine(
         }
     });
 
+    let kv = &spec.kv_allocator;
+    if kv.model.is_some() {
+        return Err("kv_allocator takes no model (only tokenizer_patch does)".into());
+    }
+    infos.push(if kv.plugin == "builtin" {
+        if !kv.config.trim().is_empty() || kv.config_file.is_some() {
+            return Err("the builtin KV allocator takes no configuration".into());
+        }
+        builtin_info("kv_allocator", "kv-allocator")
+    } else {
+        let p = registry.native(&kv.plugin)?;
+        let config = String::from_utf8(kv.config_bytes()?)
+            .map_err(|_| "kv_allocator configuration is not UTF-8 text".to_string())?;
+        let alloc = p
+            .kv_allocator(&config, e.kv_layout(max_slots))
+            .map_err(|e| e.to_string())?
+            .with_observer(observer);
+        e.set_kv(Box::new(alloc));
+        PluginInfo {
+            stage: "kv_allocator".into(),
+            name: p.name.clone(),
+            kind: "kv-allocator".into(),
+            version: p.version.clone(),
+            sha256: Some(p.sha256.clone()),
+            path: Some(p.path.display().to_string()),
+            model: None,
+            rotation: None,
+        }
+    });
     let lin = &spec.linear_kernels;
     if lin.model.is_some() {
         return Err("linear_kernels takes no model (only tokenizer_patch does)".into());
@@ -513,35 +542,6 @@ pub fn build_engine(
         }
     });
 
-    let kv = &spec.kv_allocator;
-    if kv.model.is_some() {
-        return Err("kv_allocator takes no model (only tokenizer_patch does)".into());
-    }
-    infos.push(if kv.plugin == "builtin" {
-        if !kv.config.trim().is_empty() || kv.config_file.is_some() {
-            return Err("the builtin KV allocator takes no configuration".into());
-        }
-        builtin_info("kv_allocator", "kv-allocator")
-    } else {
-        let p = registry.native(&kv.plugin)?;
-        let config = String::from_utf8(kv.config_bytes()?)
-            .map_err(|_| "kv_allocator configuration is not UTF-8 text".to_string())?;
-        let alloc = p
-            .kv_allocator(&config, e.kv_layout(max_slots))
-            .map_err(|e| e.to_string())?
-            .with_observer(observer);
-        e.set_kv(Box::new(alloc));
-        PluginInfo {
-            stage: "kv_allocator".into(),
-            name: p.name.clone(),
-            kind: "kv-allocator".into(),
-            version: p.version.clone(),
-            sha256: Some(p.sha256.clone()),
-            path: Some(p.path.display().to_string()),
-            model: None,
-            rotation: None,
-        }
-    });
     Ok((e, infos))
 }
 

@@ -43,6 +43,8 @@ pub struct Settings {
     pub coef_out: f64,
     pub storage: Storage,
     pub threads: usize,
+    /// Idle spins of the kernel threads before they sleep.
+    pub spin: usize,
 }
 
 impl Settings {
@@ -53,6 +55,7 @@ impl Settings {
             coef_out: 1.2,
             storage: Storage::F32,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            spin: 2_000,
         };
         for (line, k, v) in config_pairs(text)? {
             let num = |lo: f64, hi: f64| -> Result<f64, String> {
@@ -76,6 +79,11 @@ impl Settings {
                         _ => return Err(format!("line {line}: storage = {v:?}: use f32 or q8")),
                     }
                 }
+                "spin" => {
+                    s.spin = v
+                        .parse()
+                        .map_err(|_| format!("line {line}: spin = {v:?} must be a count"))?
+                }
                 "threads" => {
                     s.threads = v
                         .parse()
@@ -85,7 +93,7 @@ impl Settings {
                 }
                 _ => {
                     return Err(format!(
-                        "line {line}: unknown key {k:?} (sparsity, coef_in, coef_out, storage, threads)"
+                        "line {line}: unknown key {k:?} (sparsity, coef_in, coef_out, storage, threads, spin)"
                     ))
                 }
             }
@@ -153,6 +161,17 @@ pub struct Larosa {
     s: Settings,
     weights: HashMap<LinearId, Stored>,
     pool: ThreadPool,
+    /// The last single-token selection: q/k/v (and gate/up) read the same input with the
+    /// same k, so it is selected once.
+    last: std::sync::Mutex<LastTopK>,
+}
+
+#[derive(Default)]
+struct LastTopK {
+    x: Vec<f32>,
+    k: usize,
+    idx: Vec<u32>,
+    mag: Vec<f32>,
 }
 
 #[derive(Clone, Copy)]
@@ -173,9 +192,10 @@ impl LinearKernels for Larosa {
         let s = Settings::parse(config).map_err(PluginError::invalid)?;
         Ok(Self {
             // Short spinning: the engine's own workers share these cores between our calls.
-            pool: ThreadPool::with_spin(s.threads, 2_000),
+            pool: ThreadPool::with_spin(s.threads, s.spin),
             s,
             weights: HashMap::new(),
+            last: std::sync::Mutex::new(LastTopK::default()),
         })
     }
 
@@ -257,7 +277,21 @@ impl LinearKernels for Larosa {
         }
         let n = xs.len() / w.inp;
         let k = self.s.keep(id.projection(), w.inp);
-        if n <= SPARSE_MAX_TOKENS {
+        if n == 1 {
+            let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+            let l = &mut *last;
+            // Bit-for-bit the same input and k: the same selection.
+            let same = l.k == k
+                && l.x.len() == xs.len()
+                && l.x.iter().zip(xs).all(|(a, b)| a.to_bits() == b.to_bits());
+            if !same {
+                top_k(xs, k, &mut l.mag, &mut l.idx);
+                l.x.clear();
+                l.x.extend_from_slice(xs);
+                l.k = k;
+            }
+            self.sparse_row(w, xs, &l.idx, ys);
+        } else if n <= SPARSE_MAX_TOKENS {
             for (xr, yr) in xs.chunks_exact(w.inp).zip(ys.chunks_exact_mut(w.out)) {
                 let mut mag = Vec::new();
                 let mut idx = Vec::with_capacity(k);
@@ -676,6 +710,51 @@ mod tests {
             "sparsity",
         ] {
             assert!(Larosa::create(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// q/k/v share one selection when their input is the same; a changed input (even one
+    /// element) or another k selects again.
+    #[test]
+    fn the_selection_is_reused_only_for_the_same_input() {
+        let mut rng = Rng(5);
+        let mut k = Larosa::create("sparsity = 0.5\nthreads = 2").unwrap();
+        let inp = 96;
+        let ws: Vec<Vec<f32>> = (0..3).map(|_| rng.vec(inp * inp)).collect();
+        let ids = [
+            LinearId::new(0, LinearId::Q),
+            LinearId::new(0, LinearId::K),
+            LinearId::new(0, LinearId::O),
+        ];
+        for (id, w) in ids.iter().zip(&ws) {
+            k.prepare(*id, &Tensor::from_f32(w, &[inp, inp])).unwrap();
+        }
+        let mut x = rng.vec(inp);
+        let check = |k: &Larosa, x: &[f32], id: LinearId, w: &[f32]| {
+            let y = vec![0f32; inp];
+            k.linear(
+                id,
+                &Tensor::from_f32(x, &[1, inp]),
+                &Tensor::from_f32(&y, &[1, inp]),
+                None,
+            )
+            .unwrap();
+            let (mut mag, mut idx) = (Vec::new(), Vec::new());
+            top_k(x, k.s.keep(id.projection(), inp), &mut mag, &mut idx);
+            for o in 0..inp {
+                let want: f32 = idx
+                    .iter()
+                    .map(|&j| x[j as usize] * w[o * inp + j as usize])
+                    .sum();
+                assert!((y[o] - want).abs() < 1e-4, "{id:?} output {o}");
+            }
+        };
+        for round in 0..3 {
+            for (id, w) in ids.iter().zip(&ws) {
+                check(&k, &x, *id, w);
+            }
+            // One element changes: the cached selection must not be used.
+            x[round] = 1e-9;
         }
     }
 
