@@ -47,7 +47,7 @@ ppl --rotation $ROT --linear "sparsity = 0.5
 coef_out = 0" >> "$R2"
 ppl --linear "sparsity = 0.5
 coef_out = 0" >> "$R2"
-$SY bench larosa --model $F32 --rotation $ROT --sparsity 0.4,0.5 --gen-tokens 64 --reps 3 --json > $W/speed-f32.json
+$SY bench larosa --model $F32 --rotation $ROT --sparsity 0.4,0.5 --gen-tokens 64 --reps 5 --json > $W/speed-f32.json
 $SY bench larosa --model $F32 --rotation $ROT --sparsity 0.4,0.5 --storage q8 --gen-tokens 64 --reps 3 --json > $W/speed-q8.json
 python3 - "$W" <<'PY'
 import json, os, platform, sys
@@ -64,7 +64,7 @@ def row(r):
 quality = [row(r) for r in rows]
 inputs_only = [row(json.loads(l)) for l in open(os.path.join(w, "quality-inputs-only.jsonl"))]
 out = {
-    "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (CPU only)",
+    "machine": [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")][0] + f", {os.cpu_count()} cores (CPU only)",
     "model": ".cache/av/smollm2-f32 (SmolLM2-135M-Instruct Q4_1 GGUF dequantized to f32)",
     "calibration": json.load(open(os.path.join(w, "calibrate.json"))),
     "heldout": "first 24,000 chars of linux-doc-6.1 test split (files never used in calibration), ctx 512",
