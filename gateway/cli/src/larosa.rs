@@ -259,9 +259,8 @@ pub fn bench(a: LarosaBenchArgs) -> Result<()> {
         } else {
             1.0
         };
-        let proj_bytes =
-            step_bytes(&e.model, &|p, c| settings.keep(p, c)) - step_bytes(&e.model, &|_, _| 0);
         let other = step_bytes(&e.model, &|_, _| 0);
+        let proj_bytes = step_bytes(&e.model, &|p, c| settings.keep(p, c)) - other;
         let bytes = proj_bytes * per_weight + other;
         let tps = mean(runs);
         // Per round (each round times every configuration back to back): robust to drift.

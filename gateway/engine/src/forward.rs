@@ -59,20 +59,7 @@ fn grow(v: &mut Vec<f32>, n: usize) {
     }
 }
 
-/// Raw pointer that may be shared with pool threads writing disjoint elements.
-#[derive(Clone, Copy)]
-pub struct Ptr(*mut f32);
-unsafe impl Send for Ptr {}
-unsafe impl Sync for Ptr {}
-
-impl Ptr {
-    /// A method (not a field access) so closures capture the whole Send+Sync wrapper.
-    #[inline]
-    fn at(self, i: usize) -> *mut f32 {
-        // SAFETY: callers index within the buffer the pointer came from.
-        unsafe { self.0.add(i) }
-    }
-}
+pub use switchyard_pool::Ptr;
 
 pub struct Forward {
     pool: std::sync::Arc<ThreadPool>,

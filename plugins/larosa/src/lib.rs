@@ -19,7 +19,7 @@ use switchyard_plugin::{
     abi, config_pairs, export_linear_kernels, LinearId, LinearKernels, PluginError, PluginResult,
     Tensor,
 };
-use switchyard_pool::ThreadPool;
+use switchyard_pool::{Ptr, ThreadPool};
 
 /// Up to this many tokens per call, each token's product reads only its kept columns; more
 /// (prefill) go through the blocked product over masked inputs, which reuses each weight
@@ -172,19 +172,6 @@ struct LastTopK {
     k: usize,
     idx: Vec<u32>,
     mag: Vec<f32>,
-}
-
-#[derive(Clone, Copy)]
-struct Ptr(*mut f32);
-// SAFETY: threads write disjoint ranges through it.
-unsafe impl Send for Ptr {}
-unsafe impl Sync for Ptr {}
-impl Ptr {
-    #[inline]
-    fn at(self, i: usize) -> *mut f32 {
-        // SAFETY: callers stay within the buffer.
-        unsafe { self.0.add(i) }
-    }
 }
 
 impl LinearKernels for Larosa {
@@ -377,7 +364,8 @@ impl Larosa {
 }
 
 mod kernels {
-    use super::{Cols, Ptr, Stored, BLOCK};
+    use super::{Cols, Stored, BLOCK};
+    use switchyard_pool::Ptr;
 
     #[cfg(target_arch = "x86_64")]
     fn has_fma() -> bool {

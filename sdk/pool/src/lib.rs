@@ -38,6 +38,22 @@ pub struct ThreadPool {
 
 const SPIN_ITERS: usize = 200_000;
 
+/// A raw output pointer shared with pool threads that write disjoint elements.
+#[derive(Clone, Copy)]
+pub struct Ptr(pub *mut f32);
+// SAFETY: users write disjoint elements from each thread.
+unsafe impl Send for Ptr {}
+unsafe impl Sync for Ptr {}
+
+impl Ptr {
+    /// A method (not a field access) so closures capture the whole Send+Sync wrapper.
+    #[inline]
+    pub fn at(self, i: usize) -> *mut f32 {
+        // SAFETY: callers index within the buffer the pointer came from.
+        unsafe { self.0.add(i) }
+    }
+}
+
 impl ThreadPool {
     /// A pool of `n_threads` threads in all, the caller included.
     pub fn new(n_threads: usize) -> Self {
