@@ -1,5 +1,6 @@
 //! The `switchyard` binary.
 
+mod bench_gpu;
 mod bench_kv;
 mod bench_plugins;
 mod bench_serve;
@@ -76,6 +77,10 @@ struct ModelArgs {
     /// Threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Where the forward pass runs: cpu, cuda or cuda:N (a GPU that cannot be used falls
+    /// back to the CPU with a message).
+    #[arg(long, default_value = "cpu")]
+    device: switchyard_engine::backend::Device,
 }
 
 #[derive(Args)]
@@ -141,6 +146,10 @@ struct ServeArgs {
     /// A directory plugins may be loaded from (repeatable).
     #[arg(long)]
     plugin_dir: Vec<PathBuf>,
+    /// Where every model's forward pass runs: cpu, cuda or cuda:N (a GPU that cannot be
+    /// used falls back to the CPU with a log line).
+    #[arg(long)]
+    device: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -307,6 +316,9 @@ enum BenchCmd {
     Kv(bench_kv::KvBenchArgs),
     /// LaRoSA: batch-1 decode tokens/s, dense vs rotated top-k sparse kernels, side by side.
     Larosa(larosa::LarosaBenchArgs),
+    /// The CUDA backend: decode at several batch sizes and prefill against their rooflines,
+    /// vAttention on the device, GPU vs CPU logits (needs an NVIDIA GPU).
+    Gpu(bench_gpu::GpuBenchArgs),
 }
 
 fn bar(len: u64, msg: &str) -> ProgressBar {
@@ -323,6 +335,7 @@ fn bar(len: u64, msg: &str) -> ProgressBar {
 fn load(m: &ModelArgs, slots: usize) -> Result<Engine> {
     let mut opts = EngineOptions {
         max_slots: slots,
+        device: m.device,
         ..Default::default()
     };
     if let Some(t) = m.threads {
@@ -381,6 +394,7 @@ fn run(cli: Cli) -> Result<()> {
         ),
         Cmd::Calibrate(CalibrateCmd::Larosa(a)) => larosa::calibrate(a),
         Cmd::Bench(BenchCmd::Larosa(a)) => larosa::bench(a),
+        Cmd::Bench(BenchCmd::Gpu(a)) => bench_gpu::bench(a),
         Cmd::Bench(BenchCmd::Decode {
             m,
             batch,
@@ -486,6 +500,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         max_context: a.max_context,
         max_waiting: a.max_waiting,
         plugin_dirs: a.plugin_dir,
+        device: a.device,
     };
     let cfg = GatewayConfig::load(&ov, default_model())?;
     switchyard_server::init_logging(cfg.server.log_json);

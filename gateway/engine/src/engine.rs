@@ -8,6 +8,7 @@ use std::time::Instant;
 use crate::chat::{ChatTemplate, Message};
 use crate::error::{EngineError, Result};
 use crate::forward::{Forward, SeqChunk};
+use crate::backend::Backend;
 use crate::kv::{HeapKv, KvAllocator, KvLayout};
 use crate::model::{Model, ModelSource};
 use crate::pool::ThreadPool;
@@ -23,6 +24,9 @@ pub struct EngineOptions {
     pub max_context: Option<usize>,
     /// Tokens per prefill chunk.
     pub prefill_chunk: usize,
+    /// Where the forward pass runs (a GPU that cannot be used falls back to the CPU with a
+    /// message on stderr).
+    pub device: crate::backend::Device,
 }
 
 impl Default for EngineOptions {
@@ -32,6 +36,7 @@ impl Default for EngineOptions {
             max_slots: 1,
             max_context: None,
             prefill_chunk: 256,
+            device: crate::backend::Device::Cpu,
         }
     }
 }
@@ -46,6 +51,9 @@ pub struct Engine {
     pub kv: Box<dyn KvAllocator>,
     /// Tokenizer patch of this pipeline generation (none: the model reads base ids).
     pub patch: Option<Arc<dyn crate::patch::TokenPatch>>,
+    /// A device backend running the forward pass instead of `fwd` (then `kv` is its device
+    /// allocator).
+    pub device: Option<Box<dyn Backend>>,
     pub opts: EngineOptions,
     /// Keeps the mapped file alive while weights point into it.
     _source: Arc<ModelSource>,
@@ -119,13 +127,24 @@ impl Engine {
             &tok_str(tokenizer.eos),
         )?;
         let c = &model.cfg;
-        let kv = Box::new(HeapKv::new(KvLayout {
+        let layout = KvLayout {
             n_layers: c.n_layers,
             kv_heads: c.n_kv_heads,
             head_dim: c.head_dim,
             max_context: c.max_context,
             max_slots: opts.max_slots.max(1),
-        }));
+        };
+        let mut kv: Box<dyn KvAllocator> = Box::new(HeapKv::new(layout));
+        let mut device = None;
+        match crate::backend::open(opts.device, &model, layout, progress) {
+            Ok(Some((b, dkv))) => {
+                eprintln!("switchyard: forward pass on {}", b.name());
+                device = Some(b);
+                kv = dkv;
+            }
+            Ok(None) => {}
+            Err(e) => eprintln!("switchyard: {e}; running on the CPU"),
+        }
         let fwd = Forward::new(Arc::new(ThreadPool::new(opts.threads)));
         Ok(Self {
             model: Arc::new(model),
@@ -134,6 +153,7 @@ impl Engine {
             fwd,
             kv,
             patch: None,
+            device,
             opts,
             _source: Arc::new(source),
         })
@@ -145,7 +165,18 @@ impl Engine {
         let mut opts = self.opts.clone();
         opts.threads = threads.max(1);
         opts.max_slots = max_slots.max(1);
-        let kv = Box::new(HeapKv::new(self.kv_layout(opts.max_slots)));
+        let layout = self.kv_layout(opts.max_slots);
+        let mut kv: Box<dyn KvAllocator> = Box::new(HeapKv::new(layout));
+        let mut device = None;
+        if let Some(d) = &self.device {
+            match d.fork(layout) {
+                Ok((b, dkv)) => {
+                    device = Some(b);
+                    kv = dkv;
+                }
+                Err(e) => eprintln!("switchyard: {e}; this generation runs on the CPU"),
+            }
+        }
         Self {
             model: self.model.clone(),
             tokenizer: self.tokenizer.clone(),
@@ -153,6 +184,7 @@ impl Engine {
             fwd: Forward::new(Arc::new(ThreadPool::new(opts.threads))),
             kv,
             patch: None,
+            device,
             opts,
             _source: self._source.clone(),
         }
@@ -200,6 +232,20 @@ impl Engine {
         Ok(())
     }
 
+    /// The batched forward pass on this engine's backend: the logits rows each chunk asked
+    /// for, in order (`(rows, vocab)` flattened).
+    pub fn forward(&mut self, batch: &[SeqChunk]) -> Result<&[f32]> {
+        match &mut self.device {
+            Some(d) => d.forward(&self.model, self.kv.as_mut(), batch),
+            None => self.fwd.forward(&self.model, self.kv.as_mut(), batch),
+        }
+    }
+
+    /// Where the forward pass runs ("cpu" or the device's name).
+    pub fn backend_name(&self) -> String {
+        self.device.as_ref().map_or("cpu".into(), |d| d.name())
+    }
+
     /// Replace the KV allocator (its layout must fit the model).
     pub fn set_kv(&mut self, kv: Box<dyn KvAllocator>) {
         self.kv = kv;
@@ -239,7 +285,7 @@ impl Engine {
                 tokens: c,
                 logits_from: if last { c.len() - 1 } else { c.len() },
             };
-            let out = self.fwd.forward(&self.model, self.kv.as_mut(), &[sc])?;
+            let out = self.forward(&[sc])?;
             if last {
                 logits = out.to_vec();
             }
@@ -308,11 +354,7 @@ impl Engine {
                 break;
             }
             let step = [id];
-            let next = self.fwd.forward(
-                &self.model,
-                self.kv.as_mut(),
-                &[SeqChunk::last_logits(slot, pos, &step)],
-            )?;
+            let next = self.forward(&[SeqChunk::last_logits(slot, pos, &step)])?;
             // Reuse the buffer: no allocation per generated token.
             logits.clear();
             logits.extend_from_slice(next);
@@ -374,7 +416,7 @@ impl Engine {
                     tokens: &chunk,
                     logits_from: first,
                 };
-                let logits = self.fwd.forward(&self.model, self.kv.as_mut(), &[sc])?;
+                let logits = self.forward(&[sc])?;
                 for j in first..ctx - 1 {
                     let row = &logits[(j - first) * vocab..(j - first + 1) * vocab];
                     nll -= logprob(row, chunk[j + 1]) as f64;

@@ -11,7 +11,10 @@
 //! - [`engine`]: generation and perplexity loops; [`sampling`]: the sampler;
 //!   [`scheduler`]: continuous batching with chunked prefill over many sequences.
 
+pub mod backend;
 pub mod chat;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod engine;
 pub mod error;
 pub mod forward;

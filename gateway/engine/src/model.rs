@@ -522,7 +522,7 @@ pub enum ModelSource {
     HfDir(PathBuf),
 }
 
-fn rope_tables(cfg: &Config) -> (Vec<f32>, Vec<f32>) {
+pub fn rope_tables(cfg: &Config) -> (Vec<f32>, Vec<f32>) {
     let half = cfg.head_dim / 2;
     let mut cos = vec![0f32; cfg.max_context * half];
     let mut sin = vec![0f32; cfg.max_context * half];

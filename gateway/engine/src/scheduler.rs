@@ -479,7 +479,7 @@ impl Scheduler {
         // A panic inside the pass (e.g. a KV plugin handing out no memory) fails this batch's
         // sequences instead of ending the scheduler thread and every other request with it.
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            e.fwd.forward(&e.model, e.kv.as_mut(), &chunks).map(|l| {
+            e.forward(&chunks).map(|l| {
                 self.logits.clear();
                 self.logits.extend_from_slice(l);
             })

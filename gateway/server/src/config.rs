@@ -25,6 +25,7 @@
 //! default_temperature = 1.0
 //! default_top_p = 1.0
 //! default_top_k = 0
+//! device = "cpu"                  # or "cuda" / "cuda:N" (falls back to the CPU if unusable)
 //! ```
 
 use std::collections::{BTreeMap, HashSet};
@@ -94,6 +95,14 @@ pub struct ModelConfig {
     /// The first pipeline generation (default: the built-in stages).
     #[serde(default)]
     pub pipeline: crate::pipeline::PipelineSpec,
+    /// Where the forward pass runs: "cpu" (default), "cuda" or "cuda:N". A GPU that cannot
+    /// be used falls back to the CPU with a log line.
+    #[serde(default = "d_device")]
+    pub device: String,
+}
+
+fn d_device() -> String {
+    "cpu".into()
 }
 
 fn d_max_batch() -> usize {
@@ -128,6 +137,7 @@ impl ModelConfig {
             default_top_p: d_top_p(),
             default_top_k: 0,
             pipeline: Default::default(),
+            device: d_device(),
         }
     }
 }
@@ -170,6 +180,8 @@ pub struct Overrides {
     pub max_context: Option<usize>,
     pub max_waiting: Option<usize>,
     pub plugin_dirs: Vec<PathBuf>,
+    /// Device of every model ("cpu", "cuda", "cuda:N").
+    pub device: Option<String>,
 }
 
 /// Environment variables read: SWITCHYARD_CONFIG (file) and SWITCHYARD_SERVER__<KEY>.
@@ -253,6 +265,9 @@ impl GatewayConfig {
             if let Some(w) = ov.max_waiting {
                 m.max_waiting = w;
             }
+            if let Some(d) = &ov.device {
+                m.device = d.clone();
+            }
         }
         cfg.validate().map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
         Ok(cfg)
@@ -324,6 +339,9 @@ impl GatewayConfig {
             }
             if m.max_waiting == 0 {
                 return Err(format!("{at}: max_waiting must be at least 1"));
+            }
+            if let Err(e) = m.device.parse::<switchyard_engine::backend::Device>() {
+                return Err(format!("{at}: {e}"));
             }
             if m.max_context == Some(0) || m.max_context == Some(1) {
                 return Err(format!("{at}: max_context must be at least 2"));

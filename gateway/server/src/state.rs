@@ -146,6 +146,7 @@ pub fn load_model(
         max_slots: 1,
         max_context: c.max_context,
         prefill_chunk: c.step_tokens,
+        device: c.device.parse()?,
     };
     let mut last_pct = 0;
     let mut progress = |done: usize, total: usize| {

@@ -1,0 +1,334 @@
+// Switchyard's CUDA kernels for the engine's forward pass.
+//
+// Compiled at start by NVRTC for the device's architecture (no CUDA toolkit at build time),
+// so no headers are included: bf16 is handled as raw 16-bit patterns.
+//
+// Layout conventions (all row-major):
+//   activations  f32  [n, width]           one row per token of the batch
+//   weights      bf16 [out, in]            a projection's rows are its outputs
+//   KV cache     bf16 [ctx, kv_heads, hd]  per slot and layer, contiguous (vAttention layout);
+//                                          `kvp` holds (K base, V base) per batch item
+typedef unsigned short bf16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#define NEG_INF (-__int_as_float(0x7f800000))
+
+__device__ __forceinline__ float bf(bf16 h) { return __uint_as_float(((u32)h) << 16); }
+__device__ __forceinline__ float bf_lo(u32 u) { return __uint_as_float(u << 16); }
+__device__ __forceinline__ float bf_hi(u32 u) { return __uint_as_float(u & 0xffff0000u); }
+
+// Round to nearest even, NaN kept a NaN.
+__device__ __forceinline__ bf16 to_bf(float f) {
+    u32 u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16)(u >> 16);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024).
+__device__ float block_sum(float v) {
+    __shared__ float sh[32];
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) sh[w] = v;
+    __syncthreads();
+    if (w == 0) {
+        v = lane < nw ? sh[lane] : 0.f;
+        v = warp_sum(v);
+        if (lane == 0) sh[0] = v;
+    }
+    __syncthreads();
+    return sh[0];
+}
+
+// x[r] = E[tok[r]]; grid n.
+extern "C" __global__ void embed(const bf16* E, const u32* tok, float* x, int dim) {
+    int r = blockIdx.x;
+    const bf16* e = E + (size_t)tok[r] * dim;
+    float* xr = x + (size_t)r * dim;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) xr[i] = bf(e[i]);
+}
+
+// out[r] = src[idx[r]]; grid n_sel.
+extern "C" __global__ void gather_rows(const float* src, const int* idx, float* out, int dim) {
+    int r = blockIdx.x;
+    const float* s = src + (size_t)idx[r] * dim;
+    float* o = out + (size_t)r * dim;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = s[i];
+}
+
+// out[r] = x[r] / rms(x[r]) * w; grid n.
+extern "C" __global__ void rmsnorm(const float* x, const float* w, float* out, int dim, float eps) {
+    int r = blockIdx.x;
+    const float* xr = x + (size_t)r * dim;
+    float* o = out + (size_t)r * dim;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) ss += xr[i] * xr[i];
+    ss = block_sum(ss);
+    float inv = rsqrtf(ss / (float)dim + eps);
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = xr[i] * inv * w[i];
+}
+
+// Rotary embedding of `heads` heads of row r at position pos[r]; grid n.
+// interleaved: pairs (2i, 2i+1) (GGUF/llama.cpp); else (i, i + hd/2) (Hugging Face).
+extern "C" __global__ void rope(float* v, const int* pos, const float* cos_t, const float* sin_t,
+                                int heads, int hd, int interleaved) {
+    int r = blockIdx.x, half = hd / 2;
+    int p = pos[r];
+    float* vr = v + (size_t)r * heads * hd;
+    for (int j = threadIdx.x; j < heads * half; j += blockDim.x) {
+        int h = j / half, i = j % half;
+        int a = interleaved ? 2 * i : i;
+        int b = interleaved ? 2 * i + 1 : i + half;
+        float c = cos_t[(size_t)p * half + i], s = sin_t[(size_t)p * half + i];
+        float x0 = vr[h * hd + a], x1 = vr[h * hd + b];
+        vr[h * hd + a] = x0 * c - x1 * s;
+        vr[h * hd + b] = x0 * s + x1 * c;
+    }
+}
+
+// Store row r's K and V (f32) at position pos[r] of its item's cache (bf16); grid n.
+extern "C" __global__ void kv_write(const float* k, const float* v, const u64* kvp, const int* item,
+                                    const int* pos, int kvd) {
+    int r = blockIdx.x;
+    int it = item[r];
+    size_t p = (size_t)pos[r];
+    bf16* K = (bf16*)kvp[2 * it];
+    bf16* V = (bf16*)kvp[2 * it + 1];
+    for (int i = threadIdx.x; i < kvd; i += blockDim.x) {
+        K[p * kvd + i] = to_bf(k[(size_t)r * kvd + i]);
+        V[p * kvd + i] = to_bf(v[(size_t)r * kvd + i]);
+    }
+}
+
+#define ATT_MAXE 8   // head_dim up to 256
+#define ATT_WARPS 8
+
+// Causal attention of row r's query head h over positions 0..pos[r] of its item's cache.
+// grid (n, n_heads), block 32 * ATT_WARPS. Each warp walks every ATT_WARPS-th position
+// with an online softmax; the warps' partial results are merged at the end.
+extern "C" __global__ void attention(const float* q, const u64* kvp, const int* item, const int* pos,
+                                     float* out, int nh, int nkv, int hd, float scale) {
+    __shared__ float s_m[ATT_WARPS], s_l[ATT_WARPS];
+    __shared__ float s_acc[ATT_WARPS * 32 * ATT_MAXE];
+    int r = blockIdx.x, h = blockIdx.y;
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    int kvd = nkv * hd, kh = h / (nh / nkv);
+    int it = item[r], T = pos[r] + 1;
+    const bf16* K = (const bf16*)kvp[2 * it] + kh * hd;
+    const bf16* V = (const bf16*)kvp[2 * it + 1] + kh * hd;
+    const float* qr = q + ((size_t)r * nh + h) * hd;
+    int ne = (hd + 31) / 32;
+    float qv[ATT_MAXE], acc[ATT_MAXE];
+#pragma unroll
+    for (int j = 0; j < ATT_MAXE; j++) {
+        int e = lane + 32 * j;
+        qv[j] = (j < ne && e < hd) ? qr[e] * scale : 0.f;
+        acc[j] = 0.f;
+    }
+    float m = NEG_INF, l = 0.f;
+    for (int t = w; t < T; t += ATT_WARPS) {
+        const bf16* kt = K + (size_t)t * kvd;
+        const bf16* vt = V + (size_t)t * kvd;
+        float s = 0.f;
+#pragma unroll
+        for (int j = 0; j < ATT_MAXE; j++) {
+            int e = lane + 32 * j;
+            if (j < ne && e < hd) s += qv[j] * bf(kt[e]);
+        }
+        s = warp_sum(s);
+        float mn = fmaxf(m, s);
+        float corr = __expf(m - mn), pe = __expf(s - mn);
+        l = l * corr + pe;
+#pragma unroll
+        for (int j = 0; j < ATT_MAXE; j++) {
+            int e = lane + 32 * j;
+            float vv = (j < ne && e < hd) ? bf(vt[e]) : 0.f;
+            acc[j] = acc[j] * corr + pe * vv;
+        }
+        m = mn;
+    }
+    if (lane == 0) {
+        s_m[w] = m;
+        s_l[w] = l;
+    }
+#pragma unroll
+    for (int j = 0; j < ATT_MAXE; j++) s_acc[(w * ATT_MAXE + j) * 32 + lane] = acc[j];
+    __syncthreads();
+    if (w == 0) {
+        float M = NEG_INF;
+        for (int i = 0; i < ATT_WARPS; i++) M = fmaxf(M, s_m[i]);
+        float L = 0.f, f[ATT_WARPS];
+        for (int i = 0; i < ATT_WARPS; i++) {
+            f[i] = s_l[i] > 0.f ? __expf(s_m[i] - M) : 0.f;
+            L += s_l[i] * f[i];
+        }
+        float* o = out + ((size_t)r * nh + h) * hd;
+        for (int j = 0; j < ne; j++) {
+            int e = lane + 32 * j;
+            if (e < hd) {
+                float a = 0.f;
+                for (int i = 0; i < ATT_WARPS; i++) a += s_acc[(i * ATT_MAXE + j) * 32 + lane] * f[i];
+                o[e] = a / L;
+            }
+        }
+    }
+}
+
+// g = silu(g) * u, elementwise.
+extern "C" __global__ void silu_mul(float* g, const float* u, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        float a = g[i];
+        g[i] = a / (1.f + __expf(-a)) * u[i];
+    }
+}
+
+// x += y, elementwise.
+extern "C" __global__ void add(float* x, const float* y, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        x[i] += y[i];
+}
+
+extern "C" __global__ void f32_to_bf16(const float* x, bf16* y, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        y[i] = to_bf(x[i]);
+}
+
+__device__ __forceinline__ float dot8(uint4 a, const float* x) {
+    float4 x0 = *(const float4*)x, x1 = *(const float4*)(x + 4);
+    float s = bf_lo(a.x) * x0.x;
+    s = fmaf(bf_hi(a.x), x0.y, s);
+    s = fmaf(bf_lo(a.y), x0.z, s);
+    s = fmaf(bf_hi(a.y), x0.w, s);
+    s = fmaf(bf_lo(a.z), x1.x, s);
+    s = fmaf(bf_hi(a.z), x1.y, s);
+    s = fmaf(bf_lo(a.w), x1.z, s);
+    s = fmaf(bf_hi(a.w), x1.w, s);
+    return s;
+}
+
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
+// y[j, o] = sum_i W[o, i] * x[j, i] for the n <= N tokens j of the batch (small batches:
+// every weight byte is read once per step). One warp per output row; 16-byte weight loads,
+// four in flight per lane.
+template <int N>
+__device__ void gemv_impl(const bf16* W, const float* x, float* y, int rows, int cols, int n) {
+    int row = (int)((blockIdx.x * (u64)blockDim.x + threadIdx.x) >> 5);
+    int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const bf16* w = W + (size_t)row * cols;
+    float acc[N];
+#pragma unroll
+    for (int j = 0; j < N; j++) acc[j] = 0.f;
+    if ((cols & 7) == 0) {
+        const uint4* w4 = (const uint4*)w;
+        int nv = cols >> 3;
+        int i = lane;
+        for (; i + 96 < nv; i += 128) {
+            uint4 a0 = ld_stream(w4 + i), a1 = ld_stream(w4 + i + 32);
+            uint4 a2 = ld_stream(w4 + i + 64), a3 = ld_stream(w4 + i + 96);
+#pragma unroll
+            for (int j = 0; j < N; j++) {
+                if (j < n) {
+                    const float* xr = x + (size_t)j * cols + 8 * i;
+                    acc[j] += dot8(a0, xr) + dot8(a1, xr + 256) + dot8(a2, xr + 512) + dot8(a3, xr + 768);
+                }
+            }
+        }
+        for (; i < nv; i += 32) {
+            uint4 a = ld_stream(w4 + i);
+#pragma unroll
+            for (int j = 0; j < N; j++)
+                if (j < n) acc[j] += dot8(a, x + (size_t)j * cols + 8 * i);
+        }
+    } else {
+        for (int i = lane; i < cols; i += 32) {
+            float wv = bf(w[i]);
+#pragma unroll
+            for (int j = 0; j < N; j++)
+                if (j < n) acc[j] = fmaf(wv, x[(size_t)j * cols + i], acc[j]);
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < N; j++) {
+        float s = warp_sum(acc[j]);
+        if (lane == 0 && j < n) y[(size_t)j * rows + row] = s;
+    }
+}
+
+extern "C" __global__ void gemv1(const bf16* W, const float* x, float* y, int rows, int cols, int n) {
+    gemv_impl<1>(W, x, y, rows, cols, n);
+}
+extern "C" __global__ void gemv2(const bf16* W, const float* x, float* y, int rows, int cols, int n) {
+    gemv_impl<2>(W, x, y, rows, cols, n);
+}
+extern "C" __global__ void gemv4(const bf16* W, const float* x, float* y, int rows, int cols, int n) {
+    gemv_impl<4>(W, x, y, rows, cols, n);
+}
+extern "C" __global__ void gemv8(const bf16* W, const float* x, float* y, int rows, int cols, int n) {
+    gemv_impl<8>(W, x, y, rows, cols, n);
+}
+
+// Greedy sampling on the device: out[r] = argmax(logits[r]) (lowest id among ties); grid n_sel.
+extern "C" __global__ void argmax(const float* logits, int vocab, u32* out) {
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    const float* l = logits + (size_t)blockIdx.x * vocab;
+    float best = NEG_INF;
+    int bi = 0x7fffffff;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+        float v = l[i];
+        if (v > best) {
+            best = v;
+            bi = i;
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, best, o);
+        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (ov > best || (ov == best && oi < bi)) {
+            best = ov;
+            bi = oi;
+        }
+    }
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    if (lane == 0) {
+        sv[w] = best;
+        si[w] = bi;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int i = 1; i < nw; i++)
+            if (sv[i] > best || (sv[i] == best && si[i] < bi)) {
+                best = sv[i];
+                bi = si[i];
+            }
+        out[blockIdx.x] = bi == 0x7fffffff ? 0u : (u32)bi;
+    }
+}
+
+// Deterministic pseudo-random bf16 in [-scale, scale) (dummy weights for benchmarks).
+extern "C" __global__ void fill_random(bf16* w, u64 n, u32 seed, float scale) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        u64 h = i * 0x9E3779B97F4A7C15ull + (u64)seed * 0xBF58476D1CE4E5B9ull;
+        h ^= h >> 31;
+        h *= 0x94D049BB133111EBull;
+        h ^= h >> 29;
+        float u = (float)((u32)(h >> 40)) * (1.0f / 16777216.0f);
+        w[i] = to_bf((2.f * u - 1.f) * scale);
+    }
+}

@@ -1,0 +1,716 @@
+//! bf16 weights on the device and the batched forward pass (prefill chunks and decode steps
+//! mixed, like the CPU's [`crate::forward::Forward`]).
+//!
+//! Products: the engine's own GEMV kernel for up to 8 tokens (each weight byte read once
+//! per step, 16-byte streaming loads), cuBLAS `GemmEx` (bf16 in, f32 out) above that.
+//! Activations stay f32; K/V are stored bf16 in the allocator's contiguous per-slot ranges.
+
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use cudarc::cublas::{result as blas, sys as bsys};
+
+use super::{DevBuf, Gpu};
+use crate::backend::Backend;
+use crate::error::{EngineError, Result};
+use crate::forward::SeqChunk;
+use crate::kv::{KvAllocator, KvLayout};
+use crate::model::{Config, Model, RopeStyle, Weight};
+
+/// A bf16 matrix `[rows, cols]` on the device.
+pub struct DevW {
+    pub buf: DevBuf,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+pub struct DevLayer {
+    attn_norm: DevBuf,
+    wq: DevW,
+    wk: DevW,
+    wv: DevW,
+    wo: DevW,
+    ffn_norm: DevBuf,
+    gate: DevW,
+    up: DevW,
+    down: DevW,
+}
+
+/// A model's weights on the device (shared by the pipeline generations of one model).
+pub struct DeviceModel {
+    pub gpu: Arc<Gpu>,
+    pub cfg: Config,
+    embd: DevW,
+    layers: Vec<DevLayer>,
+    norm: DevBuf,
+    head: Option<DevW>,
+    cos: DevBuf,
+    sin: DevBuf,
+}
+
+fn bf16_of(v: &[f32]) -> Vec<u16> {
+    v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect()
+}
+
+fn upload_w(gpu: &Arc<Gpu>, w: &Weight) -> Result<DevW> {
+    let mut row = vec![0f32; w.cols];
+    let mut out: Vec<u16> = Vec::with_capacity(w.rows * w.cols);
+    for r in 0..w.rows {
+        w.dequantize_row(r, &mut row);
+        out.extend(row.iter().map(|&x| half::bf16::from_f32(x).to_bits()));
+    }
+    Ok(DevW {
+        buf: gpu.upload(&out)?,
+        rows: w.rows,
+        cols: w.cols,
+    })
+}
+
+fn check_cfg(cfg: &Config) -> Result<()> {
+    if cfg.head_dim > 256 || cfg.head_dim % 2 != 0 {
+        return Err(EngineError::Invalid(format!(
+            "CUDA backend: head size {} is not supported (even, at most 256)",
+            cfg.head_dim
+        )));
+    }
+    if cfg.n_heads % cfg.n_kv_heads != 0 {
+        return Err(EngineError::Invalid(
+            "CUDA backend: query heads are not a multiple of KV heads".into(),
+        ));
+    }
+    Ok(())
+}
+
+impl DeviceModel {
+    /// Upload `m` (every tensor type is dequantized, then stored bf16). `progress` gets
+    /// (layers uploaded, layers).
+    pub fn upload(
+        gpu: Arc<Gpu>,
+        m: &Model,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
+        check_cfg(&m.cfg)?;
+        if m.layers.iter().any(|l| l.adapter.is_some()) {
+            return Err(EngineError::Invalid(
+                "CUDA backend: rotated (LaRoSA) models run on the CPU backend only".into(),
+            ));
+        }
+        let mut layers = Vec::with_capacity(m.layers.len());
+        for (i, l) in m.layers.iter().enumerate() {
+            layers.push(DevLayer {
+                attn_norm: gpu.upload(&l.attn_norm)?,
+                wq: upload_w(&gpu, &l.wq)?,
+                wk: upload_w(&gpu, &l.wk)?,
+                wv: upload_w(&gpu, &l.wv)?,
+                wo: upload_w(&gpu, &l.wo)?,
+                ffn_norm: gpu.upload(&l.ffn_norm)?,
+                gate: upload_w(&gpu, &l.w_gate)?,
+                up: upload_w(&gpu, &l.w_up)?,
+                down: upload_w(&gpu, &l.w_down)?,
+            });
+            progress(i + 1, m.layers.len());
+        }
+        Ok(Self {
+            embd: upload_w(&gpu, &m.tok_embd)?,
+            head: match &m.output {
+                Some(w) => Some(upload_w(&gpu, w)?),
+                None => None,
+            },
+            norm: gpu.upload(&m.norm)?,
+            cos: gpu.upload(&m.rope_cos)?,
+            sin: gpu.upload(&m.rope_sin)?,
+            layers,
+            cfg: m.cfg.clone(),
+            gpu,
+        })
+    }
+
+    /// Random weights of `cfg`'s shapes built on the device (benchmarks at real sizes, like
+    /// vLLM's dummy load format). Norm scales are 1; matrices uniform in ±1/sqrt(in).
+    pub fn dummy(gpu: Arc<Gpu>, cfg: Config, seed: u32) -> Result<Self> {
+        check_cfg(&cfg)?;
+        let mut n = seed;
+        let mut mat = |rows: usize, cols: usize| -> Result<DevW> {
+            let buf = gpu.alloc(rows * cols * 2)?;
+            n = n.wrapping_add(1);
+            gpu.fill_random_bf16(&buf, n, 1.0 / (cols as f32).sqrt())?;
+            Ok(DevW { buf, rows, cols })
+        };
+        let (d, hd) = (cfg.dim, cfg.head_dim);
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        let ones = vec![1f32; d];
+        for _ in 0..cfg.n_layers {
+            layers.push(DevLayer {
+                attn_norm: gpu.upload(&ones)?,
+                wq: mat(cfg.n_heads * hd, d)?,
+                wk: mat(cfg.n_kv_heads * hd, d)?,
+                wv: mat(cfg.n_kv_heads * hd, d)?,
+                wo: mat(d, cfg.n_heads * hd)?,
+                ffn_norm: gpu.upload(&ones)?,
+                gate: mat(cfg.ffn_dim, d)?,
+                up: mat(cfg.ffn_dim, d)?,
+                down: mat(d, cfg.ffn_dim)?,
+            });
+        }
+        let embd = mat(cfg.vocab_size, d)?;
+        let head = Some(mat(cfg.vocab_size, d)?);
+        let (cos, sin) = crate::model::rope_tables(&cfg);
+        gpu.sync()?;
+        Ok(Self {
+            embd,
+            head,
+            norm: gpu.upload(&ones)?,
+            cos: gpu.upload(&cos)?,
+            sin: gpu.upload(&sin)?,
+            layers,
+            cfg,
+            gpu,
+        })
+    }
+
+    fn head(&self) -> &DevW {
+        self.head.as_ref().unwrap_or(&self.embd)
+    }
+
+    /// Bytes of weights one decode step reads (every layer's matrices and the head).
+    pub fn step_weight_bytes(&self) -> usize {
+        let l: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down]
+                    .iter()
+                    .map(|w| w.buf.bytes)
+                    .sum::<usize>()
+            })
+            .sum();
+        l + self.head().buf.bytes
+    }
+
+    /// Multiply-adds of the matrices per token (FLOPs / 2).
+    pub fn macs_per_token(&self) -> usize {
+        self.step_weight_bytes() / 2
+    }
+
+    /// All device bytes of the weights.
+    pub fn device_bytes(&self) -> usize {
+        self.step_weight_bytes()
+            + if self.head.is_some() {
+                self.embd.buf.bytes
+            } else {
+                0
+            }
+    }
+
+    /// Write the weights as a Hugging Face llama directory (`config.json` and a bf16
+    /// `model.safetensors`, names as transformers' `LlamaForCausalLM` expects), so the CPU
+    /// backend and a PyTorch baseline load the very same values.
+    pub fn save_hf_dir(&self, dir: &std::path::Path) -> Result<()> {
+        let c = &self.cfg;
+        std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
+        let cfg = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "hidden_size": c.dim, "intermediate_size": c.ffn_dim,
+            "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads,
+            "num_hidden_layers": c.n_layers, "head_dim": c.head_dim,
+            "vocab_size": c.vocab_size, "max_position_embeddings": c.max_context,
+            "rms_norm_eps": c.rms_eps, "rope_theta": c.rope_theta,
+            "tie_word_embeddings": self.head.is_none(), "torch_dtype": "bfloat16",
+            "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2,
+        });
+        let p = dir.join("config.json");
+        std::fs::write(&p, serde_json::to_string_pretty(&cfg).unwrap())
+            .map_err(|e| EngineError::io(&p, e))?;
+        self.save_safetensors(&dir.join("model.safetensors"))
+    }
+
+    fn save_safetensors(&self, path: &std::path::Path) -> Result<()> {
+        use std::io::Write;
+        let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        let mat = |w: &DevW| -> Result<Vec<u8>> {
+            let v: Vec<u16> = w.buf.read(w.rows * w.cols)?;
+            Ok(v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        };
+        let vecb = |b: &DevBuf, n: usize| -> Result<Vec<u8>> {
+            let v: Vec<f32> = b.read(n)?;
+            Ok(bf16_of(&v).iter().flat_map(|x| x.to_le_bytes()).collect())
+        };
+        let d = self.cfg.dim;
+        tensors.push((
+            "model.embed_tokens.weight".into(),
+            vec![self.embd.rows, d],
+            mat(&self.embd)?,
+        ));
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            for (n, w) in [
+                ("self_attn.q_proj", &l.wq),
+                ("self_attn.k_proj", &l.wk),
+                ("self_attn.v_proj", &l.wv),
+                ("self_attn.o_proj", &l.wo),
+                ("mlp.gate_proj", &l.gate),
+                ("mlp.up_proj", &l.up),
+                ("mlp.down_proj", &l.down),
+            ] {
+                tensors.push((format!("{p}.{n}.weight"), vec![w.rows, w.cols], mat(w)?));
+            }
+            tensors.push((
+                format!("{p}.input_layernorm.weight"),
+                vec![d],
+                vecb(&l.attn_norm, d)?,
+            ));
+            tensors.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                vec![d],
+                vecb(&l.ffn_norm, d)?,
+            ));
+        }
+        tensors.push(("model.norm.weight".into(), vec![d], vecb(&self.norm, d)?));
+        if let Some(h) = &self.head {
+            tensors.push(("lm_head.weight".into(), vec![h.rows, d], mat(h)?));
+        }
+        let mut header = serde_json::Map::new();
+        let mut off = 0usize;
+        for (n, shape, data) in &tensors {
+            header.insert(
+                n.clone(),
+                serde_json::json!({"dtype": "BF16", "shape": shape, "data_offsets": [off, off + data.len()]}),
+            );
+            off += data.len();
+        }
+        let mut h = serde_json::to_vec(&header).unwrap();
+        while h.len() % 8 != 0 {
+            h.push(b' ');
+        }
+        let io = |e| EngineError::io(path, e);
+        let mut f = std::io::BufWriter::new(std::fs::File::create(path).map_err(io)?);
+        f.write_all(&(h.len() as u64).to_le_bytes()).map_err(io)?;
+        f.write_all(&h).map_err(io)?;
+        for (_, _, data) in &tensors {
+            f.write_all(data).map_err(io)?;
+        }
+        f.flush().map_err(io)
+    }
+}
+
+/// Device buffers of the forward pass (grown, never shrunk).
+#[derive(Default)]
+struct Bufs {
+    f32s: Vec<Option<DevBuf>>,
+}
+
+const X: usize = 0;
+const XB: usize = 1;
+const Q: usize = 2;
+const K: usize = 3;
+const V: usize = 4;
+const ATT: usize = 5;
+const TMP: usize = 6;
+const HB: usize = 7;
+const HB2: usize = 8;
+const X16: usize = 9;
+const LOGITS: usize = 10;
+const SEL: usize = 11;
+const TOK: usize = 12;
+const POS: usize = 13;
+const ITEM: usize = 14;
+const KVP: usize = 15;
+const SELIDX: usize = 16;
+const IDS: usize = 17;
+const NBUF: usize = 18;
+
+impl Bufs {
+    fn get(&mut self, gpu: &Arc<Gpu>, i: usize, bytes: usize) -> Result<u64> {
+        if self.f32s.len() < NBUF {
+            self.f32s.resize_with(NBUF, || None);
+        }
+        let small = self.f32s[i].as_ref().is_none_or(|b| b.bytes < bytes);
+        if small {
+            self.f32s[i] = None;
+            self.f32s[i] = Some(gpu.alloc(bytes.next_power_of_two().max(256))?);
+        }
+        Ok(self.f32s[i].as_ref().unwrap().ptr)
+    }
+}
+
+/// The CUDA backend of one pipeline generation: shared device weights, its own buffers.
+pub struct CudaBackend {
+    pub dm: Arc<DeviceModel>,
+    bufs: Bufs,
+    logits: Vec<f32>,
+    kvp: Vec<u64>,
+    tok: Vec<u32>,
+    pos: Vec<i32>,
+    item: Vec<i32>,
+    selidx: Vec<i32>,
+}
+
+macro_rules! args {
+    ($($a:expr),* $(,)?) => {
+        &mut [$( &$a as *const _ as *mut c_void ),*]
+    };
+}
+
+fn blocks(n: usize, per: usize) -> u32 {
+    n.div_ceil(per).clamp(1, 65535) as u32
+}
+
+impl CudaBackend {
+    pub fn new(dm: Arc<DeviceModel>) -> Self {
+        Self {
+            dm,
+            bufs: Bufs::default(),
+            logits: Vec::new(),
+            kvp: Vec::new(),
+            tok: Vec::new(),
+            pos: Vec::new(),
+            item: Vec::new(),
+            selidx: Vec::new(),
+        }
+    }
+
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.dm.gpu
+    }
+
+    /// y[n, w.rows] = x[n, w.cols] · wᵀ.
+    fn linear(&mut self, w: &DevW, x: u64, n: usize, y: u64) -> Result<()> {
+        let gpu = self.dm.gpu.clone();
+        let (rows, cols) = (w.rows as i32, w.cols as i32);
+        if n <= 8 {
+            let f = gpu.k.gemv[match n {
+                1 => 0,
+                2 => 1,
+                3 | 4 => 2,
+                _ => 3,
+            }];
+            let nn = n as i32;
+            // SAFETY: x holds n*cols f32, y n*rows f32, w rows*cols bf16.
+            return unsafe {
+                gpu.launch(
+                    f,
+                    (blocks(w.rows * 32, 256), 1, 1),
+                    256,
+                    args!(w.buf.ptr, x, y, rows, cols, nn),
+                )
+            };
+        }
+        let x16 = self.bufs.get(&gpu, X16, n * w.cols * 2)?;
+        let total = (n * w.cols) as u64;
+        // SAFETY: sizes as above; x16 holds n*cols bf16.
+        unsafe {
+            gpu.launch(
+                gpu.k.f32_to_bf16,
+                (blocks(n * w.cols, 256).min(4096), 1, 1),
+                256,
+                args!(x, x16, total),
+            )?;
+            let (alpha, beta) = (1f32, 0f32);
+            blas::gemm_ex(
+                gpu.blas,
+                bsys::cublasOperation_t::CUBLAS_OP_T,
+                bsys::cublasOperation_t::CUBLAS_OP_N,
+                rows,
+                n as i32,
+                cols,
+                &alpha as *const f32 as *const c_void,
+                w.buf.ptr as *const c_void,
+                bsys::cudaDataType::CUDA_R_16BF,
+                cols,
+                x16 as *const c_void,
+                bsys::cudaDataType::CUDA_R_16BF,
+                cols,
+                &beta as *const f32 as *const c_void,
+                y as *mut c_void,
+                bsys::cudaDataType::CUDA_R_32F,
+                rows,
+                bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+            .map_err(|e| EngineError::Invalid(format!("CUDA: cuBLAS GemmEx: {e:?}")))
+        }
+    }
+
+    /// Enqueue the whole pass; returns (rows with logits, device pointer to the logits).
+    fn run(&mut self, kv: &mut dyn KvAllocator, batch: &[SeqChunk]) -> Result<(usize, u64)> {
+        let dm = self.dm.clone();
+        let gpu = dm.gpu.clone();
+        gpu.bind()?;
+        let c = &dm.cfg;
+        let (dim, hd, nh, nkv, f) = (c.dim, c.head_dim, c.n_heads, c.n_kv_heads, c.ffn_dim);
+        let (qd, kvd) = (nh * hd, nkv * hd);
+        let n: usize = batch.iter().map(|b| b.tokens.len()).sum();
+        for b in batch {
+            let end = b.pos + b.tokens.len();
+            if end > c.max_context {
+                return Err(EngineError::Invalid(format!(
+                    "sequence of {end} tokens exceeds the model context of {}",
+                    c.max_context
+                )));
+            }
+            if let Some(&t) = b.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+                return Err(EngineError::Invalid(format!(
+                    "token id {t} is outside the vocabulary of {}",
+                    c.vocab_size
+                )));
+            }
+            kv.ensure(b.slot, end)?;
+        }
+        self.tok.clear();
+        self.pos.clear();
+        self.item.clear();
+        self.selidx.clear();
+        let mut r0 = 0;
+        for (i, b) in batch.iter().enumerate() {
+            for (j, &t) in b.tokens.iter().enumerate() {
+                self.tok.push(t);
+                self.pos.push((b.pos + j) as i32);
+                self.item.push(i as i32);
+                if j >= b.logits_from {
+                    self.selidx.push((r0 + j) as i32);
+                }
+            }
+            r0 += b.tokens.len();
+        }
+        let n_sel = self.selidx.len();
+        let items = batch.len();
+        self.kvp.clear();
+        for l in 0..c.n_layers {
+            for b in batch {
+                let (k, v) = kv.kv(l, b.slot);
+                self.kvp.push(k as usize as u64);
+                self.kvp.push(v as usize as u64);
+            }
+        }
+        let g = &gpu;
+        let b = &mut self.bufs;
+        let x = b.get(g, X, n * dim * 4)?;
+        let xb = b.get(g, XB, n * dim * 4)?;
+        let q = b.get(g, Q, n * qd * 4)?;
+        let k = b.get(g, K, n * kvd * 4)?;
+        let v = b.get(g, V, n * kvd * 4)?;
+        let att = b.get(g, ATT, n * qd * 4)?;
+        let tmp = b.get(g, TMP, n * dim * 4)?;
+        let hb = b.get(g, HB, n * f * 4)?;
+        let hb2 = b.get(g, HB2, n * f * 4)?;
+        let sel = b.get(g, SEL, n_sel.max(1) * dim * 4)?;
+        let logits = b.get(g, LOGITS, n_sel.max(1) * c.vocab_size * 4)?;
+        let tok = b.get(g, TOK, n * 4)?;
+        let pos = b.get(g, POS, n * 4)?;
+        let item = b.get(g, ITEM, n * 4)?;
+        let kvp = b.get(g, KVP, self.kvp.len() * 8)?;
+        let selidx = b.get(g, SELIDX, n_sel.max(1) * 4)?;
+        // SAFETY: host vectors outlive the copies (the pass ends with a synchronizing read).
+        unsafe {
+            use cudarc::driver::result as cu;
+            let up = |dst: u64, src: &[u8]| {
+                cu::memcpy_htod_async(dst, src, g.stream)
+                    .map_err(|e| EngineError::Invalid(format!("CUDA: upload: {e:?}")))
+            };
+            up(tok, bytes_of(&self.tok))?;
+            up(pos, bytes_of(&self.pos))?;
+            up(item, bytes_of(&self.item))?;
+            up(kvp, bytes_of(&self.kvp))?;
+            up(selidx, bytes_of(&self.selidx))?;
+        }
+        let (dim_i, kvd_i, hd_i, nh_i, nkv_i) =
+            (dim as i32, kvd as i32, hd as i32, nh as i32, nkv as i32);
+        let eps = c.rms_eps;
+        let inter = matches!(c.rope, RopeStyle::Interleaved) as i32;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let nu = n as u32;
+        let kk = &g.k;
+        // SAFETY: every buffer was sized above for this batch; kernels index within them.
+        unsafe {
+            g.launch(kk.embed, (nu, 1, 1), 256, args!(dm.embd.buf.ptr, tok, x, dim_i))?;
+            for (li, l) in dm.layers.iter().enumerate() {
+                g.launch(
+                    kk.rmsnorm,
+                    (nu, 1, 1),
+                    256,
+                    args!(l.attn_norm.ptr, x, xb, dim_i, eps),
+                )?;
+                self.linear(&l.wq, xb, n, q)?;
+                self.linear(&l.wk, xb, n, k)?;
+                self.linear(&l.wv, xb, n, v)?;
+                let (cos, sin) = (dm.cos.ptr, dm.sin.ptr);
+                g.launch(
+                    kk.rope,
+                    (nu, 1, 1),
+                    128,
+                    args!(q, pos, cos, sin, nh_i, hd_i, inter),
+                )?;
+                g.launch(
+                    kk.rope,
+                    (nu, 1, 1),
+                    128,
+                    args!(k, pos, cos, sin, nkv_i, hd_i, inter),
+                )?;
+                let kvl = kvp + (li * items * 2 * 8) as u64;
+                g.launch(
+                    kk.kv_write,
+                    (nu, 1, 1),
+                    128,
+                    args!(k, v, kvl, item, pos, kvd_i),
+                )?;
+                g.launch(
+                    kk.attention,
+                    (nu, nh as u32, 1),
+                    256,
+                    args!(q, kvl, item, pos, att, nh_i, nkv_i, hd_i, scale),
+                )?;
+                self.linear(&l.wo, att, n, tmp)?;
+                let nd = (n * dim) as u64;
+                let eb = blocks(n * dim, 256).min(4096);
+                g.launch(kk.add, (eb, 1, 1), 256, args!(x, tmp, nd))?;
+                g.launch(
+                    kk.rmsnorm,
+                    (nu, 1, 1),
+                    256,
+                    args!(l.ffn_norm.ptr, x, xb, dim_i, eps),
+                )?;
+                self.linear(&l.gate, xb, n, hb)?;
+                self.linear(&l.up, xb, n, hb2)?;
+                let nf = (n * f) as u64;
+                g.launch(
+                    kk.silu_mul,
+                    (blocks(n * f, 256).min(4096), 1, 1),
+                    256,
+                    args!(hb, hb2, nf),
+                )?;
+                self.linear(&l.down, hb, n, tmp)?;
+                g.launch(kk.add, (eb, 1, 1), 256, args!(x, tmp, nd))?;
+            }
+            if n_sel > 0 {
+                g.launch(
+                    kk.gather_rows,
+                    (n_sel as u32, 1, 1),
+                    256,
+                    args!(x, selidx, sel, dim_i),
+                )?;
+                g.launch(
+                    kk.rmsnorm,
+                    (n_sel as u32, 1, 1),
+                    256,
+                    args!(dm.norm.ptr, sel, xb, dim_i, eps),
+                )?;
+                self.linear(dm.head(), xb, n_sel, logits)?;
+            }
+        }
+        Ok((n_sel, logits))
+    }
+
+    /// The pass with greedy sampling on the device: the argmax id of each row with logits.
+    pub fn forward_greedy(
+        &mut self,
+        kv: &mut dyn KvAllocator,
+        batch: &[SeqChunk],
+    ) -> Result<Vec<u32>> {
+        let (n_sel, logits) = self.run(kv, batch)?;
+        if n_sel == 0 {
+            self.dm.gpu.sync()?;
+            return Ok(Vec::new());
+        }
+        let gpu = self.dm.gpu.clone();
+        let ids = self.bufs.get(&gpu, IDS, n_sel * 4)?;
+        let vocab = self.dm.cfg.vocab_size as i32;
+        // SAFETY: logits holds n_sel rows, ids n_sel u32.
+        unsafe {
+            gpu.launch(
+                gpu.k.argmax,
+                (n_sel as u32, 1, 1),
+                1024,
+                args!(logits, vocab, ids),
+            )?;
+        }
+        let buf = self.bufs.f32s[IDS].as_ref().unwrap();
+        buf.read::<u32>(n_sel)
+    }
+
+    /// The logits of the rows that asked for them, on the host.
+    pub fn forward_logits(
+        &mut self,
+        kv: &mut dyn KvAllocator,
+        batch: &[SeqChunk],
+    ) -> Result<&[f32]> {
+        let (n_sel, _) = self.run(kv, batch)?;
+        let len = n_sel * self.dm.cfg.vocab_size;
+        self.logits = if n_sel == 0 {
+            self.dm.gpu.sync()?;
+            Vec::new()
+        } else {
+            self.bufs.f32s[LOGITS].as_ref().unwrap().read::<f32>(len)?
+        };
+        Ok(&self.logits)
+    }
+}
+
+fn bytes_of<T: Copy>(v: &[T]) -> &[u8] {
+    // SAFETY: plain old data viewed as bytes.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> String {
+        format!("cuda:{} ({})", self.dm.gpu.ordinal, self.dm.gpu.name)
+    }
+    fn forward(
+        &mut self,
+        _m: &Model,
+        kv: &mut dyn KvAllocator,
+        batch: &[SeqChunk],
+    ) -> Result<&[f32]> {
+        self.forward_logits(kv, batch)
+    }
+    fn fork(&self, layout: KvLayout) -> Result<(Box<dyn Backend>, Box<dyn KvAllocator>)> {
+        let kv = super::open_kv(&self.dm, layout, None, false)?;
+        Ok((Box::new(CudaBackend::new(self.dm.clone())), Box::new(kv)))
+    }
+}
+
+/// bf16 GEMM throughput through cuBLAS (`m×k · k×n`, f32 accumulate), FLOP/s: the compute
+/// roofline the benchmarks compare against.
+pub fn gemm_flops(gpu: &Arc<Gpu>, m: usize, n: usize, k: usize, reps: usize) -> Result<f64> {
+    let a = gpu.alloc(m * k * 2)?;
+    let b = gpu.alloc(k * n * 2)?;
+    let c = gpu.alloc(m * n * 2)?;
+    gpu.fill_random_bf16(&a, 1, 1.0)?;
+    gpu.fill_random_bf16(&b, 2, 1.0)?;
+    let (alpha, beta) = (1f32, 0f32);
+    let run = || -> Result<()> {
+        // SAFETY: the buffers hold the matrices' elements.
+        unsafe {
+            blas::gemm_ex(
+                gpu.blas,
+                bsys::cublasOperation_t::CUBLAS_OP_T,
+                bsys::cublasOperation_t::CUBLAS_OP_N,
+                m as i32,
+                n as i32,
+                k as i32,
+                &alpha as *const f32 as *const c_void,
+                a.ptr as *const c_void,
+                bsys::cudaDataType::CUDA_R_16BF,
+                k as i32,
+                b.ptr as *const c_void,
+                bsys::cudaDataType::CUDA_R_16BF,
+                k as i32,
+                &beta as *const f32 as *const c_void,
+                c.ptr as *mut c_void,
+                bsys::cudaDataType::CUDA_R_16BF,
+                m as i32,
+                bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| EngineError::Invalid(format!("CUDA: cuBLAS GemmEx: {e:?}")))
+    };
+    run()?;
+    run()?;
+    gpu.sync()?;
+    let t = std::time::Instant::now();
+    for _ in 0..reps {
+        run()?;
+    }
+    gpu.sync()?;
+    Ok(2.0 * (m * n * k) as f64 * reps as f64 / t.elapsed().as_secs_f64())
+}

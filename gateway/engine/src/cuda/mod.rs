@@ -1,0 +1,445 @@
+//! The CUDA backend (feature `cuda`): cudarc with dynamic loading, so the binary builds
+//! without a CUDA toolkit and finds libcuda, libnvrtc and libcublas when it runs.
+//!
+//! - [`Gpu`]: the device, its context and stream, the kernels of `kernels/engine.cu`
+//!   (compiled by NVRTC for the device's architecture at start, PTX cached on disk) and a
+//!   cuBLAS handle.
+//! - [`kv::VmmKv`]: the vAttention KV cache on the device (virtual reservation per layer,
+//!   2 MiB physical pages mapped as sequences grow), or its static variant.
+//! - [`forward::CudaBackend`]: bf16 weights on the device and the batched forward pass.
+
+pub mod forward;
+pub mod kv;
+
+use std::ffi::{c_void, CString};
+use std::sync::Arc;
+
+use cudarc::cublas::{result as blas, sys as blas_sys};
+use cudarc::driver::{result as cu, sys};
+
+use crate::error::{EngineError, Result};
+
+pub const KERNELS: &str = include_str!("../../kernels/engine.cu");
+
+fn err(what: &str, e: impl std::fmt::Debug) -> EngineError {
+    EngineError::Invalid(format!("CUDA: {what}: {e:?}"))
+}
+
+/// Kernel handles of `kernels/engine.cu`.
+pub(crate) struct Kernels {
+    pub embed: sys::CUfunction,
+    pub gather_rows: sys::CUfunction,
+    pub rmsnorm: sys::CUfunction,
+    pub rope: sys::CUfunction,
+    pub kv_write: sys::CUfunction,
+    pub attention: sys::CUfunction,
+    pub silu_mul: sys::CUfunction,
+    pub add: sys::CUfunction,
+    pub f32_to_bf16: sys::CUfunction,
+    /// gemv for up to 1, 2, 4, 8 tokens.
+    pub gemv: [sys::CUfunction; 4],
+    pub argmax: sys::CUfunction,
+    pub fill_random: sys::CUfunction,
+}
+
+/// One CUDA device with a stream, the engine's kernels and cuBLAS.
+pub struct Gpu {
+    pub ordinal: usize,
+    pub name: String,
+    pub cc: (i32, i32),
+    pub total_mem: usize,
+    pub dev: sys::CUdevice,
+    ctx: sys::CUcontext,
+    pub(crate) stream: sys::CUstream,
+    pub(crate) k: Kernels,
+    pub(crate) blas: blas_sys::cublasHandle_t,
+    /// Seconds NVRTC took (0 when the PTX came from the cache).
+    pub compile_secs: f64,
+}
+
+// SAFETY: the handles are plain driver handles; every entry point makes the context current
+// on the calling thread first, and the engine uses one Gpu from one thread at a time.
+unsafe impl Send for Gpu {}
+unsafe impl Sync for Gpu {}
+
+/// Whether the driver library can be loaded at all (never panics).
+pub fn driver_present() -> bool {
+    std::panic::catch_unwind(|| unsafe { sys::is_culib_present() }).unwrap_or(false)
+}
+
+/// NVRTC compile of the engine's kernels for `arch` (e.g. "compute_90"); the PTX text.
+pub fn compile_kernels(arch: &'static str) -> Result<String> {
+    let present = std::panic::catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() })
+        .unwrap_or(false);
+    if !present {
+        return Err(EngineError::Invalid(
+            "CUDA: libnvrtc was not found (put the CUDA library directory on LD_LIBRARY_PATH)"
+                .into(),
+        ));
+    }
+    let opts = cudarc::nvrtc::CompileOptions {
+        arch: Some(arch),
+        options: vec!["--std=c++17".into()],
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(KERNELS, opts)
+        .map_err(|e| EngineError::Invalid(format!("CUDA: NVRTC failed on kernels/engine.cu: {e}")))?;
+    Ok(ptx.to_src())
+}
+
+fn arch_name(cc: (i32, i32)) -> &'static str {
+    match cc {
+        (7, 5) => "compute_75",
+        (8, 0) => "compute_80",
+        (8, 6) => "compute_86",
+        (8, 7) => "compute_87",
+        (8, 9) => "compute_89",
+        (9, 0) => "compute_90",
+        (10, 0) => "compute_100",
+        (12, 0) => "compute_120",
+        (m, _) if m >= 10 => "compute_100",
+        (m, _) if m >= 9 => "compute_90",
+        _ => "compute_80",
+    }
+}
+
+fn fnv(s: &str) -> u64 {
+    s.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    })
+}
+
+/// PTX for this architecture: from the cache (`$XDG_CACHE_HOME` or `~/.cache`,
+/// `switchyard/kernels-<hash>-<arch>.ptx`) or compiled and stored there.
+fn cached_ptx(arch: &'static str) -> Result<(String, f64)> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache")));
+    let file = base.map(|b| {
+        b.join("switchyard")
+            .join(format!("kernels-{:016x}-{arch}.ptx", fnv(KERNELS)))
+    });
+    if let Some(f) = &file {
+        if let Ok(p) = std::fs::read_to_string(f) {
+            return Ok((p, 0.0));
+        }
+    }
+    let t = std::time::Instant::now();
+    let ptx = compile_kernels(arch)?;
+    let secs = t.elapsed().as_secs_f64();
+    if let Some(f) = &file {
+        let _ = std::fs::create_dir_all(f.parent().unwrap());
+        let _ = std::fs::write(f, &ptx);
+    }
+    Ok((ptx, secs))
+}
+
+impl Gpu {
+    /// Open device `ordinal`; a clear error (never a panic) when there is no driver or GPU.
+    pub fn open(ordinal: usize) -> Result<Arc<Self>> {
+        if !driver_present() {
+            return Err(EngineError::Invalid(
+                "CUDA: no NVIDIA driver found (libcuda.so could not be loaded)".into(),
+            ));
+        }
+        std::panic::catch_unwind(|| Self::open_inner(ordinal))
+            .unwrap_or_else(|p| {
+                let what = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                Err(EngineError::Invalid(format!("CUDA: {what}")))
+            })
+            .map(Arc::new)
+    }
+
+    fn open_inner(ordinal: usize) -> Result<Self> {
+        cu::init().map_err(|e| err("cuInit", e))?;
+        let count = cu::device::get_count().map_err(|e| err("device count", e))?;
+        if ordinal as i32 >= count {
+            return Err(EngineError::Invalid(format!(
+                "CUDA: device {ordinal} asked for, {count} present"
+            )));
+        }
+        let dev = cu::device::get(ordinal as i32).map_err(|e| err("device", e))?;
+        let name = cu::device::get_name(dev).map_err(|e| err("device name", e))?;
+        // SAFETY: dev is a valid device handle.
+        let (ctx, total_mem, cc) = unsafe {
+            let ctx = cu::primary_ctx::retain(dev).map_err(|e| err("context", e))?;
+            cu::ctx::set_current(ctx).map_err(|e| err("context", e))?;
+            let total = cu::device::total_mem(dev).map_err(|e| err("memory", e))?;
+            let major = cu::device::get_attribute(
+                dev,
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+            )
+            .map_err(|e| err("attribute", e))?;
+            let minor = cu::device::get_attribute(
+                dev,
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
+            )
+            .map_err(|e| err("attribute", e))?;
+            (ctx, total, (major, minor))
+        };
+        let stream = cu::stream::create(cu::stream::StreamKind::NonBlocking)
+            .map_err(|e| err("stream", e))?;
+        let (ptx, compile_secs) = cached_ptx(arch_name(cc))?;
+        let image = CString::new(ptx).map_err(|e| err("PTX", e))?;
+        // SAFETY: the image is NUL-terminated PTX text; the context is current.
+        let module = unsafe { cu::module::load_data(image.as_ptr() as *const c_void) }
+            .map_err(|e| err("loading the kernels' PTX", e))?;
+        let f = |n: &str| -> Result<sys::CUfunction> {
+            let c = CString::new(n).unwrap();
+            // SAFETY: module is loaded.
+            unsafe { cu::module::get_function(module, c) }.map_err(|e| err(n, e))
+        };
+        let k = Kernels {
+            embed: f("embed")?,
+            gather_rows: f("gather_rows")?,
+            rmsnorm: f("rmsnorm")?,
+            rope: f("rope")?,
+            kv_write: f("kv_write")?,
+            attention: f("attention")?,
+            silu_mul: f("silu_mul")?,
+            add: f("add")?,
+            f32_to_bf16: f("f32_to_bf16")?,
+            gemv: [f("gemv1")?, f("gemv2")?, f("gemv4")?, f("gemv8")?],
+            argmax: f("argmax")?,
+            fill_random: f("fill_random")?,
+        };
+        let present = std::panic::catch_unwind(|| unsafe { blas_sys::is_culib_present() })
+            .unwrap_or(false);
+        if !present {
+            return Err(EngineError::Invalid(
+                "CUDA: libcublas was not found (put the CUDA library directory on LD_LIBRARY_PATH)"
+                    .into(),
+            ));
+        }
+        let handle = blas::create_handle().map_err(|e| err("cuBLAS", e))?;
+        // SAFETY: valid handle and stream.
+        unsafe { blas::set_stream(handle, stream as _) }.map_err(|e| err("cuBLAS stream", e))?;
+        Ok(Gpu {
+            ordinal,
+            name,
+            cc,
+            total_mem,
+            dev,
+            ctx,
+            stream,
+            k,
+            blas: handle,
+            compile_secs,
+        })
+    }
+
+    /// Make this device's context current on the calling thread.
+    pub fn bind(&self) -> Result<()> {
+        // SAFETY: ctx is the retained primary context.
+        unsafe { cu::ctx::set_current(self.ctx) }.map_err(|e| err("context", e))
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        // SAFETY: valid stream.
+        unsafe { cu::stream::synchronize(self.stream) }.map_err(|e| err("synchronize", e))
+    }
+
+    /// Launch `f` on the stream; `args` point at each parameter's value (sizes must match
+    /// the kernel's parameter types).
+    ///
+    /// # Safety
+    /// Pointers passed as arguments must be device memory of the sizes the kernel reads.
+    pub(crate) unsafe fn launch(
+        &self,
+        f: sys::CUfunction,
+        grid: (u32, u32, u32),
+        block: u32,
+        args: &mut [*mut c_void],
+    ) -> Result<()> {
+        // SAFETY: upheld by the caller.
+        unsafe { cu::launch_kernel(f, grid, (block, 1, 1), 0, self.stream, args) }
+            .map_err(|e| err("kernel launch", e))
+    }
+
+    pub fn alloc(self: &Arc<Self>, bytes: usize) -> Result<DevBuf> {
+        self.bind()?;
+        // SAFETY: plain allocation.
+        let ptr = unsafe { cu::malloc_sync(bytes.max(1)) }.map_err(|e| {
+            err(
+                &format!("allocating {:.1} MiB", bytes as f64 / (1 << 20) as f64),
+                e,
+            )
+        })?;
+        Ok(DevBuf {
+            ptr,
+            bytes,
+            gpu: self.clone(),
+        })
+    }
+
+    pub fn upload<T: Copy>(self: &Arc<Self>, data: &[T]) -> Result<DevBuf> {
+        let b = self.alloc(std::mem::size_of_val(data))?;
+        b.write(data)?;
+        Ok(b)
+    }
+
+    /// Device-to-device copy bandwidth (bytes read + written per second) over `bytes`.
+    pub fn copy_bandwidth(self: &Arc<Self>, bytes: usize, reps: usize) -> Result<f64> {
+        let a = self.alloc(bytes)?;
+        let b = self.alloc(bytes)?;
+        let copy = || -> Result<()> {
+            // SAFETY: both buffers hold `bytes`.
+            unsafe { cu::memcpy_dtod_async(b.ptr, a.ptr, bytes, self.stream) }
+                .map_err(|e| err("copy", e))
+        };
+        copy()?;
+        self.sync()?;
+        let t = std::time::Instant::now();
+        for _ in 0..reps {
+            copy()?;
+        }
+        self.sync()?;
+        Ok(2.0 * bytes as f64 * reps as f64 / t.elapsed().as_secs_f64())
+    }
+
+    /// Fill bf16 elements of `buf` with deterministic random values in [-scale, scale).
+    pub fn fill_random_bf16(&self, buf: &DevBuf, seed: u32, scale: f32) -> Result<()> {
+        // SAFETY: buf is a live allocation of buf.bytes.
+        unsafe { self.fill_random_at(buf.ptr, buf.bytes / 2, seed, scale) }
+    }
+
+    /// Copy `bytes` bytes at device address `ptr` to the host (after the stream's work).
+    ///
+    /// # Safety
+    /// `ptr..ptr + bytes` must be mapped device memory.
+    pub unsafe fn read_at(&self, ptr: u64, bytes: usize) -> Result<Vec<u8>> {
+        self.bind()?;
+        self.sync()?;
+        let mut v = vec![0u8; bytes];
+        // SAFETY: upheld by the caller.
+        unsafe { cu::memcpy_dtoh_sync(&mut v, ptr) }.map_err(|e| err("download", e))?;
+        Ok(v)
+    }
+
+    /// The `fill_random` kernel over `n` bf16 values at device address `ptr`.
+    ///
+    /// # Safety
+    /// `ptr..ptr + 2n` must be mapped device memory.
+    pub unsafe fn fill_random_at(&self, ptr: u64, n: usize, seed: u32, scale: f32) -> Result<()> {
+        self.bind()?;
+        let n = n as u64;
+        let buf = DevPtr(ptr);
+        // SAFETY: buf holds n bf16 values.
+        unsafe {
+            self.launch(
+                self.k.fill_random,
+                (1024, 1, 1),
+                256,
+                &mut [
+                    &buf.0 as *const _ as *mut c_void,
+                    &n as *const _ as *mut c_void,
+                    &seed as *const _ as *mut c_void,
+                    &scale as *const _ as *mut c_void,
+                ],
+            )
+        }
+    }
+}
+
+struct DevPtr(u64);
+
+/// A plain device allocation, freed on drop.
+pub struct DevBuf {
+    pub ptr: sys::CUdeviceptr,
+    pub bytes: usize,
+    gpu: Arc<Gpu>,
+}
+
+impl DevBuf {
+    pub fn write<T: Copy>(&self, data: &[T]) -> Result<()> {
+        assert!(std::mem::size_of_val(data) <= self.bytes);
+        self.gpu.bind()?;
+        // SAFETY: the buffer holds at least data's bytes.
+        unsafe { cu::memcpy_htod_sync(self.ptr, data) }.map_err(|e| err("upload", e))
+    }
+    pub fn read<T: Copy + Default>(&self, n: usize) -> Result<Vec<T>> {
+        let mut v = vec![T::default(); n];
+        assert!(std::mem::size_of_val(v.as_slice()) <= self.bytes);
+        self.gpu.bind()?;
+        self.gpu.sync()?;
+        // SAFETY: the buffer holds at least n values.
+        unsafe { cu::memcpy_dtoh_sync(&mut v, self.ptr) }.map_err(|e| err("download", e))?;
+        Ok(v)
+    }
+}
+
+impl Drop for DevBuf {
+    fn drop(&mut self) {
+        let _ = self.gpu.bind();
+        // SAFETY: allocated by malloc_sync and not freed before.
+        unsafe {
+            let _ = cu::free_sync(self.ptr);
+        }
+    }
+}
+
+/// The device KV allocator for `dm`'s shapes: vAttention (pages on demand) or static.
+/// `budget` caps the physical bytes (default: 90 % of the device memory free now).
+pub fn open_kv(
+    dm: &forward::DeviceModel,
+    layout: crate::kv::KvLayout,
+    budget: Option<usize>,
+    static_alloc: bool,
+) -> Result<kv::VmmKv> {
+    dm.gpu.bind()?;
+    let budget = match budget {
+        Some(b) => b,
+        None => {
+            let (free, _) = cu::mem_get_info().map_err(|e| err("memory info", e))?;
+            free / 10 * 9
+        }
+    };
+    kv::VmmKv::new(dm.gpu.clone(), layout, budget, static_alloc)
+}
+
+/// Open device `ordinal`, upload `m` and build its backend and KV allocator.
+pub fn open(
+    ordinal: usize,
+    m: &crate::model::Model,
+    layout: crate::kv::KvLayout,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<(
+    Box<dyn crate::backend::Backend>,
+    Box<dyn crate::kv::KvAllocator>,
+)> {
+    let gpu = Gpu::open(ordinal)?;
+    let dm = Arc::new(forward::DeviceModel::upload(gpu, m, progress)?);
+    let kv = open_kv(&dm, layout, None, false)?;
+    Ok((Box::new(forward::CudaBackend::new(dm)), Box::new(kv)))
+}
+
+#[cfg(test)]
+mod tests {
+    /// The kernels compile with NVRTC for Hopper and Ampere (needs libnvrtc on the library
+    /// path, no GPU; `.ci/run` fetches it). Without libnvrtc this test says so and passes
+    /// only when SWITCHYARD_REQUIRE_NVRTC is unset.
+    #[test]
+    fn kernels_compile_with_nvrtc() {
+        for arch in ["compute_90", "compute_80"] {
+            match super::compile_kernels(arch) {
+                Ok(ptx) => {
+                    for k in ["embed", "attention", "gemv8", "argmax", "kv_write", "rope"] {
+                        assert!(
+                            ptx.contains(&format!(".entry {k}(")),
+                            "{arch}: no kernel {k} in the PTX"
+                        );
+                    }
+                }
+                Err(e) if std::env::var_os("SWITCHYARD_REQUIRE_NVRTC").is_none() => {
+                    eprintln!("skipped: {e}");
+                    return;
+                }
+                Err(e) => panic!("{arch}: {e}"),
+            }
+        }
+    }
+}
