@@ -19,7 +19,8 @@ ap.add_argument("--gen", type=int, default=128)
 a = ap.parse_args()
 
 t = time.time()
-model = AutoModelForCausalLM.from_pretrained(a.dir, torch_dtype=torch.bfloat16, attn_implementation="eager").cuda().eval()
+import os
+model = AutoModelForCausalLM.from_pretrained(os.path.abspath(a.dir), torch_dtype=torch.bfloat16, attn_implementation="eager").cuda().eval()
 load_s = time.time() - t
 vocab = model.config.vocab_size
 out = {"torch": torch.__version__, "device": torch.cuda.get_device_name(), "load_secs": load_s, "decode": []}

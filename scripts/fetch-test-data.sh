@@ -5,7 +5,9 @@
 #    from the PyPI source package llama-cpp-python==0.3.36 (MIT), into .cache/vocab/;
 #  - a Python virtual environment with the official `openai` client and kubernetes-validate
 #    (Kubernetes schemas for the deploy/ checks), in .cache/venv/;
-#  - Debian's prometheus package (prometheus and promtool, for the deploy/ tests).
+#  - Debian's prometheus package (prometheus and promtool, for the deploy/ tests);
+#  - NVIDIA's NVRTC library (the PyPI wheel nvidia-cuda-nvrtc, into .cache/nvrtc/): the CUDA
+#    kernels are compiled by it in a test, no GPU needed.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 CACHE="${SWITCHYARD_CACHE:-$ROOT/.cache}"
@@ -54,4 +56,15 @@ if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
   # The package may start a system service where an init system runs; the tests start
   # their own server on a free port.
   $SUDO systemctl stop prometheus 2>/dev/null || true
+fi
+# NVRTC (libnvrtc.so.13) from PyPI: the kernel-compilation test runs without a GPU.
+NVRTC="$CACHE/nvrtc"
+if [ ! -f "$NVRTC/.complete" ]; then
+  mkdir -p "$NVRTC"
+  echo "fetching nvidia-cuda-nvrtc==13.0.88 from PyPI (NVRTC for the kernel compile test) ..." >&2
+  python3 -m pip download --quiet --no-deps --only-binary=:all: --disable-pip-version-check \
+    --platform manylinux_2_12_x86_64 --platform manylinux2010_x86_64 -d "$NVRTC/whl" nvidia-cuda-nvrtc==13.0.88 >&2
+  python3 -c "import zipfile,sys,glob; zipfile.ZipFile(glob.glob(sys.argv[1]+'/whl/*.whl')[0]).extractall(sys.argv[1])" "$NVRTC"
+  rm -rf "$NVRTC/whl"
+  touch "$NVRTC/.complete"
 fi

@@ -13,7 +13,7 @@ OUT=${2:-bench/results}
 STEPS=${STEPS:-tests,check,smolshape,bench,torch}
 mkdir -p "$OUT"
 libdirs=$(find /usr/local /usr/lib /opt -name 'libnvrtc.so*' -o -name 'libcublas.so*' 2>/dev/null \
-  | xargs -r -n1 dirname | sort -u | tr '\n' ':')
+  | grep -v /stubs/ | xargs -r -n1 dirname | sort -u | tr '\n' ':')
 export LD_LIBRARY_PATH="${libdirs}${LD_LIBRARY_PATH:-}"
 export SWITCHYARD_STORIES="$DIR/stories260K" SWITCHYARD_REQUIRE_CUDA=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu-device.txt"

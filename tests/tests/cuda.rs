@@ -53,11 +53,7 @@ fn stories_golden_text_on_the_gpu() {
             ..Default::default()
         };
         let mut e = Engine::load(&path, opts, &mut |_, _| {}).unwrap();
-        assert!(
-            e.backend_name().starts_with("cuda"),
-            "{}",
-            e.backend_name()
-        );
+        assert!(e.backend_name().starts_with("cuda"), "{}", e.backend_name());
         assert_eq!(e.kv.name(), "vattention-cuda");
         let req = GenerateRequest {
             prompt: vec![1],
@@ -146,7 +142,10 @@ fn gpu_logits_match_the_cpu() {
         );
         assert_eq!(n, 64 + 32);
         assert!(worst < 3e-2, "GPU logits differ by {worst} of the largest");
-        assert!(agree * 100 >= n * 95, "argmax agrees on {agree} of {n} rows");
+        assert!(
+            agree * 100 >= n * 95,
+            "argmax agrees on {agree} of {n} rows"
+        );
     }
 }
 
@@ -315,7 +314,10 @@ fn vattention_pages_hold_kernel_writes_and_follow_the_model() {
         }
         let st = kv.stats();
         let want: usize = mapped.iter().sum::<usize>() * regions * page;
-        assert_eq!(st.mapped_bytes as usize, want, "mapped bytes follow the model");
+        assert_eq!(
+            st.mapped_bytes as usize, want,
+            "mapped bytes follow the model"
+        );
         assert_eq!(st.slots_in_use, live.iter().filter(|&&l| l).count());
     }
 

@@ -173,8 +173,12 @@ mod imp {
         let wbytes = dm.step_weight_bytes() as f64;
         let kv_tok = (2 * c.n_layers * c.n_kv_heads * c.head_dim * 2) as f64;
         let mut decode = Vec::new();
-        for &b in &a.batch {
-            let r = decode_run(&dm, b, a.prompt, a.gen)?;
+        let mut runs: Vec<(usize, bool)> = a.batch.iter().map(|&b| (b, true)).collect();
+        if a.batch.contains(&1) {
+            runs.insert(0, (1, false));
+        }
+        for (b, graphs) in runs {
+            let r = decode_run(&dm, b, a.prompt, a.gen, graphs)?;
             let avg_ctx = a.prompt as f64 + a.gen as f64 / 2.0;
             let bytes = wbytes + kv_tok * avg_ctx * b as f64;
             let flops = 2.0 * dm.macs_per_token() as f64 * b as f64
@@ -183,7 +187,8 @@ mod imp {
             let step = r.decode_secs / a.gen as f64;
             let tps = (b * a.gen) as f64 / r.decode_secs;
             eprintln!(
-                "decode batch {b:>3}: {tps:>9.1} tok/s, {:.3} ms/step, roofline {:.3} ms/step ({}), {:.0} % of it; mapping {:.3} % of decode",
+                "decode batch {b:>3}{}: {tps:>9.1} tok/s, {:.3} ms/step, roofline {:.3} ms/step ({}), {:.0} % of it; mapping {:.3} % of decode",
+                if graphs { "" } else { " (no CUDA graph)" },
                 step * 1e3,
                 t_roof * 1e3,
                 if bytes / bw >= flops / peak { "bytes" } else { "FLOPs" },
@@ -191,7 +196,7 @@ mod imp {
                 100.0 * r.map_secs_decode / r.decode_secs
             );
             decode.push(json!({
-                "batch": b, "prompt": a.prompt, "gen": a.gen,
+                "batch": b, "prompt": a.prompt, "gen": a.gen, "cuda_graphs": graphs && b <= 8,
                 "tokens_per_s": tps, "ms_per_step": step * 1e3,
                 "roofline_ms_per_step": t_roof * 1e3,
                 "roofline_bound": if bytes / bw >= flops / peak { "bytes" } else { "flops" },
@@ -246,11 +251,18 @@ mod imp {
         kv_static: u64,
     }
 
-    fn decode_run(dm: &Arc<DeviceModel>, b: usize, prompt: usize, gen: usize) -> Result<DecodeRun> {
+    fn decode_run(
+        dm: &Arc<DeviceModel>,
+        b: usize,
+        prompt: usize,
+        gen: usize,
+        graphs: bool,
+    ) -> Result<DecodeRun> {
         let c = &dm.cfg;
         let ctx = prompt + gen + 8;
         let mut kv = open_kv(dm, layout(c, b, ctx), None, false)?;
         let mut be = CudaBackend::new(dm.clone());
+        be.graphs_enabled = graphs;
         let slots: Vec<usize> = (0..b).map(|_| kv.acquire()).collect::<Result<_, _>>()?;
         let prompts: Vec<Vec<u32>> = (0..b)
             .map(|i| tokens(prompt, i as u64 + 7, c.vocab_size))
@@ -427,7 +439,9 @@ mod imp {
                 .to_vec();
             cmp(&g, &h);
         }
-        Ok(json!({"tokens": n, "rows": total, "max_abs_diff_over_max_logit": worst,
-                  "argmax_agreement": agree as f64 / total as f64}))
+        Ok(
+            json!({"tokens": n, "rows": total, "max_abs_diff_over_max_logit": worst,
+                  "argmax_agreement": agree as f64 / total as f64}),
+        )
     }
 }

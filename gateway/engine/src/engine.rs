@@ -5,10 +5,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::backend::Backend;
 use crate::chat::{ChatTemplate, Message};
 use crate::error::{EngineError, Result};
 use crate::forward::{Forward, SeqChunk};
-use crate::backend::Backend;
 use crate::kv::{HeapKv, KvAllocator, KvLayout};
 use crate::model::{Model, ModelSource};
 use crate::pool::ThreadPool;

@@ -358,9 +358,13 @@ pub fn build_engine(
 ) -> Result<(Engine, Vec<PluginInfo>), String> {
     let tp = &spec.tokenizer_patch;
     if template.device.is_some() {
-        let plugged = [&spec.tokenizer_patch, &spec.kv_allocator, &spec.linear_kernels]
-            .iter()
-            .any(|s| s.plugin != "builtin" || s.model.is_some() || s.rotation.is_some());
+        let plugged = [
+            &spec.tokenizer_patch,
+            &spec.kv_allocator,
+            &spec.linear_kernels,
+        ]
+        .iter()
+        .any(|s| s.plugin != "builtin" || s.model.is_some() || s.rotation.is_some());
         if plugged {
             return Err(format!(
                 "this model is served on {}; plugin stages run on the CPU backend only                  (serve it with device = \"cpu\" to use them)",

@@ -49,7 +49,9 @@ pub struct DeviceModel {
 }
 
 fn bf16_of(v: &[f32]) -> Vec<u16> {
-    v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect()
+    v.iter()
+        .map(|&x| half::bf16::from_f32(x).to_bits())
+        .collect()
 }
 
 fn upload_w(gpu: &Arc<Gpu>, w: &Weight) -> Result<DevW> {
@@ -297,6 +299,46 @@ impl DeviceModel {
 #[derive(Default)]
 struct Bufs {
     f32s: Vec<Option<DevBuf>>,
+    /// Bumped on every reallocation (captured graphs hold the old addresses).
+    generation: u64,
+}
+
+/// Buffer addresses and sizes of one pass.
+#[derive(Clone, Copy)]
+struct Pass {
+    n: usize,
+    n_sel: usize,
+    items: usize,
+    x: u64,
+    xb: u64,
+    q: u64,
+    k: u64,
+    v: u64,
+    att: u64,
+    tmp: u64,
+    hb: u64,
+    hb2: u64,
+    sel: u64,
+    logits: u64,
+    tok: u64,
+    pos: u64,
+    item: u64,
+    kvp: u64,
+    selidx: u64,
+}
+
+struct GraphExec(cudarc::driver::sys::CUgraphExec);
+
+// SAFETY: a driver handle, used only from the backend's thread.
+unsafe impl Send for GraphExec {}
+
+impl Drop for GraphExec {
+    fn drop(&mut self) {
+        // SAFETY: instantiated by capture() and destroyed once.
+        unsafe {
+            let _ = cudarc::driver::result::graph::exec_destroy(self.0);
+        }
+    }
 }
 
 const X: usize = 0;
@@ -326,6 +368,7 @@ impl Bufs {
         }
         let small = self.f32s[i].as_ref().is_none_or(|b| b.bytes < bytes);
         if small {
+            self.generation += 1;
             self.f32s[i] = None;
             self.f32s[i] = Some(gpu.alloc(bytes.next_power_of_two().max(256))?);
         }
@@ -336,6 +379,9 @@ impl Bufs {
 /// The CUDA backend of one pipeline generation: shared device weights, its own buffers.
 pub struct CudaBackend {
     pub dm: Arc<DeviceModel>,
+    /// Replay decode steps from CUDA graphs (SWITCHYARD_CUDA_GRAPHS=0 turns it off).
+    pub graphs_enabled: bool,
+    graphs: Vec<((usize, usize, usize, u64), GraphExec)>,
     bufs: Bufs,
     logits: Vec<f32>,
     kvp: Vec<u64>,
@@ -359,6 +405,8 @@ impl CudaBackend {
     pub fn new(dm: Arc<DeviceModel>) -> Self {
         Self {
             dm,
+            graphs_enabled: std::env::var("SWITCHYARD_CUDA_GRAPHS").map_or(true, |v| v != "0"),
+            graphs: Vec::new(),
             bufs: Bufs::default(),
             logits: Vec::new(),
             kvp: Vec::new(),
@@ -513,6 +561,101 @@ impl CudaBackend {
             up(kvp, bytes_of(&self.kvp))?;
             up(selidx, bytes_of(&self.selidx))?;
         }
+        let pass = Pass {
+            n,
+            n_sel,
+            items,
+            x,
+            xb,
+            q,
+            k,
+            v,
+            att,
+            tmp,
+            hb,
+            hb2,
+            sel,
+            logits,
+            tok,
+            pos,
+            item,
+            kvp,
+            selidx,
+        };
+        // Small decode batches (GEMV only, no cuBLAS) replay a CUDA graph of the whole pass:
+        // one launch per step instead of ~15 per layer. Kernel arguments are buffer
+        // addresses and sizes, fixed for a batch shape while no buffer is reallocated; the
+        // per-step contents (tokens, positions, K/V bases) were uploaded above.
+        let graphable = self.graphs_enabled && n <= 8;
+        if graphable {
+            let key = (n, n_sel, items, self.bufs.generation);
+            if !self.graphs.iter().any(|(k2, _)| *k2 == key) {
+                let exec = self.capture(&pass)?;
+                self.graphs.retain(|(k2, _)| k2.3 == key.3);
+                self.graphs.push((key, exec));
+            }
+            let exec = self.graphs.iter().find(|(k2, _)| *k2 == key).unwrap().1 .0;
+            // SAFETY: an instantiated graph of this backend's kernels on live buffers.
+            unsafe { cudarc::driver::result::graph::launch(exec, gpu.stream) }
+                .map_err(|e| EngineError::Invalid(format!("CUDA: graph launch: {e:?}")))?;
+        } else {
+            self.enqueue(&pass)?;
+        }
+        Ok((n_sel, logits))
+    }
+
+    /// Record the pass into a CUDA graph (instantiated, ready to launch).
+    fn capture(&mut self, p: &Pass) -> Result<GraphExec> {
+        use cudarc::driver::{result as cu, sys};
+        let gpu = self.dm.gpu.clone();
+        let e =
+            |what: &str, x: cu::DriverError| EngineError::Invalid(format!("CUDA: {what}: {x:?}"));
+        // SAFETY: the stream is ours; capture ends below on every path.
+        unsafe {
+            cu::stream::begin_capture(
+                gpu.stream,
+                sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+            )
+            .map_err(|x| e("begin capture", x))?;
+            let r = self.enqueue(p);
+            let graph = cu::stream::end_capture(gpu.stream).map_err(|x| e("end capture", x))?;
+            r?;
+            let exec = cu::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0))
+                .map_err(|x| e("graph instantiate", x));
+            let _ = cu::graph::destroy(graph);
+            Ok(GraphExec(exec?))
+        }
+    }
+
+    /// Enqueue every kernel of the pass on the stream.
+    fn enqueue(&mut self, p: &Pass) -> Result<()> {
+        let dm = self.dm.clone();
+        let gpu = dm.gpu.clone();
+        let g = &gpu;
+        let c = &dm.cfg;
+        let (dim, hd, nh, nkv, f) = (c.dim, c.head_dim, c.n_heads, c.n_kv_heads, c.ffn_dim);
+        let kvd = nkv * hd;
+        let Pass {
+            n,
+            n_sel,
+            items,
+            x,
+            xb,
+            q,
+            k,
+            v,
+            att,
+            tmp,
+            hb,
+            hb2,
+            sel,
+            logits,
+            tok,
+            pos,
+            item,
+            kvp,
+            selidx,
+        } = *p;
         let (dim_i, kvd_i, hd_i, nh_i, nkv_i) =
             (dim as i32, kvd as i32, hd as i32, nh as i32, nkv as i32);
         let eps = c.rms_eps;
@@ -522,13 +665,18 @@ impl CudaBackend {
         let kk = &g.k;
         // SAFETY: every buffer was sized above for this batch; kernels index within them.
         unsafe {
-            g.launch(kk.embed, (nu, 1, 1), 256, args!(dm.embd.buf.ptr, tok, x, dim_i))?;
+            g.launch(
+                kk.embed,
+                (nu, 1, 1),
+                256,
+                args!(dm.embd.buf.ptr, tok, x, dim_i),
+            )?;
             for (li, l) in dm.layers.iter().enumerate() {
                 g.launch(
                     kk.rmsnorm,
                     (nu, 1, 1),
                     256,
-                    args!(l.attn_norm.ptr, x, xb, dim_i, eps),
+                    args!(x, l.attn_norm.ptr, xb, dim_i, eps),
                 )?;
                 self.linear(&l.wq, xb, n, q)?;
                 self.linear(&l.wk, xb, n, k)?;
@@ -567,7 +715,7 @@ impl CudaBackend {
                     kk.rmsnorm,
                     (nu, 1, 1),
                     256,
-                    args!(l.ffn_norm.ptr, x, xb, dim_i, eps),
+                    args!(x, l.ffn_norm.ptr, xb, dim_i, eps),
                 )?;
                 self.linear(&l.gate, xb, n, hb)?;
                 self.linear(&l.up, xb, n, hb2)?;
@@ -592,12 +740,12 @@ impl CudaBackend {
                     kk.rmsnorm,
                     (n_sel as u32, 1, 1),
                     256,
-                    args!(dm.norm.ptr, sel, xb, dim_i, eps),
+                    args!(sel, dm.norm.ptr, xb, dim_i, eps),
                 )?;
                 self.linear(dm.head(), xb, n_sel, logits)?;
             }
         }
-        Ok((n_sel, logits))
+        Ok(())
     }
 
     /// The pass with greedy sampling on the device: the argmax id of each row with logits.

@@ -323,7 +323,8 @@ impl KvAllocator for VmmKv {
         Ok(())
     }
     fn capacity(&self, slot: usize) -> usize {
-        (self.mapped[slot] * self.page / (self.layout.token_elems() * 2)).min(self.layout.max_context)
+        (self.mapped[slot] * self.page / (self.layout.token_elems() * 2))
+            .min(self.layout.max_context)
     }
     fn release(&mut self, slot: usize) {
         self.in_use[slot] = false;

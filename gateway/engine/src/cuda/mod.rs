@@ -82,8 +82,9 @@ pub fn compile_kernels(arch: &'static str) -> Result<String> {
         options: vec!["--std=c++17".into()],
         ..Default::default()
     };
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(KERNELS, opts)
-        .map_err(|e| EngineError::Invalid(format!("CUDA: NVRTC failed on kernels/engine.cu: {e}")))?;
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(KERNELS, opts).map_err(|e| {
+        EngineError::Invalid(format!("CUDA: NVRTC failed on kernels/engine.cu: {e}"))
+    })?;
     Ok(ptx.to_src())
 }
 
@@ -207,8 +208,8 @@ impl Gpu {
             argmax: f("argmax")?,
             fill_random: f("fill_random")?,
         };
-        let present = std::panic::catch_unwind(|| unsafe { blas_sys::is_culib_present() })
-            .unwrap_or(false);
+        let present =
+            std::panic::catch_unwind(|| unsafe { blas_sys::is_culib_present() }).unwrap_or(false);
         if !present {
             return Err(EngineError::Invalid(
                 "CUDA: libcublas was not found (put the CUDA library directory on LD_LIBRARY_PATH)"
