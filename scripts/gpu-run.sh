@@ -42,6 +42,11 @@ if [[ $STEPS == *bench* ]]; then
   "$BIN" bench gpu --dummy llama2-7b --batch ${BATCH:-1,8,32,64} --prompt 128 --gen ${GEN:-128} \
     --prefill 512,2048 --json > "$OUT/gpu-llama2-7b.json"
 fi
+if [[ $STEPS == *long* ]]; then
+  echo "== Llama-2-7B shapes, 600 decode steps (sequences cross KV pages during decode)"
+  "$BIN" bench gpu --dummy llama2-7b --batch 1,64 --prompt 100 --gen 600 --prefill 512 \
+    --json > "$OUT/gpu-llama2-7b-long.json"
+fi
 if [[ $STEPS == *torch* ]]; then
   echo "== PyTorch + transformers on the same Llama-2-7B-shaped weights"
   W=${TMPDIR:-/tmp}/llama2-7b-dummy

@@ -64,48 +64,68 @@ extern "C" __global__ void gather_rows(const float* src, const int* idx, float* 
     for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = s[i];
 }
 
-// out[r] = x[r] / rms(x[r]) * w; grid n.
-extern "C" __global__ void rmsnorm(const float* x, const float* w, float* out, int dim, float eps) {
+// out[r] = x[r] / rms(x[r]) * w; grid n, block up to 1024 (one block per row; float4
+// loads when dim % 4 == 0, so a 4096-wide row is one load per thread).
+extern "C" __global__ void rmsnorm(const float* __restrict__ x, const float* __restrict__ w,
+                                   float* __restrict__ out, int dim, float eps) {
     int r = blockIdx.x;
     const float* xr = x + (size_t)r * dim;
     float* o = out + (size_t)r * dim;
     float ss = 0.f;
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) ss += xr[i] * xr[i];
-    ss = block_sum(ss);
-    float inv = rsqrtf(ss / (float)dim + eps);
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = xr[i] * inv * w[i];
+    if ((dim & 3) == 0) {
+        const float4* x4 = (const float4*)xr;
+        for (int i = threadIdx.x; i < dim / 4; i += blockDim.x) {
+            float4 v = x4[i];
+            ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+        }
+        ss = block_sum(ss);
+        float inv = rsqrtf(ss / (float)dim + eps);
+        const float4* w4 = (const float4*)w;
+        float4* o4 = (float4*)o;
+        for (int i = threadIdx.x; i < dim / 4; i += blockDim.x) {
+            float4 v = x4[i], g = w4[i];
+            o4[i] = make_float4(v.x * inv * g.x, v.y * inv * g.y, v.z * inv * g.z, v.w * inv * g.w);
+        }
+    } else {
+        for (int i = threadIdx.x; i < dim; i += blockDim.x) ss += xr[i] * xr[i];
+        ss = block_sum(ss);
+        float inv = rsqrtf(ss / (float)dim + eps);
+        for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = xr[i] * inv * w[i];
+    }
 }
 
-// Rotary embedding of `heads` heads of row r at position pos[r]; grid n.
+// Rotary embedding of `heads` heads of row r at position pos[r]; grid (n, ceil(heads*hd/2 /
+// blockDim)), one (head, pair) per thread.
 // interleaved: pairs (2i, 2i+1) (GGUF/llama.cpp); else (i, i + hd/2) (Hugging Face).
 extern "C" __global__ void rope(float* v, const int* pos, const float* cos_t, const float* sin_t,
                                 int heads, int hd, int interleaved) {
     int r = blockIdx.x, half = hd / 2;
+    int j = blockIdx.y * blockDim.x + threadIdx.x;
+    if (j >= heads * half) return;
     int p = pos[r];
     float* vr = v + (size_t)r * heads * hd;
-    for (int j = threadIdx.x; j < heads * half; j += blockDim.x) {
-        int h = j / half, i = j % half;
-        int a = interleaved ? 2 * i : i;
-        int b = interleaved ? 2 * i + 1 : i + half;
-        float c = cos_t[(size_t)p * half + i], s = sin_t[(size_t)p * half + i];
-        float x0 = vr[h * hd + a], x1 = vr[h * hd + b];
-        vr[h * hd + a] = x0 * c - x1 * s;
-        vr[h * hd + b] = x0 * s + x1 * c;
-    }
+    int h = j / half, i = j % half;
+    int a = interleaved ? 2 * i : i;
+    int b = interleaved ? 2 * i + 1 : i + half;
+    float c = cos_t[(size_t)p * half + i], s = sin_t[(size_t)p * half + i];
+    float x0 = vr[h * hd + a], x1 = vr[h * hd + b];
+    vr[h * hd + a] = x0 * c - x1 * s;
+    vr[h * hd + b] = x0 * s + x1 * c;
 }
 
-// Store row r's K and V (f32) at position pos[r] of its item's cache (bf16); grid n.
-extern "C" __global__ void kv_write(const float* k, const float* v, const u64* kvp, const int* item,
-                                    const int* pos, int kvd) {
+// Store row r's K and V (f32) at position pos[r] of its item's cache (bf16); grid
+// (n, ceil(kvd / blockDim)), one element per thread.
+extern "C" __global__ void kv_write(const float* __restrict__ k, const float* __restrict__ v,
+                                    const u64* kvp, const int* item, const int* pos, int kvd) {
     int r = blockIdx.x;
+    int i = blockIdx.y * blockDim.x + threadIdx.x;
+    if (i >= kvd) return;
     int it = item[r];
     size_t p = (size_t)pos[r];
     bf16* K = (bf16*)kvp[2 * it];
     bf16* V = (bf16*)kvp[2 * it + 1];
-    for (int i = threadIdx.x; i < kvd; i += blockDim.x) {
-        K[p * kvd + i] = to_bf(k[(size_t)r * kvd + i]);
-        V[p * kvd + i] = to_bf(v[(size_t)r * kvd + i]);
-    }
+    K[p * kvd + i] = to_bf(k[(size_t)r * kvd + i]);
+    V[p * kvd + i] = to_bf(v[(size_t)r * kvd + i]);
 }
 
 #define ATT_MAXE 8   // head_dim up to 256
@@ -223,64 +243,101 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
 }
 
 // y[j, o] = sum_i W[o, i] * x[j, i] for the n <= N tokens j of the batch (small batches:
-// every weight byte is read once per step). One warp per output row; 16-byte weight loads,
-// four in flight per lane.
-template <int N>
+// every weight byte is read once per step). A block of GEMV_WARPS warps computes R output
+// rows together: the warps split the row's 16-byte chunks (interleaved, so neighbouring
+// warps read neighbouring memory), each lane keeps 2R weight loads in flight and reads each
+// x chunk once for all R rows; partial sums meet in shared memory.
+#define GEMV_WARPS 4
+template <int N, int R>
 __device__ void gemv_impl(const bf16* W, const float* x, float* y, int rows, int cols, int n) {
-    int row = (int)((blockIdx.x * (u64)blockDim.x + threadIdx.x) >> 5);
-    int lane = threadIdx.x & 31;
-    if (row >= rows) return;
-    const bf16* w = W + (size_t)row * cols;
-    float acc[N];
+    __shared__ float red[GEMV_WARPS][R][N];
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    int row0 = blockIdx.x * R;
+    float acc[R][N];
 #pragma unroll
-    for (int j = 0; j < N; j++) acc[j] = 0.f;
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int j = 0; j < N; j++) acc[r][j] = 0.f;
     if ((cols & 7) == 0) {
-        const uint4* w4 = (const uint4*)w;
         int nv = cols >> 3;
-        int i = lane;
-        for (; i + 96 < nv; i += 128) {
-            uint4 a0 = ld_stream(w4 + i), a1 = ld_stream(w4 + i + 32);
-            uint4 a2 = ld_stream(w4 + i + 64), a3 = ld_stream(w4 + i + 96);
+        const int step = 32 * GEMV_WARPS;
+        int i = w * 32 + lane;
+        for (; i + step < nv; i += 2 * step) {
+            uint4 a[R], b[R];
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                const uint4* wr = (const uint4*)(W + (size_t)min(row0 + r, rows - 1) * cols);
+                a[r] = ld_stream(wr + i);
+                b[r] = ld_stream(wr + i + step);
+            }
 #pragma unroll
             for (int j = 0; j < N; j++) {
                 if (j < n) {
                     const float* xr = x + (size_t)j * cols + 8 * i;
-                    acc[j] += dot8(a0, xr) + dot8(a1, xr + 256) + dot8(a2, xr + 512) + dot8(a3, xr + 768);
+#pragma unroll
+                    for (int r = 0; r < R; r++)
+                        acc[r][j] += dot8(a[r], xr) + dot8(b[r], xr + 8 * step);
                 }
             }
         }
-        for (; i < nv; i += 32) {
-            uint4 a = ld_stream(w4 + i);
+        for (; i < nv; i += step) {
+            uint4 a[R];
+#pragma unroll
+            for (int r = 0; r < R; r++)
+                a[r] = ld_stream((const uint4*)(W + (size_t)min(row0 + r, rows - 1) * cols) + i);
 #pragma unroll
             for (int j = 0; j < N; j++)
-                if (j < n) acc[j] += dot8(a, x + (size_t)j * cols + 8 * i);
+                if (j < n) {
+#pragma unroll
+                    for (int r = 0; r < R; r++) acc[r][j] += dot8(a[r], x + (size_t)j * cols + 8 * i);
+                }
         }
     } else {
-        for (int i = lane; i < cols; i += 32) {
-            float wv = bf(w[i]);
+        for (int i = w * 32 + lane; i < cols; i += 32 * GEMV_WARPS) {
 #pragma unroll
-            for (int j = 0; j < N; j++)
-                if (j < n) acc[j] = fmaf(wv, x[(size_t)j * cols + i], acc[j]);
+            for (int r = 0; r < R; r++) {
+                float wv = bf(W[(size_t)min(row0 + r, rows - 1) * cols + i]);
+#pragma unroll
+                for (int j = 0; j < N; j++)
+                    if (j < n) acc[r][j] = fmaf(wv, x[(size_t)j * cols + i], acc[r][j]);
+            }
         }
     }
 #pragma unroll
-    for (int j = 0; j < N; j++) {
-        float s = warp_sum(acc[j]);
-        if (lane == 0 && j < n) y[(size_t)j * rows + row] = s;
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int j = 0; j < N; j++) {
+            float s = warp_sum(acc[r][j]);
+            if (lane == 0) red[w][r][j] = s;
+        }
+    __syncthreads();
+    for (int t = threadIdx.x; t < R * N; t += blockDim.x) {
+        int r = t / N, j = t % N;
+        if (j < n && row0 + r < rows) {
+            float s = 0.f;
+#pragma unroll
+            for (int k = 0; k < GEMV_WARPS; k++) s += red[k][r][j];
+            y[(size_t)j * rows + row0 + r] = s;
+        }
     }
 }
 
+// Rows per block for up to N tokens (fewer rows as the per-row work grows).
+#define GEMV_R1 4
+#define GEMV_R2 4
+#define GEMV_R4 2
+#define GEMV_R8 2
 extern "C" __global__ void gemv1(const bf16* W, const float* x, float* y, int rows, int cols, int n) {
-    gemv_impl<1>(W, x, y, rows, cols, n);
+    gemv_impl<1, GEMV_R1>(W, x, y, rows, cols, n);
 }
 extern "C" __global__ void gemv2(const bf16* W, const float* x, float* y, int rows, int cols, int n) {
-    gemv_impl<2>(W, x, y, rows, cols, n);
+    gemv_impl<2, GEMV_R2>(W, x, y, rows, cols, n);
 }
 extern "C" __global__ void gemv4(const bf16* W, const float* x, float* y, int rows, int cols, int n) {
-    gemv_impl<4>(W, x, y, rows, cols, n);
+    gemv_impl<4, GEMV_R4>(W, x, y, rows, cols, n);
 }
 extern "C" __global__ void gemv8(const bf16* W, const float* x, float* y, int rows, int cols, int n) {
-    gemv_impl<8>(W, x, y, rows, cols, n);
+    gemv_impl<8, GEMV_R8>(W, x, y, rows, cols, n);
 }
 
 // Greedy sampling on the device: out[r] = argmax(logits[r]) (lowest id among ties); grid n_sel.

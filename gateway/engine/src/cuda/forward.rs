@@ -426,19 +426,20 @@ impl CudaBackend {
         let gpu = self.dm.gpu.clone();
         let (rows, cols) = (w.rows as i32, w.cols as i32);
         if n <= 8 {
-            let f = gpu.k.gemv[match n {
-                1 => 0,
-                2 => 1,
-                3 | 4 => 2,
-                _ => 3,
-            }];
+            // Kernel for up to 1, 2, 4, 8 tokens and its rows per block (kernels/engine.cu).
+            let (ki, rpb) = match n {
+                1 => (0, 4),
+                2 => (1, 4),
+                3 | 4 => (2, 2),
+                _ => (3, 2),
+            };
             let nn = n as i32;
             // SAFETY: x holds n*cols f32, y n*rows f32, w rows*cols bf16.
             return unsafe {
                 gpu.launch(
-                    f,
-                    (blocks(w.rows * 32, 256), 1, 1),
-                    256,
+                    gpu.k.gemv[ki],
+                    (w.rows.div_ceil(rpb) as u32, 1, 1),
+                    128,
                     args!(w.buf.ptr, x, y, rows, cols, nn),
                 )
             };
@@ -663,6 +664,8 @@ impl CudaBackend {
         let scale = 1.0 / (hd as f32).sqrt();
         let nu = n as u32;
         let kk = &g.k;
+        // One float4 per thread for rows up to 4096 wide.
+        let norm_threads = (dim / 4).next_multiple_of(32).clamp(32, 1024) as u32;
         // SAFETY: every buffer was sized above for this batch; kernels index within them.
         unsafe {
             g.launch(
@@ -675,7 +678,7 @@ impl CudaBackend {
                 g.launch(
                     kk.rmsnorm,
                     (nu, 1, 1),
-                    256,
+                    norm_threads,
                     args!(x, l.attn_norm.ptr, xb, dim_i, eps),
                 )?;
                 self.linear(&l.wq, xb, n, q)?;
@@ -684,20 +687,20 @@ impl CudaBackend {
                 let (cos, sin) = (dm.cos.ptr, dm.sin.ptr);
                 g.launch(
                     kk.rope,
-                    (nu, 1, 1),
+                    (nu, blocks(nh * hd / 2, 128), 1),
                     128,
                     args!(q, pos, cos, sin, nh_i, hd_i, inter),
                 )?;
                 g.launch(
                     kk.rope,
-                    (nu, 1, 1),
+                    (nu, blocks(nkv * hd / 2, 128), 1),
                     128,
                     args!(k, pos, cos, sin, nkv_i, hd_i, inter),
                 )?;
                 let kvl = kvp + (li * items * 2 * 8) as u64;
                 g.launch(
                     kk.kv_write,
-                    (nu, 1, 1),
+                    (nu, blocks(kvd, 128), 1),
                     128,
                     args!(k, v, kvl, item, pos, kvd_i),
                 )?;
@@ -714,7 +717,7 @@ impl CudaBackend {
                 g.launch(
                     kk.rmsnorm,
                     (nu, 1, 1),
-                    256,
+                    norm_threads,
                     args!(x, l.ffn_norm.ptr, xb, dim_i, eps),
                 )?;
                 self.linear(&l.gate, xb, n, hb)?;
@@ -739,7 +742,7 @@ impl CudaBackend {
                 g.launch(
                     kk.rmsnorm,
                     (n_sel as u32, 1, 1),
-                    256,
+                    norm_threads,
                     args!(sel, dm.norm.ptr, xb, dim_i, eps),
                 )?;
                 self.linear(dm.head(), xb, n_sel, logits)?;
