@@ -128,16 +128,24 @@ extern "C" __global__ void kv_write(const float* __restrict__ k, const float* __
     V[p * kvd + i] = to_bf(v[(size_t)r * kvd + i]);
 }
 
-#define ATT_MAXE 8   // head_dim up to 256
 #define ATT_WARPS 8
 
+__device__ __forceinline__ void bf4(uint2 u, float* f) {
+    f[0] = bf_lo(u.x);
+    f[1] = bf_hi(u.x);
+    f[2] = bf_lo(u.y);
+    f[3] = bf_hi(u.y);
+}
+
 // Causal attention of row r's query head h over positions 0..pos[r] of its item's cache.
-// grid (n, n_heads), block 32 * ATT_WARPS. Each warp walks every ATT_WARPS-th position
-// with an online softmax; the warps' partial results are merged at the end.
+// grid (n, n_heads), block 32 * ATT_WARPS; head_dim a multiple of 4, at most 256. Each lane
+// owns 4 consecutive dimensions (8-byte loads) of up to two 128-wide halves; each warp walks
+// every ATT_WARPS-th position, two positions per iteration with their K and V loads issued
+// together, with an online softmax; the warps' partial results are merged at the end.
 extern "C" __global__ void attention(const float* q, const u64* kvp, const int* item, const int* pos,
                                      float* out, int nh, int nkv, int hd, float scale) {
     __shared__ float s_m[ATT_WARPS], s_l[ATT_WARPS];
-    __shared__ float s_acc[ATT_WARPS * 32 * ATT_MAXE];
+    __shared__ float s_acc[ATT_WARPS * 256];
     int r = blockIdx.x, h = blockIdx.y;
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     int kvd = nkv * hd, kh = h / (nh / nkv);
@@ -145,60 +153,81 @@ extern "C" __global__ void attention(const float* q, const u64* kvp, const int* 
     const bf16* K = (const bf16*)kvp[2 * it] + kh * hd;
     const bf16* V = (const bf16*)kvp[2 * it + 1] + kh * hd;
     const float* qr = q + ((size_t)r * nh + h) * hd;
-    int ne = (hd + 31) / 32;
-    float qv[ATT_MAXE], acc[ATT_MAXE];
+    bool ok[2];
+    float qv[2][4], acc[2][4];
 #pragma unroll
-    for (int j = 0; j < ATT_MAXE; j++) {
-        int e = lane + 32 * j;
-        qv[j] = (j < ne && e < hd) ? qr[e] * scale : 0.f;
-        acc[j] = 0.f;
+    for (int c = 0; c < 2; c++) {
+        int e = 4 * lane + 128 * c;
+        ok[c] = e < hd;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            qv[c][i] = ok[c] ? qr[e + i] * scale : 0.f;
+            acc[c][i] = 0.f;
+        }
     }
     float m = NEG_INF, l = 0.f;
-    for (int t = w; t < T; t += ATT_WARPS) {
-        const bf16* kt = K + (size_t)t * kvd;
-        const bf16* vt = V + (size_t)t * kvd;
-        float s = 0.f;
+    for (int t0 = w; t0 < T; t0 += 2 * ATT_WARPS) {
+        uint2 kk[2][2], vv[2][2];
+        bool have[2] = {true, t0 + ATT_WARPS < T};
 #pragma unroll
-        for (int j = 0; j < ATT_MAXE; j++) {
-            int e = lane + 32 * j;
-            if (j < ne && e < hd) s += qv[j] * bf(kt[e]);
-        }
-        s = warp_sum(s);
-        float mn = fmaxf(m, s);
-        float corr = __expf(m - mn), pe = __expf(s - mn);
-        l = l * corr + pe;
+        for (int u = 0; u < 2; u++) {
+            size_t t = (size_t)(t0 + u * ATT_WARPS);
 #pragma unroll
-        for (int j = 0; j < ATT_MAXE; j++) {
-            int e = lane + 32 * j;
-            float vv = (j < ne && e < hd) ? bf(vt[e]) : 0.f;
-            acc[j] = acc[j] * corr + pe * vv;
+            for (int c = 0; c < 2; c++) {
+                if (have[u] && ok[c]) {
+                    kk[u][c] = *(const uint2*)(K + t * kvd + 4 * lane + 128 * c);
+                    vv[u][c] = *(const uint2*)(V + t * kvd + 4 * lane + 128 * c);
+                } else {
+                    kk[u][c] = make_uint2(0u, 0u);
+                    vv[u][c] = make_uint2(0u, 0u);
+                }
+            }
         }
-        m = mn;
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            if (!have[u]) break;
+            float s = 0.f, kf[4];
+#pragma unroll
+            for (int c = 0; c < 2; c++) {
+                bf4(kk[u][c], kf);
+#pragma unroll
+                for (int i = 0; i < 4; i++) s = fmaf(qv[c][i], kf[i], s);
+            }
+            s = warp_sum(s);
+            float mn = fmaxf(m, s);
+            float corr = __expf(m - mn), pe = __expf(s - mn);
+            l = l * corr + pe;
+#pragma unroll
+            for (int c = 0; c < 2; c++) {
+                float vf[4];
+                bf4(vv[u][c], vf);
+#pragma unroll
+                for (int i = 0; i < 4; i++) acc[c][i] = acc[c][i] * corr + pe * vf[i];
+            }
+            m = mn;
+        }
     }
     if (lane == 0) {
         s_m[w] = m;
         s_l[w] = l;
     }
 #pragma unroll
-    for (int j = 0; j < ATT_MAXE; j++) s_acc[(w * ATT_MAXE + j) * 32 + lane] = acc[j];
+    for (int c = 0; c < 2; c++)
+        if (ok[c])
+#pragma unroll
+            for (int i = 0; i < 4; i++) s_acc[w * 256 + 4 * lane + 128 * c + i] = acc[c][i];
     __syncthreads();
-    if (w == 0) {
-        float M = NEG_INF;
-        for (int i = 0; i < ATT_WARPS; i++) M = fmaxf(M, s_m[i]);
-        float L = 0.f, f[ATT_WARPS];
-        for (int i = 0; i < ATT_WARPS; i++) {
-            f[i] = s_l[i] > 0.f ? __expf(s_m[i] - M) : 0.f;
-            L += s_l[i] * f[i];
-        }
-        float* o = out + ((size_t)r * nh + h) * hd;
-        for (int j = 0; j < ne; j++) {
-            int e = lane + 32 * j;
-            if (e < hd) {
-                float a = 0.f;
-                for (int i = 0; i < ATT_WARPS; i++) a += s_acc[(i * ATT_MAXE + j) * 32 + lane] * f[i];
-                o[e] = a / L;
-            }
-        }
+    float M = NEG_INF;
+    for (int i = 0; i < ATT_WARPS; i++) M = fmaxf(M, s_m[i]);
+    float L = 0.f;
+    for (int i = 0; i < ATT_WARPS; i++)
+        if (s_l[i] > 0.f) L += s_l[i] * __expf(s_m[i] - M);
+    float* o = out + ((size_t)r * nh + h) * hd;
+    for (int e = threadIdx.x; e < hd; e += blockDim.x) {
+        float a = 0.f;
+        for (int i = 0; i < ATT_WARPS; i++)
+            if (s_l[i] > 0.f) a += s_acc[i * 256 + e] * __expf(s_m[i] - M);
+        o[e] = a / L;
     }
 }
 

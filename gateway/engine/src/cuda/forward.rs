@@ -69,13 +69,13 @@ fn upload_w(gpu: &Arc<Gpu>, w: &Weight) -> Result<DevW> {
 }
 
 fn check_cfg(cfg: &Config) -> Result<()> {
-    if cfg.head_dim > 256 || cfg.head_dim % 2 != 0 {
+    if cfg.head_dim > 256 || !cfg.head_dim.is_multiple_of(4) {
         return Err(EngineError::Invalid(format!(
-            "CUDA backend: head size {} is not supported (even, at most 256)",
+            "CUDA backend: head size {} is not supported (a multiple of 4, at most 256)",
             cfg.head_dim
         )));
     }
-    if cfg.n_heads % cfg.n_kv_heads != 0 {
+    if !cfg.n_heads.is_multiple_of(cfg.n_kv_heads) {
         return Err(EngineError::Invalid(
             "CUDA backend: query heads are not a multiple of KV heads".into(),
         ));
@@ -281,7 +281,7 @@ impl DeviceModel {
             off += data.len();
         }
         let mut h = serde_json::to_vec(&header).unwrap();
-        while h.len() % 8 != 0 {
+        while !h.len().is_multiple_of(8) {
             h.push(b' ');
         }
         let io = |e| EngineError::io(path, e);
