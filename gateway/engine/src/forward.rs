@@ -33,6 +33,40 @@ impl<'a> SeqChunk<'a> {
     }
 }
 
+/// Refuse chunks past the context or with ids outside the vocabulary, and make room for
+/// every chunk in its slot (both backends run this before a pass).
+pub fn check_batch(
+    c: &crate::model::Config,
+    kv: &mut dyn KvAllocator,
+    batch: &[SeqChunk],
+) -> Result<()> {
+    for b in batch {
+        let end = b.pos + b.tokens.len();
+        if end > c.max_context {
+            return Err(EngineError::Invalid(format!(
+                "sequence of {end} tokens exceeds the model context of {}",
+                c.max_context
+            )));
+        }
+        if let Some(&t) = b.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(EngineError::Invalid(format!(
+                "token id {t} is outside the vocabulary of {}",
+                c.vocab_size
+            )));
+        }
+        kv.ensure(b.slot, end)?;
+    }
+    Ok(())
+}
+
+/// The text of a caught panic's payload.
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
+}
+
 #[derive(Default)]
 struct Scratch {
     x: Vec<f32>,      // (n, dim) residual stream
@@ -100,22 +134,7 @@ impl Forward {
         if n == 0 {
             return Ok(&[]);
         }
-        for b in batch {
-            let end = b.pos + b.tokens.len();
-            if end > c.max_context {
-                return Err(EngineError::Invalid(format!(
-                    "sequence of {end} tokens exceeds the model context of {}",
-                    c.max_context
-                )));
-            }
-            if let Some(&t) = b.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-                return Err(EngineError::Invalid(format!(
-                    "token id {t} is outside the vocabulary of {}",
-                    c.vocab_size
-                )));
-            }
-            kv.ensure(b.slot, end)?;
-        }
+        check_batch(c, kv, batch)?;
         let n_sel: usize = batch
             .iter()
             .map(|b| b.tokens.len().saturating_sub(b.logits_from))

@@ -485,11 +485,7 @@ impl Scheduler {
             })
         }))
         .unwrap_or_else(|p| {
-            let what = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
+            let what = crate::forward::panic_message(p.as_ref());
             Err(crate::EngineError::Invalid(format!("panic: {what}")))
         });
         drop(chunks);

@@ -489,22 +489,7 @@ impl CudaBackend {
         let (dim, hd, nh, nkv, f) = (c.dim, c.head_dim, c.n_heads, c.n_kv_heads, c.ffn_dim);
         let (qd, kvd) = (nh * hd, nkv * hd);
         let n: usize = batch.iter().map(|b| b.tokens.len()).sum();
-        for b in batch {
-            let end = b.pos + b.tokens.len();
-            if end > c.max_context {
-                return Err(EngineError::Invalid(format!(
-                    "sequence of {end} tokens exceeds the model context of {}",
-                    c.max_context
-                )));
-            }
-            if let Some(&t) = b.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-                return Err(EngineError::Invalid(format!(
-                    "token id {t} is outside the vocabulary of {}",
-                    c.vocab_size
-                )));
-            }
-            kv.ensure(b.slot, end)?;
-        }
+        crate::forward::check_batch(c, kv, batch)?;
         self.tok.clear();
         self.pos.clear();
         self.item.clear();

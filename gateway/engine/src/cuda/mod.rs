@@ -145,11 +145,7 @@ impl Gpu {
         }
         std::panic::catch_unwind(|| Self::open_inner(ordinal))
             .unwrap_or_else(|p| {
-                let what = p
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
+                let what = crate::forward::panic_message(p.as_ref());
                 Err(EngineError::Invalid(format!("CUDA: {what}")))
             })
             .map(Arc::new)
