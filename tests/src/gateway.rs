@@ -148,7 +148,7 @@ pub fn plugin_dir(bin: &Path, name: &str) -> std::path::PathBuf {
         std::fs::write(
             d.join(format!("{plugin}.toml")),
             format!(
-                "name = \"{plugin}\"\nversion = \"0.1.0\"\nkind = \"{kind}\"\nabi = \"1.0\"\nfile = \"{lib}\"\nsha256 = \"{sha}\"\n"
+                "name = \"{plugin}\"\nversion = \"0.1.0\"\nkind = \"{kind}\"\nabi = \"1.1\"\nfile = \"{lib}\"\nsha256 = \"{sha}\"\n"
             ),
         )
         .unwrap();

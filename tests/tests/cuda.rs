@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use switchyard_engine::backend::Device;
 use switchyard_engine::cuda::forward::{CudaBackend, DeviceModel};
+use switchyard_engine::cuda::kv::KvMode;
 use switchyard_engine::cuda::{open_kv, Gpu};
 use switchyard_engine::forward::{Forward, SeqChunk};
 use switchyard_engine::kv::{HeapKv, KvAllocator, KvLayout};
@@ -102,7 +103,7 @@ fn gpu_logits_match_the_cpu() {
             max_context: 128,
             max_slots: 2,
         };
-        let mut gkv = open_kv(&dm, lay, None, false).unwrap();
+        let mut gkv = open_kv(&dm, lay, None, KvMode::Background).unwrap();
         let mut hkv = HeapKv::new(lay);
         let gs = gkv.acquire().unwrap();
         let hs = hkv.acquire().unwrap();
@@ -196,8 +197,8 @@ fn vattention_and_static_give_identical_greedy_ids_across_pages() {
         max_slots: 2,
     };
     let mut outs = Vec::new();
-    for st in [false, true] {
-        let mut kv = open_kv(&dm, lay, None, st).unwrap();
+    for mode in [KvMode::Background, KvMode::Sync, KvMode::Static] {
+        let mut kv = open_kv(&dm, lay, None, mode).unwrap();
         let mut be = CudaBackend::new(dm.clone());
         let s: Vec<usize> = (0..2).map(|_| kv.acquire().unwrap()).collect();
         let p0: Vec<u32> = (0..40u32).map(|i| (i * 13) % 512).collect();
@@ -228,6 +229,7 @@ fn vattention_and_static_give_identical_greedy_ids_across_pages() {
             a += 1;
             b += 1;
         }
+        kv.settle();
         let c = kv.counters();
         eprintln!(
             "{}: {} pages mapped, stats {:?}",
@@ -235,7 +237,7 @@ fn vattention_and_static_give_identical_greedy_ids_across_pages() {
             c.pages_mapped,
             kv.stats()
         );
-        if !st {
+        if mode != KvMode::Static {
             // 600 tokens of 8 KiB in 2 MiB pages: 3 pages per region (+1 ahead) for the
             // longer sequence, 4 regions.
             assert_eq!(c.page_bytes, 2 << 20, "the H100/H200 granularity");
@@ -244,7 +246,14 @@ fn vattention_and_static_give_identical_greedy_ids_across_pages() {
         }
         outs.push(ids);
     }
-    assert_eq!(outs[0], outs[1], "vAttention and static give the same ids");
+    assert_eq!(
+        outs[0], outs[2],
+        "vAttention (background) and static give the same ids"
+    );
+    assert_eq!(
+        outs[1], outs[2],
+        "vAttention (sync) and static give the same ids"
+    );
 }
 
 /// A kernel writes through the mapped pages of a slot (crossing page boundaries); the bytes
@@ -263,7 +272,7 @@ fn vattention_pages_hold_kernel_writes_and_follow_the_model() {
     };
     let page = 2usize << 20;
     let tok = 32 * 128 * 2;
-    let mut kv = open_kv(&dm, lay, Some(64 * page), false).unwrap();
+    let mut kv = open_kv(&dm, lay, Some(64 * page), KvMode::Sync).unwrap();
     let s = kv.acquire().unwrap();
     kv.ensure(s, 700).unwrap(); // 3 pages needed, 4 mapped (one ahead)
     let (k, _) = kv.kv(1, s);
@@ -290,7 +299,7 @@ fn vattention_pages_hold_kernel_writes_and_follow_the_model() {
         rng ^= rng << 17;
         rng
     };
-    let mut kv = open_kv(&dm, lay, Some(64 * page), false).unwrap();
+    let mut kv = open_kv(&dm, lay, Some(64 * page), KvMode::Sync).unwrap();
     for _ in 0..400 {
         let op = r() % 3;
         if op == 0 {
@@ -339,7 +348,7 @@ fn vattention_pages_hold_kernel_writes_and_follow_the_model() {
     // Exhaustion: with 12 pages, the first sequence maps 2 per region (one ahead), the
     // second only the 1 it needs, the third finds none and gets a clear error; releasing
     // the first lets the third take its pages.
-    let mut kv = open_kv(&dm, lay, Some(12 * page), false).unwrap();
+    let mut kv = open_kv(&dm, lay, Some(12 * page), KvMode::Sync).unwrap();
     let a = kv.acquire().unwrap();
     kv.ensure(a, 100).unwrap();
     assert_eq!(kv.stats().mapped_bytes as usize, 8 * page);
@@ -352,4 +361,174 @@ fn vattention_pages_hold_kernel_writes_and_follow_the_model() {
     kv.release(a);
     kv.ensure(c, 100).unwrap();
     assert!(kv.counters().pages_unmapped >= 4);
+}
+
+/// The mapping thread: eight sequences grow token by token in interleaved order while the
+/// thread maps ahead; every `ensure` succeeds, the counters agree with what is mapped, each
+/// slot ends one page ahead of its tokens, and bytes a kernel writes through pages the
+/// thread mapped read back intact.
+#[test]
+fn background_mapping_keeps_slots_ahead_and_pages_hold_writes() {
+    let Some(g) = gpu() else { return };
+    let dm = Arc::new(DeviceModel::dummy(g.clone(), dummy_cfg(), 5).unwrap());
+    let lay = KvLayout {
+        n_layers: 2,
+        kv_heads: 32,
+        head_dim: 128,
+        max_context: 2048,
+        max_slots: 8,
+    };
+    let page = 2usize << 20;
+    let tok = 32 * 128 * 2; // 256 tokens per page
+    let mut kv = open_kv(&dm, lay, None, KvMode::Background).unwrap();
+    let slots: Vec<usize> = (0..8).map(|_| kv.acquire().unwrap()).collect();
+    for n in 1..=1500 {
+        for (i, &s) in slots.iter().enumerate() {
+            // Slots grow at different rates so they cross pages at different steps.
+            let len = (n * (i + 1)).div_ceil(8).max(1);
+            kv.ensure(s, len).unwrap();
+            assert!(kv.capacity(s) >= len, "slot {s} holds {len} tokens");
+        }
+    }
+    kv.settle();
+    let c = kv.counters();
+    let regions = 4;
+    let mut total = 0;
+    for (i, &s) in slots.iter().enumerate() {
+        let len = (1500 * (i + 1)).div_ceil(8);
+        let need = (len * tok).div_ceil(page);
+        let full = 2048 * tok / page;
+        assert_eq!(
+            kv.mapped_pages(s),
+            (need + 1).min(full),
+            "slot {s}: one page ahead"
+        );
+        total += kv.mapped_pages(s);
+    }
+    assert_eq!(c.pages_mapped as usize, total * regions);
+    assert_eq!(kv.stats().mapped_bytes as usize, total * regions * page);
+    let p = kv.stats().pages.unwrap();
+    assert_eq!(p.mapped, c.pages_mapped);
+    eprintln!(
+        "{} pages mapped, {} calls waited ({:.2} ms), {:.2} ms mapped ahead",
+        c.pages_mapped,
+        c.sync_maps,
+        c.map_secs * 1e3,
+        c.ahead_secs * 1e3
+    );
+    assert!(c.ahead_secs > 0.0, "the thread mapped pages");
+
+    // Kernel writes through the longest slot's pages (most mapped by the thread).
+    let s = slots[7];
+    let (k, _) = kv.kv(1, s);
+    let n = 1500 * tok / 2;
+    let plain = g.alloc(n * 2).unwrap();
+    unsafe {
+        g.fill_random_at(k as usize as u64, n, 7, 1.0).unwrap();
+        g.fill_random_at(plain.ptr, n, 7, 1.0).unwrap();
+        let a = g.read_at(k as usize as u64, n * 2).unwrap();
+        let b = g.read_at(plain.ptr, n * 2).unwrap();
+        assert!(
+            a == b,
+            "bytes written through background-mapped pages differ"
+        );
+    }
+    for s in slots {
+        kv.release(s);
+    }
+}
+
+/// The device's top-k keeps exactly the k largest |x|, ties broken by the lowest index,
+/// like the CPU plugin's `top_k` (checked against a sort on the host).
+#[test]
+fn larosa_topk_matches_a_host_sort() {
+    let Some(g) = gpu() else { return };
+    let mut rng = 99u64;
+    let mut r = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    for (d, k) in [(4096, 2785), (11008, 5723), (576, 400), (64, 1), (100, 100), (33, 7)] {
+        // Few distinct magnitudes in some rows so that ties matter.
+        let levels = if d % 2 == 0 { 1 << 20 } else { 5 };
+        let x: Vec<f32> = (0..d)
+            .map(|_| {
+                let v = (r() % levels) as f32 / levels as f32 + 1e-3;
+                if r() % 2 == 0 {
+                    v
+                } else {
+                    -v
+                }
+            })
+            .collect();
+        let mut order: Vec<usize> = (0..d).collect();
+        order.sort_by(|&a, &b| x[b].abs().total_cmp(&x[a].abs()).then(a.cmp(&b)));
+        let mut want: Vec<i32> = order[..k].iter().map(|&i| i as i32).collect();
+        want.sort();
+        let got = switchyard_engine::cuda::forward::topk_indices(&g, &x, k).unwrap();
+        assert_eq!(got, want, "top-{k} of {d}");
+    }
+}
+
+/// LaRoSA decode on the GPU: one token at a time through the sparse GEMV (kept columns
+/// only) gives the logits of the dense product on the masked input, at 40% and 50%
+/// sparsity, with residual adapters; sparsity 0 changes nothing.
+#[test]
+fn larosa_sparse_gemv_matches_the_masked_dense_product() {
+    use switchyard_engine::cuda::forward::Larosa;
+    let Some(g) = gpu() else { return };
+    let mut cfg = dummy_cfg();
+    cfg.ffn_dim = 2752;
+    let mut dm = DeviceModel::dummy(g.clone(), cfg.clone(), 9).unwrap();
+    dm.prepare_sparse(&mut |_, _| {}).unwrap();
+    dm.add_dummy_adapters(3).unwrap();
+    let dm = Arc::new(dm);
+    let lay = KvLayout {
+        n_layers: cfg.n_layers,
+        kv_heads: cfg.n_kv_heads,
+        head_dim: cfg.head_dim,
+        max_context: 256,
+        max_slots: 1,
+    };
+    let prompt: Vec<u32> = (0..24u32).map(|i| (i * 37 + 5) % 512).collect();
+    let run = |l: Option<Larosa>| -> Vec<Vec<f32>> {
+        let mut kv = open_kv(&dm, lay, None, KvMode::Sync).unwrap();
+        let mut be = CudaBackend::new(dm.clone());
+        be.set_larosa(l);
+        let s = kv.acquire().unwrap();
+        let mut rows = Vec::new();
+        // One token per pass: every product of every step goes through the chosen path.
+        for (p, &t) in prompt.iter().enumerate() {
+            let tt = [t];
+            rows.push(
+                be.forward_logits(&mut kv, &[SeqChunk::last_logits(s, p, &tt)])
+                    .unwrap()
+                    .to_vec(),
+            );
+        }
+        rows
+    };
+    let dense = run(None);
+    assert_eq!(run(Some(Larosa::new(0.0))), dense, "sparsity 0 is dense");
+    for s in [0.4, 0.5] {
+        let sparse = run(Some(Larosa::new(s)));
+        let masked = run(Some(Larosa {
+            sparse_gemv: false,
+            ..Larosa::new(s)
+        }));
+        let mut worst = 0f32;
+        let mut changed = 0f32;
+        for ((a, b), d) in sparse.iter().zip(&masked).zip(&dense) {
+            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for ((x, y), z) in a.iter().zip(b).zip(d) {
+                worst = worst.max((x - y).abs() / scale);
+                changed = changed.max((y - z).abs() / scale);
+            }
+        }
+        eprintln!("sparsity {s}: sparse vs masked dense {worst:.2e}, vs dense {changed:.2e}");
+        assert!(worst < 2e-3, "sparse GEMV differs from the masked product: {worst}");
+        assert!(changed > 1e-3, "sparsity {s} had no effect");
+    }
 }

@@ -41,6 +41,15 @@ pub struct GpuBenchArgs {
     /// tokens of a fixed prompt.
     #[arg(long, default_value_t = 0)]
     pub check_tokens: usize,
+    /// How the decode runs' vAttention allocator maps pages: `background` (a mapping thread
+    /// keeps each sequence one page ahead) or `sync` (mapped inside the step that needs it).
+    #[arg(long, default_value = "background", value_parser = ["background", "sync"])]
+    pub kv_mode: String,
+    /// LaRoSA sparsities to time at batch 1 against dense decode (e.g. 0.4,0.5). With
+    /// --dummy, random residual adapters are added so the rotated model's extra product is
+    /// paid; transposed weight copies are built on the device for the sparse GEMV.
+    #[arg(long, value_delimiter = ',')]
+    pub larosa: Vec<f64>,
     #[arg(long)]
     pub json: bool,
 }
@@ -62,7 +71,8 @@ mod imp {
     use serde_json::json;
     use std::sync::Arc;
     use std::time::Instant;
-    use switchyard_engine::cuda::forward::{CudaBackend, DeviceModel};
+    use switchyard_engine::cuda::forward::{CudaBackend, DeviceModel, Larosa};
+    use switchyard_engine::cuda::kv::KvMode;
     use switchyard_engine::cuda::{open_kv, Gpu};
     use switchyard_engine::forward::SeqChunk;
     use switchyard_engine::kv::{KvAllocator, KvLayout};
@@ -172,13 +182,18 @@ mod imp {
         );
         let wbytes = dm.step_weight_bytes() as f64;
         let kv_tok = (2 * c.n_layers * c.n_kv_heads * c.head_dim * 2) as f64;
+        let kv_mode = if a.kv_mode == "sync" {
+            KvMode::Sync
+        } else {
+            KvMode::Background
+        };
         let mut decode = Vec::new();
         let mut runs: Vec<(usize, bool)> = a.batch.iter().map(|&b| (b, true)).collect();
         if a.batch.contains(&1) {
             runs.insert(0, (1, false));
         }
         for (b, graphs) in runs {
-            let r = decode_run(&dm, b, a.prompt, a.gen, graphs)?;
+            let r = decode_run(&dm, b, a.prompt, a.gen, graphs, kv_mode, None)?;
             let avg_ctx = a.prompt as f64 + a.gen as f64 / 2.0;
             let bytes = wbytes + kv_tok * avg_ctx * b as f64;
             let flops = 2.0 * dm.macs_per_token() as f64 * b as f64
@@ -204,6 +219,9 @@ mod imp {
                 "bytes_per_step": bytes, "flops_per_step": flops,
                 "prefill_tokens_per_s": r.prefill_tps,
                 "map_share_of_decode": r.map_secs_decode / r.decode_secs,
+                "kv_mode": a.kv_mode,
+                "sync_maps_in_decode": r.sync_maps_decode,
+                "ahead_map_secs_in_decode": r.ahead_secs_decode,
                 "pages_mapped": r.pages_mapped,
                 "kv_mapped_bytes": r.kv_mapped, "kv_static_bytes": r.kv_static,
             }));
@@ -227,6 +245,12 @@ mod imp {
             prefill.push(json!({"tokens": p, "tokens_per_s": p as f64 / t, "secs": t,
                 "roofline_secs": t_roof, "fraction_of_roofline": t_roof / t}));
         }
+        let mut dm = dm;
+        let larosa = if a.larosa.is_empty() {
+            serde_json::Value::Null
+        } else {
+            larosa_runs(&mut dm, &a, kv_mode)?
+        };
         let fit = fit_runs(&dm, a.kv_budget_gib)?;
         eprintln!("KV budget test: {fit}");
         let out = json!({
@@ -235,6 +259,7 @@ mod imp {
             "copy_bandwidth_bytes_per_s": bw, "gemm_bf16_flops_per_s": peak,
             "kernels_compile_secs": gpu.compile_secs,
             "decode": decode, "prefill": prefill, "kv_fit": fit, "logits_check": check,
+            "larosa": larosa,
         });
         if a.json {
             println!("{}", serde_json::to_string_pretty(&out)?);
@@ -246,6 +271,8 @@ mod imp {
         prefill_tps: f64,
         decode_secs: f64,
         map_secs_decode: f64,
+        sync_maps_decode: u64,
+        ahead_secs_decode: f64,
         pages_mapped: u64,
         kv_mapped: u64,
         kv_static: u64,
@@ -257,12 +284,15 @@ mod imp {
         prompt: usize,
         gen: usize,
         graphs: bool,
+        mode: KvMode,
+        larosa: Option<Larosa>,
     ) -> Result<DecodeRun> {
         let c = &dm.cfg;
         let ctx = prompt + gen + 8;
-        let mut kv = open_kv(dm, layout(c, b, ctx), None, false)?;
+        let mut kv = open_kv(dm, layout(c, b, ctx), None, mode)?;
         let mut be = CudaBackend::new(dm.clone());
         be.graphs_enabled = graphs;
+        be.set_larosa(larosa);
         let slots: Vec<usize> = (0..b).map(|_| kv.acquire()).collect::<Result<_, _>>()?;
         let prompts: Vec<Vec<u32>> = (0..b)
             .map(|i| tokens(prompt, i as u64 + 7, c.vocab_size))
@@ -287,6 +317,7 @@ mod imp {
             next.extend(be.forward_greedy(&mut kv, &chunks)?);
         }
         let prefill_tps = (b * prompt) as f64 / t.elapsed().as_secs_f64();
+        kv.settle();
         let before = kv.counters();
         let t = Instant::now();
         for s in 0..gen {
@@ -308,15 +339,53 @@ mod imp {
             prefill_tps,
             decode_secs,
             map_secs_decode: after.map_secs - before.map_secs,
+            sync_maps_decode: after.sync_maps - before.sync_maps,
+            ahead_secs_decode: after.ahead_secs - before.ahead_secs,
             pages_mapped: after.pages_mapped,
             kv_mapped: st.mapped_bytes,
             kv_static: full,
         })
     }
 
+    /// Batch-1 decode with LaRoSA's top-k sparsity against dense decode, side by side.
+    fn larosa_runs(dm: &mut Arc<DeviceModel>, a: &GpuBenchArgs, mode: KvMode) -> Result<serde_json::Value> {
+        let dense = decode_run(dm, 1, a.prompt, a.gen, true, mode, None)?;
+        let dense_tps = a.gen as f64 / dense.decode_secs;
+        let dmm = Arc::get_mut(dm).context("the device model is still shared")?;
+        let t = Instant::now();
+        dmm.prepare_sparse(&mut |i, n| eprint!("\rLaRoSA: transposing layer {i}/{n}"))?;
+        eprintln!(" in {:.2} s", t.elapsed().as_secs_f64());
+        let adapters = a.dummy.is_some();
+        if adapters {
+            dmm.add_dummy_adapters(77)?;
+        }
+        // The rotated model without sparsity: dense products plus the adapters.
+        let rot = decode_run(dm, 1, a.prompt, a.gen, true, mode, Some(Larosa::new(0.0)))?;
+        let rot_tps = a.gen as f64 / rot.decode_secs;
+        eprintln!(
+            "LaRoSA: dense {dense_tps:.1} tok/s, rotated dense {rot_tps:.1} tok/s (adapters: {adapters})"
+        );
+        let mut runs = Vec::new();
+        for &s in &a.larosa {
+            let l = Larosa::new(s);
+            let r = decode_run(dm, 1, a.prompt, a.gen, true, mode, Some(l))?;
+            let tps = a.gen as f64 / r.decode_secs;
+            eprintln!(
+                "LaRoSA sparsity {s:.2}: {tps:.1} tok/s, {:.3} ms/step, {:.2}x dense",
+                r.decode_secs / a.gen as f64 * 1e3,
+                tps / dense_tps
+            );
+            runs.push(json!({"sparsity": s, "coef_in": l.coef_in, "coef_out": l.coef_out,
+                "tokens_per_s": tps, "ms_per_step": r.decode_secs / a.gen as f64 * 1e3,
+                "speedup_vs_dense": tps / dense_tps, "speedup_vs_rotated_dense": tps / rot_tps}));
+        }
+        Ok(json!({"batch": 1, "dense_tokens_per_s": dense_tps,
+            "rotated_dense_tokens_per_s": rot_tps, "dummy_adapters": adapters, "runs": runs}))
+    }
+
     fn prefill_run(dm: &Arc<DeviceModel>, p: usize) -> Result<f64> {
         let c = &dm.cfg;
-        let mut kv = open_kv(dm, layout(c, 1, p), None, false)?;
+        let mut kv = open_kv(dm, layout(c, 1, p), None, KvMode::Sync)?;
         let mut be = CudaBackend::new(dm.clone());
         let s = kv.acquire()?;
         let toks = tokens(p, 3, c.vocab_size);
@@ -341,9 +410,9 @@ mod imp {
             .map(|&r| 64 + r as usize % (2048 - 64 + 1))
             .collect();
         let mut res = serde_json::Map::new();
-        for (name, st) in [("static", true), ("vattention", false)] {
+        for (name, mode) in [("static", KvMode::Static), ("vattention", KvMode::Sync)] {
             let slots = 512;
-            let mut kv = open_kv(dm, layout(c, slots, ctx), Some(budget), st)?;
+            let mut kv = open_kv(dm, layout(c, slots, ctx), Some(budget), mode)?;
             let mut n = 0;
             let t = Instant::now();
             for &l in &lens {
@@ -387,7 +456,7 @@ mod imp {
         let c = &m.cfg;
         let toks = tokens(n, 5, c.vocab_size);
         let lay = layout(c, 1, n + 1);
-        let mut gkv = open_kv(dm, lay, None, false)?;
+        let mut gkv = open_kv(dm, lay, None, KvMode::Background)?;
         let mut hkv = HeapKv::new(lay);
         let gs = gkv.acquire()?;
         let hs = hkv.acquire()?;

@@ -418,3 +418,169 @@ extern "C" __global__ void fill_random(bf16* w, u64 n, u32 seed, float scale) {
         w[i] = to_bf((2.f * u - 1.f) * scale);
     }
 }
+
+// ---- LaRoSA: top-k activation sparsity and a GEMV over kept inputs only ----
+
+// Exclusive rank of this thread's flag among the block's flags (thread order) and the
+// block's total. Every thread of the block must call it.
+__device__ int block_rank(bool f, int* total) {
+    __shared__ int sh[32];
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    unsigned b = __ballot_sync(0xffffffffu, f);
+    int r = __popc(b & ((1u << lane) - 1u));
+    if (lane == 0) sh[w] = __popc(b);
+    __syncthreads();
+    int off = 0, tot = 0;
+    for (int j = 0; j < nw; j++) {
+        int v = sh[j];
+        off += j < w ? v : 0;
+        tot += v;
+    }
+    __syncthreads();
+    *total = tot;
+    return off + r;
+}
+
+// Per row (one block per token, blockDim a multiple of 32): keep the k largest |x|, ties
+// broken by the lowest index (the CPU plugin's top_k). The threshold is found by a radix
+// select over the magnitude's bits, 8 bits per pass. mode 0 writes the kept indices in
+// ascending order and their values to idx/val (row r at r*k); mode 1 zeroes the dropped
+// entries of x in place (the masked input of a dense product).
+extern "C" __global__ void topk(float* x, int d, int k, int* idx, float* val, int mode) {
+    __shared__ u32 hist[256];
+    __shared__ u32 s_prefix, s_need;
+    float* xr = x + (u64)blockIdx.x * d;
+    int* ir = idx + (u64)blockIdx.x * k;
+    float* vr = val + (u64)blockIdx.x * k;
+    int t = threadIdx.x, lane = t & 31;
+    u32 prefix = 0, need = (u32)k;
+    if (k < d) {
+        for (int shift = 24; shift >= 0; shift -= 8) {
+            for (int i = t; i < 256; i += blockDim.x) hist[i] = 0;
+            __syncthreads();
+            u32 hi = shift == 24 ? 0u : (0xffffffffu << (shift + 8));
+            for (int i = t; i < d; i += blockDim.x) {
+                u32 key = __float_as_uint(xr[i]) & 0x7fffffffu;
+                if ((key & hi) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+            }
+            __syncthreads();
+            if (t < 32) {
+                // Lane l owns bins 255-8l .. 248-8l (from the top); find the bin where the
+                // count from the top reaches `need`.
+                u32 c[8], s = 0;
+#pragma unroll
+                for (int q = 0; q < 8; q++) {
+                    c[q] = hist[255 - 8 * lane - q];
+                    s += c[q];
+                }
+                u32 inc = s;
+                for (int o = 1; o < 32; o <<= 1) {
+                    u32 v = __shfl_up_sync(0xffffffffu, inc, o);
+                    if (lane >= o) inc += v;
+                }
+                u32 exc = inc - s;
+                if (exc < need && need <= inc) {
+                    u32 acc = exc;
+                    int q = 0;
+                    while (acc + c[q] < need) acc += c[q++];
+                    s_prefix = prefix | ((u32)(255 - 8 * lane - q) << shift);
+                    s_need = need - acc;
+                }
+            }
+            __syncthreads();
+            prefix = s_prefix;
+            need = s_need;
+            __syncthreads();
+        }
+    }
+    // Keys above the threshold, then the first `need` equal to it.
+    int eq_seen = 0, kept = 0;
+    for (int c0 = 0; c0 < d; c0 += blockDim.x) {
+        int i = c0 + t;
+        u32 key = i < d ? (__float_as_uint(xr[i]) & 0x7fffffffu) : 0u;
+        bool all = k >= d;
+        bool gt = i < d && (all || key > prefix);
+        bool eq = i < d && !all && key == prefix;
+        int eq_tot, keep_tot;
+        int er = block_rank(eq, &eq_tot);
+        bool keep = gt || (eq && (u32)(eq_seen + er) < need);
+        int kr = block_rank(keep, &keep_tot);
+        if (mode == 0) {
+            if (keep) {
+                ir[kept + kr] = i;
+                vr[kept + kr] = xr[i];
+            }
+        } else if (i < d && !keep) {
+            xr[i] = 0.f;
+        }
+        eq_seen += eq_tot;
+        kept += keep_tot;
+    }
+    (void)lane;
+}
+
+// Partial sums of y[r] = sum_j val[j] * Wt[idx[j], r] over the kept inputs j of split
+// blockIdx.y; Wt is the weight transposed (bf16 [cols, rows]), so a kept input's column is
+// one contiguous row: a warp reads 512 contiguous bytes of it (8 outputs per lane). Grid
+// (ceil(rows / 256), splits), 256 threads; rows a multiple of 8. part is [splits, rows].
+extern "C" __global__ void sparse_gemv(const bf16* __restrict__ Wt, const int* __restrict__ idx,
+                                       const float* __restrict__ val, int k, int rows,
+                                       float* __restrict__ part) {
+    __shared__ float sh[8][257];
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    int r0 = blockIdx.x * 256 + lane * 8;
+    int per = (k + gridDim.y - 1) / gridDim.y;
+    int j0 = blockIdx.y * per, j1 = min(k, j0 + per);
+    float acc[8];
+#pragma unroll
+    for (int q = 0; q < 8; q++) acc[q] = 0.f;
+    if (r0 < rows) {
+#pragma unroll 4
+        for (int j = j0 + w; j < j1; j += 8) {
+            float a = val[j];
+            uint4 u = ld_stream((const uint4*)(Wt + (u64)idx[j] * rows + r0));
+            acc[0] = fmaf(bf_lo(u.x), a, acc[0]);
+            acc[1] = fmaf(bf_hi(u.x), a, acc[1]);
+            acc[2] = fmaf(bf_lo(u.y), a, acc[2]);
+            acc[3] = fmaf(bf_hi(u.y), a, acc[3]);
+            acc[4] = fmaf(bf_lo(u.z), a, acc[4]);
+            acc[5] = fmaf(bf_hi(u.z), a, acc[5]);
+            acc[6] = fmaf(bf_lo(u.w), a, acc[6]);
+            acc[7] = fmaf(bf_hi(u.w), a, acc[7]);
+        }
+    }
+#pragma unroll
+    for (int q = 0; q < 8; q++) sh[w][lane * 8 + q] = acc[q];
+    __syncthreads();
+    int r = blockIdx.x * 256 + threadIdx.x;
+    float s = 0.f;
+#pragma unroll
+    for (int q = 0; q < 8; q++) s += sh[q][threadIdx.x];
+    if (r < rows) part[(u64)blockIdx.y * rows + r] = s;
+}
+
+// y[r] = sum_s part[s, r] (fixed order: deterministic).
+extern "C" __global__ void sum_parts(const float* part, int splits, int rows, float* y) {
+    int r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= rows) return;
+    float s = 0.f;
+    for (int q = 0; q < splits; q++) s += part[(u64)q * rows + r];
+    y[r] = s;
+}
+
+// out[c, r] = in[r, c] (bf16), 32x32 tiles through shared memory; 256 threads per block,
+// grid (ceil(cols / 32), ceil(rows / 32)).
+extern "C" __global__ void transpose_bf16(const bf16* in, bf16* out, int rows, int cols) {
+    __shared__ bf16 tile[32][33];
+    int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
+    int bx = blockIdx.x * 32, by = blockIdx.y * 32;
+    for (int j = ty; j < 32; j += 8) {
+        int r = by + j, c = bx + tx;
+        if (r < rows && c < cols) tile[j][tx] = in[(u64)r * cols + c];
+    }
+    __syncthreads();
+    for (int j = ty; j < 32; j += 8) {
+        int c = bx + j, r = by + tx;
+        if (c < cols && r < rows) out[(u64)c * rows + r] = tile[tx][j];
+    }
+}

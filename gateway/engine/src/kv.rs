@@ -33,6 +33,23 @@ pub struct KvStats {
     /// Bytes holding live tokens.
     pub used_bytes: u64,
     pub slots_in_use: usize,
+    /// Page-level counters, for allocators that map pages (vAttention).
+    pub pages: Option<PageStats>,
+}
+
+/// Cumulative page-mapping counters of a paging allocator (Prometheus counters).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PageStats {
+    /// Bytes of one page.
+    pub page_bytes: u64,
+    /// Pages mapped and unmapped since the allocator was created (per reservation).
+    pub mapped: u64,
+    pub unmapped: u64,
+    /// Time callers (`ensure`/`acquire`) waited on mapping, and how many calls waited.
+    pub sync_map_ns: u64,
+    pub sync_maps: u64,
+    /// Time a background thread spent mapping ahead of need.
+    pub ahead_map_ns: u64,
 }
 
 /// A KV-cache allocator. Pointers returned by [`kv`](KvAllocator::kv)
@@ -137,6 +154,7 @@ impl KvAllocator for HeapKv {
             mapped_bytes: mapped as u64 * per_token,
             used_bytes: self.used_tokens.iter().sum::<usize>() as u64 * per_token,
             slots_in_use: self.slots.iter().filter(|s| s.is_some()).count(),
+            pages: None,
         }
     }
     fn name(&self) -> &str {

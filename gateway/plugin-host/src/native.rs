@@ -124,7 +124,7 @@ pub(crate) fn load(m: &Manifest, file: &Path) -> Result<NativePlugin> {
         )));
     }
     let need = match desc.kind {
-        abi::kind::KV_ALLOCATOR => std::mem::size_of::<abi::KvAllocatorVTable>(),
+        abi::kind::KV_ALLOCATOR => abi::KvAllocatorVTable::SIZE_1_0,
         abi::kind::LINEAR_KERNELS => std::mem::size_of::<abi::LinearKernelsVTable>(),
         abi::kind::MODEL_TRANSFORM => std::mem::size_of::<abi::ModelTransformVTable>(),
         k => return Err(hs(format!("unknown plugin kind {k}"))),
@@ -202,8 +202,12 @@ impl NativePlugin {
                 msg: call_err(&self.name, st, &buf, eb.len),
             });
         }
+        // ABI 1.0 plugins have no `page_stats`; never read past their vtable.
+        let page_stats =
+            (self.desc.vtable_size >= abi::KvAllocatorVTable::SIZE_1_1).then_some(vt.page_stats);
         Ok(NativeKvAllocator {
             vt,
+            page_stats,
             h,
             layout,
             name: self.name.clone(),
@@ -216,6 +220,7 @@ impl NativePlugin {
 /// A plugin's KV allocator behind the engine's [`KvAllocator`] trait.
 pub struct NativeKvAllocator {
     vt: &'static abi::KvAllocatorVTable,
+    page_stats: Option<unsafe extern "C" fn(abi::Handle, *mut abi::KvPageStatsC) -> abi::Status>,
     h: *mut c_void,
     layout: KvLayout,
     name: String,
@@ -323,6 +328,19 @@ impl KvAllocator for NativeKvAllocator {
             mapped_bytes: s.mapped_bytes,
             used_bytes: s.used_bytes,
             slots_in_use: s.slots_in_use as usize,
+            pages: self.page_stats.and_then(|f| {
+                let mut p = abi::KvPageStatsC::default();
+                // SAFETY: valid handle and out pointer; present since ABI 1.1.
+                let st = unsafe { f(self.h, &mut p) };
+                st.is_ok().then_some(switchyard_engine::kv::PageStats {
+                    page_bytes: p.page_bytes,
+                    mapped: p.pages_mapped,
+                    unmapped: p.pages_unmapped,
+                    sync_map_ns: p.sync_map_ns,
+                    sync_maps: p.sync_maps,
+                    ahead_map_ns: p.ahead_map_ns,
+                })
+            }),
         }
     }
     fn name(&self) -> &str {

@@ -4,7 +4,6 @@
 
 use std::path::{Path, PathBuf};
 
-use switchyard_engine::kv::KvAllocator;
 use switchyard_engine::sampling::SamplingParams;
 use switchyard_engine::GenerateRequest;
 use switchyard_plugin_host::{sha256_file, PluginHost};
@@ -73,12 +72,12 @@ fn kv_heap_plugin_matches_the_builtin_allocator() {
         &library("switchyard-kv-heap"),
         "kv-heap",
         "kv-allocator",
-        "1.0",
+        "1.1",
         None,
     );
     let host = PluginHost::new(std::slice::from_ref(&dir));
     let p = host.load_native(&m).unwrap();
-    assert_eq!((p.name.as_str(), p.abi), ("kv-heap", (1, 0)));
+    assert_eq!((p.name.as_str(), p.abi), ("kv-heap", (1, 1)));
     assert_eq!(
         p.sha256,
         sha256_file(&dir.join("libswitchyard_kv_heap.so")).unwrap()
@@ -115,7 +114,7 @@ fn bad_plugins_are_refused_with_clear_errors() {
         &heap,
         "kv-heap",
         "kv-allocator",
-        "1.0",
+        "1.1",
         Some(&"0".repeat(64)),
     );
     let e = host.load_native(&m).unwrap_err().to_string();
@@ -125,7 +124,7 @@ fn bad_plugins_are_refused_with_clear_errors() {
     );
 
     // The manifest promises another kind.
-    let m = install(&dir, &heap, "kv-heap", "linear-kernels", "1.0", None);
+    let m = install(&dir, &heap, "kv-heap", "linear-kernels", "1.1", None);
     let e = host.load_native(&m).unwrap_err().to_string();
     assert!(
         e.contains("kv-allocator plugin, the manifest says linear-kernels"),
@@ -157,13 +156,13 @@ fn bad_plugins_are_refused_with_clear_errors() {
     .map(PathBuf::from)
     .find(|p| p.exists())
     .expect("libm.so.6");
-    let m = install(&dir, &libm, "libm", "kv-allocator", "1.0", None);
+    let m = install(&dir, &libm, "libm", "kv-allocator", "1.1", None);
     let e = host.load_native(&m).unwrap_err().to_string();
     assert!(e.contains("no root symbol `switchyard_plugin_v1`"), "{e}");
 
     // Outside the plugin directories: the manifest itself, or a file reached through "..".
     let elsewhere = tmpdir("elsewhere");
-    let m = install(&elsewhere, &heap, "kv-heap", "kv-allocator", "1.0", None);
+    let m = install(&elsewhere, &heap, "kv-heap", "kv-allocator", "1.1", None);
     let e = host.load_native(&m).unwrap_err().to_string();
     assert!(e.contains("outside the plugin directories"), "{e}");
     let sha = sha256_file(&heap).unwrap();
@@ -171,7 +170,7 @@ fn bad_plugins_are_refused_with_clear_errors() {
     std::fs::write(
         &escape,
         format!(
-            "name = \"kv-heap\"\nversion = \"0.1.0\"\nkind = \"kv-allocator\"\nabi = \"1.0\"\nfile = \"../sy-host-{}-elsewhere/libswitchyard_kv_heap.so\"\nsha256 = \"{sha}\"\n",
+            "name = \"kv-heap\"\nversion = \"0.1.0\"\nkind = \"kv-allocator\"\nabi = \"1.1\"\nfile = \"../sy-host-{}-elsewhere/libswitchyard_kv_heap.so\"\nsha256 = \"{sha}\"\n",
             std::process::id()
         ),
     )
@@ -188,7 +187,7 @@ fn plugin_errors_and_panics_stop_at_the_boundary() {
         &library("switchyard-test-faulty-kv"),
         "faulty-kv",
         "kv-allocator",
-        "1.0",
+        "1.1",
         None,
     );
     let host = PluginHost::new(std::slice::from_ref(&dir));
@@ -222,7 +221,7 @@ fn linear_kernels_and_model_transform_plugins_run_through_the_host() {
         &library("switchyard-linear-dense"),
         "linear-dense",
         "linear-kernels",
-        "1.0",
+        "1.1",
         None,
     );
     let p = host.load_native(&m).unwrap();
@@ -268,7 +267,7 @@ fn linear_kernels_and_model_transform_plugins_run_through_the_host() {
         &library("switchyard-transform-identity"),
         "transform-identity",
         "model-transform",
-        "1.0",
+        "1.1",
         None,
     );
     let p = host.load_native(&m).unwrap();
@@ -297,7 +296,7 @@ fn vattention_and_static_allocators_give_the_reference_greedy_text() {
         &library("switchyard-vattention"),
         "vattention",
         "kv-allocator",
-        "1.0",
+        "1.1",
         None,
     );
     let sm = install(
@@ -305,7 +304,7 @@ fn vattention_and_static_allocators_give_the_reference_greedy_text() {
         &library("switchyard-kv-static"),
         "kv-static",
         "kv-allocator",
-        "1.0",
+        "1.1",
         None,
     );
     let stories = switchyard_tests::stories_dir();
@@ -355,10 +354,54 @@ fn vattention_and_static_allocators_give_the_reference_greedy_text() {
         assert_eq!(kv.name(), "vattention");
         assert_eq!(run(Some(Box::new(kv))), want, "vattention {cfg:?}");
     }
+    // Page counters cross the ABI (1.1): vAttention reports them, kv-static has none.
+    let mut kv = vp
+        .kv_allocator("page_kb = 4\nbackground = false\nahead_pages = 0", layout)
+        .unwrap();
+    use switchyard_engine::kv::KvAllocator;
+    let s = kv.acquire().unwrap();
+    kv.ensure(s, 100).unwrap();
+    let p = kv.stats().pages.expect("vattention reports page counters");
+    let per_page_set = 2 * layout.n_layers as u64;
+    let tok_bytes = (layout.token_elems() * 4) as u64;
+    assert_eq!(p.page_bytes, 4096);
+    assert_eq!(p.mapped, (100 * tok_bytes).div_ceil(4096) * per_page_set);
+    assert_eq!(p.sync_maps, 1);
+    assert!(p.sync_map_ns > 0);
+    let skv = sp.kv_allocator("", layout).unwrap();
+    assert_eq!(skv.stats().pages, None, "kv-static does not page");
     let e = vp
         .kv_allocator("page_kb = 3", layout)
         .err()
         .unwrap()
         .to_string();
     assert!(e.contains("power of two"), "{e}");
+}
+
+/// A plugin built against ABI 1.0 (vtable without `page_stats`) loads in this 1.1 host,
+/// gives the same text as the builtin allocator, and reports no page counters.
+#[test]
+fn abi_1_0_plugins_still_load() {
+    let lib = library("switchyard-test-abi-1-0");
+    // Its manifest must say what the library says: 1.0, not this host's 1.1. (A separate
+    // directory each time: a loaded library must not be overwritten in place.)
+    let bad = tmpdir("abi10-bad");
+    let host = PluginHost::new(std::slice::from_ref(&bad));
+    let m = install(&bad, &lib, "kv-abi-1-0", "kv-allocator", "1.1", None);
+    let e = host.load_native(&m).unwrap_err().to_string();
+    assert!(e.contains("built for ABI 1.0"), "{e}");
+    let dir = tmpdir("abi10");
+    let host = PluginHost::new(std::slice::from_ref(&dir));
+    let m = install(&dir, &lib, "kv-abi-1-0", "kv-allocator", "1.0", None);
+    let p = host.load_native(&m).unwrap();
+    assert_eq!(p.abi, (1, 0));
+
+    let stories = switchyard_tests::stories_dir();
+    let mut builtin = switchyard_tests::load(&stories, 1, 2);
+    let want = greedy(&mut builtin);
+    let mut e = switchyard_tests::load(&stories, 1, 2);
+    let kv = p.kv_allocator("", e.kv_layout(2)).unwrap();
+    e.set_kv(Box::new(kv));
+    assert_eq!(greedy(&mut e), want);
+    assert_eq!(e.kv.stats().pages, None);
 }

@@ -2,9 +2,10 @@
 //! (seconds, bytes), `_total` on counters, label `model` (and `outcome` on requests).
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Counter, CounterVec, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec,
+    IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
+use switchyard_engine::kv::PageStats;
 use switchyard_engine::scheduler::{SchedObserver, SchedState, StepInfo};
 
 /// Request outcomes (label `outcome` of `switchyard_requests_total`).
@@ -40,6 +41,12 @@ pub struct Metrics {
     pub kv_capacity: IntGaugeVec,
     pub kv_usage: GaugeVec,
     pub kv_slots: IntGaugeVec,
+    pub kv_pages_mapped: IntCounterVec,
+    pub kv_pages_unmapped: IntCounterVec,
+    pub kv_page_bytes: IntGaugeVec,
+    pub kv_map_waits: IntCounterVec,
+    pub kv_map_wait_seconds: CounterVec,
+    pub kv_map_ahead_seconds: CounterVec,
     pub batch_tokens: HistogramVec,
     pub batch_seqs: HistogramVec,
     pub step_seconds: HistogramVec,
@@ -152,6 +159,38 @@ impl Metrics {
                 "switchyard_kv_cache_slots_in_use",
                 "Sequence slots held in the KV cache.",
             ),
+            kv_pages_mapped: c(
+                "switchyard_kv_cache_pages_mapped_total",
+                "Physical pages mapped by a paging KV allocator (vAttention), per reservation.",
+            ),
+            kv_pages_unmapped: c(
+                "switchyard_kv_cache_pages_unmapped_total",
+                "Physical pages unmapped (reclaimed) by a paging KV allocator.",
+            ),
+            kv_page_bytes: g(
+                "switchyard_kv_cache_page_bytes",
+                "Page size of the paging KV allocator.",
+            ),
+            kv_map_waits: c(
+                "switchyard_kv_cache_map_waits_total",
+                "Allocator calls of the scheduler that had to map pages before returning.",
+            ),
+            kv_map_wait_seconds: CounterVec::new(
+                Opts::new(
+                    "switchyard_kv_cache_map_wait_seconds_total",
+                    "Time forward steps waited on page mapping (divide by map_waits_total for the latency).",
+                ),
+                &["model"],
+            )
+            .unwrap(),
+            kv_map_ahead_seconds: CounterVec::new(
+                Opts::new(
+                    "switchyard_kv_cache_map_ahead_seconds_total",
+                    "Time the allocator's background thread spent mapping pages ahead of need.",
+                ),
+                &["model"],
+            )
+            .unwrap(),
             batch_tokens: hist(
                 "switchyard_batch_tokens",
                 "Tokens per forward pass (decodes + prefill chunk tokens).",
@@ -284,6 +323,13 @@ impl Metrics {
         r.register(Box::new(m.kv_capacity.clone())).unwrap();
         r.register(Box::new(m.kv_usage.clone())).unwrap();
         r.register(Box::new(m.kv_slots.clone())).unwrap();
+        r.register(Box::new(m.kv_pages_mapped.clone())).unwrap();
+        r.register(Box::new(m.kv_pages_unmapped.clone())).unwrap();
+        r.register(Box::new(m.kv_page_bytes.clone())).unwrap();
+        r.register(Box::new(m.kv_map_waits.clone())).unwrap();
+        r.register(Box::new(m.kv_map_wait_seconds.clone())).unwrap();
+        r.register(Box::new(m.kv_map_ahead_seconds.clone()))
+            .unwrap();
         r.register(Box::new(m.batch_tokens.clone())).unwrap();
         r.register(Box::new(m.batch_seqs.clone())).unwrap();
         r.register(Box::new(m.step_seconds.clone())).unwrap();
@@ -376,6 +422,13 @@ impl Metrics {
             kv_capacity: self.kv_capacity.with_label_values(l),
             kv_usage: self.kv_usage.with_label_values(l),
             kv_slots: self.kv_slots.with_label_values(l),
+            kv_pages_mapped: self.kv_pages_mapped.with_label_values(l),
+            kv_pages_unmapped: self.kv_pages_unmapped.with_label_values(l),
+            kv_page_bytes: self.kv_page_bytes.with_label_values(l),
+            kv_map_waits: self.kv_map_waits.with_label_values(l),
+            kv_map_wait_seconds: self.kv_map_wait_seconds.with_label_values(l),
+            kv_map_ahead_seconds: self.kv_map_ahead_seconds.with_label_values(l),
+            pages_seen: std::sync::Mutex::new(PageStats::default()),
             batch_tokens: self.batch_tokens.with_label_values(l),
             batch_seqs: self.batch_seqs.with_label_values(l),
             step_seconds: self.step_seconds.with_label_values(l),
@@ -408,6 +461,14 @@ pub struct ModelMetrics {
     kv_capacity: IntGauge,
     kv_usage: Gauge,
     kv_slots: IntGauge,
+    kv_pages_mapped: IntCounter,
+    kv_pages_unmapped: IntCounter,
+    kv_page_bytes: IntGauge,
+    kv_map_waits: IntCounter,
+    kv_map_wait_seconds: Counter,
+    kv_map_ahead_seconds: Counter,
+    /// The allocator's cumulative page counters at the last report (counters export deltas).
+    pages_seen: std::sync::Mutex<PageStats>,
     batch_tokens: Histogram,
     batch_seqs: Histogram,
     step_seconds: Histogram,
@@ -432,6 +493,20 @@ impl SchedObserver for ModelMetrics {
         self.kv_slots.set(s.kv.slots_in_use as i64);
         let cap = s.kv_capacity_bytes.max(1) as f64;
         self.kv_usage.set(s.kv.used_bytes as f64 / cap);
+        if let Some(p) = s.kv.pages {
+            let mut seen = self.pages_seen.lock().unwrap_or_else(|e| e.into_inner());
+            // One allocator per generation (and per ModelMetrics): counters only grow.
+            let d = |now: u64, was: u64| now.saturating_sub(was);
+            self.kv_pages_mapped.inc_by(d(p.mapped, seen.mapped));
+            self.kv_pages_unmapped.inc_by(d(p.unmapped, seen.unmapped));
+            self.kv_map_waits.inc_by(d(p.sync_maps, seen.sync_maps));
+            self.kv_map_wait_seconds
+                .inc_by(d(p.sync_map_ns, seen.sync_map_ns) as f64 * 1e-9);
+            self.kv_map_ahead_seconds
+                .inc_by(d(p.ahead_map_ns, seen.ahead_map_ns) as f64 * 1e-9);
+            self.kv_page_bytes.set(p.page_bytes as i64);
+            *seen = p;
+        }
     }
     fn cancelled(&self) {
         self.cancelled.inc();

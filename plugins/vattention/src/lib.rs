@@ -27,7 +27,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use switchyard_plugin::{
-    export_kv_allocator, KvAllocator, KvLayout, KvStats, PluginError, PluginResult,
+    export_kv_allocator, KvAllocator, KvLayout, KvStats, PageStats, PluginError, PluginResult,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -510,6 +510,20 @@ impl KvAllocator for VAttention {
             used_bytes: g.used_tokens.iter().sum::<usize>() as u64 * per_token,
             slots_in_use: g.in_use.iter().filter(|u| **u).count(),
         }
+    }
+
+    fn page_stats(&self) -> Option<PageStats> {
+        let g = self.lock();
+        // Counted per reservation, like the CUDA allocator: a page set is one page in each.
+        let n = g.regions.len() as u64;
+        Some(PageStats {
+            page_bytes: g.cfg.page_bytes as u64,
+            pages_mapped: g.counters.pages_mapped * n,
+            pages_unmapped: g.counters.pages_unmapped * n,
+            sync_map_ns: g.counters.sync_map_ns,
+            sync_maps: g.counters.sync_maps,
+            ahead_map_ns: g.counters.ahead_map_ns,
+        })
     }
 }
 

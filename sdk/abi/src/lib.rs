@@ -21,7 +21,8 @@
 use std::ffi::c_void;
 
 pub const ABI_MAJOR: u32 = 1;
-pub const ABI_MINOR: u32 = 0;
+/// 1.1 appended `KvAllocatorVTable::page_stats`.
+pub const ABI_MINOR: u32 = 1;
 
 /// The one symbol a native plugin exports (NUL-terminated for `dlsym`).
 pub const ROOT_SYMBOL: &[u8] = b"switchyard_plugin_v1\0";
@@ -44,6 +45,8 @@ impl Status {
     pub const INVALID: Status = Status(3);
     /// Out of capacity (slots, pages, memory).
     pub const EXHAUSTED: Status = Status(4);
+    /// The plugin does not provide this optional call.
+    pub const UNSUPPORTED: Status = Status(5);
 
     pub fn is_ok(self) -> bool {
         self == Status::OK
@@ -243,6 +246,21 @@ pub struct KvStatsC {
     pub slots_in_use: u64,
 }
 
+/// Cumulative page counters of a paging KV allocator (ABI 1.1).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KvPageStatsC {
+    pub page_bytes: u64,
+    /// Pages mapped and unmapped since `create`.
+    pub pages_mapped: u64,
+    pub pages_unmapped: u64,
+    /// Nanoseconds callers waited on mapping inside `acquire`/`ensure`, and how many calls.
+    pub sync_map_ns: u64,
+    pub sync_maps: u64,
+    /// Nanoseconds a background thread spent mapping ahead of need.
+    pub ahead_map_ns: u64,
+}
+
 /// Opaque per-instance state of a plugin.
 pub type Handle = *mut c_void;
 
@@ -273,6 +291,16 @@ pub struct KvAllocatorVTable {
         v: *mut *mut f32,
     ) -> Status,
     pub stats: unsafe extern "C" fn(h: Handle, out: *mut KvStatsC),
+    /// Since ABI 1.1 (present when `vtable_size` >= [`KvAllocatorVTable::SIZE_1_1`]): page
+    /// counters, or [`Status::UNSUPPORTED`] for allocators that do not page.
+    pub page_stats: unsafe extern "C" fn(h: Handle, out: *mut KvPageStatsC) -> Status,
+}
+
+impl KvAllocatorVTable {
+    /// Size of the ABI 1.0 vtable (up to `stats`): the least a host accepts.
+    pub const SIZE_1_0: usize = std::mem::offset_of!(KvAllocatorVTable, page_stats);
+    /// Size of the ABI 1.1 vtable (up to `page_stats`).
+    pub const SIZE_1_1: usize = std::mem::size_of::<KvAllocatorVTable>();
 }
 
 /// A host-owned output buffer for variable-length results (e.g. JSON). When `cap` is too

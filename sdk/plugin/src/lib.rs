@@ -45,6 +45,19 @@ pub struct KvStats {
     pub slots_in_use: usize,
 }
 
+/// Cumulative page counters of a paging allocator (see [`KvAllocator::page_stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PageStats {
+    pub page_bytes: u64,
+    pub pages_mapped: u64,
+    pub pages_unmapped: u64,
+    /// Nanoseconds callers waited on mapping, and how many calls waited.
+    pub sync_map_ns: u64,
+    pub sync_maps: u64,
+    /// Nanoseconds a background thread spent mapping ahead of need.
+    pub ahead_map_ns: u64,
+}
+
 /// Errors a plugin reports: a status and a message for the operator.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PluginError {
@@ -101,6 +114,10 @@ pub trait KvAllocator: Send + 'static {
     /// Bases of `slot`'s K and V for `layer`, each `[capacity, kv_heads, head_dim]` f32.
     fn kv(&mut self, layer: usize, slot: usize) -> PluginResult<(*mut f32, *mut f32)>;
     fn stats(&self) -> KvStats;
+    /// Page counters, for allocators that map pages (ABI 1.1); `None` for the others.
+    fn page_stats(&self) -> Option<PageStats> {
+        None
+    }
 }
 
 fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
@@ -280,6 +297,34 @@ pub mod kv_trampolines {
         };
     }
 
+    /// # Safety
+    /// `h` came from `create::<T>`; `out` is writable.
+    pub unsafe extern "C" fn page_stats<T: KvAllocator>(
+        h: Handle,
+        out: *mut abi::KvPageStatsC,
+    ) -> Status {
+        let s = catch_unwind(AssertUnwindSafe(|| unsafe {
+            (*(h as *const T)).page_stats()
+        }));
+        match s {
+            Ok(Some(p)) => {
+                unsafe {
+                    *out = abi::KvPageStatsC {
+                        page_bytes: p.page_bytes,
+                        pages_mapped: p.pages_mapped,
+                        pages_unmapped: p.pages_unmapped,
+                        sync_map_ns: p.sync_map_ns,
+                        sync_maps: p.sync_maps,
+                        ahead_map_ns: p.ahead_map_ns,
+                    }
+                };
+                Status::OK
+            }
+            Ok(None) => Status::UNSUPPORTED,
+            Err(_) => Status::PANIC,
+        }
+    }
+
     /// The vtable of `T`.
     pub const fn vtable<T: KvAllocator>() -> abi::KvAllocatorVTable {
         abi::KvAllocatorVTable {
@@ -291,6 +336,7 @@ pub mod kv_trampolines {
             release: release::<T>,
             kv: kv::<T>,
             stats: stats::<T>,
+            page_stats: page_stats::<T>,
         }
     }
 }

@@ -49,7 +49,7 @@ pub fn root_descriptor(root: Root) -> Result<Described, String> {
         ));
     }
     let need = match d.kind {
-        abi::kind::KV_ALLOCATOR => std::mem::size_of::<abi::KvAllocatorVTable>(),
+        abi::kind::KV_ALLOCATOR => abi::KvAllocatorVTable::SIZE_1_0,
         abi::kind::LINEAR_KERNELS => std::mem::size_of::<abi::LinearKernelsVTable>(),
         abi::kind::MODEL_TRANSFORM => std::mem::size_of::<abi::ModelTransformVTable>(),
         k => return Err(format!("unknown plugin kind {k}")),

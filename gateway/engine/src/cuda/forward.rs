@@ -17,6 +17,12 @@ use crate::forward::SeqChunk;
 use crate::kv::{KvAllocator, KvLayout};
 use crate::model::{Config, Model, RopeStyle, Weight};
 
+macro_rules! args {
+    ($($a:expr),* $(,)?) => {
+        &mut [$( &$a as *const _ as *mut c_void ),*]
+    };
+}
+
 /// A bf16 matrix `[rows, cols]` on the device.
 pub struct DevW {
     pub buf: DevBuf,
@@ -24,7 +30,22 @@ pub struct DevW {
     pub cols: usize,
 }
 
+/// LaRoSA's transposed copies of a layer's projections (`[in, out]`: a kept input's
+/// weight column is one contiguous row).
+pub struct SparseLayer {
+    wq: DevBuf,
+    wk: DevBuf,
+    wv: DevBuf,
+    wo: DevBuf,
+    gate: DevBuf,
+    up: DevBuf,
+    down: DevBuf,
+}
+
 pub struct DevLayer {
+    /// The rotated model's residual adapter `Q_{l-1}ᵀ·Q_l` (LaRoSA), applied before the layer.
+    adapter: Option<DevW>,
+    sparse: Option<SparseLayer>,
     attn_norm: DevBuf,
     wq: DevW,
     wk: DevW,
@@ -92,14 +113,14 @@ impl DeviceModel {
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
         check_cfg(&m.cfg)?;
-        if m.layers.iter().any(|l| l.adapter.is_some()) {
-            return Err(EngineError::Invalid(
-                "CUDA backend: rotated (LaRoSA) models run on the CPU backend only".into(),
-            ));
-        }
         let mut layers = Vec::with_capacity(m.layers.len());
         for (i, l) in m.layers.iter().enumerate() {
             layers.push(DevLayer {
+                adapter: match &l.adapter {
+                    Some(a) => Some(upload_w(&gpu, a)?),
+                    None => None,
+                },
+                sparse: None,
                 attn_norm: gpu.upload(&l.attn_norm)?,
                 wq: upload_w(&gpu, &l.wq)?,
                 wk: upload_w(&gpu, &l.wk)?,
@@ -143,6 +164,8 @@ impl DeviceModel {
         let ones = vec![1f32; d];
         for _ in 0..cfg.n_layers {
             layers.push(DevLayer {
+                adapter: None,
+                sparse: None,
                 attn_norm: gpu.upload(&ones)?,
                 wq: mat(cfg.n_heads * hd, d)?,
                 wk: mat(cfg.n_kv_heads * hd, d)?,
@@ -170,6 +193,68 @@ impl DeviceModel {
         })
     }
 
+    /// Random residual adapters (`dim × dim`) before every layer but the first: the extra
+    /// product a LaRoSA-rotated model carries, for benchmarks at real sizes.
+    pub fn add_dummy_adapters(&mut self, seed: u32) -> Result<()> {
+        let d = self.cfg.dim;
+        for (i, l) in self.layers.iter_mut().enumerate().skip(1) {
+            let buf = self.gpu.alloc(d * d * 2)?;
+            self.gpu
+                .fill_random_bf16(&buf, seed.wrapping_add(i as u32), 1.0 / (d as f32).sqrt())?;
+            l.adapter = Some(DevW {
+                buf,
+                rows: d,
+                cols: d,
+            });
+        }
+        self.gpu.sync()
+    }
+
+    /// Build LaRoSA's transposed weights (one more copy of every projection, bf16) so that
+    /// a backend with [`CudaBackend::larosa`] set can read only the kept inputs' columns.
+    pub fn prepare_sparse(&mut self, progress: &mut dyn FnMut(usize, usize)) -> Result<()> {
+        let c = &self.cfg;
+        if [c.dim, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.ffn_dim]
+            .iter()
+            .any(|w| w % 8 != 0)
+        {
+            return Err(EngineError::Invalid(
+                "LaRoSA on the GPU: the sparse GEMV needs layer widths that are multiples of 8"
+                    .into(),
+            ));
+        }
+        let gpu = self.gpu.clone();
+        let t = |w: &DevW| -> Result<DevBuf> {
+            let out = gpu.alloc(w.rows * w.cols * 2)?;
+            let (r, c) = (w.rows as i32, w.cols as i32);
+            // SAFETY: in holds rows*cols bf16, out the same.
+            unsafe {
+                gpu.launch(
+                    gpu.k.transpose_bf16,
+                    (w.cols.div_ceil(32) as u32, w.rows.div_ceil(32) as u32, 1),
+                    256,
+                    args!(w.buf.ptr, out.ptr, r, c),
+                )?;
+            }
+            Ok(out)
+        };
+        let n = self.layers.len();
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            l.sparse = Some(SparseLayer {
+                wq: t(&l.wq)?,
+                wk: t(&l.wk)?,
+                wv: t(&l.wv)?,
+                wo: t(&l.wo)?,
+                gate: t(&l.gate)?,
+                up: t(&l.up)?,
+                down: t(&l.down)?,
+            });
+            gpu.sync()?;
+            progress(i + 1, n);
+        }
+        Ok(())
+    }
+
     fn head(&self) -> &DevW {
         self.head.as_ref().unwrap_or(&self.embd)
     }
@@ -184,6 +269,7 @@ impl DeviceModel {
                     .iter()
                     .map(|w| w.buf.bytes)
                     .sum::<usize>()
+                    + l.adapter.as_ref().map_or(0, |a| a.buf.bytes)
             })
             .sum();
         l + self.head().buf.bytes
@@ -325,6 +411,9 @@ struct Pass {
     item: u64,
     kvp: u64,
     selidx: u64,
+    sidx: u64,
+    sval: u64,
+    part: u64,
 }
 
 struct GraphExec(cudarc::driver::sys::CUgraphExec);
@@ -359,7 +448,45 @@ const ITEM: usize = 14;
 const KVP: usize = 15;
 const SELIDX: usize = 16;
 const IDS: usize = 17;
-const NBUF: usize = 18;
+const SIDX: usize = 18;
+const SVAL: usize = 19;
+const PART: usize = 20;
+const NBUF: usize = 21;
+
+/// Most splits of a sparse GEMV's kept inputs (partial sums `[splits, rows]`).
+const MAX_SPLITS: usize = 64;
+
+/// LaRoSA's top-k activation sparsity on the device (METHODS.md): per token keep the
+/// `⌊(1 − coef·s)·d⌋` largest |x| of each linear layer's input, with `coef_in` on the q/k/v and
+/// gate/up inputs and `coef_out` on the o_proj and down_proj inputs (the CPU plugin's rule).
+/// A single token reads only the kept inputs' weight columns (the transposed copies of
+/// [`DeviceModel::prepare_sparse`]); larger batches run the dense product on the masked input.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Larosa {
+    pub sparsity: f64,
+    pub coef_in: f64,
+    pub coef_out: f64,
+    /// Use the sparse GEMV for single tokens (off: masked input, dense product; for checks).
+    pub sparse_gemv: bool,
+}
+
+impl Larosa {
+    pub fn new(sparsity: f64) -> Self {
+        Self {
+            sparsity,
+            coef_in: 0.8,
+            coef_out: 1.2,
+            sparse_gemv: true,
+        }
+    }
+
+    /// Inputs kept per token out of `inp` (at least one).
+    pub fn keep(&self, out_side: bool, inp: usize) -> usize {
+        let coef = if out_side { self.coef_out } else { self.coef_in };
+        let s = (coef * self.sparsity).clamp(0.0, 1.0);
+        ((((1.0 - s) * inp as f64) + 1e-9).floor() as usize).clamp(1, inp)
+    }
+}
 
 impl Bufs {
     fn get(&mut self, gpu: &Arc<Gpu>, i: usize, bytes: usize) -> Result<u64> {
@@ -381,6 +508,7 @@ pub struct CudaBackend {
     pub dm: Arc<DeviceModel>,
     /// Replay decode steps from CUDA graphs (SWITCHYARD_CUDA_GRAPHS=0 turns it off).
     pub graphs_enabled: bool,
+    larosa: Option<Larosa>,
     graphs: Vec<((usize, usize, usize, u64), GraphExec)>,
     bufs: Bufs,
     logits: Vec<f32>,
@@ -391,11 +519,6 @@ pub struct CudaBackend {
     selidx: Vec<i32>,
 }
 
-macro_rules! args {
-    ($($a:expr),* $(,)?) => {
-        &mut [$( &$a as *const _ as *mut c_void ),*]
-    };
-}
 
 fn blocks(n: usize, per: usize) -> u32 {
     n.div_ceil(per).clamp(1, 65535) as u32
@@ -406,6 +529,7 @@ impl CudaBackend {
         Self {
             dm,
             graphs_enabled: std::env::var("SWITCHYARD_CUDA_GRAPHS").map_or(true, |v| v != "0"),
+            larosa: None,
             graphs: Vec::new(),
             bufs: Bufs::default(),
             logits: Vec::new(),
@@ -419,6 +543,84 @@ impl CudaBackend {
 
     pub fn gpu(&self) -> &Arc<Gpu> {
         &self.dm.gpu
+    }
+
+    /// Turn LaRoSA's activation sparsity on (or off with `None`). The sparse GEMV needs
+    /// the model's transposed weights ([`DeviceModel::prepare_sparse`]); without them, or
+    /// for more than one token, the dense product runs on the masked input.
+    pub fn set_larosa(&mut self, l: Option<Larosa>) {
+        self.larosa = l;
+        self.graphs.clear();
+    }
+
+    pub fn larosa(&self) -> Option<Larosa> {
+        self.larosa
+    }
+
+    /// Sparsify the `n` rows of `x` (width `d`) for the next products. Returns `Some(k)`
+    /// when the single token's `k` kept inputs are in `sidx`/`sval` for the sparse GEMV;
+    /// `None` when `x` is used densely (no sparsity, or masked in place).
+    fn sparsify(&self, p: &Pass, x: u64, d: usize, out_side: bool, sparse: bool) -> Result<Option<usize>> {
+        let Some(l) = self.larosa else {
+            return Ok(None);
+        };
+        let k = l.keep(out_side, d);
+        if k >= d {
+            return Ok(None);
+        }
+        let g = &self.dm.gpu;
+        let use_sparse = sparse && l.sparse_gemv && p.n == 1;
+        let (di, ki, mode) = (d as i32, k as i32, if use_sparse { 0i32 } else { 1 });
+        // SAFETY: x holds n rows of d f32; sidx/sval hold k entries for one row.
+        unsafe {
+            g.launch(
+                g.k.topk,
+                (p.n as u32, 1, 1),
+                1024,
+                args!(x, di, ki, p.sidx, p.sval, mode),
+            )?;
+        }
+        Ok(use_sparse.then_some(k))
+    }
+
+    /// y[rows] = Σ over the k kept inputs of val·Wt[idx] (one token; `wt` is `[in, rows]`).
+    fn sparse_linear(&self, p: &Pass, wt: &DevBuf, rows: usize, k: usize, y: u64) -> Result<()> {
+        let g = &self.dm.gpu;
+        let tiles = rows.div_ceil(256);
+        let splits = (1024 / tiles).clamp(1, MAX_SPLITS).min(k.div_ceil(8)).max(1);
+        let (ki, ri, si) = (k as i32, rows as i32, splits as i32);
+        // SAFETY: wt holds cols*rows bf16 and every kept index is < cols; part holds
+        // MAX_SPLITS*rows f32.
+        unsafe {
+            g.launch(
+                g.k.sparse_gemv,
+                (tiles as u32, splits as u32, 1),
+                256,
+                args!(wt.ptr, p.sidx, p.sval, ki, ri, p.part),
+            )?;
+            g.launch(
+                g.k.sum_parts,
+                (blocks(rows, 256), 1, 1),
+                256,
+                args!(p.part, si, ri, y),
+            )
+        }
+    }
+
+    /// A product after [`Self::sparsify`]: sparse for `Some(k)`, dense otherwise.
+    fn linear_s(
+        &mut self,
+        p: &Pass,
+        w: &DevW,
+        wt: Option<&DevBuf>,
+        k: Option<usize>,
+        x: u64,
+        y: u64,
+    ) -> Result<()> {
+        match (k, wt) {
+            (Some(k), Some(wt)) => self.sparse_linear(p, wt, w.rows, k, y),
+            _ => self.linear(w, x, p.n, y),
+        }
     }
 
     /// y[n, w.rows] = x[n, w.cols] · wᵀ.
@@ -534,6 +736,16 @@ impl CudaBackend {
         let item = b.get(g, ITEM, n * 4)?;
         let kvp = b.get(g, KVP, self.kvp.len() * 8)?;
         let selidx = b.get(g, SELIDX, n_sel.max(1) * 4)?;
+        let (sidx, sval, part) = if self.larosa.is_some() {
+            let wide = dim.max(f).max(qd);
+            (
+                b.get(g, SIDX, wide * 4)?,
+                b.get(g, SVAL, wide * 4)?,
+                b.get(g, PART, MAX_SPLITS * wide * 4)?,
+            )
+        } else {
+            (0, 0, 0)
+        };
         // SAFETY: host vectors outlive the copies (the pass ends with a synchronizing read).
         unsafe {
             use cudarc::driver::result as cu;
@@ -567,6 +779,9 @@ impl CudaBackend {
             item,
             kvp,
             selidx,
+            sidx,
+            sval,
+            part,
         };
         // Small decode batches (GEMV only, no cuBLAS) replay a CUDA graph of the whole pass:
         // one launch per step instead of ~15 per layer. Kernel arguments are buffer
@@ -641,6 +856,7 @@ impl CudaBackend {
             item,
             kvp,
             selidx,
+            ..
         } = *p;
         let (dim_i, kvd_i, hd_i, nh_i, nkv_i) =
             (dim as i32, kvd as i32, hd as i32, nh as i32, nkv as i32);
@@ -660,15 +876,23 @@ impl CudaBackend {
                 args!(dm.embd.buf.ptr, tok, x, dim_i),
             )?;
             for (li, l) in dm.layers.iter().enumerate() {
+                if let Some(a) = &l.adapter {
+                    // The rotated residual stream moves into this layer's basis.
+                    self.linear(a, x, n, tmp)?;
+                    cudarc::driver::result::memcpy_dtod_async(x, tmp, n * dim * 4, g.stream)
+                        .map_err(|e| EngineError::Invalid(format!("CUDA: copy: {e:?}")))?;
+                }
                 g.launch(
                     kk.rmsnorm,
                     (nu, 1, 1),
                     norm_threads,
                     args!(x, l.attn_norm.ptr, xb, dim_i, eps),
                 )?;
-                self.linear(&l.wq, xb, n, q)?;
-                self.linear(&l.wk, xb, n, k)?;
-                self.linear(&l.wv, xb, n, v)?;
+                let sp = l.sparse.as_ref();
+                let kq = self.sparsify(p, xb, dim, false, sp.is_some())?;
+                self.linear_s(p, &l.wq, sp.map(|s| &s.wq), kq, xb, q)?;
+                self.linear_s(p, &l.wk, sp.map(|s| &s.wk), kq, xb, k)?;
+                self.linear_s(p, &l.wv, sp.map(|s| &s.wv), kq, xb, v)?;
                 let (cos, sin) = (dm.cos.ptr, dm.sin.ptr);
                 g.launch(
                     kk.rope,
@@ -695,7 +919,8 @@ impl CudaBackend {
                     256,
                     args!(q, kvl, item, pos, att, nh_i, nkv_i, hd_i, scale),
                 )?;
-                self.linear(&l.wo, att, n, tmp)?;
+                let ko = self.sparsify(p, att, nh * hd, true, sp.is_some())?;
+                self.linear_s(p, &l.wo, sp.map(|s| &s.wo), ko, att, tmp)?;
                 let nd = (n * dim) as u64;
                 let eb = blocks(n * dim, 256).min(4096);
                 g.launch(kk.add, (eb, 1, 1), 256, args!(x, tmp, nd))?;
@@ -705,8 +930,9 @@ impl CudaBackend {
                     norm_threads,
                     args!(x, l.ffn_norm.ptr, xb, dim_i, eps),
                 )?;
-                self.linear(&l.gate, xb, n, hb)?;
-                self.linear(&l.up, xb, n, hb2)?;
+                let kg = self.sparsify(p, xb, dim, false, sp.is_some())?;
+                self.linear_s(p, &l.gate, sp.map(|s| &s.gate), kg, xb, hb)?;
+                self.linear_s(p, &l.up, sp.map(|s| &s.up), kg, xb, hb2)?;
                 let nf = (n * f) as u64;
                 g.launch(
                     kk.silu_mul,
@@ -714,7 +940,8 @@ impl CudaBackend {
                     256,
                     args!(hb, hb2, nf),
                 )?;
-                self.linear(&l.down, hb, n, tmp)?;
+                let kd = self.sparsify(p, hb, f, true, sp.is_some())?;
+                self.linear_s(p, &l.down, sp.map(|s| &s.down), kd, hb, tmp)?;
                 g.launch(kk.add, (eb, 1, 1), 256, args!(x, tmp, nd))?;
             }
             if n_sel > 0 {
@@ -799,9 +1026,28 @@ impl Backend for CudaBackend {
         self.forward_logits(kv, batch)
     }
     fn fork(&self, layout: KvLayout) -> Result<(Box<dyn Backend>, Box<dyn KvAllocator>)> {
-        let kv = super::open_kv(&self.dm, layout, None, false)?;
+        let kv = super::open_kv(&self.dm, layout, None, super::kv::KvMode::Background)?;
         Ok((Box::new(CudaBackend::new(self.dm.clone())), Box::new(kv)))
     }
+}
+
+/// The device's top-k selection on one row `x`: the kept indices, ascending (checks).
+pub fn topk_indices(gpu: &Arc<Gpu>, x: &[f32], k: usize) -> Result<Vec<i32>> {
+    let k = k.clamp(1, x.len());
+    let xd = gpu.upload(x)?;
+    let idx = gpu.alloc(k * 4)?;
+    let val = gpu.alloc(k * 4)?;
+    let (d, ki, mode) = (x.len() as i32, k as i32, 0i32);
+    // SAFETY: xd holds d f32, idx/val k entries.
+    unsafe {
+        gpu.launch(
+            gpu.k.topk,
+            (1, 1, 1),
+            1024,
+            args!(xd.ptr, d, ki, idx.ptr, val.ptr, mode),
+        )?;
+    }
+    idx.read::<i32>(k)
 }
 
 /// bf16 GEMM throughput through cuBLAS (`m×k · k×n`, f32 accumulate), FLOP/s: the compute

@@ -40,6 +40,11 @@ pub(crate) struct Kernels {
     pub gemv: [sys::CUfunction; 4],
     pub argmax: sys::CUfunction,
     pub fill_random: sys::CUfunction,
+    /// LaRoSA: top-k selection, the sparse GEMV and its reduction, bf16 transpose.
+    pub topk: sys::CUfunction,
+    pub sparse_gemv: sys::CUfunction,
+    pub sum_parts: sys::CUfunction,
+    pub transpose_bf16: sys::CUfunction,
 }
 
 /// One CUDA device with a stream, the engine's kernels and cuBLAS.
@@ -203,6 +208,10 @@ impl Gpu {
             gemv: [f("gemv1")?, f("gemv2")?, f("gemv4")?, f("gemv8")?],
             argmax: f("argmax")?,
             fill_random: f("fill_random")?,
+            topk: f("topk")?,
+            sparse_gemv: f("sparse_gemv")?,
+            sum_parts: f("sum_parts")?,
+            transpose_bf16: f("transpose_bf16")?,
         };
         let present =
             std::panic::catch_unwind(|| unsafe { blas_sys::is_culib_present() }).unwrap_or(false);
@@ -385,7 +394,7 @@ pub fn open_kv(
     dm: &forward::DeviceModel,
     layout: crate::kv::KvLayout,
     budget: Option<usize>,
-    static_alloc: bool,
+    mode: kv::KvMode,
 ) -> Result<kv::VmmKv> {
     dm.gpu.bind()?;
     let budget = match budget {
@@ -395,7 +404,7 @@ pub fn open_kv(
             free / 10 * 9
         }
     };
-    kv::VmmKv::new(dm.gpu.clone(), layout, budget, static_alloc)
+    kv::VmmKv::new(dm.gpu.clone(), layout, budget, mode)
 }
 
 /// Open device `ordinal`, upload `m` and build its backend and KV allocator.
@@ -410,7 +419,7 @@ pub fn open(
 )> {
     let gpu = Gpu::open(ordinal)?;
     let dm = Arc::new(forward::DeviceModel::upload(gpu, m, progress)?);
-    let kv = open_kv(&dm, layout, None, false)?;
+    let kv = open_kv(&dm, layout, None, kv::KvMode::Background)?;
     Ok((Box::new(forward::CudaBackend::new(dm)), Box::new(kv)))
 }
 
@@ -424,7 +433,17 @@ mod tests {
         for arch in ["compute_90", "compute_80"] {
             match super::compile_kernels(arch) {
                 Ok(ptx) => {
-                    for k in ["embed", "attention", "gemv8", "argmax", "kv_write", "rope"] {
+                    for k in [
+                        "embed",
+                        "attention",
+                        "gemv8",
+                        "argmax",
+                        "kv_write",
+                        "rope",
+                        "topk",
+                        "sparse_gemv",
+                        "transpose_bf16",
+                    ] {
                         assert!(
                             ptx.contains(&format!(".entry {k}(")),
                             "{arch}: no kernel {k} in the PTX"
