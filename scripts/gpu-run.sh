@@ -10,7 +10,7 @@
 set -uo pipefail
 DIR=${1:?usage: gpu-run.sh DIR [OUT]}
 OUT=${2:-bench/results}
-STEPS=${STEPS:-tests,check,smolshape,bench,torch}
+STEPS=${STEPS:-tests,check,smolshape,bench,long,larosa,torch}
 mkdir -p "$OUT"
 libdirs=$(find /usr/local /usr/lib /opt -name 'libnvrtc.so*' -o -name 'libcublas.so*' 2>/dev/null \
   | grep -v /stubs/ | xargs -r -n1 dirname | sort -u | tr '\n' ':')
@@ -44,8 +44,16 @@ if [[ $STEPS == *bench* ]]; then
 fi
 if [[ $STEPS == *long* ]]; then
   echo "== Llama-2-7B shapes, 600 decode steps (sequences cross KV pages during decode)"
+  # Pages mapped by the allocator's background thread (default), then inside the step.
   "$BIN" bench gpu --dummy llama2-7b --batch 1,64 --prompt 100 --gen 600 --prefill 512 \
     --json > "$OUT/gpu-llama2-7b-long.json"
+  "$BIN" bench gpu --dummy llama2-7b --batch 1,64 --prompt 100 --gen 600 --prefill 512 \
+    --kv-mode sync --json > "$OUT/gpu-llama2-7b-long-sync.json"
+fi
+if [[ $STEPS == *larosa* ]]; then
+  echo "== LaRoSA on Llama-2-7B shapes: batch-1 decode at 40% and 50% sparsity vs dense"
+  "$BIN" bench gpu --dummy llama2-7b --batch 1 --prompt 128 --gen ${GEN:-128} --prefill 512 \
+    --larosa 0.4,0.5 --json > "$OUT/gpu-llama2-7b-larosa.json"
 fi
 if [[ $STEPS == *torch* ]]; then
   echo "== PyTorch + transformers on the same Llama-2-7B-shaped weights"

@@ -132,9 +132,24 @@ panel("KV allocator call latency p99",
         "{{plugin}} {{op}}")], unit="s", x=16,
       desc="ensure maps pages on the decode path (vAttention maps ahead on a background "
            "thread, so this should stay in microseconds); built-in allocators are not plugins.")
+panel("KV pages mapped / unmapped per second",
+      [(f"sum by (model) (rate(switchyard_kv_cache_pages_mapped_total{{{SEL}}}[$__rate_interval]))",
+        "mapped {{model}}"),
+       (f"sum by (model) (rate(switchyard_kv_cache_pages_unmapped_total{{{SEL}}}[$__rate_interval]))",
+        "unmapped {{model}}")], unit="ops",
+      desc="Paging allocators (vAttention): physical pages mapped behind growing sequences, "
+           "and unmapped from idle slots at the memory budget.")
+panel("KV mapping: wait per waiting call, time mapping ahead",
+      [(f"sum by (model) (rate(switchyard_kv_cache_map_wait_seconds_total{{{SEL}}}[$__rate_interval])) / "
+        f"sum by (model) (rate(switchyard_kv_cache_map_waits_total{{{SEL}}}[$__rate_interval]))",
+        "wait latency {{model}}"),
+       (f"sum by (model) (rate(switchyard_kv_cache_map_ahead_seconds_total{{{SEL}}}[$__rate_interval]))",
+        "ahead s/s {{model}}")], unit="s", x=8,
+      desc="Mean time a forward step waited on page mapping when it had to; seconds per second "
+           "the background thread spent mapping ahead of need.")
 panel("Sequences cancelled (client went away)",
       [(f"sum by (model) (rate(switchyard_sequences_cancelled_total{{{SEL}}}[$__rate_interval]))",
-        "{{model}}")], unit="ops", w=24, h=6)
+        "{{model}}")], unit="ops", x=16)
 
 row("Plugins and pipelines")
 panel("Plugin calls per second",

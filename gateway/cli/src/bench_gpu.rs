@@ -348,7 +348,11 @@ mod imp {
     }
 
     /// Batch-1 decode with LaRoSA's top-k sparsity against dense decode, side by side.
-    fn larosa_runs(dm: &mut Arc<DeviceModel>, a: &GpuBenchArgs, mode: KvMode) -> Result<serde_json::Value> {
+    fn larosa_runs(
+        dm: &mut Arc<DeviceModel>,
+        a: &GpuBenchArgs,
+        mode: KvMode,
+    ) -> Result<serde_json::Value> {
         let dense = decode_run(dm, 1, a.prompt, a.gen, true, mode, None)?;
         let dense_tps = a.gen as f64 / dense.decode_secs;
         let dmm = Arc::get_mut(dm).context("the device model is still shared")?;
@@ -375,9 +379,11 @@ mod imp {
                 r.decode_secs / a.gen as f64 * 1e3,
                 tps / dense_tps
             );
-            runs.push(json!({"sparsity": s, "coef_in": l.coef_in, "coef_out": l.coef_out,
+            runs.push(
+                json!({"sparsity": s, "coef_in": l.coef_in, "coef_out": l.coef_out,
                 "tokens_per_s": tps, "ms_per_step": r.decode_secs / a.gen as f64 * 1e3,
-                "speedup_vs_dense": tps / dense_tps, "speedup_vs_rotated_dense": tps / rot_tps}));
+                "speedup_vs_dense": tps / dense_tps, "speedup_vs_rotated_dense": tps / rot_tps}),
+            );
         }
         Ok(json!({"batch": 1, "dense_tokens_per_s": dense_tps,
             "rotated_dense_tokens_per_s": rot_tps, "dummy_adapters": adapters, "runs": runs}))

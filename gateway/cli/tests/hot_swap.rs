@@ -170,7 +170,11 @@ fn swaps_under_load_drop_nothing() {
     );
     // vAttention's page counters reach Prometheus through the ABI 1.1 `page_stats` call:
     // 4 KiB pages, sequences of ~40 tokens crossing several of them.
-    let m = |s: &str| gw.metric(&format!(r#"switchyard_kv_cache_{s}{{model="stories260K"}}"#));
+    let m = |s: &str| {
+        gw.metric(&format!(
+            r#"switchyard_kv_cache_{s}{{model="stories260K"}}"#
+        ))
+    };
     assert!(m("pages_mapped_total") > 0.0, "no pages mapped in /metrics");
     assert_eq!(m("page_bytes"), 4096.0);
     assert!(m("map_waits_total") > 0.0);

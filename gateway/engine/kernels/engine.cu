@@ -459,9 +459,15 @@ extern "C" __global__ void topk(float* x, int d, int k, int* idx, float* val, in
             for (int i = t; i < 256; i += blockDim.x) hist[i] = 0;
             __syncthreads();
             u32 hi = shift == 24 ? 0u : (0xffffffffu << (shift + 8));
-            for (int i = t; i < d; i += blockDim.x) {
-                u32 key = __float_as_uint(xr[i]) & 0x7fffffffu;
-                if ((key & hi) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+            // Magnitudes share their top bits, so lanes of a warp often hit one bin: one
+            // atomic per distinct bin and warp (the leader adds the group's count).
+            for (int c0 = 0; c0 < d; c0 += blockDim.x) {
+                int i = c0 + t;
+                u32 key = i < d ? (__float_as_uint(xr[i]) & 0x7fffffffu) : 0u;
+                bool in = i < d && (key & hi) == prefix;
+                u32 bin = in ? ((key >> shift) & 255u) : 256u + lane;
+                unsigned grp = __match_any_sync(0xffffffffu, bin);
+                if (in && lane == __ffs(grp) - 1) atomicAdd(&hist[bin], (u32)__popc(grp));
             }
             __syncthreads();
             if (t < 32) {
@@ -519,13 +525,16 @@ extern "C" __global__ void topk(float* x, int d, int k, int* idx, float* val, in
     (void)lane;
 }
 
-// Partial sums of y[r] = sum_j val[j] * Wt[idx[j], r] over the kept inputs j of split
-// blockIdx.y; Wt is the weight transposed (bf16 [cols, rows]), so a kept input's column is
-// one contiguous row: a warp reads 512 contiguous bytes of it (8 outputs per lane). Grid
-// (ceil(rows / 256), splits), 256 threads; rows a multiple of 8. part is [splits, rows].
+// y[r] = sum_j val[j] * Wt[idx[j], r] over the k kept inputs j. Wt is the weight
+// transposed (bf16 [cols, rows]), so a kept input's column is one contiguous row: a warp
+// reads 512 contiguous bytes of it (8 outputs per lane). Grid (ceil(rows / 256), splits),
+// 256 threads; rows a multiple of 8. Each split writes its partial sums to part
+// ([splits, rows]); the last block of a row tile to finish (a ticket in cnt, zero between
+// calls) adds them in split order and writes y: deterministic, and no second kernel.
 extern "C" __global__ void sparse_gemv(const bf16* __restrict__ Wt, const int* __restrict__ idx,
                                        const float* __restrict__ val, int k, int rows,
-                                       float* __restrict__ part) {
+                                       float* __restrict__ part, u32* cnt, float* __restrict__ y) {
+    __shared__ u32 s_ticket;
     __shared__ float sh[8][257];
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     int r0 = blockIdx.x * 256 + lane * 8;
@@ -556,16 +565,23 @@ extern "C" __global__ void sparse_gemv(const bf16* __restrict__ Wt, const int* _
     float s = 0.f;
 #pragma unroll
     for (int q = 0; q < 8; q++) s += sh[q][threadIdx.x];
+    if (gridDim.y == 1) {
+        if (r < rows) y[r] = s;
+        return;
+    }
     if (r < rows) part[(u64)blockIdx.y * rows + r] = s;
-}
-
-// y[r] = sum_s part[s, r] (fixed order: deterministic).
-extern "C" __global__ void sum_parts(const float* part, int splits, int rows, float* y) {
-    int r = blockIdx.x * blockDim.x + threadIdx.x;
-    if (r >= rows) return;
-    float s = 0.f;
-    for (int q = 0; q < splits; q++) s += part[(u64)q * rows + r];
-    y[r] = s;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) s_ticket = atomicAdd(&cnt[blockIdx.x], 1u);
+    __syncthreads();
+    if (s_ticket != gridDim.y - 1) return;
+    __threadfence();
+    if (r < rows) {
+        float a = 0.f;
+        for (int q = 0; q < (int)gridDim.y; q++) a += __ldcg(&part[(u64)q * rows + r]);
+        y[r] = a;
+    }
+    if (threadIdx.x == 0) cnt[blockIdx.x] = 0;
 }
 
 // out[c, r] = in[r, c] (bf16), 32x32 tiles through shared memory; 256 threads per block,

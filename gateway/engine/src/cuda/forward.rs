@@ -199,8 +199,11 @@ impl DeviceModel {
         let d = self.cfg.dim;
         for (i, l) in self.layers.iter_mut().enumerate().skip(1) {
             let buf = self.gpu.alloc(d * d * 2)?;
-            self.gpu
-                .fill_random_bf16(&buf, seed.wrapping_add(i as u32), 1.0 / (d as f32).sqrt())?;
+            self.gpu.fill_random_bf16(
+                &buf,
+                seed.wrapping_add(i as u32),
+                1.0 / (d as f32).sqrt(),
+            )?;
             l.adapter = Some(DevW {
                 buf,
                 rows: d,
@@ -214,9 +217,14 @@ impl DeviceModel {
     /// a backend with [`CudaBackend::larosa`] set can read only the kept inputs' columns.
     pub fn prepare_sparse(&mut self, progress: &mut dyn FnMut(usize, usize)) -> Result<()> {
         let c = &self.cfg;
-        if [c.dim, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.ffn_dim]
-            .iter()
-            .any(|w| w % 8 != 0)
+        if [
+            c.dim,
+            c.n_heads * c.head_dim,
+            c.n_kv_heads * c.head_dim,
+            c.ffn_dim,
+        ]
+        .iter()
+        .any(|w| w % 8 != 0)
         {
             return Err(EngineError::Invalid(
                 "LaRoSA on the GPU: the sparse GEMV needs layer widths that are multiples of 8"
@@ -414,6 +422,7 @@ struct Pass {
     sidx: u64,
     sval: u64,
     part: u64,
+    cnt: u64,
 }
 
 struct GraphExec(cudarc::driver::sys::CUgraphExec);
@@ -451,7 +460,8 @@ const IDS: usize = 17;
 const SIDX: usize = 18;
 const SVAL: usize = 19;
 const PART: usize = 20;
-const NBUF: usize = 21;
+const CNT: usize = 21;
+const NBUF: usize = 22;
 
 /// Most splits of a sparse GEMV's kept inputs (partial sums `[splits, rows]`).
 const MAX_SPLITS: usize = 64;
@@ -482,7 +492,11 @@ impl Larosa {
 
     /// Inputs kept per token out of `inp` (at least one).
     pub fn keep(&self, out_side: bool, inp: usize) -> usize {
-        let coef = if out_side { self.coef_out } else { self.coef_in };
+        let coef = if out_side {
+            self.coef_out
+        } else {
+            self.coef_in
+        };
         let s = (coef * self.sparsity).clamp(0.0, 1.0);
         ((((1.0 - s) * inp as f64) + 1e-9).floor() as usize).clamp(1, inp)
     }
@@ -518,7 +532,6 @@ pub struct CudaBackend {
     item: Vec<i32>,
     selidx: Vec<i32>,
 }
-
 
 fn blocks(n: usize, per: usize) -> u32 {
     n.div_ceil(per).clamp(1, 65535) as u32
@@ -560,7 +573,14 @@ impl CudaBackend {
     /// Sparsify the `n` rows of `x` (width `d`) for the next products. Returns `Some(k)`
     /// when the single token's `k` kept inputs are in `sidx`/`sval` for the sparse GEMV;
     /// `None` when `x` is used densely (no sparsity, or masked in place).
-    fn sparsify(&self, p: &Pass, x: u64, d: usize, out_side: bool, sparse: bool) -> Result<Option<usize>> {
+    fn sparsify(
+        &self,
+        p: &Pass,
+        x: u64,
+        d: usize,
+        out_side: bool,
+        sparse: bool,
+    ) -> Result<Option<usize>> {
         let Some(l) = self.larosa else {
             return Ok(None);
         };
@@ -587,22 +607,19 @@ impl CudaBackend {
     fn sparse_linear(&self, p: &Pass, wt: &DevBuf, rows: usize, k: usize, y: u64) -> Result<()> {
         let g = &self.dm.gpu;
         let tiles = rows.div_ceil(256);
-        let splits = (1024 / tiles).clamp(1, MAX_SPLITS).min(k.div_ceil(8)).max(1);
-        let (ki, ri, si) = (k as i32, rows as i32, splits as i32);
+        let splits = (1024 / tiles)
+            .clamp(1, MAX_SPLITS)
+            .min(k.div_ceil(8))
+            .max(1);
+        let (ki, ri) = (k as i32, rows as i32);
         // SAFETY: wt holds cols*rows bf16 and every kept index is < cols; part holds
-        // MAX_SPLITS*rows f32.
+        // MAX_SPLITS*rows f32; cnt one zeroed u32 per row tile.
         unsafe {
             g.launch(
                 g.k.sparse_gemv,
                 (tiles as u32, splits as u32, 1),
                 256,
-                args!(wt.ptr, p.sidx, p.sval, ki, ri, p.part),
-            )?;
-            g.launch(
-                g.k.sum_parts,
-                (blocks(rows, 256), 1, 1),
-                256,
-                args!(p.part, si, ri, y),
+                args!(wt.ptr, p.sidx, p.sval, ki, ri, p.part, p.cnt, y),
             )
         }
     }
@@ -736,15 +753,30 @@ impl CudaBackend {
         let item = b.get(g, ITEM, n * 4)?;
         let kvp = b.get(g, KVP, self.kvp.len() * 8)?;
         let selidx = b.get(g, SELIDX, n_sel.max(1) * 4)?;
-        let (sidx, sval, part) = if self.larosa.is_some() {
+        let (sidx, sval, part, cnt) = if self.larosa.is_some() {
             let wide = dim.max(f).max(qd);
+            let tiles = wide.div_ceil(256);
+            let fresh = b
+                .f32s
+                .get(CNT)
+                .is_none_or(|c| c.as_ref().is_none_or(|c| c.bytes < tiles * 4));
+            let cnt = b.get(g, CNT, tiles * 4)?;
+            if fresh {
+                // The sparse GEMV's tickets start at zero and are reset by each call.
+                let z = vec![0u32; tiles];
+                // SAFETY: cnt holds at least `tiles` u32.
+                unsafe { cudarc::driver::result::memcpy_htod_async(cnt, bytes_of(&z), g.stream) }
+                    .map_err(|e| EngineError::Invalid(format!("CUDA: upload: {e:?}")))?;
+                g.sync()?;
+            }
             (
                 b.get(g, SIDX, wide * 4)?,
                 b.get(g, SVAL, wide * 4)?,
                 b.get(g, PART, MAX_SPLITS * wide * 4)?,
+                cnt,
             )
         } else {
-            (0, 0, 0)
+            (0, 0, 0, 0)
         };
         // SAFETY: host vectors outlive the copies (the pass ends with a synchronizing read).
         unsafe {
@@ -782,6 +814,7 @@ impl CudaBackend {
             sidx,
             sval,
             part,
+            cnt,
         };
         // Small decode batches (GEMV only, no cuBLAS) replay a CUDA graph of the whole pass:
         // one launch per step instead of ~15 per layer. Kernel arguments are buffer

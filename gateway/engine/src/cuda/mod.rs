@@ -40,10 +40,9 @@ pub(crate) struct Kernels {
     pub gemv: [sys::CUfunction; 4],
     pub argmax: sys::CUfunction,
     pub fill_random: sys::CUfunction,
-    /// LaRoSA: top-k selection, the sparse GEMV and its reduction, bf16 transpose.
+    /// LaRoSA: top-k selection, the sparse GEMV, bf16 transpose.
     pub topk: sys::CUfunction,
     pub sparse_gemv: sys::CUfunction,
-    pub sum_parts: sys::CUfunction,
     pub transpose_bf16: sys::CUfunction,
 }
 
@@ -210,7 +209,6 @@ impl Gpu {
             fill_random: f("fill_random")?,
             topk: f("topk")?,
             sparse_gemv: f("sparse_gemv")?,
-            sum_parts: f("sum_parts")?,
             transpose_bf16: f("transpose_bf16")?,
         };
         let present =

@@ -7,10 +7,13 @@ use std::ffi::c_void;
 use switchyard_plugin::abi::{kind, KvAllocatorVTable, PluginDescriptor, Str};
 use switchyard_plugin::{KvAllocator, KvLayout, KvStats, PluginError, PluginResult};
 
+/// Per layer: (K, V) of one slot.
+type SlotBuffers = Vec<(Vec<f32>, Vec<f32>)>;
+
 /// Max-context buffers per slot, allocated at `acquire`.
 pub struct Fixed {
     layout: KvLayout,
-    slots: Vec<Option<Vec<(Vec<f32>, Vec<f32>)>>>,
+    slots: Vec<Option<SlotBuffers>>,
 }
 
 impl KvAllocator for Fixed {
