@@ -421,53 +421,41 @@ extern "C" __global__ void fill_random(bf16* w, u64 n, u32 seed, float scale) {
 
 // ---- LaRoSA: top-k activation sparsity and a GEMV over kept inputs only ----
 
-// Exclusive rank of this thread's flag among the block's flags (thread order) and the
-// block's total. Every thread of the block must call it.
-__device__ int block_rank(bool f, int* total) {
-    __shared__ int sh[32];
-    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    unsigned b = __ballot_sync(0xffffffffu, f);
-    int r = __popc(b & ((1u << lane) - 1u));
-    if (lane == 0) sh[w] = __popc(b);
-    __syncthreads();
-    int off = 0, tot = 0;
-    for (int j = 0; j < nw; j++) {
-        int v = sh[j];
-        off += j < w ? v : 0;
-        tot += v;
-    }
-    __syncthreads();
-    *total = tot;
-    return off + r;
-}
-
-// Per row (one block per token, blockDim a multiple of 32): keep the k largest |x|, ties
-// broken by the lowest index (the CPU plugin's top_k). The threshold is found by a radix
-// select over the magnitude's bits, 8 bits per pass. mode 0 writes the kept indices in
-// ascending order and their values to idx/val (row r at r*k); mode 1 zeroes the dropped
-// entries of x in place (the masked input of a dense product).
+// Per row (one block per token, 1024 threads): keep the k largest |x|, ties broken by the
+// lowest index (the CPU plugin's top_k). Thread t owns the contiguous elements
+// [t*per, (t+1)*per) in registers (per <= TOPK_ITEMS). The threshold is found by a radix
+// select over the magnitude's bits, 8 bits per pass, into 8 copies of the histogram (lane
+// & 7) so that lanes hitting one bin rarely collide; then one block-wide scan of each
+// thread's (above, equal) counts places the kept elements in index order. mode 0 writes
+// the kept indices (ascending) and values to idx/val (row r at r*k); mode 1 zeroes the
+// dropped entries of x in place (the masked input of a dense product).
+#define TOPK_ITEMS 16
 extern "C" __global__ void topk(float* x, int d, int k, int* idx, float* val, int mode) {
-    __shared__ u32 hist[256];
+    __shared__ u32 hist[256 * 8];
     __shared__ u32 s_prefix, s_need;
+    __shared__ u32 s_warp[32];
     float* xr = x + (u64)blockIdx.x * d;
     int* ir = idx + (u64)blockIdx.x * k;
     float* vr = val + (u64)blockIdx.x * k;
-    int t = threadIdx.x, lane = t & 31;
+    int t = threadIdx.x, lane = t & 31, w = t >> 5;
+    int per = (d + blockDim.x - 1) / blockDim.x;
+    int i0 = t * per;
+    u32 key[TOPK_ITEMS];
+#pragma unroll
+    for (int q = 0; q < TOPK_ITEMS; q++)
+        key[q] = (q < per && i0 + q < d) ? (__float_as_uint(xr[i0 + q]) & 0x7fffffffu) : 0xffffffffu;
     u32 prefix = 0, need = (u32)k;
-    if (k < d) {
+    bool all = k >= d;
+    if (!all) {
         for (int shift = 24; shift >= 0; shift -= 8) {
-            for (int i = t; i < 256; i += blockDim.x) hist[i] = 0;
+            for (int i = t; i < 256 * 8; i += blockDim.x) hist[i] = 0;
             __syncthreads();
             u32 hi = shift == 24 ? 0u : (0xffffffffu << (shift + 8));
-            // Magnitudes share their top bits, so lanes of a warp often hit one bin: one
-            // atomic per distinct bin and warp (the leader adds the group's count).
-            for (int c0 = 0; c0 < d; c0 += blockDim.x) {
-                int i = c0 + t;
-                u32 key = i < d ? (__float_as_uint(xr[i]) & 0x7fffffffu) : 0u;
-                bool in = i < d && (key & hi) == prefix;
-                u32 bin = in ? ((key >> shift) & 255u) : 256u + lane;
-                unsigned grp = __match_any_sync(0xffffffffu, bin);
-                if (in && lane == __ffs(grp) - 1) atomicAdd(&hist[bin], (u32)__popc(grp));
+#pragma unroll
+            for (int q = 0; q < TOPK_ITEMS; q++) {
+                u32 kq = key[q];
+                if (kq != 0xffffffffu && (kq & hi) == prefix)
+                    atomicAdd(&hist[((kq >> shift) & 255u) * 8 + (lane & 7)], 1u);
             }
             __syncthreads();
             if (t < 32) {
@@ -476,7 +464,8 @@ extern "C" __global__ void topk(float* x, int d, int k, int* idx, float* val, in
                 u32 c[8], s = 0;
 #pragma unroll
                 for (int q = 0; q < 8; q++) {
-                    c[q] = hist[255 - 8 * lane - q];
+                    const u32* h = &hist[(255 - 8 * lane - q) * 8];
+                    c[q] = h[0] + h[1] + h[2] + h[3] + h[4] + h[5] + h[6] + h[7];
                     s += c[q];
                 }
                 u32 inc = s;
@@ -496,33 +485,53 @@ extern "C" __global__ void topk(float* x, int d, int k, int* idx, float* val, in
             __syncthreads();
             prefix = s_prefix;
             need = s_need;
-            __syncthreads();
         }
     }
-    // Keys above the threshold, then the first `need` equal to it.
-    int eq_seen = 0, kept = 0;
-    for (int c0 = 0; c0 < d; c0 += blockDim.x) {
-        int i = c0 + t;
-        u32 key = i < d ? (__float_as_uint(xr[i]) & 0x7fffffffu) : 0u;
-        bool all = k >= d;
-        bool gt = i < d && (all || key > prefix);
-        bool eq = i < d && !all && key == prefix;
-        int eq_tot, keep_tot;
-        int er = block_rank(eq, &eq_tot);
-        bool keep = gt || (eq && (u32)(eq_seen + er) < need);
-        int kr = block_rank(keep, &keep_tot);
+    // This thread's counts above / equal to the threshold, packed (d < 65536), then one
+    // block-wide exclusive scan.
+    u32 gt = 0, eq = 0;
+#pragma unroll
+    for (int q = 0; q < TOPK_ITEMS; q++) {
+        u32 kq = key[q];
+        if (kq == 0xffffffffu) continue;
+        gt += all || kq > prefix;
+        eq += !all && kq == prefix;
+    }
+    u32 v = gt | (eq << 16), inc = v;
+    for (int o = 1; o < 32; o <<= 1) {
+        u32 y = __shfl_up_sync(0xffffffffu, inc, o);
+        if (lane >= o) inc += y;
+    }
+    if (lane == 31) s_warp[w] = inc;
+    __syncthreads();
+    u32 off = 0;
+    for (int j = 0; j < w; j++) off += s_warp[j];
+    off += inc - v;
+    u32 gt_before = off & 0xffffu, eq_before = off >> 16;
+    // Kept before this thread: every element above the threshold, plus the equal ones
+    // among the first `need`.
+    u32 pos = gt_before + min(eq_before, need);
+    u32 eq_seen = eq_before;
+#pragma unroll
+    for (int q = 0; q < TOPK_ITEMS; q++) {
+        u32 kq = key[q];
+        if (kq == 0xffffffffu) continue;
+        bool keep = all || kq > prefix;
+        if (!keep && kq == prefix) {
+            keep = eq_seen < need;
+            eq_seen++;
+        }
+        int i = i0 + q;
         if (mode == 0) {
             if (keep) {
-                ir[kept + kr] = i;
-                vr[kept + kr] = xr[i];
+                ir[pos] = i;
+                vr[pos] = xr[i];
+                pos++;
             }
-        } else if (i < d && !keep) {
+        } else if (!keep) {
             xr[i] = 0.f;
         }
-        eq_seen += eq_tot;
-        kept += keep_tot;
     }
-    (void)lane;
 }
 
 // y[r] = sum_j val[j] * Wt[idx[j], r] over the k kept inputs j. Wt is the weight
@@ -544,18 +553,32 @@ extern "C" __global__ void sparse_gemv(const bf16* __restrict__ Wt, const int* _
 #pragma unroll
     for (int q = 0; q < 8; q++) acc[q] = 0.f;
     if (r0 < rows) {
-#pragma unroll 4
-        for (int j = j0 + w; j < j1; j += 8) {
-            float a = val[j];
-            uint4 u = ld_stream((const uint4*)(Wt + (u64)idx[j] * rows + r0));
-            acc[0] = fmaf(bf_lo(u.x), a, acc[0]);
-            acc[1] = fmaf(bf_hi(u.x), a, acc[1]);
-            acc[2] = fmaf(bf_lo(u.y), a, acc[2]);
-            acc[3] = fmaf(bf_hi(u.y), a, acc[3]);
-            acc[4] = fmaf(bf_lo(u.z), a, acc[4]);
-            acc[5] = fmaf(bf_hi(u.z), a, acc[5]);
-            acc[6] = fmaf(bf_lo(u.w), a, acc[6]);
-            acc[7] = fmaf(bf_hi(u.w), a, acc[7]);
+        // Four kept inputs per warp in flight: indices and values first, then the loads.
+        for (int j = j0 + w; j < j1; j += 32) {
+            int jj[4];
+            float a[4];
+            uint4 u[4];
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                int jq = j + 8 * q;
+                jj[q] = jq < j1 ? idx[jq] : -1;
+                a[q] = jq < j1 ? val[jq] : 0.f;
+            }
+#pragma unroll
+            for (int q = 0; q < 4; q++)
+                u[q] = jj[q] >= 0 ? ld_stream((const uint4*)(Wt + (u64)jj[q] * rows + r0))
+                                  : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                acc[0] = fmaf(bf_lo(u[q].x), a[q], acc[0]);
+                acc[1] = fmaf(bf_hi(u[q].x), a[q], acc[1]);
+                acc[2] = fmaf(bf_lo(u[q].y), a[q], acc[2]);
+                acc[3] = fmaf(bf_hi(u[q].y), a[q], acc[3]);
+                acc[4] = fmaf(bf_lo(u[q].z), a[q], acc[4]);
+                acc[5] = fmaf(bf_hi(u[q].z), a[q], acc[5]);
+                acc[6] = fmaf(bf_lo(u[q].w), a[q], acc[6]);
+                acc[7] = fmaf(bf_hi(u[q].w), a[q], acc[7]);
+            }
         }
     }
 #pragma unroll
