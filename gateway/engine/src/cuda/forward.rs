@@ -231,6 +231,11 @@ impl DeviceModel {
                     .into(),
             ));
         }
+        if c.dim.max(c.ffn_dim).max(c.n_heads * c.head_dim) > TOPK_MAX {
+            return Err(EngineError::Invalid(format!(
+                "LaRoSA on the GPU: the top-k kernel takes inputs up to {TOPK_MAX} wide"
+            )));
+        }
         let gpu = self.gpu.clone();
         let t = |w: &DevW| -> Result<DevBuf> {
             let out = gpu.alloc(w.rows * w.cols * 2)?;
@@ -463,6 +468,9 @@ const PART: usize = 20;
 const CNT: usize = 21;
 const NBUF: usize = 22;
 
+/// Widest input the top-k kernel takes (16 elements per thread of 1024).
+const TOPK_MAX: usize = 16 * 1024;
+
 /// Most splits of a sparse GEMV's kept inputs (partial sums `[splits, rows]`).
 const MAX_SPLITS: usize = 64;
 
@@ -587,6 +595,11 @@ impl CudaBackend {
         let k = l.keep(out_side, d);
         if k >= d {
             return Ok(None);
+        }
+        if d > TOPK_MAX {
+            return Err(EngineError::Invalid(format!(
+                "LaRoSA on the GPU: the top-k kernel takes inputs up to {TOPK_MAX} wide, not {d}"
+            )));
         }
         let g = &self.dm.gpu;
         let use_sparse = sparse && l.sparse_gemv && p.n == 1;
@@ -1066,6 +1079,12 @@ impl Backend for CudaBackend {
 
 /// The device's top-k selection on one row `x`: the kept indices, ascending (checks).
 pub fn topk_indices(gpu: &Arc<Gpu>, x: &[f32], k: usize) -> Result<Vec<i32>> {
+    if x.is_empty() || x.len() > TOPK_MAX {
+        return Err(EngineError::Invalid(format!(
+            "top-k of {} values: 1 to {TOPK_MAX} are supported",
+            x.len()
+        )));
+    }
     let k = k.clamp(1, x.len());
     let xd = gpu.upload(x)?;
     let idx = gpu.alloc(k * 4)?;
