@@ -72,7 +72,7 @@ fn templates_build_pack_load_and_serve() {
         .arg("--out")
         .arg(&dir));
     assert!(
-        out.contains("packed static-kv 0.1.0 (kv-allocator, ABI 1.0)"),
+        out.contains("packed static-kv 0.1.0 (kv-allocator, ABI 1.1)"),
         "{out}"
     );
     let out = run(Command::new(bin())
