@@ -183,19 +183,39 @@ fn dummy_cfg() -> Config {
     }
 }
 
+/// The KV layout of `dummy_cfg`'s attention (2 layers, 32 heads of 128: 8 KiB per token
+/// and layer, 256 tokens per 2 MiB page).
+fn dummy_layout(max_context: usize, max_slots: usize) -> KvLayout {
+    KvLayout {
+        n_layers: 2,
+        kv_heads: 32,
+        head_dim: 128,
+        max_context,
+        max_slots,
+    }
+}
+
+/// A kernel writes `n` bf16 values at device address `at` (through whatever is mapped
+/// there); the bytes read back must equal the same kernel's output in a plain allocation.
+fn assert_kernel_writes_hold(g: &Arc<Gpu>, at: u64, n: usize, seed: u32, what: &str) {
+    let plain = g.alloc(n * 2).unwrap();
+    // SAFETY: the caller maps `at .. at + 2n`; `plain` holds 2n bytes.
+    unsafe {
+        g.fill_random_at(at, n, seed, 1.0).unwrap();
+        g.fill_random_at(plain.ptr, n, seed, 1.0).unwrap();
+        let a = g.read_at(at, n * 2).unwrap();
+        let b = g.read_at(plain.ptr, n * 2).unwrap();
+        assert!(a == b, "bytes written through {what} differ");
+    }
+}
+
 /// Greedy decode of two sequences past two page boundaries: identical ids with the
 /// vAttention and static allocators (the kernels read K/V through the mapped pages).
 #[test]
 fn vattention_and_static_give_identical_greedy_ids_across_pages() {
     let Some(g) = gpu() else { return };
     let dm = Arc::new(DeviceModel::dummy(g.clone(), dummy_cfg(), 3).unwrap());
-    let lay = KvLayout {
-        n_layers: 2,
-        kv_heads: 32,
-        head_dim: 128,
-        max_context: 1024,
-        max_slots: 2,
-    };
+    let lay = dummy_layout(1024, 2);
     let mut outs = Vec::new();
     for mode in [KvMode::Background, KvMode::Sync, KvMode::Static] {
         let mut kv = open_kv(&dm, lay, None, mode).unwrap();
@@ -263,13 +283,7 @@ fn vattention_and_static_give_identical_greedy_ids_across_pages() {
 fn vattention_pages_hold_kernel_writes_and_follow_the_model() {
     let Some(g) = gpu() else { return };
     let dm = Arc::new(DeviceModel::dummy(g.clone(), dummy_cfg(), 5).unwrap());
-    let lay = KvLayout {
-        n_layers: 2,
-        kv_heads: 32,
-        head_dim: 128,
-        max_context: 1024,
-        max_slots: 4,
-    };
+    let lay = dummy_layout(1024, 4);
     let page = 2usize << 20;
     let tok = 32 * 128 * 2;
     let mut kv = open_kv(&dm, lay, Some(64 * page), KvMode::Sync).unwrap();
@@ -277,14 +291,7 @@ fn vattention_pages_hold_kernel_writes_and_follow_the_model() {
     kv.ensure(s, 700).unwrap(); // 3 pages needed, 4 mapped (one ahead)
     let (k, _) = kv.kv(1, s);
     let n = 700 * tok / 2;
-    let plain = g.alloc(n * 2).unwrap();
-    unsafe {
-        g.fill_random_at(k as usize as u64, n, 42, 1.0).unwrap();
-        g.fill_random_at(plain.ptr, n, 42, 1.0).unwrap();
-        let a = g.read_at(k as usize as u64, n * 2).unwrap();
-        let b = g.read_at(plain.ptr, n * 2).unwrap();
-        assert!(a == b, "bytes written through the mapped pages differ");
-    }
+    assert_kernel_writes_hold(&g, k as usize as u64, n, 42, "the mapped pages");
     kv.release(s);
 
     // Randomized model check (budget of 64 pages, 4 regions, 4 pages per slot per region).
@@ -371,13 +378,7 @@ fn vattention_pages_hold_kernel_writes_and_follow_the_model() {
 fn background_mapping_keeps_slots_ahead_and_pages_hold_writes() {
     let Some(g) = gpu() else { return };
     let dm = Arc::new(DeviceModel::dummy(g.clone(), dummy_cfg(), 5).unwrap());
-    let lay = KvLayout {
-        n_layers: 2,
-        kv_heads: 32,
-        head_dim: 128,
-        max_context: 2048,
-        max_slots: 8,
-    };
+    let lay = dummy_layout(2048, 8);
     let page = 2usize << 20;
     let tok = 32 * 128 * 2; // 256 tokens per page
     let mut kv = open_kv(&dm, lay, None, KvMode::Background).unwrap();
@@ -422,17 +423,7 @@ fn background_mapping_keeps_slots_ahead_and_pages_hold_writes() {
     let s = slots[7];
     let (k, _) = kv.kv(1, s);
     let n = 1500 * tok / 2;
-    let plain = g.alloc(n * 2).unwrap();
-    unsafe {
-        g.fill_random_at(k as usize as u64, n, 7, 1.0).unwrap();
-        g.fill_random_at(plain.ptr, n, 7, 1.0).unwrap();
-        let a = g.read_at(k as usize as u64, n * 2).unwrap();
-        let b = g.read_at(plain.ptr, n * 2).unwrap();
-        assert!(
-            a == b,
-            "bytes written through background-mapped pages differ"
-        );
-    }
+    assert_kernel_writes_hold(&g, k as usize as u64, n, 7, "background-mapped pages");
     for s in slots {
         kv.release(s);
     }

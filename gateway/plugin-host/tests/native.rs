@@ -64,6 +64,19 @@ fn greedy(engine: &mut switchyard_engine::Engine) -> Vec<u32> {
     engine.generate(&req, &mut |_| {}).unwrap().tokens
 }
 
+/// stories260K with `p`'s KV allocator, after checking that its greedy text equals the
+/// builtin allocator's.
+fn engine_with_plugin_kv(p: &switchyard_plugin_host::NativePlugin) -> switchyard_engine::Engine {
+    let stories = switchyard_tests::stories_dir();
+    let mut builtin = switchyard_tests::load(&stories, 1, 2);
+    let want = greedy(&mut builtin);
+    let mut e = switchyard_tests::load(&stories, 1, 2);
+    let kv = p.kv_allocator("", e.kv_layout(2)).unwrap();
+    e.set_kv(Box::new(kv));
+    assert_eq!(greedy(&mut e), want);
+    e
+}
+
 #[test]
 fn kv_heap_plugin_matches_the_builtin_allocator() {
     let dir = tmpdir("heap");
@@ -83,14 +96,8 @@ fn kv_heap_plugin_matches_the_builtin_allocator() {
         sha256_file(&dir.join("libswitchyard_kv_heap.so")).unwrap()
     );
 
-    let stories = switchyard_tests::stories_dir();
-    let mut builtin = switchyard_tests::load(&stories, 1, 2);
-    let want = greedy(&mut builtin);
-    let mut e = switchyard_tests::load(&stories, 1, 2);
-    let kv = p.kv_allocator("", e.kv_layout(2)).unwrap();
-    e.set_kv(Box::new(kv));
+    let e = engine_with_plugin_kv(&p);
     assert_eq!(e.kv.name(), "kv-heap");
-    assert_eq!(greedy(&mut e), want);
     assert_eq!(e.kv.stats().slots_in_use, 0);
 
     // Configuration errors come back as messages.
@@ -396,12 +403,6 @@ fn abi_1_0_plugins_still_load() {
     let p = host.load_native(&m).unwrap();
     assert_eq!(p.abi, (1, 0));
 
-    let stories = switchyard_tests::stories_dir();
-    let mut builtin = switchyard_tests::load(&stories, 1, 2);
-    let want = greedy(&mut builtin);
-    let mut e = switchyard_tests::load(&stories, 1, 2);
-    let kv = p.kv_allocator("", e.kv_layout(2)).unwrap();
-    e.set_kv(Box::new(kv));
-    assert_eq!(greedy(&mut e), want);
+    let e = engine_with_plugin_kv(&p);
     assert_eq!(e.kv.stats().pages, None);
 }

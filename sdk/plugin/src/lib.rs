@@ -45,18 +45,9 @@ pub struct KvStats {
     pub slots_in_use: usize,
 }
 
-/// Cumulative page counters of a paging allocator (see [`KvAllocator::page_stats`]).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PageStats {
-    pub page_bytes: u64,
-    pub pages_mapped: u64,
-    pub pages_unmapped: u64,
-    /// Nanoseconds callers waited on mapping, and how many calls waited.
-    pub sync_map_ns: u64,
-    pub sync_maps: u64,
-    /// Nanoseconds a background thread spent mapping ahead of need.
-    pub ahead_map_ns: u64,
-}
+/// Cumulative page counters of a paging allocator (see [`KvAllocator::page_stats`]): the
+/// ABI's own `#[repr(C)]` struct, passed through as is.
+pub use abi::KvPageStatsC as PageStats;
 
 /// Errors a plugin reports: a status and a message for the operator.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -308,16 +299,7 @@ pub mod kv_trampolines {
         }));
         match s {
             Ok(Some(p)) => {
-                unsafe {
-                    *out = abi::KvPageStatsC {
-                        page_bytes: p.page_bytes,
-                        pages_mapped: p.pages_mapped,
-                        pages_unmapped: p.pages_unmapped,
-                        sync_map_ns: p.sync_map_ns,
-                        sync_maps: p.sync_maps,
-                        ahead_map_ns: p.ahead_map_ns,
-                    }
-                };
+                unsafe { *out = p };
                 Status::OK
             }
             Ok(None) => Status::UNSUPPORTED,
