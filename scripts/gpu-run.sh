@@ -40,7 +40,7 @@ fi
 if [[ $STEPS == *bench* ]]; then
   echo "== Llama-2-7B shapes, dummy bf16 weights"
   "$BIN" bench gpu --dummy llama2-7b --batch ${BATCH:-1,8,32,64} --prompt 128 --gen ${GEN:-128} \
-    --prefill 512,2048 --json > "$OUT/gpu-llama2-7b.json"
+    --prefill 512,2048 --baseline --products --json > "$OUT/gpu-llama2-7b.json"
 fi
 if [[ $STEPS == *long* ]]; then
   echo "== Llama-2-7B shapes, 600 decode steps (sequences cross KV pages during decode)"

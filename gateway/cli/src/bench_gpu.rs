@@ -50,6 +50,21 @@ pub struct GpuBenchArgs {
     /// paid; transposed weight copies are built on the device for the sparse GEMV.
     #[arg(long, value_delimiter = ',')]
     pub larosa: Vec<f64>,
+    /// Largest token count of the tensor-core products (from 3 tokens; 0: GEMV and cuBLAS
+    /// only).
+    #[arg(long, default_value_t = 8)]
+    pub mm_max: usize,
+    /// Largest decode batch replayed from a CUDA graph (0: no graphs).
+    #[arg(long, default_value_t = 64)]
+    pub graph_max: usize,
+    /// Also time every decode batch with the previous engine's products (GEMV up to 8
+    /// tokens, cuBLAS above, graphs up to 8 sequences), side by side in the same run.
+    #[arg(long)]
+    pub baseline: bool,
+    /// Time each product kernel (GEMV, tensor-core, cuBLAS) alone on the model's matrix
+    /// shapes at 1..64 tokens, as effective weight bandwidth.
+    #[arg(long)]
+    pub products: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -187,13 +202,33 @@ mod imp {
         } else {
             KvMode::Background
         };
+        let products = if a.products {
+            product_sweep(&gpu, &c, bw)?
+        } else {
+            serde_json::Value::Null
+        };
         let mut decode = Vec::new();
-        let mut runs: Vec<(usize, bool)> = a.batch.iter().map(|&b| (b, true)).collect();
-        if a.batch.contains(&1) {
-            runs.insert(0, (1, false));
+        let new = Tune::of(&a);
+        let mut runs: Vec<(usize, Tune)> = Vec::new();
+        for &b in &a.batch {
+            if b == 1 {
+                runs.push((
+                    1,
+                    Tune {
+                        graph_max: 0,
+                        label: "engine, no CUDA graph",
+                        ..new
+                    },
+                ));
+            }
+            if a.baseline {
+                runs.push((b, Tune::PREVIOUS));
+            }
+            runs.push((b, new));
         }
-        for (b, graphs) in runs {
-            let r = decode_run(&dm, b, a.prompt, a.gen, graphs, kv_mode, None)?;
+        for (b, tune) in runs {
+            let graphs = b <= tune.graph_max;
+            let r = decode_run(&dm, b, a.prompt, a.gen, tune, kv_mode, None)?;
             let avg_ctx = a.prompt as f64 + a.gen as f64 / 2.0;
             let bytes = wbytes + kv_tok * avg_ctx * b as f64;
             let flops = 2.0 * dm.macs_per_token() as f64 * b as f64
@@ -202,8 +237,8 @@ mod imp {
             let step = r.decode_secs / a.gen as f64;
             let tps = (b * a.gen) as f64 / r.decode_secs;
             eprintln!(
-                "decode batch {b:>3}{}: {tps:>9.1} tok/s, {:.3} ms/step, roofline {:.3} ms/step ({}), {:.0} % of it; mapping {:.3} % of decode",
-                if graphs { "" } else { " (no CUDA graph)" },
+                "decode batch {b:>3} [{}]: {tps:>9.1} tok/s, {:.3} ms/step, roofline {:.3} ms/step ({}), {:.0} % of it; mapping {:.3} % of decode",
+                tune.label,
                 step * 1e3,
                 t_roof * 1e3,
                 if bytes / bw >= flops / peak { "bytes" } else { "FLOPs" },
@@ -211,7 +246,8 @@ mod imp {
                 100.0 * r.map_secs_decode / r.decode_secs
             );
             decode.push(json!({
-                "batch": b, "prompt": a.prompt, "gen": a.gen, "cuda_graphs": graphs && b <= 8,
+                "batch": b, "prompt": a.prompt, "gen": a.gen, "cuda_graphs": graphs,
+                "kernels": tune.label, "mm_max_tokens": tune.mm_max,
                 "tokens_per_s": tps, "ms_per_step": step * 1e3,
                 "roofline_ms_per_step": t_roof * 1e3,
                 "roofline_bound": if bytes / bw >= flops / peak { "bytes" } else { "flops" },
@@ -258,13 +294,85 @@ mod imp {
             "weights": what, "weight_bytes_per_step": wbytes,
             "copy_bandwidth_bytes_per_s": bw, "gemm_bf16_flops_per_s": peak,
             "kernels_compile_secs": gpu.compile_secs,
-            "decode": decode, "prefill": prefill, "kv_fit": fit, "logits_check": check,
+            "products": products, "decode": decode, "prefill": prefill, "kv_fit": fit, "logits_check": check,
             "larosa": larosa,
         });
         if a.json {
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
         Ok(())
+    }
+
+    /// The product and graph settings of one decode run.
+    #[derive(Clone, Copy)]
+    struct Tune {
+        mm_max: usize,
+        graph_max: usize,
+        label: &'static str,
+    }
+
+    impl Tune {
+        fn of(a: &GpuBenchArgs) -> Tune {
+            Tune {
+                mm_max: a.mm_max,
+                graph_max: a.graph_max,
+                label: "engine",
+            }
+        }
+        /// Without this session's tensor-core products and large graphs: the (fused) GEMV
+        /// up to 8 tokens, then cuBLAS; graphs up to 8 sequences.
+        const PREVIOUS: Tune = Tune {
+            mm_max: 0,
+            graph_max: 8,
+            label: "no tensor-core products, graphs up to 8",
+        };
+    }
+
+    /// Each product kernel alone on the model's shapes: effective weight bandwidth.
+    fn product_sweep(
+        gpu: &Arc<switchyard_engine::cuda::Gpu>,
+        c: &switchyard_engine::model::Config,
+        bw: f64,
+    ) -> Result<serde_json::Value> {
+        use switchyard_engine::cuda::forward::{product_secs, ProductKernel};
+        let shapes = [
+            ("o", c.dim, c.n_heads * c.head_dim),
+            ("gate/up", c.ffn_dim, c.dim),
+            ("down", c.dim, c.ffn_dim),
+        ];
+        let mut out = Vec::new();
+        for (name, rows, cols) in shapes {
+            for n in [1usize, 2, 4, 8, 16, 32, 64] {
+                for k in [
+                    ProductKernel::Gemv,
+                    ProductKernel::Mm,
+                    ProductKernel::Cublas,
+                ] {
+                    let ok = match k {
+                        ProductKernel::Gemv => n <= 8,
+                        ProductKernel::Mm => n <= 32 && cols % 32 == 0,
+                        ProductKernel::Cublas => true,
+                    };
+                    if !ok {
+                        continue;
+                    }
+                    let secs = product_secs(gpu, rows, cols, n, k, 200)?;
+                    let gbs = (rows * cols * 2) as f64 / secs;
+                    eprintln!(
+                        "product {name:>7} [{rows}x{cols}] n={n:<2} {k:?}: {:.1} us, {:.0} GB/s of weights ({:.0} % of copy bandwidth)",
+                        secs * 1e6,
+                        gbs / 1e9,
+                        100.0 * gbs / bw
+                    );
+                    out.push(
+                        json!({"matrix": name, "rows": rows, "cols": cols, "tokens": n,
+                        "kernel": format!("{k:?}"), "secs": secs, "weight_bytes_per_s": gbs,
+                        "fraction_of_copy_bandwidth": gbs / bw}),
+                    );
+                }
+            }
+        }
+        Ok(serde_json::Value::Array(out))
     }
 
     struct DecodeRun {
@@ -283,7 +391,7 @@ mod imp {
         b: usize,
         prompt: usize,
         gen: usize,
-        graphs: bool,
+        tune: Tune,
         mode: KvMode,
         larosa: Option<Larosa>,
     ) -> Result<DecodeRun> {
@@ -291,7 +399,9 @@ mod imp {
         let ctx = prompt + gen + 8;
         let mut kv = open_kv(dm, layout(c, b, ctx), None, mode)?;
         let mut be = CudaBackend::new(dm.clone());
-        be.graphs_enabled = graphs;
+        be.graphs_enabled = tune.graph_max > 0;
+        be.graph_max_tokens = tune.graph_max;
+        be.mm_tokens = 3..=tune.mm_max;
         be.set_larosa(larosa);
         let slots: Vec<usize> = (0..b).map(|_| kv.acquire()).collect::<Result<_, _>>()?;
         let prompts: Vec<Vec<u32>> = (0..b)
@@ -353,7 +463,7 @@ mod imp {
         a: &GpuBenchArgs,
         mode: KvMode,
     ) -> Result<serde_json::Value> {
-        let dense = decode_run(dm, 1, a.prompt, a.gen, true, mode, None)?;
+        let dense = decode_run(dm, 1, a.prompt, a.gen, Tune::of(a), mode, None)?;
         let dense_tps = a.gen as f64 / dense.decode_secs;
         let dmm = Arc::get_mut(dm).context("the device model is still shared")?;
         let t = Instant::now();
@@ -364,7 +474,15 @@ mod imp {
             dmm.add_dummy_adapters(77)?;
         }
         // The rotated model without sparsity: dense products plus the adapters.
-        let rot = decode_run(dm, 1, a.prompt, a.gen, true, mode, Some(Larosa::new(0.0)))?;
+        let rot = decode_run(
+            dm,
+            1,
+            a.prompt,
+            a.gen,
+            Tune::of(a),
+            mode,
+            Some(Larosa::new(0.0)),
+        )?;
         let rot_tps = a.gen as f64 / rot.decode_secs;
         eprintln!(
             "LaRoSA: dense {dense_tps:.1} tok/s, rotated dense {rot_tps:.1} tok/s (adapters: {adapters})"
@@ -372,7 +490,7 @@ mod imp {
         let mut runs = Vec::new();
         for &s in &a.larosa {
             let l = Larosa::new(s);
-            let r = decode_run(dm, 1, a.prompt, a.gen, true, mode, Some(l))?;
+            let r = decode_run(dm, 1, a.prompt, a.gen, Tune::of(a), mode, Some(l))?;
             let tps = a.gen as f64 / r.decode_secs;
             eprintln!(
                 "LaRoSA sparsity {s:.2}: {tps:.1} tok/s, {:.3} ms/step, {:.2}x dense",

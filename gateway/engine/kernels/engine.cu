@@ -94,40 +94,6 @@ extern "C" __global__ void rmsnorm(const float* __restrict__ x, const float* __r
     }
 }
 
-// Rotary embedding of `heads` heads of row r at position pos[r]; grid (n, ceil(heads*hd/2 /
-// blockDim)), one (head, pair) per thread.
-// interleaved: pairs (2i, 2i+1) (GGUF/llama.cpp); else (i, i + hd/2) (Hugging Face).
-extern "C" __global__ void rope(float* v, const int* pos, const float* cos_t, const float* sin_t,
-                                int heads, int hd, int interleaved) {
-    int r = blockIdx.x, half = hd / 2;
-    int j = blockIdx.y * blockDim.x + threadIdx.x;
-    if (j >= heads * half) return;
-    int p = pos[r];
-    float* vr = v + (size_t)r * heads * hd;
-    int h = j / half, i = j % half;
-    int a = interleaved ? 2 * i : i;
-    int b = interleaved ? 2 * i + 1 : i + half;
-    float c = cos_t[(size_t)p * half + i], s = sin_t[(size_t)p * half + i];
-    float x0 = vr[h * hd + a], x1 = vr[h * hd + b];
-    vr[h * hd + a] = x0 * c - x1 * s;
-    vr[h * hd + b] = x0 * s + x1 * c;
-}
-
-// Store row r's K and V (f32) at position pos[r] of its item's cache (bf16); grid
-// (n, ceil(kvd / blockDim)), one element per thread.
-extern "C" __global__ void kv_write(const float* __restrict__ k, const float* __restrict__ v,
-                                    const u64* kvp, const int* item, const int* pos, int kvd) {
-    int r = blockIdx.x;
-    int i = blockIdx.y * blockDim.x + threadIdx.x;
-    if (i >= kvd) return;
-    int it = item[r];
-    size_t p = (size_t)pos[r];
-    bf16* K = (bf16*)kvp[2 * it];
-    bf16* V = (bf16*)kvp[2 * it + 1];
-    K[p * kvd + i] = to_bf(k[(size_t)r * kvd + i]);
-    V[p * kvd + i] = to_bf(v[(size_t)r * kvd + i]);
-}
-
 #define ATT_WARPS 8
 
 __device__ __forceinline__ void bf4(uint2 u, float* f) {
@@ -137,16 +103,18 @@ __device__ __forceinline__ void bf4(uint2 u, float* f) {
     f[3] = bf_hi(u.y);
 }
 
-// Causal attention of row r's query head h over positions 0..pos[r] of its item's cache.
-// grid (n, n_heads), block 32 * ATT_WARPS; head_dim a multiple of 4, at most 256. Each lane
+// Causal attention of row r = rows[blockIdx.x]'s query head h over positions 0..pos[r] of
+// its item's cache (decode rows and short chunks; long prefill chunks go to
+// attention_tiles). grid (rows, n_heads), block 32 * ATT_WARPS; head_dim a multiple of 4, at most 256. Each lane
 // owns 4 consecutive dimensions (8-byte loads) of up to two 128-wide halves; each warp walks
 // every ATT_WARPS-th position, two positions per iteration with their K and V loads issued
 // together, with an online softmax; the warps' partial results are merged at the end.
 extern "C" __global__ void attention(const float* q, const u64* kvp, const int* item, const int* pos,
-                                     float* out, int nh, int nkv, int hd, float scale) {
+                                     const int* rows, float* out, int nh, int nkv, int hd,
+                                     float scale) {
     __shared__ float s_m[ATT_WARPS], s_l[ATT_WARPS];
     __shared__ float s_acc[ATT_WARPS * 256];
-    int r = blockIdx.x, h = blockIdx.y;
+    int r = rows[blockIdx.x], h = blockIdx.y;
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     int kvd = nkv * hd, kh = h / (nh / nkv);
     int it = item[r], T = pos[r] + 1;
@@ -231,6 +199,121 @@ extern "C" __global__ void attention(const float* q, const u64* kvp, const int* 
     }
 }
 
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// ---- Prefill attention over query tiles ----
+//
+// Causal attention for a tile of up to FA_Q consecutive rows of one item (consecutive
+// positions pos[r0] ..) and one query head: each K/V block of FA_K positions is read from
+// the cache once per tile, not once per row. grid (tiles, n_heads), block 32 * FA_WARPS,
+// dynamic shared memory (FA_Q * hd + hd * (FA_K + 1) + FA_K * hd) floats; head_dim a
+// multiple of 4, at most 128. tiles[2t] is the tile's first row, tiles[2t + 1] its length.
+// Warp w owns rows 8w .. 8w + 8 of the tile; for the scores lane j takes key j of the
+// block (K held transposed), for the output lane l owns dimensions 4l .. 4l + 4. Online
+// softmax per row, as in `attention`.
+#define FA_Q 64
+#define FA_K 32
+#define FA_WARPS 8
+extern "C" __global__ void __launch_bounds__(256)
+    attention_tiles(const float* q, const u64* kvp, const int* item, const int* pos,
+                    const int* tiles, float* out, int nh, int nkv, int hd, float scale) {
+    extern __shared__ float sm[];
+    int tI = blockIdx.x, h = blockIdx.y;
+    int r0 = tiles[2 * tI], len = tiles[2 * tI + 1];
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    float* qs = sm;
+    float* kt = qs + FA_Q * hd;
+    float* vs = kt + hd * (FA_K + 1);
+    int kvd = nkv * hd, kh = h / (nh / nkv), nd4 = hd / 4;
+    int it = item[r0], p0 = pos[r0], last = p0 + len - 1;
+    const bf16* K = (const bf16*)kvp[2 * it] + kh * hd;
+    const bf16* V = (const bf16*)kvp[2 * it + 1] + kh * hd;
+    for (int e = threadIdx.x; e < FA_Q * hd; e += blockDim.x) {
+        int i = e / hd, d = e % hd;
+        qs[e] = i < len ? q[((size_t)(r0 + i) * nh + h) * hd + d] * scale : 0.f;
+    }
+    float m[8], l[8], acc[8][4];
+#pragma unroll
+    for (int rr = 0; rr < 8; rr++) {
+        m[rr] = NEG_INF;
+        l[rr] = 0.f;
+#pragma unroll
+        for (int i = 0; i < 4; i++) acc[rr][i] = 0.f;
+    }
+    int wfirst = p0 + w * 8;  // the position of this warp's first row
+    for (int t0 = 0; t0 <= last; t0 += FA_K) {
+        __syncthreads();
+        for (int e = threadIdx.x; e < FA_K * nd4; e += blockDim.x) {
+            int j = e / nd4, dq = e % nd4, t = t0 + j;
+            uint2 ku = make_uint2(0u, 0u), vu = make_uint2(0u, 0u);
+            if (t <= last) {
+                ku = *(const uint2*)(K + (size_t)t * kvd + 4 * dq);
+                vu = *(const uint2*)(V + (size_t)t * kvd + 4 * dq);
+            }
+            float kf[4], vf[4];
+            bf4(ku, kf);
+            bf4(vu, vf);
+#pragma unroll
+            for (int i = 0; i < 4; i++) kt[(4 * dq + i) * (FA_K + 1) + j] = kf[i];
+            *(float4*)(vs + j * hd + 4 * dq) = make_float4(vf[0], vf[1], vf[2], vf[3]);
+        }
+        __syncthreads();
+        // Every row of this warp is before the block: nothing to add.
+        if (w * 8 >= len || t0 > wfirst + 7) continue;
+        float s[8];
+#pragma unroll
+        for (int rr = 0; rr < 8; rr++) s[rr] = 0.f;
+        for (int d = 0; d < hd; d += 4) {
+            float k0 = kt[d * (FA_K + 1) + lane], k1 = kt[(d + 1) * (FA_K + 1) + lane];
+            float k2 = kt[(d + 2) * (FA_K + 1) + lane], k3 = kt[(d + 3) * (FA_K + 1) + lane];
+#pragma unroll
+            for (int rr = 0; rr < 8; rr++) {
+                float4 qv = *(const float4*)(qs + (w * 8 + rr) * hd + d);
+                s[rr] = fmaf(qv.x, k0, fmaf(qv.y, k1, fmaf(qv.z, k2, fmaf(qv.w, k3, s[rr]))));
+            }
+        }
+        int t = t0 + lane;
+#pragma unroll
+        for (int rr = 0; rr < 8; rr++) {
+            bool valid = w * 8 + rr < len && t <= wfirst + rr;
+            float sv = valid ? s[rr] : NEG_INF;
+            float mn = fmaxf(m[rr], warp_max(sv));
+            float corr = mn == NEG_INF ? 1.f : __expf(m[rr] - mn);
+            float p = valid ? __expf(sv - mn) : 0.f;
+            l[rr] = l[rr] * corr + warp_sum(p);
+            m[rr] = mn;
+#pragma unroll
+            for (int i = 0; i < 4; i++) acc[rr][i] *= corr;
+            s[rr] = p;
+        }
+        int jn = min(FA_K, last - t0 + 1);
+        for (int j = 0; j < jn; j++) {
+            float4 v = lane < nd4 ? *(const float4*)(vs + j * hd + 4 * lane) : make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+            for (int rr = 0; rr < 8; rr++) {
+                float pj = __shfl_sync(0xffffffffu, s[rr], j);
+                acc[rr][0] = fmaf(pj, v.x, acc[rr][0]);
+                acc[rr][1] = fmaf(pj, v.y, acc[rr][1]);
+                acc[rr][2] = fmaf(pj, v.z, acc[rr][2]);
+                acc[rr][3] = fmaf(pj, v.w, acc[rr][3]);
+            }
+        }
+    }
+    if (lane < nd4) {
+#pragma unroll
+        for (int rr = 0; rr < 8; rr++) {
+            int i = w * 8 + rr;
+            if (i >= len) break;
+            float inv = 1.f / l[rr];
+            float4* o = (float4*)(out + ((size_t)(r0 + i) * nh + h) * hd + 4 * lane);
+            *o = make_float4(acc[rr][0] * inv, acc[rr][1] * inv, acc[rr][2] * inv, acc[rr][3] * inv);
+        }
+    }
+}
+
 // g = silu(g) * u, elementwise.
 extern "C" __global__ void silu_mul(float* g, const float* u, u64 n) {
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
@@ -276,12 +359,50 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
 // rows together: the warps split the row's 16-byte chunks (interleaved, so neighbouring
 // warps read neighbouring memory), each lane keeps 2R weight loads in flight and reads each
 // x chunk once for all R rows; partial sums meet in shared memory.
+//
+// Up to three matrices of equal width in one launch and the epilogue `mode`, as for the
+// tensor-core products below (MM_ARGS): 0 store, 1 add into y, 2 gated unit (a block takes
+// R/2 gate rows and the same R/2 up rows, y0 = silu(gate·x) * (up·x)). The sums are formed
+// in the same order in every mode, so a fused launch equals the separate products followed
+// by the `add` or `silu_mul` kernel bit for bit.
 #define GEMV_WARPS 4
 template <int N, int R>
-__device__ void gemv_impl(const bf16* W, const float* x, float* y, int rows, int cols, int n) {
+__device__ void gemv_impl(const bf16* W0, const bf16* W1, const bf16* W2, float* y0, float* y1,
+                          float* y2, int r0, int r1, int r2, const float* x, int cols, int n,
+                          int mode) {
     __shared__ float red[GEMV_WARPS][R][N];
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-    int row0 = blockIdx.x * R;
+    int b = blockIdx.x;
+    const bf16* W = W0;
+    float* y = y0;
+    int rows = r0;
+    bool glu = mode == 2;
+    if (!glu) {
+        int nb0 = (r0 + R - 1) / R, nb1 = (r1 + R - 1) / R;
+        if (b >= nb0 + nb1) {
+            b -= nb0 + nb1;
+            W = W2;
+            y = y2;
+            rows = r2;
+        } else if (b >= nb0) {
+            b -= nb0;
+            W = W1;
+            y = y1;
+            rows = r1;
+        }
+    }
+    // Output rows of this block start at row0; matrix row r of the block is wrow[r].
+    int row0 = glu ? b * (R / 2) : b * R;
+    const bf16* wrow[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        if (glu) {
+            int o = min(row0 + (r % (R / 2)), rows - 1);
+            wrow[r] = (r < R / 2 ? W0 : W1) + (size_t)o * cols;
+        } else {
+            wrow[r] = W + (size_t)min(row0 + r, rows - 1) * cols;
+        }
+    }
     float acc[R][N];
 #pragma unroll
     for (int r = 0; r < R; r++)
@@ -292,12 +413,12 @@ __device__ void gemv_impl(const bf16* W, const float* x, float* y, int rows, int
         const int step = 32 * GEMV_WARPS;
         int i = w * 32 + lane;
         for (; i + step < nv; i += 2 * step) {
-            uint4 a[R], b[R];
+            uint4 a[R], b2[R];
 #pragma unroll
             for (int r = 0; r < R; r++) {
-                const uint4* wr = (const uint4*)(W + (size_t)min(row0 + r, rows - 1) * cols);
+                const uint4* wr = (const uint4*)wrow[r];
                 a[r] = ld_stream(wr + i);
-                b[r] = ld_stream(wr + i + step);
+                b2[r] = ld_stream(wr + i + step);
             }
 #pragma unroll
             for (int j = 0; j < N; j++) {
@@ -305,15 +426,14 @@ __device__ void gemv_impl(const bf16* W, const float* x, float* y, int rows, int
                     const float* xr = x + (size_t)j * cols + 8 * i;
 #pragma unroll
                     for (int r = 0; r < R; r++)
-                        acc[r][j] += dot8(a[r], xr) + dot8(b[r], xr + 8 * step);
+                        acc[r][j] += dot8(a[r], xr) + dot8(b2[r], xr + 8 * step);
                 }
             }
         }
         for (; i < nv; i += step) {
             uint4 a[R];
 #pragma unroll
-            for (int r = 0; r < R; r++)
-                a[r] = ld_stream((const uint4*)(W + (size_t)min(row0 + r, rows - 1) * cols) + i);
+            for (int r = 0; r < R; r++) a[r] = ld_stream((const uint4*)wrow[r] + i);
 #pragma unroll
             for (int j = 0; j < N; j++)
                 if (j < n) {
@@ -325,7 +445,7 @@ __device__ void gemv_impl(const bf16* W, const float* x, float* y, int rows, int
         for (int i = w * 32 + lane; i < cols; i += 32 * GEMV_WARPS) {
 #pragma unroll
             for (int r = 0; r < R; r++) {
-                float wv = bf(W[(size_t)min(row0 + r, rows - 1) * cols + i]);
+                float wv = bf(wrow[r][i]);
 #pragma unroll
                 for (int j = 0; j < N; j++)
                     if (j < n) acc[r][j] = fmaf(wv, x[(size_t)j * cols + i], acc[r][j]);
@@ -342,32 +462,40 @@ __device__ void gemv_impl(const bf16* W, const float* x, float* y, int rows, int
     __syncthreads();
     for (int t = threadIdx.x; t < R * N; t += blockDim.x) {
         int r = t / N, j = t % N;
-        if (j < n && row0 + r < rows) {
+        if (j >= n) continue;
+        if (glu) {
+            if (r >= R / 2 || row0 + r >= rows) continue;
+            float g = 0.f, u = 0.f;
+#pragma unroll
+            for (int k = 0; k < GEMV_WARPS; k++) g += red[k][r][j];
+#pragma unroll
+            for (int k = 0; k < GEMV_WARPS; k++) u += red[k][r + R / 2][j];
+            y[(size_t)j * rows + row0 + r] = g / (1.f + __expf(-g)) * u;
+        } else if (row0 + r < rows) {
             float s = 0.f;
 #pragma unroll
             for (int k = 0; k < GEMV_WARPS; k++) s += red[k][r][j];
-            y[(size_t)j * rows + row0 + r] = s;
+            size_t o = (size_t)j * rows + row0 + r;
+            y[o] = mode == 1 ? y[o] + s : s;
         }
     }
 }
 
-// Rows per block for up to N tokens (fewer rows as the per-row work grows).
+#define MM_ARGS                                                                               \
+    const bf16 *W0, const bf16 *W1, const bf16 *W2, float *y0, float *y1, float *y2, int r0,  \
+        int r1, int r2, const float *x, int cols, int n, int mode
+#define MM_PASS W0, W1, W2, y0, y1, y2, r0, r1, r2, x, cols, n, mode
+
+// Rows per block for up to N tokens (fewer rows as the per-row work grows; even, for the
+// gated unit's gate/up halves).
 #define GEMV_R1 4
 #define GEMV_R2 4
 #define GEMV_R4 2
 #define GEMV_R8 2
-extern "C" __global__ void gemv1(const bf16* W, const float* x, float* y, int rows, int cols, int n) {
-    gemv_impl<1, GEMV_R1>(W, x, y, rows, cols, n);
-}
-extern "C" __global__ void gemv2(const bf16* W, const float* x, float* y, int rows, int cols, int n) {
-    gemv_impl<2, GEMV_R2>(W, x, y, rows, cols, n);
-}
-extern "C" __global__ void gemv4(const bf16* W, const float* x, float* y, int rows, int cols, int n) {
-    gemv_impl<4, GEMV_R4>(W, x, y, rows, cols, n);
-}
-extern "C" __global__ void gemv8(const bf16* W, const float* x, float* y, int rows, int cols, int n) {
-    gemv_impl<8, GEMV_R8>(W, x, y, rows, cols, n);
-}
+extern "C" __global__ void gemv1(MM_ARGS) { gemv_impl<1, GEMV_R1>(MM_PASS); }
+extern "C" __global__ void gemv2(MM_ARGS) { gemv_impl<2, GEMV_R2>(MM_PASS); }
+extern "C" __global__ void gemv4(MM_ARGS) { gemv_impl<4, GEMV_R4>(MM_PASS); }
+extern "C" __global__ void gemv8(MM_ARGS) { gemv_impl<8, GEMV_R8>(MM_PASS); }
 
 // Greedy sampling on the device: out[r] = argmax(logits[r]) (lowest id among ties); grid n_sel.
 extern "C" __global__ void argmax(const float* logits, int vocab, u32* out) {
@@ -622,4 +750,176 @@ extern "C" __global__ void transpose_bf16(const bf16* in, bf16* out, int rows, i
         int c = bx + j, r = by + tx;
         if (c < cols && r < rows) out[(u64)c * rows + r] = tile[tx][j];
     }
+}
+
+// ---- Small-batch products on the tensor cores ----
+//
+// y = W · x for n <= 8*NT tokens, bf16 weights, x f32 rounded to bf16 as it is loaded,
+// f32 accumulation (mma.sync m16n8k16, sm_80+). Every weight byte is read once per call.
+// A block of MM_WARPS warps owns 16 output rows; the warps split the inputs in 32-wide
+// blocks (U consecutive blocks per load round, so each row is read in 64*U-byte runs) and
+// meet in shared memory. The 32 inputs of a block are permuted the same way in the weight
+// (A) and input (B) fragments: thread (g, t) loads W[row][8t .. 8t+8) as one 16-byte load
+// and x[token g][8t .. 8t+8), which two mma steps consume.
+//
+// Up to three matrices of equal width run in one launch (Q, K and V), blocks laid out one
+// matrix after another. mode 0: y = W·x; mode 1: y += W·x (the residual add); mode 2: a
+// gated unit, W0 = gate and W1 = up with equal rows: warps 0-3 take gate rows, 4-7 the same
+// up rows, and y0 = silu(gate·x) * (up·x).
+#define MM_WARPS 8
+
+__device__ __forceinline__ u32 pack_bf2(float a, float b) {
+    return (u32)to_bf(a) | ((u32)to_bf(b) << 16);
+}
+
+__device__ __forceinline__ void mma_bf16(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+template <int NT>
+__device__ __forceinline__ void mm_step(float (*acc)[4], uint4 lo, uint4 hi, const float* x,
+                                        int cols, int n, int g, int k) {
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+        int j = nt * 8 + g;
+        u32 b[4] = {0u, 0u, 0u, 0u};
+        if (j < n) {
+            const float4* xp = (const float4*)(x + (size_t)j * cols + k);
+            float4 p = xp[0], q = xp[1];
+            b[0] = pack_bf2(p.x, p.y);
+            b[1] = pack_bf2(p.z, p.w);
+            b[2] = pack_bf2(q.x, q.y);
+            b[3] = pack_bf2(q.z, q.w);
+        }
+        mma_bf16(acc[nt], lo.x, hi.x, lo.y, hi.y, b[0], b[1]);
+        mma_bf16(acc[nt], lo.z, hi.z, lo.w, hi.w, b[2], b[3]);
+    }
+}
+
+template <int NT, int U>
+__device__ void mm_impl(const bf16* W0, const bf16* W1, const bf16* W2, float* y0, float* y1,
+                        float* y2, int r0, int r1, int r2, const float* __restrict__ x, int cols,
+                        int n, int mode) {
+    __shared__ float red[MM_WARPS][16][8 * NT];
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    int g = lane >> 2, t = lane & 3;
+    int b = blockIdx.x;
+    const bf16* W = W0;
+    float* y = y0;
+    int rows = r0;
+    if (mode != 2) {
+        int nb0 = (r0 + 15) >> 4, nb1 = (r1 + 15) >> 4;
+        if (b >= nb0 + nb1) {
+            b -= nb0 + nb1;
+            W = W2;
+            y = y2;
+            rows = r2;
+        } else if (b >= nb0) {
+            b -= nb0;
+            W = W1;
+            y = y1;
+            rows = r1;
+        }
+    }
+    int row0 = b * 16;
+    bool glu = mode == 2;
+    int kw = glu ? (w & 3) : w, nkw = glu ? MM_WARPS / 2 : MM_WARPS;
+    const bf16* Wm = (glu && w >= MM_WARPS / 2) ? W1 : W;
+    const uint4* ra = (const uint4*)(Wm + (size_t)min(row0 + g, rows - 1) * cols);
+    const uint4* rb = (const uint4*)(Wm + (size_t)min(row0 + g + 8, rows - 1) * cols);
+    float acc[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) acc[nt][i] = 0.f;
+    int nkb = cols >> 5, nsb = nkb / U;
+    for (int sb = kw; sb < nsb; sb += nkw) {
+        uint4 lo[U], hi[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            int c = (sb * U + u) * 4 + t;
+            lo[u] = ld_stream(ra + c);
+            hi[u] = ld_stream(rb + c);
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) mm_step<NT>(acc, lo[u], hi[u], x, cols, n, g, (sb * U + u) * 32 + 8 * t);
+    }
+    for (int kb = nsb * U + kw; kb < nkb; kb += nkw) {
+        uint4 lo = ld_stream(ra + kb * 4 + t), hi = ld_stream(rb + kb * 4 + t);
+        mm_step<NT>(acc, lo, hi, x, cols, n, g, kb * 32 + 8 * t);
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+        int c0 = nt * 8 + 2 * t;
+        red[w][g][c0] = acc[nt][0];
+        red[w][g][c0 + 1] = acc[nt][1];
+        red[w][g + 8][c0] = acc[nt][2];
+        red[w][g + 8][c0 + 1] = acc[nt][3];
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < 16 * 8 * NT; e += blockDim.x) {
+        int r = e / (8 * NT), j = e % (8 * NT);
+        if (j >= n || row0 + r >= rows) continue;
+        size_t o = (size_t)j * rows + row0 + r;
+        if (glu) {
+            float gs = 0.f, us = 0.f;
+#pragma unroll
+            for (int k = 0; k < MM_WARPS / 2; k++) {
+                gs += red[k][r][j];
+                us += red[k + MM_WARPS / 2][r][j];
+            }
+            y[o] = gs / (1.f + __expf(-gs)) * us;
+        } else {
+            float s = 0.f;
+#pragma unroll
+            for (int k = 0; k < MM_WARPS; k++) s += red[k][r][j];
+            y[o] = mode == 1 ? y[o] + s : s;
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) mm8(MM_ARGS) {
+    mm_impl<1, 8>(MM_PASS);
+}
+extern "C" __global__ void __launch_bounds__(256) mm16(MM_ARGS) {
+    mm_impl<2, 8>(MM_PASS);
+}
+extern "C" __global__ void __launch_bounds__(256) mm32(MM_ARGS) {
+    mm_impl<4, 4>(MM_PASS);
+}
+
+// Rotary embedding of row r's query and key heads, then K and V stored at pos[r] of its
+// item's cache (rope and kv_write in one launch); grid (n), block 256.
+extern "C" __global__ void rope_kv(float* q, float* k, const float* __restrict__ v,
+                                   const int* pos, const float* cos_t, const float* sin_t,
+                                   const u64* kvp, const int* item, int nh, int nkv, int hd,
+                                   int interleaved) {
+    int r = blockIdx.x, half = hd / 2, p = pos[r], kvd = nkv * hd;
+    float* qr = q + (size_t)r * nh * hd;
+    float* kr = k + (size_t)r * kvd;
+    int it = item[r];
+    bf16* K = (bf16*)kvp[2 * it] + (size_t)p * kvd;
+    bf16* V = (bf16*)kvp[2 * it + 1] + (size_t)p * kvd;
+    for (int j = threadIdx.x; j < (nh + nkv) * half; j += blockDim.x) {
+        int h = j / half, i = j % half;
+        float* vr = h < nh ? qr + h * hd : kr + (h - nh) * hd;
+        int a = interleaved ? 2 * i : i;
+        int b = interleaved ? 2 * i + 1 : i + half;
+        float c = cos_t[(size_t)p * half + i], s = sin_t[(size_t)p * half + i];
+        float x0 = vr[a], x1 = vr[b];
+        float o0 = x0 * c - x1 * s, o1 = x0 * s + x1 * c;
+        if (h < nh) {
+            vr[a] = o0;
+            vr[b] = o1;
+        } else {
+            int base = (h - nh) * hd;
+            K[base + a] = to_bf(o0);
+            K[base + b] = to_bf(o1);
+        }
+    }
+    for (int i = threadIdx.x; i < kvd; i += blockDim.x) V[i] = to_bf(v[(size_t)r * kvd + i]);
 }

@@ -428,6 +428,11 @@ struct Pass {
     sval: u64,
     part: u64,
     cnt: u64,
+    /// Rows for `attention` (row indices) and tiles for `attention_tiles` (first row, len).
+    arows: u64,
+    n_arows: usize,
+    tiles: u64,
+    n_tiles: usize,
 }
 
 struct GraphExec(cudarc::driver::sys::CUgraphExec);
@@ -466,7 +471,18 @@ const SIDX: usize = 18;
 const SVAL: usize = 19;
 const PART: usize = 20;
 const CNT: usize = 21;
-const NBUF: usize = 22;
+const AROWS: usize = 22;
+const TILES: usize = 23;
+const NBUF: usize = 24;
+
+/// Query rows per tile of `attention_tiles` (FA_Q in kernels/engine.cu) and the shortest
+/// chunk that goes to it (shorter chunks and decode rows use `attention`).
+const FA_Q: usize = 64;
+const FA_MIN_CHUNK: usize = 16;
+/// Dynamic shared memory of `attention_tiles` for head size `hd` (FA_Q, FA_K = 32).
+pub(crate) fn attention_tiles_smem(hd: usize) -> usize {
+    (FA_Q * hd + hd * 33 + 32 * hd) * 4
+}
 
 /// Widest input the top-k kernel takes (16 elements per thread of 1024).
 const TOPK_MAX: usize = 16 * 1024;
@@ -531,7 +547,14 @@ pub struct CudaBackend {
     /// Replay decode steps from CUDA graphs (SWITCHYARD_CUDA_GRAPHS=0 turns it off).
     pub graphs_enabled: bool,
     larosa: Option<Larosa>,
+    /// Token counts that use the tensor-core products (`mm*` kernels); outside it the GEMV
+    /// kernels (up to 8 tokens) or cuBLAS.
+    pub mm_tokens: std::ops::RangeInclusive<usize>,
+    /// Decode steps of up to this many tokens replay CUDA graphs.
+    pub graph_max_tokens: usize,
     graphs: Vec<((usize, usize, usize, u64), GraphExec)>,
+    /// Shapes run once eagerly (captured when they come again).
+    seen: Vec<(usize, usize, usize, u64)>,
     bufs: Bufs,
     logits: Vec<f32>,
     kvp: Vec<u64>,
@@ -539,6 +562,223 @@ pub struct CudaBackend {
     pos: Vec<i32>,
     item: Vec<i32>,
     selidx: Vec<i32>,
+    arows: Vec<i32>,
+    tiles: Vec<i32>,
+}
+
+/// Default token range of the tensor-core products (from `bench gpu`'s product sweep on the
+/// H200: the GEMV is faster at 1-2 tokens, cuBLAS on large matrices above 8).
+pub const MM_TOKENS: std::ops::RangeInclusive<usize> = 3..=8;
+/// Default largest decode step replayed from a CUDA graph.
+pub const GRAPH_MAX_TOKENS: usize = 64;
+
+/// What a fused product does with its result.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Epilogue {
+    /// y_i = W_i·x for each (W_i, y_i).
+    Store,
+    /// y += W·x (the residual add).
+    Add,
+    /// y_0 = silu(W_0·x) * (W_1·x) (gate and up; y_1 is scratch for the unfused path).
+    Glu,
+}
+
+/// The engine's GEMV kernel for up to 8 tokens: y[n, rows] = x[n, cols] · wᵀ.
+fn launch_gemv(g: &Gpu, w: &DevW, x: u64, n: usize, y: u64) -> Result<()> {
+    launch_fused(g, Fused::Gemv, &[(w, y)], x, n, Epilogue::Store)
+}
+
+/// A product kernel with the fused interface (`MM_ARGS` in kernels/engine.cu).
+#[derive(Clone, Copy, Debug)]
+enum Fused {
+    /// gemv1/2/4/8 by token count (f32 inputs, CUDA cores).
+    Gemv,
+    /// mm8/mm16/mm32 by token count (inputs rounded to bf16, tensor cores).
+    Mm,
+}
+
+/// One launch of up to three products of `x` (`n` tokens) with matrices of equal width and
+/// the epilogue `epi`.
+fn launch_fused(
+    g: &Gpu,
+    k: Fused,
+    outs: &[(&DevW, u64)],
+    x: u64,
+    n: usize,
+    epi: Epilogue,
+) -> Result<()> {
+    // (kernel, output rows per block, rows per block of the gated unit, threads)
+    let (f, rpb, rpb_glu, threads) = match (k, n) {
+        (Fused::Gemv, 1) => (g.k.gemv[0], 4, 2, 128),
+        (Fused::Gemv, 2) => (g.k.gemv[1], 4, 2, 128),
+        (Fused::Gemv, 3..=4) => (g.k.gemv[2], 2, 1, 128),
+        (Fused::Gemv, _) => (g.k.gemv[3], 2, 1, 128),
+        (Fused::Mm, 0..=8) => (g.k.mm[0], 16, 16, 256),
+        (Fused::Mm, 9..=16) => (g.k.mm[1], 16, 16, 256),
+        (Fused::Mm, _) => (g.k.mm[2], 16, 16, 256),
+    };
+    let seg = |i: usize| {
+        outs.get(i)
+            .map_or((0u64, 0u64, 0i32), |(w, y)| (w.buf.ptr, *y, w.rows as i32))
+    };
+    let ((w0, y0, r0), (w1, y1, r1), (w2, y2, r2)) = (seg(0), seg(1), seg(2));
+    let grid: usize = if epi == Epilogue::Glu {
+        outs[0].0.rows.div_ceil(rpb_glu)
+    } else {
+        outs.iter().map(|(w, _)| w.rows.div_ceil(rpb)).sum()
+    };
+    let mode: i32 = match epi {
+        Epilogue::Store => 0,
+        Epilogue::Add => 1,
+        Epilogue::Glu => 2,
+    };
+    let (ci, ni) = (outs[0].0.cols as i32, n as i32);
+    // SAFETY: x holds n*cols f32; each y_i n*rows_i f32; each W_i rows_i*cols bf16.
+    unsafe {
+        g.launch(
+            f,
+            (grid as u32, 1, 1),
+            threads,
+            args!(w0, w1, w2, y0, y1, y2, r0, r1, r2, x, ci, ni, mode),
+        )
+    }
+}
+
+/// cuBLAS `GemmEx` after rounding x to bf16 into `x16` (n*cols bf16).
+fn launch_cublas(g: &Gpu, w: &DevW, x: u64, x16: u64, n: usize, y: u64) -> Result<()> {
+    let (rows, cols) = (w.rows as i32, w.cols as i32);
+    let total = (n * w.cols) as u64;
+    // SAFETY: x holds n*cols f32, x16 n*cols bf16, y n*rows f32, w rows*cols bf16.
+    unsafe {
+        g.launch(
+            g.k.f32_to_bf16,
+            (blocks(n * w.cols, 256).min(4096), 1, 1),
+            256,
+            args!(x, x16, total),
+        )?;
+        let (alpha, beta) = (1f32, 0f32);
+        blas::gemm_ex(
+            g.blas,
+            bsys::cublasOperation_t::CUBLAS_OP_T,
+            bsys::cublasOperation_t::CUBLAS_OP_N,
+            rows,
+            n as i32,
+            cols,
+            &alpha as *const f32 as *const c_void,
+            w.buf.ptr as *const c_void,
+            bsys::cudaDataType::CUDA_R_16BF,
+            cols,
+            x16 as *const c_void,
+            bsys::cudaDataType::CUDA_R_16BF,
+            cols,
+            &beta as *const f32 as *const c_void,
+            y as *mut c_void,
+            bsys::cudaDataType::CUDA_R_32F,
+            rows,
+            bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+        .map_err(|e| EngineError::Invalid(format!("CUDA: cuBLAS GemmEx: {e:?}")))
+    }
+}
+
+/// One tensor-core product on the device, for tests: `mats` are bf16 `[rows_i, cols]`
+/// matrices, `x` is `[n, cols]`; returns each y_i (`[n, rows_i]`). With [`Epilogue::Add`]
+/// y_0 starts as `y0`; with [`Epilogue::Glu`] only y_0 is meaningful.
+pub fn mm_product(
+    gpu: &Arc<Gpu>,
+    mats: &[(&[u16], usize)],
+    cols: usize,
+    x: &[f32],
+    n: usize,
+    epi: Epilogue,
+    y0: Option<&[f32]>,
+) -> Result<Vec<Vec<f32>>> {
+    if n == 0 || n > 32 || !cols.is_multiple_of(32) || mats.is_empty() || mats.len() > 3 {
+        return Err(EngineError::Invalid(format!(
+            "tensor-core product: {n} tokens of width {cols} with {} matrices",
+            mats.len()
+        )));
+    }
+    let ws = mats
+        .iter()
+        .map(|(w, rows)| -> Result<DevW> {
+            Ok(DevW {
+                buf: gpu.upload(w)?,
+                rows: *rows,
+                cols,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let ys = mats
+        .iter()
+        .map(|(_, rows)| gpu.alloc(n * rows * 4))
+        .collect::<Result<Vec<_>>>()?;
+    if let Some(y0) = y0 {
+        ys[0].write(y0)?;
+    }
+    let xb = gpu.upload(x)?;
+    let outs: Vec<(&DevW, u64)> = ws.iter().zip(&ys).map(|(w, y)| (w, y.ptr)).collect();
+    launch_fused(gpu, Fused::Mm, &outs, xb.ptr, n, epi)?;
+    ys.iter()
+        .zip(mats)
+        .map(|(y, (_, rows))| y.read::<f32>(n * rows))
+        .collect()
+}
+
+/// Which product kernel [`product_secs`] times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProductKernel {
+    /// The GEMV kernels (up to 8 tokens, f32 inputs).
+    Gemv,
+    /// The tensor-core `mm*` kernels (up to 32 tokens, inputs 32-aligned).
+    Mm,
+    /// cuBLAS GemmEx with the bf16 rounding of the input.
+    Cublas,
+}
+
+/// Seconds per `[rows, cols]` product of `n` tokens with `kernel` (random bf16 weights, mean
+/// of `reps` back-to-back launches after a warm-up): the product sweep of `bench gpu`.
+pub fn product_secs(
+    gpu: &Arc<Gpu>,
+    rows: usize,
+    cols: usize,
+    n: usize,
+    kernel: ProductKernel,
+    reps: usize,
+) -> Result<f64> {
+    // Several weight copies larger than the L2 cache, cycled, so every launch reads DRAM.
+    let copies = (256 << 20) / (rows * cols * 2) + 1;
+    let ws = (0..copies)
+        .map(|i| -> Result<DevW> {
+            let buf = gpu.alloc(rows * cols * 2)?;
+            gpu.fill_random_bf16(&buf, 7 + i as u32, 0.05)?;
+            Ok(DevW { buf, rows, cols })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let x = gpu.alloc(n * cols * 4)?;
+    let x16 = gpu.alloc(n * cols * 2)?;
+    let y = gpu.alloc(n * rows * 4)?;
+    x.write(&vec![0.5f32; n * cols])?;
+    let run = |w: &DevW| -> Result<()> {
+        match kernel {
+            ProductKernel::Gemv => launch_gemv(gpu, w, x.ptr, n, y.ptr),
+            ProductKernel::Mm => {
+                launch_fused(gpu, Fused::Mm, &[(w, y.ptr)], x.ptr, n, Epilogue::Store)
+            }
+            ProductKernel::Cublas => launch_cublas(gpu, w, x.ptr, x16.ptr, n, y.ptr),
+        }
+    };
+    for w in &ws {
+        run(w)?;
+    }
+    gpu.sync()?;
+    let t = std::time::Instant::now();
+    for i in 0..reps {
+        run(&ws[i % copies])?;
+    }
+    gpu.sync()?;
+    Ok(t.elapsed().as_secs_f64() / reps as f64)
 }
 
 fn blocks(n: usize, per: usize) -> u32 {
@@ -551,7 +791,10 @@ impl CudaBackend {
             dm,
             graphs_enabled: std::env::var("SWITCHYARD_CUDA_GRAPHS").map_or(true, |v| v != "0"),
             larosa: None,
+            mm_tokens: MM_TOKENS,
+            graph_max_tokens: GRAPH_MAX_TOKENS,
             graphs: Vec::new(),
+            seen: Vec::new(),
             bufs: Bufs::default(),
             logits: Vec::new(),
             kvp: Vec::new(),
@@ -559,6 +802,8 @@ impl CudaBackend {
             pos: Vec::new(),
             item: Vec::new(),
             selidx: Vec::new(),
+            arows: Vec::new(),
+            tiles: Vec::new(),
         }
     }
 
@@ -653,63 +898,85 @@ impl CudaBackend {
         }
     }
 
+    /// The fused kernel that takes `n` tokens of inputs `cols` wide, if one does: the
+    /// tensor-core products inside [`Self::mm_tokens`] (inputs 32-aligned), else the GEMV up
+    /// to 8 tokens; above that cuBLAS, unfused.
+    fn fused_kernel(&self, n: usize, cols: usize) -> Option<Fused> {
+        if self.mm_tokens.contains(&n) && cols.is_multiple_of(32) {
+            Some(Fused::Mm)
+        } else if n <= 8 {
+            Some(Fused::Gemv)
+        } else {
+            None
+        }
+    }
+
+    /// Products of one input `x` (`n` tokens) with up to three matrices of equal width, and
+    /// the epilogue: one launch when [`Self::fused_kernel`] has a kernel, else one cuBLAS
+    /// product per matrix plus the add or gate kernels (`tmp` is scratch for
+    /// [`Epilogue::Add`]).
+    pub(crate) fn proj(
+        &mut self,
+        outs: &[(&DevW, u64)],
+        x: u64,
+        n: usize,
+        epi: Epilogue,
+        tmp: u64,
+    ) -> Result<()> {
+        let cols = outs[0].0.cols;
+        debug_assert!(outs.iter().all(|(w, _)| w.cols == cols) && outs.len() <= 3);
+        let gpu = self.dm.gpu.clone();
+        let g = &gpu;
+        if let Some(k) = self.fused_kernel(n, cols) {
+            return launch_fused(g, k, outs, x, n, epi);
+        }
+        match epi {
+            Epilogue::Store => {
+                for (w, y) in outs {
+                    self.linear(w, x, n, *y)?;
+                }
+            }
+            Epilogue::Add => {
+                let (w, y) = outs[0];
+                self.linear(w, x, n, tmp)?;
+                let m = (n * w.rows) as u64;
+                // SAFETY: y and tmp hold n*rows f32.
+                unsafe {
+                    g.launch(
+                        g.k.add,
+                        (blocks(n * w.rows, 256).min(4096), 1, 1),
+                        256,
+                        args!(y, tmp, m),
+                    )?
+                };
+            }
+            Epilogue::Glu => {
+                let ((wg, yg), (wu, yu)) = (outs[0], outs[1]);
+                self.linear(wg, x, n, yg)?;
+                self.linear(wu, x, n, yu)?;
+                let m = (n * wg.rows) as u64;
+                // SAFETY: yg and yu hold n*rows f32.
+                unsafe {
+                    g.launch(
+                        g.k.silu_mul,
+                        (blocks(n * wg.rows, 256).min(4096), 1, 1),
+                        256,
+                        args!(yg, yu, m),
+                    )?
+                };
+            }
+        }
+        Ok(())
+    }
+
     /// y[n, w.rows] = x[n, w.cols] · wᵀ.
     fn linear(&mut self, w: &DevW, x: u64, n: usize, y: u64) -> Result<()> {
         let gpu = self.dm.gpu.clone();
-        let (rows, cols) = (w.rows as i32, w.cols as i32);
         if n <= 8 {
-            // Kernel for up to 1, 2, 4, 8 tokens and its rows per block (kernels/engine.cu).
-            let (ki, rpb) = match n {
-                1 => (0, 4),
-                2 => (1, 4),
-                3 | 4 => (2, 2),
-                _ => (3, 2),
-            };
-            let nn = n as i32;
-            // SAFETY: x holds n*cols f32, y n*rows f32, w rows*cols bf16.
-            return unsafe {
-                gpu.launch(
-                    gpu.k.gemv[ki],
-                    (w.rows.div_ceil(rpb) as u32, 1, 1),
-                    128,
-                    args!(w.buf.ptr, x, y, rows, cols, nn),
-                )
-            };
+            return launch_gemv(&gpu, w, x, n, y);
         }
         let x16 = self.bufs.get(&gpu, X16, n * w.cols * 2)?;
-        let total = (n * w.cols) as u64;
-        // SAFETY: sizes as above; x16 holds n*cols bf16.
-        unsafe {
-            gpu.launch(
-                gpu.k.f32_to_bf16,
-                (blocks(n * w.cols, 256).min(4096), 1, 1),
-                256,
-                args!(x, x16, total),
-            )?;
-            let (alpha, beta) = (1f32, 0f32);
-            blas::gemm_ex(
-                gpu.blas,
-                bsys::cublasOperation_t::CUBLAS_OP_T,
-                bsys::cublasOperation_t::CUBLAS_OP_N,
-                rows,
-                n as i32,
-                cols,
-                &alpha as *const f32 as *const c_void,
-                w.buf.ptr as *const c_void,
-                bsys::cudaDataType::CUDA_R_16BF,
-                cols,
-                x16 as *const c_void,
-                bsys::cudaDataType::CUDA_R_16BF,
-                cols,
-                &beta as *const f32 as *const c_void,
-                y as *mut c_void,
-                bsys::cudaDataType::CUDA_R_32F,
-                rows,
-                bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-            .map_err(|e| EngineError::Invalid(format!("CUDA: cuBLAS GemmEx: {e:?}")))
-        }
+        launch_cublas(&gpu, w, x, x16, n, y)
     }
 
     /// Enqueue the whole pass; returns (rows with logits, device pointer to the logits).
@@ -726,8 +993,20 @@ impl CudaBackend {
         self.pos.clear();
         self.item.clear();
         self.selidx.clear();
+        self.arows.clear();
+        self.tiles.clear();
+        let tiled = c.head_dim <= 128 && c.head_dim.is_multiple_of(4);
         let mut r0 = 0;
         for (i, b) in batch.iter().enumerate() {
+            let len = b.tokens.len();
+            if tiled && len >= FA_MIN_CHUNK {
+                for s in (0..len).step_by(FA_Q) {
+                    self.tiles.push((r0 + s) as i32);
+                    self.tiles.push(FA_Q.min(len - s) as i32);
+                }
+            } else {
+                self.arows.extend((r0..r0 + len).map(|r| r as i32));
+            }
             for (j, &t) in b.tokens.iter().enumerate() {
                 self.tok.push(t);
                 self.pos.push((b.pos + j) as i32);
@@ -766,6 +1045,8 @@ impl CudaBackend {
         let item = b.get(g, ITEM, n * 4)?;
         let kvp = b.get(g, KVP, self.kvp.len() * 8)?;
         let selidx = b.get(g, SELIDX, n_sel.max(1) * 4)?;
+        let arows = b.get(g, AROWS, n.max(1) * 4)?;
+        let tiles = b.get(g, TILES, self.tiles.len().max(1) * 4)?;
         let (sidx, sval, part, cnt) = if self.larosa.is_some() {
             let wide = dim.max(f).max(qd);
             let tiles = wide.div_ceil(256);
@@ -803,6 +1084,8 @@ impl CudaBackend {
             up(item, bytes_of(&self.item))?;
             up(kvp, bytes_of(&self.kvp))?;
             up(selidx, bytes_of(&self.selidx))?;
+            up(arows, bytes_of(&self.arows))?;
+            up(tiles, bytes_of(&self.tiles))?;
         }
         let pass = Pass {
             n,
@@ -828,15 +1111,24 @@ impl CudaBackend {
             sval,
             part,
             cnt,
+            arows,
+            n_arows: self.arows.len(),
+            tiles,
+            n_tiles: self.tiles.len() / 2,
         };
-        // Small decode batches (GEMV only, no cuBLAS) replay a CUDA graph of the whole pass:
-        // one launch per step instead of ~15 per layer. Kernel arguments are buffer
+        // Passes of up to graph_max_tokens tokens (decode batches; cuBLAS runs on our own
+        // workspace, so it can be captured) replay a CUDA graph of the whole pass: one
+        // launch per step instead of ~8 per layer. Kernel arguments are buffer
         // addresses and sizes, fixed for a batch shape while no buffer is reallocated; the
         // per-step contents (tokens, positions, K/V bases) were uploaded above.
-        let graphable = self.graphs_enabled && n <= 8;
-        if graphable {
-            let key = (n, n_sel, items, self.bufs.generation);
-            if !self.graphs.iter().any(|(k2, _)| *k2 == key) {
+        // (Tiled prefill attention has a per-pass tile layout: not replayed.)
+        let graphable = self.graphs_enabled && n <= self.graph_max_tokens && pass.n_tiles == 0;
+        let key = (n, n_sel, items, self.bufs.generation);
+        let captured = self.graphs.iter().any(|(k2, _)| *k2 == key);
+        // A shape is captured the second time it is seen: the first pass runs eagerly, so
+        // cuBLAS and the driver finish their lazy set-up outside a capture.
+        if graphable && (captured || self.seen.contains(&key)) {
+            if !captured {
                 let exec = self.capture(&pass)?;
                 self.graphs.retain(|(k2, _)| k2.3 == key.3);
                 self.graphs.push((key, exec));
@@ -846,6 +1138,10 @@ impl CudaBackend {
             unsafe { cudarc::driver::result::graph::launch(exec, gpu.stream) }
                 .map_err(|e| EngineError::Invalid(format!("CUDA: graph launch: {e:?}")))?;
         } else {
+            if graphable {
+                self.seen.retain(|k2| k2.3 == key.3);
+                self.seen.push(key);
+            }
             self.enqueue(&pass)?;
         }
         Ok((n_sel, logits))
@@ -881,7 +1177,6 @@ impl CudaBackend {
         let g = &gpu;
         let c = &dm.cfg;
         let (dim, hd, nh, nkv, f) = (c.dim, c.head_dim, c.n_heads, c.n_kv_heads, c.ffn_dim);
-        let kvd = nkv * hd;
         let Pass {
             n,
             n_sel,
@@ -902,15 +1197,20 @@ impl CudaBackend {
             item,
             kvp,
             selidx,
+            arows,
+            n_arows,
+            tiles,
+            n_tiles,
             ..
         } = *p;
-        let (dim_i, kvd_i, hd_i, nh_i, nkv_i) =
-            (dim as i32, kvd as i32, hd as i32, nh as i32, nkv as i32);
+        let (dim_i, hd_i, nh_i, nkv_i) = (dim as i32, hd as i32, nh as i32, nkv as i32);
         let eps = c.rms_eps;
         let inter = matches!(c.rope, RopeStyle::Interleaved) as i32;
         let scale = 1.0 / (hd as f32).sqrt();
         let nu = n as u32;
         let kk = &g.k;
+        let nd = (n * dim) as u64;
+        let eb = blocks(n * dim, 256).min(4096);
         // One float4 per thread for rows up to 4096 wide.
         let norm_threads = (dim / 4).next_multiple_of(32).clamp(32, 1024) as u32;
         // SAFETY: every buffer was sized above for this batch; kernels index within them.
@@ -935,60 +1235,79 @@ impl CudaBackend {
                     args!(x, l.attn_norm.ptr, xb, dim_i, eps),
                 )?;
                 let sp = l.sparse.as_ref();
-                let kq = self.sparsify(p, xb, dim, false, sp.is_some())?;
-                self.linear_s(p, &l.wq, sp.map(|s| &s.wq), kq, xb, q)?;
-                self.linear_s(p, &l.wk, sp.map(|s| &s.wk), kq, xb, k)?;
-                self.linear_s(p, &l.wv, sp.map(|s| &s.wv), kq, xb, v)?;
+                // Without LaRoSA, Q/K/V are one launch, the residual adds ride on the output
+                // products and SiLU·up on the gate/up product (Self::proj).
+                let fused = self.larosa.is_none();
+                if fused {
+                    self.proj(
+                        &[(&l.wq, q), (&l.wk, k), (&l.wv, v)],
+                        xb,
+                        n,
+                        Epilogue::Store,
+                        tmp,
+                    )?;
+                } else {
+                    let kq = self.sparsify(p, xb, dim, false, sp.is_some())?;
+                    self.linear_s(p, &l.wq, sp.map(|s| &s.wq), kq, xb, q)?;
+                    self.linear_s(p, &l.wk, sp.map(|s| &s.wk), kq, xb, k)?;
+                    self.linear_s(p, &l.wv, sp.map(|s| &s.wv), kq, xb, v)?;
+                }
                 let (cos, sin) = (dm.cos.ptr, dm.sin.ptr);
-                g.launch(
-                    kk.rope,
-                    (nu, blocks(nh * hd / 2, 128), 1),
-                    128,
-                    args!(q, pos, cos, sin, nh_i, hd_i, inter),
-                )?;
-                g.launch(
-                    kk.rope,
-                    (nu, blocks(nkv * hd / 2, 128), 1),
-                    128,
-                    args!(k, pos, cos, sin, nkv_i, hd_i, inter),
-                )?;
                 let kvl = kvp + (li * items * 2 * 8) as u64;
                 g.launch(
-                    kk.kv_write,
-                    (nu, blocks(kvd, 128), 1),
-                    128,
-                    args!(k, v, kvl, item, pos, kvd_i),
-                )?;
-                g.launch(
-                    kk.attention,
-                    (nu, nh as u32, 1),
+                    kk.rope_kv,
+                    (nu, 1, 1),
                     256,
-                    args!(q, kvl, item, pos, att, nh_i, nkv_i, hd_i, scale),
+                    args!(q, k, v, pos, cos, sin, kvl, item, nh_i, nkv_i, hd_i, inter),
                 )?;
-                let ko = self.sparsify(p, att, nh * hd, true, sp.is_some())?;
-                self.linear_s(p, &l.wo, sp.map(|s| &s.wo), ko, att, tmp)?;
-                let nd = (n * dim) as u64;
-                let eb = blocks(n * dim, 256).min(4096);
-                g.launch(kk.add, (eb, 1, 1), 256, args!(x, tmp, nd))?;
+                if n_arows > 0 {
+                    g.launch(
+                        kk.attention,
+                        (n_arows as u32, nh as u32, 1),
+                        256,
+                        args!(q, kvl, item, pos, arows, att, nh_i, nkv_i, hd_i, scale),
+                    )?;
+                }
+                if n_tiles > 0 {
+                    g.launch_smem(
+                        kk.attention_tiles,
+                        (n_tiles as u32, nh as u32, 1),
+                        256,
+                        attention_tiles_smem(hd) as u32,
+                        args!(q, kvl, item, pos, tiles, att, nh_i, nkv_i, hd_i, scale),
+                    )?;
+                }
+                if fused {
+                    self.proj(&[(&l.wo, x)], att, n, Epilogue::Add, tmp)?;
+                } else {
+                    let ko = self.sparsify(p, att, nh * hd, true, sp.is_some())?;
+                    self.linear_s(p, &l.wo, sp.map(|s| &s.wo), ko, att, tmp)?;
+                    g.launch(kk.add, (eb, 1, 1), 256, args!(x, tmp, nd))?;
+                }
                 g.launch(
                     kk.rmsnorm,
                     (nu, 1, 1),
                     norm_threads,
                     args!(x, l.ffn_norm.ptr, xb, dim_i, eps),
                 )?;
-                let kg = self.sparsify(p, xb, dim, false, sp.is_some())?;
-                self.linear_s(p, &l.gate, sp.map(|s| &s.gate), kg, xb, hb)?;
-                self.linear_s(p, &l.up, sp.map(|s| &s.up), kg, xb, hb2)?;
-                let nf = (n * f) as u64;
-                g.launch(
-                    kk.silu_mul,
-                    (blocks(n * f, 256).min(4096), 1, 1),
-                    256,
-                    args!(hb, hb2, nf),
-                )?;
-                let kd = self.sparsify(p, hb, f, true, sp.is_some())?;
-                self.linear_s(p, &l.down, sp.map(|s| &s.down), kd, hb, tmp)?;
-                g.launch(kk.add, (eb, 1, 1), 256, args!(x, tmp, nd))?;
+                if fused {
+                    self.proj(&[(&l.gate, hb), (&l.up, hb2)], xb, n, Epilogue::Glu, tmp)?;
+                    self.proj(&[(&l.down, x)], hb, n, Epilogue::Add, tmp)?;
+                } else {
+                    let kg = self.sparsify(p, xb, dim, false, sp.is_some())?;
+                    self.linear_s(p, &l.gate, sp.map(|s| &s.gate), kg, xb, hb)?;
+                    self.linear_s(p, &l.up, sp.map(|s| &s.up), kg, xb, hb2)?;
+                    let nf = (n * f) as u64;
+                    g.launch(
+                        kk.silu_mul,
+                        (blocks(n * f, 256).min(4096), 1, 1),
+                        256,
+                        args!(hb, hb2, nf),
+                    )?;
+                    let kd = self.sparsify(p, hb, f, true, sp.is_some())?;
+                    self.linear_s(p, &l.down, sp.map(|s| &s.down), kd, hb, tmp)?;
+                    g.launch(kk.add, (eb, 1, 1), 256, args!(x, tmp, nd))?;
+                }
             }
             if n_sel > 0 {
                 g.launch(

@@ -30,14 +30,16 @@ pub(crate) struct Kernels {
     pub embed: sys::CUfunction,
     pub gather_rows: sys::CUfunction,
     pub rmsnorm: sys::CUfunction,
-    pub rope: sys::CUfunction,
-    pub kv_write: sys::CUfunction,
     pub attention: sys::CUfunction,
+    pub attention_tiles: sys::CUfunction,
     pub silu_mul: sys::CUfunction,
     pub add: sys::CUfunction,
     pub f32_to_bf16: sys::CUfunction,
     /// gemv for up to 1, 2, 4, 8 tokens.
     pub gemv: [sys::CUfunction; 4],
+    /// Tensor-core products for up to 8, 16, 32 tokens (fused Q/K/V, residual add, gated unit).
+    pub mm: [sys::CUfunction; 3],
+    pub rope_kv: sys::CUfunction,
     pub argmax: sys::CUfunction,
     pub fill_random: sys::CUfunction,
     /// LaRoSA: top-k selection, the sparse GEMV, bf16 transpose.
@@ -198,19 +200,30 @@ impl Gpu {
             embed: f("embed")?,
             gather_rows: f("gather_rows")?,
             rmsnorm: f("rmsnorm")?,
-            rope: f("rope")?,
-            kv_write: f("kv_write")?,
             attention: f("attention")?,
+            attention_tiles: f("attention_tiles")?,
             silu_mul: f("silu_mul")?,
             add: f("add")?,
             f32_to_bf16: f("f32_to_bf16")?,
             gemv: [f("gemv1")?, f("gemv2")?, f("gemv4")?, f("gemv8")?],
+            mm: [f("mm8")?, f("mm16")?, f("mm32")?],
+            rope_kv: f("rope_kv")?,
             argmax: f("argmax")?,
             fill_random: f("fill_random")?,
             topk: f("topk")?,
             sparse_gemv: f("sparse_gemv")?,
             transpose_bf16: f("transpose_bf16")?,
         };
+        // attention_tiles takes more than the default 48 KiB of shared memory (head size 128).
+        // SAFETY: a function of the loaded module.
+        unsafe {
+            cu::function::set_function_attribute(
+                k.attention_tiles,
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                forward::attention_tiles_smem(128) as i32,
+            )
+        }
+        .map_err(|e| err("attention_tiles shared memory", e))?;
         let present =
             std::panic::catch_unwind(|| unsafe { blas_sys::is_culib_present() }).unwrap_or(false);
         if !present {
@@ -222,6 +235,17 @@ impl Gpu {
         let handle = blas::create_handle().map_err(|e| err("cuBLAS", e))?;
         // SAFETY: valid handle and stream.
         unsafe { blas::set_stream(handle, stream as _) }.map_err(|e| err("cuBLAS stream", e))?;
+        // A workspace of our own: cuBLAS then allocates nothing per call, so its products
+        // can be captured in the decode step's CUDA graph. It lives as long as the process's
+        // context (the Gpu is never torn down before exit).
+        const BLAS_WORKSPACE: usize = 32 << 20;
+        // SAFETY: plain allocation on the current context; the handle is valid.
+        unsafe {
+            let ws = cu::malloc_sync(BLAS_WORKSPACE).map_err(|e| err("cuBLAS workspace", e))?;
+            blas_sys::cublasSetWorkspace_v2(handle, ws as *mut c_void, BLAS_WORKSPACE)
+                .result()
+                .map_err(|e| err("cuBLAS workspace", e))?;
+        }
         Ok(Gpu {
             ordinal,
             name,
@@ -260,7 +284,23 @@ impl Gpu {
         args: &mut [*mut c_void],
     ) -> Result<()> {
         // SAFETY: upheld by the caller.
-        unsafe { cu::launch_kernel(f, grid, (block, 1, 1), 0, self.stream, args) }
+        unsafe { self.launch_smem(f, grid, block, 0, args) }
+    }
+
+    /// [`Self::launch`] with `smem` bytes of dynamic shared memory.
+    ///
+    /// # Safety
+    /// As for [`Self::launch`].
+    pub(crate) unsafe fn launch_smem(
+        &self,
+        f: sys::CUfunction,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        args: &mut [*mut c_void],
+    ) -> Result<()> {
+        // SAFETY: upheld by the caller.
+        unsafe { cu::launch_kernel(f, grid, (block, 1, 1), smem, self.stream, args) }
             .map_err(|e| err("kernel launch", e))
     }
 
@@ -434,13 +474,16 @@ mod tests {
                     for k in [
                         "embed",
                         "attention",
+                        "attention_tiles",
                         "gemv8",
                         "argmax",
-                        "kv_write",
-                        "rope",
                         "topk",
                         "sparse_gemv",
                         "transpose_bf16",
+                        "mm8",
+                        "mm16",
+                        "mm32",
+                        "rope_kv",
                     ] {
                         assert!(
                             ptx.contains(&format!(".entry {k}(")),
