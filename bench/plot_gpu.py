@@ -12,7 +12,7 @@ d = sys.argv[1] if len(sys.argv) > 1 else "bench/results"
 sy = json.load(open(os.path.join(d, "gpu-llama2-7b.json")))
 tp = os.path.join(d, "gpu-torch-llama2-7b.json")
 torch = json.load(open(tp)) if os.path.exists(tp) else None
-rows = [r for r in sy["decode"] if r.get("cuda_graphs", True) or r["batch"] > 8]
+rows = [r for r in sy["decode"] if r.get("kernels", "engine") == "engine" and (r.get("cuda_graphs", True) or r["batch"] > 8)]
 bs = [r["batch"] for r in rows]
 ours = [r["tokens_per_s"] for r in rows]
 roof = [r["batch"] * 1e3 / r["roofline_ms_per_step"] for r in rows]

@@ -883,13 +883,13 @@ __device__ void mm_impl(const bf16* W0, const bf16* W1, const bf16* W2, float* y
 }
 
 extern "C" __global__ void __launch_bounds__(256) mm8(MM_ARGS) {
-    mm_impl<1, 8>(MM_PASS);
+    mm_impl<1, 4>(MM_PASS);
 }
 extern "C" __global__ void __launch_bounds__(256) mm16(MM_ARGS) {
-    mm_impl<2, 8>(MM_PASS);
+    mm_impl<2, 4>(MM_PASS);
 }
 extern "C" __global__ void __launch_bounds__(256) mm32(MM_ARGS) {
-    mm_impl<4, 4>(MM_PASS);
+    mm_impl<4, 2>(MM_PASS);
 }
 
 // Rotary embedding of row r's query and key heads, then K and V stored at pos[r] of its
