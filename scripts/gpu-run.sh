@@ -61,3 +61,32 @@ if [[ $STEPS == *torch* ]]; then
   "$BIN" bench gpu --dummy llama2-7b --save-weights "$W"
   PYTHONUNBUFFERED=1 python3 bench/torch_baseline.py "$W" --batch ${BATCH:-1,8,32,64} --prompt 128 --gen ${GEN:-128} > "$OUT/gpu-torch-llama2-7b.json"
 fi
+if [[ $STEPS == *serve* ]]; then
+  echo "== The gateway on the GPU: stories260K served, sampled on the device"
+  log=${TMPDIR:-/tmp}/serve-gpu.log
+  "$BIN" serve --model "$DIR/stories260K" --device cuda --port 18181 > "$log" 2>&1 &
+  pid=$!
+  python3 - <<'PY' 2>&1 | tee "$OUT/gpu-serve-sampling.txt"
+import json, time, urllib.request
+url = "http://127.0.0.1:18181/v1/completions"
+def ask(**kw):
+    body = dict(model="stories260K", prompt="Once upon a time", max_tokens=40, **kw)
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    for _ in range(240):  # until the model is loaded (503 before, no socket before that)
+        try:
+            return json.load(urllib.request.urlopen(req, timeout=60))["choices"][0]["text"]
+        except Exception as e:
+            if getattr(e, "code", 503) != 503:
+                raise
+            time.sleep(0.5)
+    raise SystemExit("the model never became ready")
+print("greedy:", repr(ask(temperature=0)))
+a = ask(temperature=0.9, top_p=0.9, seed=7)
+b = ask(temperature=0.9, top_p=0.9, seed=7)
+c = ask(temperature=0.9, top_p=0.9, seed=8)
+print("seed 7:", repr(a)); print("seed 7 again:", repr(b)); print("seed 8:", repr(c))
+print("same seed, same text:", a == b, "| other seed differs:", a != c)
+PY
+  kill $pid; wait $pid 2>/dev/null
+  grep -i "cuda\|device" "$log" | head -3
+fi

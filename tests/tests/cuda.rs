@@ -697,3 +697,111 @@ fn tiled_prefill_attention_matches_the_row_kernel() {
         "tiled prefill differs by {worst} (scale {scale})"
     );
 }
+
+/// The device sampler against the host's rules: greedy takes the lowest id among equal
+/// maxima; with top-k/top-p every draw lands in the host's kept set (top-k by logit, ties to
+/// the lowest id, then the smallest by-weight prefix holding top_p of the mass), and a grid
+/// of uniform numbers reproduces each kept id's probability to within the grid's step.
+#[test]
+fn device_sampling_follows_the_host_rules() {
+    use switchyard_engine::cuda::forward::sample_on_device;
+    use switchyard_engine::sampling::RowSampling;
+    let Some(g) = gpu() else { return };
+    let mut seed = 5u64;
+    let mut rnd = move || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 40) as f32 / (1u64 << 24) as f32
+    };
+    for vocab in [100usize, 32000, 49152] {
+        let mut l: Vec<f32> = (0..vocab).map(|_| rnd() * 8.0 - 4.0).collect();
+        // Ties: two equal maxima, and a run of equal logits around the top-k boundary.
+        l[vocab / 3] = 9.0;
+        l[vocab / 2] = 9.0;
+        for i in 0..6 {
+            l[vocab / 5 + 7 * i] = 7.5;
+        }
+        let greedy = sample_on_device(
+            &g,
+            &[l.clone(), l.clone()].concat(),
+            vocab,
+            &[
+                RowSampling {
+                    temperature: 0.0,
+                    top_k: 0,
+                    top_p: 1.0,
+                    u: 0.3,
+                },
+                RowSampling {
+                    temperature: 1.0,
+                    top_k: 1,
+                    top_p: 1.0,
+                    u: 0.9,
+                },
+            ],
+        )
+        .unwrap();
+        assert_eq!(greedy, vec![(vocab / 3) as u32; 2], "greedy, vocab {vocab}");
+        for (t, k, p) in [
+            (1.0f32, 0u32, 1.0f32),
+            (0.7, 5, 1.0),
+            (1.0, 0, 0.6),
+            (1.3, 40, 0.9),
+        ] {
+            // Host reference: kept ids and their probabilities.
+            let mut order: Vec<usize> = (0..vocab).collect();
+            order.sort_by(|&a, &b| l[b].total_cmp(&l[a]).then(a.cmp(&b)));
+            if k > 0 {
+                order.truncate(k as usize);
+            }
+            let mx = l[order[0]];
+            let w: Vec<f64> = order
+                .iter()
+                .map(|&i| (((l[i] - mx) / t) as f64).exp())
+                .collect();
+            let total: f64 = w.iter().sum();
+            let mut keep = order.len();
+            if p < 1.0 {
+                let mut acc = 0.0;
+                keep = w
+                    .iter()
+                    .position(|x| {
+                        acc += x;
+                        acc >= p as f64 * total
+                    })
+                    .unwrap()
+                    + 1;
+            }
+            let kept = &order[..keep];
+            let mass: f64 = w[..keep].iter().sum();
+            let n = 4000;
+            let rows: Vec<RowSampling> = (0..n)
+                .map(|j| RowSampling {
+                    temperature: t,
+                    top_k: k,
+                    top_p: p,
+                    u: (j as f32 + 0.5) / n as f32,
+                })
+                .collect();
+            let logits: Vec<f32> = (0..n).flat_map(|_| l.iter().copied()).collect();
+            let ids = sample_on_device(&g, &logits, vocab, &rows).unwrap();
+            let mut count = std::collections::HashMap::new();
+            for &id in &ids {
+                assert!(
+                    kept.contains(&(id as usize)),
+                    "vocab {vocab} t {t} k {k} p {p}: drew {id}, outside the kept set"
+                );
+                *count.entry(id as usize).or_insert(0usize) += 1;
+            }
+            for (j, &i) in kept.iter().enumerate() {
+                let want = w[j] / mass;
+                let got = *count.get(&i).unwrap_or(&0) as f64 / n as f64;
+                assert!(
+                    (got - want).abs() <= 2.0 / n as f64 + 1e-4,
+                    "vocab {vocab} t {t} k {k} p {p}: id {i} drawn {got}, probability {want}"
+                );
+            }
+        }
+    }
+}

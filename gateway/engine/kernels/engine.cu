@@ -923,3 +923,261 @@ extern "C" __global__ void rope_kv(float* q, float* k, const float* __restrict__
     }
     for (int i = threadIdx.x; i < kvd; i += blockDim.x) V[i] = to_bf(v[(size_t)r * kvd + i]);
 }
+
+// ---- Sampling on the device: temperature, top-k, top-p ----
+
+// Exclusive prefix sum over the block (1024 threads at most) of one value per thread, in
+// thread order; *total gets the block's sum.
+template <typename T>
+__device__ T block_excl_scan(T v, T* total) {
+    __shared__ T ws[32];
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    T x = v;
+    for (int o = 1; o < 32; o <<= 1) {
+        T y = __shfl_up_sync(0xffffffffu, x, o);
+        if (lane >= o) x += y;
+    }
+    if (lane == 31) ws[w] = x;
+    __syncthreads();
+    if (w == 0) {
+        T t = lane < nw ? ws[lane] : (T)0;
+        for (int o = 1; o < 32; o <<= 1) {
+            T y = __shfl_up_sync(0xffffffffu, t, o);
+            if (lane >= o) t += y;
+        }
+        ws[lane] = t;
+    }
+    __syncthreads();
+    T base = w > 0 ? ws[w - 1] : (T)0;
+    *total = ws[nw - 1];
+    __syncthreads();
+    return base + x - v;
+}
+
+// Order-preserving map of a float to u32 (larger float, larger key).
+__device__ __forceinline__ u32 fkey(float f) {
+    u32 u = __float_as_uint(f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+__device__ __forceinline__ float fkey_inv(u32 k) {
+    return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+// One row per block (1024 threads), as the host Sampler: greedy when temperature <= 0 or
+// top_k == 1 (the lowest id among equal maxima); else the top_k largest logits (ties to
+// the lowest id; 0 = all), then the smallest set of those, by weight, holding top_p of
+// their mass (ties to the lowest id), weights exp((l - max) / temperature), and the id
+// where u times the kept mass falls, the kept ids walked in id order. prm[3r..3r+3] =
+// (temperature, top_p, u), topk[r]. Thread t owns ids [t*per, (t+1)*per); the top-k
+// threshold is a radix select over the logits' keys (8 bits per pass), the top-p threshold
+// the same select over mass.
+extern "C" __global__ void __launch_bounds__(1024)
+    sample_rows(const float* logits, int vocab, const float* prm, const int* topk, u32* out) {
+    __shared__ u32 hist[256];
+    __shared__ float fhist[256];
+    __shared__ u32 s_sel, s_rem;
+    __shared__ float s_above;
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    int r = blockIdx.x;
+    const float* L = logits + (size_t)r * vocab;
+    float temp = prm[3 * r], top_p = prm[3 * r + 1], u = prm[3 * r + 2];
+    int k = topk[r];
+    int per = (vocab + blockDim.x - 1) / blockDim.x;
+    int lo = min(vocab, (int)threadIdx.x * per), hi = min(vocab, lo + per);
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    // The maximum and its lowest id.
+    float best = NEG_INF;
+    int bi = 0x7fffffff;
+    for (int i = lo; i < hi; i++)
+        if (L[i] > best) {
+            best = L[i];
+            bi = i;
+        }
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, best, o);
+        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (ov > best || (ov == best && oi < bi)) {
+            best = ov;
+            bi = oi;
+        }
+    }
+    if (lane == 0) {
+        sv[w] = best;
+        si[w] = bi;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int i = 1; i < nw; i++)
+            if (sv[i] > sv[0] || (sv[i] == sv[0] && si[i] < si[0])) {
+                sv[0] = sv[i];
+                si[0] = si[i];
+            }
+    }
+    __syncthreads();
+    float mx = sv[0];
+    int amax = si[0] == 0x7fffffff ? 0 : si[0];
+    if (!(temp > 0.f) || k == 1) {
+        if (threadIdx.x == 0) out[r] = (u32)amax;
+        return;
+    }
+    float inv_t = 1.f / temp;
+    // Top-k: the k-th largest key `kth`, and how many ids equal to it are kept (`need`).
+    u32 kth = 0u, need = (u32)vocab;
+    if (k > 0 && k < vocab) {
+        u32 prefix = 0u, mask = 0u, rem = (u32)k;
+        for (int shift = 24; shift >= 0; shift -= 8) {
+            for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0u;
+            __syncthreads();
+            for (int i = lo; i < hi; i++) {
+                u32 key = fkey(L[i]);
+                if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+            }
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                u32 acc = 0u;
+                int d = 255;
+                for (; d > 0; d--) {
+                    if (acc + hist[d] >= rem) break;
+                    acc += hist[d];
+                }
+                s_sel = (u32)d;
+                s_rem = rem - acc;
+            }
+            __syncthreads();
+            prefix |= s_sel << shift;
+            mask |= 255u << shift;
+            rem = s_rem;
+            __syncthreads();
+        }
+        kth = prefix;
+        need = rem;
+    }
+    // in_k(i): key > kth, or key == kth among the first `need` such ids.
+    u32 eq = 0u;
+    for (int i = lo; i < hi; i++) eq += fkey(L[i]) == kth;
+    u32 eq_total;
+    u32 eq_before = block_excl_scan<u32>(eq, &eq_total);
+#define IN_K(key, rank) ((key) > kth || ((key) == kth && (rank) < need))
+    // Top-p over the in_k ids: the key `kp` where the mass from the top reaches top_p of the
+    // total, the mass strictly above it, and how many ids equal to it are kept.
+    u32 kp = 0u, need_p = (u32)vocab;
+    if (top_p < 1.f) {
+        float part = 0.f;
+        u32 rk = eq_before;
+        for (int i = lo; i < hi; i++) {
+            u32 key = fkey(L[i]);
+            bool in = IN_K(key, rk);
+            rk += key == kth;
+            if (in) part += __expf((L[i] - mx) * inv_t);
+        }
+        float total;
+        block_excl_scan<float>(part, &total);
+        float target = top_p * total;
+        u32 prefix = 0u, mask = 0u;
+        float above = 0.f;
+        for (int shift = 24; shift >= 0; shift -= 8) {
+            for (int i = threadIdx.x; i < 256; i += blockDim.x) fhist[i] = 0.f;
+            __syncthreads();
+            rk = eq_before;
+            for (int i = lo; i < hi; i++) {
+                u32 key = fkey(L[i]);
+                bool in = IN_K(key, rk);
+                rk += key == kth;
+                if (in && (key & mask) == prefix)
+                    atomicAdd(&fhist[(key >> shift) & 255u], __expf((L[i] - mx) * inv_t));
+            }
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                float acc = above;
+                int d = 255, last = -1;
+                for (; d >= 0; d--) {
+                    if (fhist[d] > 0.f) last = d;
+                    if (fhist[d] > 0.f && acc + fhist[d] >= target) break;
+                    acc += fhist[d];
+                }
+                // Rounding left the target unreached: take the lowest non-empty bin.
+                if (d < 0) {
+                    d = last < 0 ? 0 : last;
+                    acc -= fhist[d];
+                }
+                s_sel = (u32)d;
+                s_above = acc;
+            }
+            __syncthreads();
+            prefix |= s_sel << shift;
+            mask |= 255u << shift;
+            above = s_above;
+            __syncthreads();
+        }
+        kp = prefix;
+        float we = __expf((fkey_inv(kp) - mx) * inv_t);
+        float c = ceilf((target - above) / we);
+        need_p = (u32)fmaxf(1.f, c);
+    }
+    // Rank among in_k ids whose key equals kp (for top-p's ties).
+    u32 eqp = 0u;
+    {
+        u32 rk = eq_before;
+        for (int i = lo; i < hi; i++) {
+            u32 key = fkey(L[i]);
+            eqp += IN_K(key, rk) && key == kp;
+            rk += key == kth;
+        }
+    }
+    u32 eqp_total;
+    u32 eqp_before = block_excl_scan<u32>(eqp, &eqp_total);
+    // The kept mass per thread, its prefix, and the draw: the one thread whose range holds
+    // u times the kept mass walks it; if rounding leaves the draw past every range, the
+    // last kept id.
+    __shared__ int s_pick, s_last;
+    if (threadIdx.x == 0) {
+        s_pick = -1;
+        s_last = amax;
+    }
+    float part = 0.f;
+    int last = -1;
+    {
+        u32 rk = eq_before, rp = eqp_before;
+        for (int i = lo; i < hi; i++) {
+            u32 key = fkey(L[i]);
+            bool in = IN_K(key, rk);
+            rk += key == kth;
+            bool tie = in && key == kp;
+            bool keep = in && (top_p >= 1.f || key > kp || (tie && rp < need_p));
+            rp += tie;
+            if (keep) {
+                part += __expf((L[i] - mx) * inv_t);
+                last = i;
+            }
+        }
+    }
+    float total;
+    float before = block_excl_scan<float>(part, &total);
+    if (last >= 0) atomicMax(&s_last, last);
+    float target = u * total;
+    if (part > 0.f && target >= before && target < before + part) {
+        u32 rk = eq_before, rp = eqp_before;
+        float acc = before;
+        int pick = last;
+        for (int i = lo; i < hi; i++) {
+            u32 key = fkey(L[i]);
+            bool in = IN_K(key, rk);
+            rk += key == kth;
+            bool tie = in && key == kp;
+            bool keep = in && (top_p >= 1.f || key > kp || (tie && rp < need_p));
+            rp += tie;
+            if (keep) {
+                acc += __expf((L[i] - mx) * inv_t);
+                if (target < acc) {
+                    pick = i;
+                    break;
+                }
+            }
+        }
+        s_pick = pick;
+    }
+#undef IN_K
+    __syncthreads();
+    if (threadIdx.x == 0) out[r] = (u32)(s_pick >= 0 ? s_pick : s_last);
+}

@@ -7,6 +7,7 @@ use crate::error::Result;
 use crate::forward::SeqChunk;
 use crate::kv::{KvAllocator, KvLayout};
 use crate::model::Model;
+use crate::sampling::RowSampling;
 
 /// Where the forward pass runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -45,6 +46,19 @@ pub trait Backend: Send {
         kv: &mut dyn KvAllocator,
         batch: &[SeqChunk],
     ) -> Result<&[f32]>;
+    /// The pass with sampling on the device: one id per logits row, drawn with `rows`
+    /// (in row order). `None`, without running the pass, when this backend samples on the
+    /// host only; then call [`Self::forward`].
+    fn forward_sampled(
+        &mut self,
+        m: &Model,
+        kv: &mut dyn KvAllocator,
+        batch: &[SeqChunk],
+        rows: &[RowSampling],
+    ) -> Result<Option<Vec<u32>>> {
+        let _ = (m, kv, batch, rows);
+        Ok(None)
+    }
     /// Another backend over the same device weights with a fresh KV allocator of `layout`
     /// (a new pipeline generation).
     fn fork(&self, layout: KvLayout) -> Result<(Box<dyn Backend>, Box<dyn KvAllocator>)>;

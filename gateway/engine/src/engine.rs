@@ -241,6 +241,24 @@ impl Engine {
         }
     }
 
+    /// The batched pass with sampling on the device (see [`Backend::forward_sampled`]):
+    /// `None`, without running the pass, on the CPU or a backend that samples on the host.
+    pub fn forward_sampled(
+        &mut self,
+        batch: &[SeqChunk],
+        rows: &[crate::sampling::RowSampling],
+    ) -> Result<Option<Vec<u32>>> {
+        match &mut self.device {
+            Some(d) => d.forward_sampled(&self.model, self.kv.as_mut(), batch, rows),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether a device backend runs the forward pass.
+    pub fn on_device(&self) -> bool {
+        self.device.is_some()
+    }
+
     /// Where the forward pass runs ("cpu" or the device's name).
     pub fn backend_name(&self) -> String {
         self.device.as_ref().map_or("cpu".into(), |d| d.name())

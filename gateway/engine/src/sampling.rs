@@ -40,6 +40,20 @@ impl SamplingParams {
     }
 }
 
+/// One row's draw for a backend that samples on its device: the request's parameters and
+/// the uniform number the host [`Sampler`] would have drawn for this token.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RowSampling {
+    /// 0 = greedy.
+    pub temperature: f32,
+    /// 0 = off.
+    pub top_k: u32,
+    /// 1.0 = off.
+    pub top_p: f32,
+    /// Uniform in [0, 1).
+    pub u: f32,
+}
+
 /// xoshiro256** seeded through splitmix64.
 #[derive(Debug, Clone)]
 pub struct Rng([u64; 4]);
@@ -108,6 +122,19 @@ impl Sampler {
         }
     }
 
+    /// This token's draw for a device sampler: the same generator state advances as in
+    /// [`Self::sample`] (one number per sampled token, none when greedy).
+    pub fn device_draw(&mut self) -> RowSampling {
+        let p = &self.params;
+        let greedy = p.temperature == 0.0 || p.top_k == 1;
+        RowSampling {
+            temperature: p.temperature,
+            top_k: p.top_k.min(u32::MAX as usize) as u32,
+            top_p: p.top_p,
+            u: if greedy { 0.0 } else { self.rng.next_f32() },
+        }
+    }
+
     /// Draw the next token. Costs O(vocab) (no full sort): top-k uses a selection, top-p
     /// sorts only the head of the distribution, growing it until it holds `top_p` of the mass.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
@@ -173,6 +200,31 @@ impl Sampler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_draws_advance_the_generator_like_host_samples() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
+        let p = SamplingParams {
+            temperature: 0.8,
+            top_k: 10,
+            top_p: 0.9,
+            seed: 9,
+        };
+        let mut host = Sampler::new(p.clone());
+        let mut dev = Sampler::new(p.clone());
+        for _ in 0..5 {
+            host.sample(&logits);
+            let d = dev.device_draw();
+            assert!((0.0..1.0).contains(&d.u) && d.top_k == 10 && d.top_p == 0.9);
+        }
+        // Same generator state: the next host samples agree.
+        let a: Vec<u32> = (0..20).map(|_| host.sample(&logits)).collect();
+        let b: Vec<u32> = (0..20).map(|_| dev.sample(&logits)).collect();
+        assert_eq!(a, b);
+        // Greedy draws take no number.
+        let mut g = Sampler::new(SamplingParams::default());
+        assert_eq!(g.device_draw().u, 0.0);
+    }
 
     #[test]
     fn same_seed_same_tokens() {

@@ -461,6 +461,17 @@ impl Scheduler {
         if plan.is_empty() {
             return;
         }
+        // On a device, sample there when no row asks for logprobs: only ids come back.
+        let device_rows: Option<Vec<crate::sampling::RowSampling>> = (self.engine.on_device()
+            && plan
+                .iter()
+                .all(|&(i, _, wants)| !wants || self.running[i].req.logprobs.is_none()))
+        .then(|| {
+            plan.iter()
+                .filter(|p| p.2)
+                .map(|&(i, _, _)| self.running[i].sampler.device_draw())
+                .collect()
+        });
         let chunks: Vec<SeqChunk> = plan
             .iter()
             .map(|&(i, n, logits)| {
@@ -476,9 +487,16 @@ impl Scheduler {
         info.seqs = chunks.len();
         info.tokens = chunks.iter().map(|c| c.tokens.len()).sum();
         let e = &mut self.engine;
+        let mut ids: Option<Vec<u32>> = None;
         // A panic inside the pass (e.g. a KV plugin handing out no memory) fails this batch's
         // sequences instead of ending the scheduler thread and every other request with it.
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            if let Some(rows) = &device_rows {
+                if let Some(v) = e.forward_sampled(&chunks, rows)? {
+                    ids = Some(v);
+                    return Ok(());
+                }
+            }
             e.forward(&chunks).map(|l| {
                 self.logits.clear();
                 self.logits.extend_from_slice(l);
@@ -513,10 +531,13 @@ impl Scheduler {
             if !wants {
                 continue;
             }
-            let logits = &self.logits[row * vocab..(row + 1) * vocab];
+            let pick = match &ids {
+                Some(v) => Pick::Id(v[row]),
+                None => Pick::Logits(&self.logits[row * vocab..(row + 1) * vocab]),
+            };
             row += 1;
             let patch = self.engine.patch.as_deref();
-            match sample_one(s, logits, &self.engine.tokenizer, patch) {
+            match sample_one(s, pick, &self.engine.tokenizer, patch) {
                 Next::Continue => {}
                 Next::Done => done.push(i),
                 Next::Abandoned => {
@@ -543,15 +564,27 @@ enum Next {
     Abandoned,
 }
 
-/// Sample the next token of `s`.
+/// A row's next token: sampled on the device already, or to sample from its logits.
+enum Pick<'a> {
+    Id(u32),
+    Logits(&'a [f32]),
+}
+
+/// Take the next token of `s`.
 fn sample_one(
     s: &mut Seq,
-    logits: &[f32],
+    pick: Pick,
     tok: &crate::tokenizer::Tokenizer,
     patch: Option<&dyn crate::patch::TokenPatch>,
 ) -> Next {
-    let id = s.sampler.sample(logits);
-    let logprob = s.req.logprobs.map(|n| token_logprob(logits, id, n));
+    let (id, logprob) = match pick {
+        // Device rows never ask for logprobs (the scheduler samples those on the host).
+        Pick::Id(id) => (id, None),
+        Pick::Logits(logits) => {
+            let id = s.sampler.sample(logits);
+            (id, s.req.logprobs.map(|n| token_logprob(logits, id, n)))
+        }
+    };
     let finish = |s: &mut Seq, reason| {
         let mut tail = String::new();
         s.text.finish(&mut |t| tail.push_str(t));

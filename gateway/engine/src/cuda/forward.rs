@@ -16,6 +16,7 @@ use crate::error::{EngineError, Result};
 use crate::forward::SeqChunk;
 use crate::kv::{KvAllocator, KvLayout};
 use crate::model::{Config, Model, RopeStyle, Weight};
+use crate::sampling::RowSampling;
 
 macro_rules! args {
     ($($a:expr),* $(,)?) => {
@@ -473,7 +474,9 @@ const PART: usize = 20;
 const CNT: usize = 21;
 const AROWS: usize = 22;
 const TILES: usize = 23;
-const NBUF: usize = 24;
+const SPRM: usize = 24;
+const STOPK: usize = 25;
+const NBUF: usize = 26;
 
 /// Query rows per tile of `attention_tiles` (FA_Q in kernels/engine.cu) and the shortest
 /// chunk that goes to it (shorter chunks and decode rows use `attention`).
@@ -552,6 +555,9 @@ pub struct CudaBackend {
     pub mm_tokens: std::ops::RangeInclusive<usize>,
     /// Decode steps of up to this many tokens replay CUDA graphs.
     pub graph_max_tokens: usize,
+    /// Sample on the device when the caller allows it (SWITCHYARD_DEVICE_SAMPLING=0 turns
+    /// it off: logits rows go to the host).
+    pub device_sampling: bool,
     graphs: Vec<((usize, usize, usize, u64), GraphExec)>,
     /// Shapes run once eagerly (captured when they come again).
     seen: Vec<(usize, usize, usize, u64)>,
@@ -726,6 +732,73 @@ pub fn mm_product(
         .collect()
 }
 
+/// The sampler's parameter arrays: (temperature, top_p, u) per row, and top_k per row.
+fn sample_params(rows: &[RowSampling]) -> (Vec<f32>, Vec<i32>) {
+    let prm = rows
+        .iter()
+        .flat_map(|r| [r.temperature, r.top_p, r.u])
+        .collect();
+    let topk = rows
+        .iter()
+        .map(|r| r.top_k.min(i32::MAX as u32) as i32)
+        .collect();
+    (prm, topk)
+}
+
+/// Upload the sampler's parameters (into `p`, `tk`) and run `sample_rows` over
+/// `prm.len() / 3` rows of `logits`, ids into `ids`.
+#[allow(clippy::too_many_arguments)]
+fn launch_sample(
+    g: &Gpu,
+    logits: u64,
+    vocab: usize,
+    prm: &[f32],
+    topk: &[i32],
+    p: u64,
+    tk: u64,
+    ids: u64,
+) -> Result<()> {
+    let n = topk.len();
+    let vocab = vocab as i32;
+    // SAFETY: logits holds n rows of vocab f32, p 3n f32, tk and ids n values; prm and topk
+    // outlive the copies (pageable copies are staged before the call returns).
+    unsafe {
+        use cudarc::driver::result as cu;
+        cu::memcpy_htod_async(p, bytes_of(prm), g.stream)
+            .and_then(|_| cu::memcpy_htod_async(tk, bytes_of(topk), g.stream))
+            .map_err(|e| EngineError::Invalid(format!("CUDA: upload: {e:?}")))?;
+        g.launch(
+            g.k.sample_rows,
+            (n as u32, 1, 1),
+            1024,
+            args!(logits, vocab, p, tk, ids),
+        )
+    }
+}
+
+/// The device sampler on host logits rows (`[rows.len(), vocab]`), for tests.
+pub fn sample_on_device(
+    gpu: &Arc<Gpu>,
+    logits: &[f32],
+    vocab: usize,
+    rows: &[RowSampling],
+) -> Result<Vec<u32>> {
+    if rows.is_empty() || logits.len() != rows.len() * vocab {
+        return Err(EngineError::Invalid(format!(
+            "device sampling: {} logits for {} rows of {vocab}",
+            logits.len(),
+            rows.len()
+        )));
+    }
+    let l = gpu.upload(logits)?;
+    let (prm, topk) = sample_params(rows);
+    let p = gpu.alloc(prm.len() * 4)?;
+    let tk = gpu.alloc(topk.len() * 4)?;
+    let ids = gpu.alloc(rows.len() * 4)?;
+    launch_sample(gpu, l.ptr, vocab, &prm, &topk, p.ptr, tk.ptr, ids.ptr)?;
+    ids.read::<u32>(rows.len())
+}
+
 /// Which product kernel [`product_secs`] times.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ProductKernel {
@@ -793,6 +866,7 @@ impl CudaBackend {
             larosa: None,
             mm_tokens: MM_TOKENS,
             graph_max_tokens: GRAPH_MAX_TOKENS,
+            device_sampling: std::env::var("SWITCHYARD_DEVICE_SAMPLING").map_or(true, |v| v != "0"),
             graphs: Vec::new(),
             seen: Vec::new(),
             bufs: Bufs::default(),
@@ -1355,6 +1429,49 @@ impl CudaBackend {
         buf.read::<u32>(n_sel)
     }
 
+    /// The pass with sampling on the device (`sample_rows`): one id per row with logits,
+    /// drawn with `rows` (temperature, top-k, top-p and the host's uniform number); only
+    /// the ids come back to the host.
+    pub fn forward_sample(
+        &mut self,
+        kv: &mut dyn KvAllocator,
+        batch: &[SeqChunk],
+        rows: &[RowSampling],
+    ) -> Result<Vec<u32>> {
+        let want: usize = batch
+            .iter()
+            .map(|b| b.tokens.len().saturating_sub(b.logits_from))
+            .sum();
+        if want != rows.len() {
+            return Err(EngineError::Invalid(format!(
+                "device sampling: {} parameter rows for {want} rows with logits",
+                rows.len()
+            )));
+        }
+        let (n_sel, logits) = self.run(kv, batch)?;
+        let gpu = self.dm.gpu.clone();
+        if n_sel == 0 {
+            gpu.sync()?;
+            return Ok(Vec::new());
+        }
+        let (prm, topk) = sample_params(rows);
+        let ids = self.bufs.get(&gpu, IDS, n_sel * 4)?;
+        let p = self.bufs.get(&gpu, SPRM, n_sel * 3 * 4)?;
+        let tk = self.bufs.get(&gpu, STOPK, n_sel * 4)?;
+        launch_sample(
+            &gpu,
+            logits,
+            self.dm.cfg.vocab_size,
+            &prm,
+            &topk,
+            p,
+            tk,
+            ids,
+        )?;
+        let buf = self.bufs.f32s[IDS].as_ref().unwrap();
+        buf.read::<u32>(n_sel)
+    }
+
     /// The logits of the rows that asked for them, on the host.
     pub fn forward_logits(
         &mut self,
@@ -1389,6 +1506,18 @@ impl Backend for CudaBackend {
         batch: &[SeqChunk],
     ) -> Result<&[f32]> {
         self.forward_logits(kv, batch)
+    }
+    fn forward_sampled(
+        &mut self,
+        _m: &Model,
+        kv: &mut dyn KvAllocator,
+        batch: &[SeqChunk],
+        rows: &[RowSampling],
+    ) -> Result<Option<Vec<u32>>> {
+        if !self.device_sampling {
+            return Ok(None);
+        }
+        self.forward_sample(kv, batch, rows).map(Some)
     }
     fn fork(&self, layout: KvLayout) -> Result<(Box<dyn Backend>, Box<dyn KvAllocator>)> {
         let kv = super::open_kv(&self.dm, layout, None, super::kv::KvMode::Background)?;

@@ -41,6 +41,7 @@ pub(crate) struct Kernels {
     pub mm: [sys::CUfunction; 3],
     pub rope_kv: sys::CUfunction,
     pub argmax: sys::CUfunction,
+    pub sample_rows: sys::CUfunction,
     pub fill_random: sys::CUfunction,
     /// LaRoSA: top-k selection, the sparse GEMV, bf16 transpose.
     pub topk: sys::CUfunction,
@@ -209,6 +210,7 @@ impl Gpu {
             mm: [f("mm8")?, f("mm16")?, f("mm32")?],
             rope_kv: f("rope_kv")?,
             argmax: f("argmax")?,
+            sample_rows: f("sample_rows")?,
             fill_random: f("fill_random")?,
             topk: f("topk")?,
             sparse_gemv: f("sparse_gemv")?,
@@ -477,6 +479,7 @@ mod tests {
                         "attention_tiles",
                         "gemv8",
                         "argmax",
+                        "sample_rows",
                         "topk",
                         "sparse_gemv",
                         "transpose_bf16",
