@@ -111,10 +111,12 @@ __device__ __forceinline__ void bf4(uint2 u, float* f) {
 // together, with an online softmax; the warps' partial results are merged at the end.
 extern "C" __global__ void attention(const float* q, const u64* kvp, const int* item, const int* pos,
                                      const int* rows, float* out, int nh, int nkv, int hd,
-                                     float scale) {
+                                     float scale, float* part, u32* cnt) {
     __shared__ float s_m[ATT_WARPS], s_l[ATT_WARPS];
     __shared__ float s_acc[ATT_WARPS * 256];
+    __shared__ u32 s_ticket;
     int r = rows[blockIdx.x], h = blockIdx.y;
+    int S = gridDim.z, gw = blockIdx.z * ATT_WARPS + (threadIdx.x >> 5), GW = S * ATT_WARPS;
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     int kvd = nkv * hd, kh = h / (nh / nkv);
     int it = item[r], T = pos[r] + 1;
@@ -134,12 +136,12 @@ extern "C" __global__ void attention(const float* q, const u64* kvp, const int* 
         }
     }
     float m = NEG_INF, l = 0.f;
-    for (int t0 = w; t0 < T; t0 += 2 * ATT_WARPS) {
+    for (int t0 = gw; t0 < T; t0 += 2 * GW) {
         uint2 kk[2][2], vv[2][2];
-        bool have[2] = {true, t0 + ATT_WARPS < T};
+        bool have[2] = {true, t0 + GW < T};
 #pragma unroll
         for (int u = 0; u < 2; u++) {
-            size_t t = (size_t)(t0 + u * ATT_WARPS);
+            size_t t = (size_t)(t0 + u * GW);
 #pragma unroll
             for (int c = 0; c < 2; c++) {
                 if (have[u] && ok[c]) {
@@ -191,12 +193,53 @@ extern "C" __global__ void attention(const float* q, const u64* kvp, const int* 
     for (int i = 0; i < ATT_WARPS; i++)
         if (s_l[i] > 0.f) L += s_l[i] * __expf(s_m[i] - M);
     float* o = out + ((size_t)r * nh + h) * hd;
+    if (S == 1) {
+        for (int e = threadIdx.x; e < hd; e += blockDim.x) {
+            float a = 0.f;
+            for (int i = 0; i < ATT_WARPS; i++)
+                if (s_l[i] > 0.f) a += s_acc[i * 256 + e] * __expf(s_m[i] - M);
+            o[e] = a / L;
+        }
+        return;
+    }
+    // Split over positions (gridDim.z blocks per row and head): each block leaves (max,
+    // sum, unnormalized output) in part; the last to finish (a ticket in cnt, zero between
+    // calls) merges them in split order.
+    size_t slot = (size_t)blockIdx.x * nh + h;
+    float* pp = part + (slot * S + blockIdx.z) * (hd + 2);
     for (int e = threadIdx.x; e < hd; e += blockDim.x) {
         float a = 0.f;
         for (int i = 0; i < ATT_WARPS; i++)
             if (s_l[i] > 0.f) a += s_acc[i * 256 + e] * __expf(s_m[i] - M);
-        o[e] = a / L;
+        pp[2 + e] = a;
     }
+    if (threadIdx.x == 0) {
+        pp[0] = M;
+        pp[1] = L;
+    }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) s_ticket = atomicAdd(&cnt[slot], 1u);
+    __syncthreads();
+    if (s_ticket != (u32)S - 1) return;
+    __threadfence();
+    const float* base = part + slot * S * (hd + 2);
+    float MM = NEG_INF, LL = 0.f;
+    for (int i = 0; i < S; i++)
+        if (__ldcg(base + i * (hd + 2) + 1) > 0.f) MM = fmaxf(MM, __ldcg(base + i * (hd + 2)));
+    for (int i = 0; i < S; i++) {
+        float li = __ldcg(base + i * (hd + 2) + 1);
+        if (li > 0.f) LL += li * __expf(__ldcg(base + i * (hd + 2)) - MM);
+    }
+    for (int e = threadIdx.x; e < hd; e += blockDim.x) {
+        float a = 0.f;
+        for (int i = 0; i < S; i++) {
+            const float* pi = base + i * (hd + 2);
+            if (__ldcg(pi + 1) > 0.f) a += __ldcg(pi + 2 + e) * __expf(__ldcg(pi) - MM);
+        }
+        o[e] = a / LL;
+    }
+    if (threadIdx.x == 0) cnt[slot] = 0u;
 }
 
 __device__ __forceinline__ float warp_max(float v) {
@@ -893,35 +936,38 @@ extern "C" __global__ void __launch_bounds__(256) mm32(MM_ARGS) {
 }
 
 // Rotary embedding of row r's query and key heads, then K and V stored at pos[r] of its
-// item's cache (rope and kv_write in one launch); grid (n), block 256.
+// item's cache (rope and kv_write in one launch); grid (n, ceil(((nh + nkv) * hd/2 + kvd) /
+// blockDim)): one rotated pair or one V element per thread.
 extern "C" __global__ void rope_kv(float* q, float* k, const float* __restrict__ v,
                                    const int* pos, const float* cos_t, const float* sin_t,
                                    const u64* kvp, const int* item, int nh, int nkv, int hd,
                                    int interleaved) {
     int r = blockIdx.x, half = hd / 2, p = pos[r], kvd = nkv * hd;
-    float* qr = q + (size_t)r * nh * hd;
-    float* kr = k + (size_t)r * kvd;
+    int j = blockIdx.y * blockDim.x + threadIdx.x;
+    int pairs = (nh + nkv) * half;
+    if (j >= pairs + kvd) return;
     int it = item[r];
-    bf16* K = (bf16*)kvp[2 * it] + (size_t)p * kvd;
-    bf16* V = (bf16*)kvp[2 * it + 1] + (size_t)p * kvd;
-    for (int j = threadIdx.x; j < (nh + nkv) * half; j += blockDim.x) {
-        int h = j / half, i = j % half;
-        float* vr = h < nh ? qr + h * hd : kr + (h - nh) * hd;
-        int a = interleaved ? 2 * i : i;
-        int b = interleaved ? 2 * i + 1 : i + half;
-        float c = cos_t[(size_t)p * half + i], s = sin_t[(size_t)p * half + i];
-        float x0 = vr[a], x1 = vr[b];
-        float o0 = x0 * c - x1 * s, o1 = x0 * s + x1 * c;
-        if (h < nh) {
-            vr[a] = o0;
-            vr[b] = o1;
-        } else {
-            int base = (h - nh) * hd;
-            K[base + a] = to_bf(o0);
-            K[base + b] = to_bf(o1);
-        }
+    if (j >= pairs) {
+        int i = j - pairs;
+        bf16* V = (bf16*)kvp[2 * it + 1] + (size_t)p * kvd;
+        V[i] = to_bf(v[(size_t)r * kvd + i]);
+        return;
     }
-    for (int i = threadIdx.x; i < kvd; i += blockDim.x) V[i] = to_bf(v[(size_t)r * kvd + i]);
+    int h = j / half, i = j % half;
+    float* vr = h < nh ? q + ((size_t)r * nh + h) * hd : k + (size_t)r * kvd + (h - nh) * hd;
+    int a = interleaved ? 2 * i : i;
+    int b = interleaved ? 2 * i + 1 : i + half;
+    float c = cos_t[(size_t)p * half + i], s = sin_t[(size_t)p * half + i];
+    float x0 = vr[a], x1 = vr[b];
+    float o0 = x0 * c - x1 * s, o1 = x0 * s + x1 * c;
+    if (h < nh) {
+        vr[a] = o0;
+        vr[b] = o1;
+    } else {
+        bf16* K = (bf16*)kvp[2 * it] + (size_t)p * kvd + (h - nh) * hd;
+        K[a] = to_bf(o0);
+        K[b] = to_bf(o1);
+    }
 }
 
 // ---- Sampling on the device: temperature, top-k, top-p ----

@@ -434,6 +434,10 @@ struct Pass {
     n_arows: usize,
     tiles: u64,
     n_tiles: usize,
+    /// Split attention: partial results, tickets, splits per (row, head).
+    att_part: u64,
+    att_cnt: u64,
+    att_splits: usize,
 }
 
 struct GraphExec(cudarc::driver::sys::CUgraphExec);
@@ -476,7 +480,14 @@ const AROWS: usize = 22;
 const TILES: usize = 23;
 const SPRM: usize = 24;
 const STOPK: usize = 25;
-const NBUF: usize = 26;
+const ATTP: usize = 26;
+const ATTC: usize = 27;
+const NBUF: usize = 28;
+
+/// Decode attention splits each (row, head) over positions into this many blocks at most,
+/// enough that small batches fill the device (about two blocks per SM of an H100/H200).
+const ATT_SPLIT_MAX: usize = 8;
+const ATT_BLOCKS_WANTED: usize = 264;
 
 /// Query rows per tile of `attention_tiles` (FA_Q in kernels/engine.cu) and the shortest
 /// chunk that goes to it (shorter chunks and decode rows use `attention`).
@@ -1120,6 +1131,23 @@ impl CudaBackend {
         let kvp = b.get(g, KVP, self.kvp.len() * 8)?;
         let selidx = b.get(g, SELIDX, n_sel.max(1) * 4)?;
         let arows = b.get(g, AROWS, n.max(1) * 4)?;
+        let n_arows = self.arows.len();
+        let att_splits = (ATT_BLOCKS_WANTED / (n_arows * c.n_heads).max(1)).clamp(1, ATT_SPLIT_MAX);
+        let slots = n_arows.max(1) * c.n_heads;
+        let fresh = b
+            .f32s
+            .get(ATTC)
+            .is_none_or(|c| c.as_ref().is_none_or(|c| c.bytes < slots * 4));
+        let att_cnt = b.get(g, ATTC, slots * 4)?;
+        if fresh {
+            // The split attention's tickets start at zero and are reset by each call.
+            let z = vec![0u32; slots];
+            // SAFETY: att_cnt holds at least `slots` u32.
+            unsafe { cudarc::driver::result::memcpy_htod_async(att_cnt, bytes_of(&z), g.stream) }
+                .map_err(|e| EngineError::Invalid(format!("CUDA: upload: {e:?}")))?;
+            g.sync()?;
+        }
+        let att_part = b.get(g, ATTP, slots * att_splits * (c.head_dim + 2) * 4)?;
         let tiles = b.get(g, TILES, self.tiles.len().max(1) * 4)?;
         let (sidx, sval, part, cnt) = if self.larosa.is_some() {
             let wide = dim.max(f).max(qd);
@@ -1186,9 +1214,12 @@ impl CudaBackend {
             part,
             cnt,
             arows,
-            n_arows: self.arows.len(),
+            n_arows,
             tiles,
             n_tiles: self.tiles.len() / 2,
+            att_part,
+            att_cnt,
+            att_splits,
         };
         // Passes of up to graph_max_tokens tokens (decode batches; cuBLAS runs on our own
         // workspace, so it can be captured) replay a CUDA graph of the whole pass: one
@@ -1275,6 +1306,9 @@ impl CudaBackend {
             n_arows,
             tiles,
             n_tiles,
+            att_part,
+            att_cnt,
+            att_splits,
             ..
         } = *p;
         let (dim_i, hd_i, nh_i, nkv_i) = (dim as i32, hd as i32, nh as i32, nkv as i32);
@@ -1328,18 +1362,22 @@ impl CudaBackend {
                 }
                 let (cos, sin) = (dm.cos.ptr, dm.sin.ptr);
                 let kvl = kvp + (li * items * 2 * 8) as u64;
+                let rk_items = (nh + nkv) * hd / 2 + nkv * hd;
                 g.launch(
                     kk.rope_kv,
-                    (nu, 1, 1),
+                    (nu, blocks(rk_items, 256), 1),
                     256,
                     args!(q, k, v, pos, cos, sin, kvl, item, nh_i, nkv_i, hd_i, inter),
                 )?;
                 if n_arows > 0 {
                     g.launch(
                         kk.attention,
-                        (n_arows as u32, nh as u32, 1),
+                        (n_arows as u32, nh as u32, att_splits as u32),
                         256,
-                        args!(q, kvl, item, pos, arows, att, nh_i, nkv_i, hd_i, scale),
+                        args!(
+                            q, kvl, item, pos, arows, att, nh_i, nkv_i, hd_i, scale, att_part,
+                            att_cnt
+                        ),
                     )?;
                 }
                 if n_tiles > 0 {
