@@ -308,7 +308,6 @@ mod imp {
     struct Tune {
         mm_max: usize,
         graph_max: usize,
-        pdl: bool,
         label: &'static str,
     }
 
@@ -317,17 +316,15 @@ mod imp {
             Tune {
                 mm_max: a.mm_max,
                 graph_max: a.graph_max,
-                pdl: true,
                 label: "engine",
             }
         }
-        /// Without this session's tensor-core products, programmatic launches and large
-        /// graphs: the (fused) GEMV up to 8 tokens, then cuBLAS; graphs up to 8 sequences.
+        /// Without this session's tensor-core products and large graphs: the (fused) GEMV
+        /// up to 8 tokens, then cuBLAS; graphs up to 8 sequences.
         const PREVIOUS: Tune = Tune {
             mm_max: 0,
             graph_max: 8,
-            pdl: false,
-            label: "no tensor-core products or programmatic launches, graphs up to 8",
+            label: "no tensor-core products, graphs up to 8",
         };
     }
 
@@ -405,7 +402,6 @@ mod imp {
         be.graphs_enabled = tune.graph_max > 0;
         be.graph_max_tokens = tune.graph_max;
         be.mm_tokens = 3..=tune.mm_max;
-        be.pdl = be.pdl && tune.pdl;
         be.set_larosa(larosa);
         let slots: Vec<usize> = (0..b).map(|_| kv.acquire()).collect::<Result<_, _>>()?;
         let prompts: Vec<Vec<u32>> = (0..b)

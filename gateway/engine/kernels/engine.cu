@@ -31,24 +31,6 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
-// Programmatic dependent launch (sm_90+; no-ops elsewhere and when the launch did not ask
-// for it). Kernels of a decode step let the next launch start early; the product kernels,
-// launched that way, issue their first weight loads (which depend on nothing) and then
-// wait for the previous kernel to finish before reading its output.
-__device__ __forceinline__ void pdl_launch_next() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-}
-
 // Sum over the block (blockDim.x a multiple of 32, at most 1024).
 __device__ float block_sum(float v) {
     __shared__ float sh[32];
@@ -86,7 +68,6 @@ extern "C" __global__ void gather_rows(const float* src, const int* idx, float* 
 // loads when dim % 4 == 0, so a 4096-wide row is one load per thread).
 extern "C" __global__ void rmsnorm(const float* __restrict__ x, const float* __restrict__ w,
                                    float* __restrict__ out, int dim, float eps) {
-    pdl_launch_next();
     int r = blockIdx.x;
     const float* xr = x + (size_t)r * dim;
     float* o = out + (size_t)r * dim;
@@ -134,7 +115,6 @@ extern "C" __global__ void attention(const float* q, const u64* kvp, const int* 
     __shared__ float s_m[ATT_WARPS], s_l[ATT_WARPS];
     __shared__ float s_acc[ATT_WARPS * 256];
     __shared__ u32 s_ticket;
-    pdl_launch_next();
     int r = rows[blockIdx.x], h = blockIdx.y;
     int S = gridDim.z, gw = blockIdx.z * ATT_WARPS + (threadIdx.x >> 5), GW = S * ATT_WARPS;
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
@@ -466,13 +446,6 @@ __device__ void gemv_impl(const bf16* W0, const bf16* W1, const bf16* W2, float*
             wrow[r] = W + (size_t)min(row0 + r, rows - 1) * cols;
         }
     }
-    pdl_launch_next();
-    // The first weight chunks toward L2 before waiting for the input.
-    if ((cols & 7) == 0 && w * 32 + lane < (cols >> 3)) {
-#pragma unroll
-        for (int r = 0; r < R; r++) prefetch_l2((const uint4*)wrow[r] + w * 32 + lane);
-    }
-    pdl_wait();
     float acc[R][N];
 #pragma unroll
     for (int r = 0; r < R; r++)
@@ -901,12 +874,6 @@ __device__ void mm_impl(const bf16* W0, const bf16* W1, const bf16* W2, float* y
     const bf16* Wm = (glu && w >= MM_WARPS / 2) ? W1 : W;
     const uint4* ra = (const uint4*)(Wm + (size_t)min(row0 + g, rows - 1) * cols);
     const uint4* rb = (const uint4*)(Wm + (size_t)min(row0 + g + 8, rows - 1) * cols);
-    pdl_launch_next();
-    if (kw * U * 4 + t < (cols >> 3)) {
-        prefetch_l2(ra + kw * U * 4 + t);
-        prefetch_l2(rb + kw * U * 4 + t);
-    }
-    pdl_wait();
     float acc[NT][4];
 #pragma unroll
     for (int nt = 0; nt < NT; nt++)
@@ -975,7 +942,6 @@ extern "C" __global__ void rope_kv(float* q, float* k, const float* __restrict__
                                    const int* pos, const float* cos_t, const float* sin_t,
                                    const u64* kvp, const int* item, int nh, int nkv, int hd,
                                    int interleaved) {
-    pdl_launch_next();
     int r = blockIdx.x, half = hd / 2, p = pos[r], kvd = nkv * hd;
     int j = blockIdx.y * blockDim.x + threadIdx.x;
     int pairs = (nh + nkv) * half;

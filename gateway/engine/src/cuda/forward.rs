@@ -566,9 +566,6 @@ pub struct CudaBackend {
     pub mm_tokens: std::ops::RangeInclusive<usize>,
     /// Decode steps of up to this many tokens replay CUDA graphs.
     pub graph_max_tokens: usize,
-    /// Launch the decode step's products as programmatic dependent launches (sm_90+;
-    /// SWITCHYARD_CUDA_PDL=0 turns it off): each may start while the kernel before it ends.
-    pub pdl: bool,
     /// Sample on the device when the caller allows it (SWITCHYARD_DEVICE_SAMPLING=0 turns
     /// it off: logits rows go to the host).
     pub device_sampling: bool,
@@ -605,7 +602,7 @@ pub enum Epilogue {
 
 /// The engine's GEMV kernel for up to 8 tokens: y[n, rows] = x[n, cols] · wᵀ.
 fn launch_gemv(g: &Gpu, w: &DevW, x: u64, n: usize, y: u64) -> Result<()> {
-    launch_fused(g, Fused::Gemv, &[(w, y)], x, n, Epilogue::Store, false)
+    launch_fused(g, Fused::Gemv, &[(w, y)], x, n, Epilogue::Store)
 }
 
 /// A product kernel with the fused interface (`MM_ARGS` in kernels/engine.cu).
@@ -618,7 +615,7 @@ enum Fused {
 }
 
 /// One launch of up to three products of `x` (`n` tokens) with matrices of equal width and
-/// the epilogue `epi`; `pdl`: as a programmatic dependent launch (sm_90+).
+/// the epilogue `epi`.
 fn launch_fused(
     g: &Gpu,
     k: Fused,
@@ -626,7 +623,6 @@ fn launch_fused(
     x: u64,
     n: usize,
     epi: Epilogue,
-    pdl: bool,
 ) -> Result<()> {
     // (kernel, output rows per block, rows per block of the gated unit, threads)
     let (f, rpb, rpb_glu, threads) = match (k, n) {
@@ -654,15 +650,14 @@ fn launch_fused(
         Epilogue::Glu => 2,
     };
     let (ci, ni) = (outs[0].0.cols as i32, n as i32);
-    let args = args!(w0, w1, w2, y0, y1, y2, r0, r1, r2, x, ci, ni, mode);
-    // SAFETY: x holds n*cols f32; each y_i n*rows_i f32; each W_i rows_i*cols bf16; the
-    // product kernels wait for the previous kernel before reading x or y.
+    // SAFETY: x holds n*cols f32; each y_i n*rows_i f32; each W_i rows_i*cols bf16.
     unsafe {
-        if pdl {
-            g.launch_pdl(f, (grid as u32, 1, 1), threads, args)
-        } else {
-            g.launch(f, (grid as u32, 1, 1), threads, args)
-        }
+        g.launch(
+            f,
+            (grid as u32, 1, 1),
+            threads,
+            args!(w0, w1, w2, y0, y1, y2, r0, r1, r2, x, ci, ni, mode),
+        )
     }
 }
 
@@ -741,7 +736,7 @@ pub fn mm_product(
     }
     let xb = gpu.upload(x)?;
     let outs: Vec<(&DevW, u64)> = ws.iter().zip(&ys).map(|(w, y)| (w, y.ptr)).collect();
-    launch_fused(gpu, Fused::Mm, &outs, xb.ptr, n, epi, false)?;
+    launch_fused(gpu, Fused::Mm, &outs, xb.ptr, n, epi)?;
     ys.iter()
         .zip(mats)
         .map(|(y, (_, rows))| y.read::<f32>(n * rows))
@@ -852,15 +847,9 @@ pub fn product_secs(
     let run = |w: &DevW| -> Result<()> {
         match kernel {
             ProductKernel::Gemv => launch_gemv(gpu, w, x.ptr, n, y.ptr),
-            ProductKernel::Mm => launch_fused(
-                gpu,
-                Fused::Mm,
-                &[(w, y.ptr)],
-                x.ptr,
-                n,
-                Epilogue::Store,
-                false,
-            ),
+            ProductKernel::Mm => {
+                launch_fused(gpu, Fused::Mm, &[(w, y.ptr)], x.ptr, n, Epilogue::Store)
+            }
             ProductKernel::Cublas => launch_cublas(gpu, w, x.ptr, x16.ptr, n, y.ptr),
         }
     };
@@ -882,14 +871,12 @@ fn blocks(n: usize, per: usize) -> u32 {
 
 impl CudaBackend {
     pub fn new(dm: Arc<DeviceModel>) -> Self {
-        let sm90 = dm.gpu.cc.0 >= 9;
         Self {
             dm,
             graphs_enabled: std::env::var("SWITCHYARD_CUDA_GRAPHS").map_or(true, |v| v != "0"),
             larosa: None,
             mm_tokens: MM_TOKENS,
             graph_max_tokens: GRAPH_MAX_TOKENS,
-            pdl: sm90 && std::env::var("SWITCHYARD_CUDA_PDL").map_or(true, |v| v != "0"),
             device_sampling: std::env::var("SWITCHYARD_DEVICE_SAMPLING").map_or(true, |v| v != "0"),
             graphs: Vec::new(),
             seen: Vec::new(),
@@ -1026,7 +1013,7 @@ impl CudaBackend {
         let gpu = self.dm.gpu.clone();
         let g = &gpu;
         if let Some(k) = self.fused_kernel(n, cols) {
-            return launch_fused(g, k, outs, x, n, epi, self.pdl);
+            return launch_fused(g, k, outs, x, n, epi);
         }
         match epi {
             Epilogue::Store => {

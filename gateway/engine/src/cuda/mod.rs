@@ -289,43 +289,6 @@ impl Gpu {
         unsafe { self.launch_smem(f, grid, block, 0, args) }
     }
 
-    /// [`Self::launch`] as a programmatic dependent launch (sm_90+): the kernel may start
-    /// while the previous one finishes; it must wait (`griddepcontrol.wait`) before reading
-    /// what that kernel wrote.
-    ///
-    /// # Safety
-    /// As for [`Self::launch`], and the kernel calls `pdl_wait` before reading its inputs.
-    pub(crate) unsafe fn launch_pdl(
-        &self,
-        f: sys::CUfunction,
-        grid: (u32, u32, u32),
-        block: u32,
-        args: &mut [*mut c_void],
-    ) -> Result<()> {
-        // SAFETY: zeroed is a valid bit pattern of the attribute (a union of plain values).
-        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        attr.value.programmaticStreamSerializationAllowed = 1;
-        let cfg = sys::CUlaunchConfig {
-            gridDimX: grid.0,
-            gridDimY: grid.1,
-            gridDimZ: grid.2,
-            blockDimX: block,
-            blockDimY: 1,
-            blockDimZ: 1,
-            sharedMemBytes: 0,
-            hStream: self.stream,
-            attrs: &mut attr,
-            numAttrs: 1,
-        };
-        // SAFETY: upheld by the caller; cfg and attr outlive the call.
-        unsafe {
-            sys::cuLaunchKernelEx(&cfg, f, args.as_mut_ptr(), std::ptr::null_mut())
-                .result()
-                .map_err(|e| err("kernel launch (programmatic)", e))
-        }
-    }
-
     /// [`Self::launch`] with `smem` bytes of dynamic shared memory.
     ///
     /// # Safety
