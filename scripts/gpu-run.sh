@@ -10,7 +10,7 @@
 set -uo pipefail
 DIR=${1:?usage: gpu-run.sh DIR [OUT]}
 OUT=${2:-bench/results}
-STEPS=${STEPS:-tests,check,smolshape,bench,long,larosa,torch}
+STEPS=${STEPS:-tests,check,smolshape,bench,long,larosa,torch,serve}
 mkdir -p "$OUT"
 libdirs=$(find /usr/local /usr/lib /opt -name 'libnvrtc.so*' -o -name 'libcublas.so*' 2>/dev/null \
   | grep -v /stubs/ | xargs -r -n1 dirname | sort -u | tr '\n' ':')
