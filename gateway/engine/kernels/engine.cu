@@ -192,27 +192,22 @@ extern "C" __global__ void attention(const float* q, const u64* kvp, const int* 
     float L = 0.f;
     for (int i = 0; i < ATT_WARPS; i++)
         if (s_l[i] > 0.f) L += s_l[i] * __expf(s_m[i] - M);
+    // One split (gridDim.z == 1): the output; else (max, sum, unnormalized output) into
+    // part, and the last block of the (row, head) to finish (a ticket in cnt, zero between
+    // calls) merges the splits in order.
     float* o = out + ((size_t)r * nh + h) * hd;
-    if (S == 1) {
-        for (int e = threadIdx.x; e < hd; e += blockDim.x) {
-            float a = 0.f;
-            for (int i = 0; i < ATT_WARPS; i++)
-                if (s_l[i] > 0.f) a += s_acc[i * 256 + e] * __expf(s_m[i] - M);
-            o[e] = a / L;
-        }
-        return;
-    }
-    // Split over positions (gridDim.z blocks per row and head): each block leaves (max,
-    // sum, unnormalized output) in part; the last to finish (a ticket in cnt, zero between
-    // calls) merges them in split order.
     size_t slot = (size_t)blockIdx.x * nh + h;
     float* pp = part + (slot * S + blockIdx.z) * (hd + 2);
     for (int e = threadIdx.x; e < hd; e += blockDim.x) {
         float a = 0.f;
         for (int i = 0; i < ATT_WARPS; i++)
             if (s_l[i] > 0.f) a += s_acc[i * 256 + e] * __expf(s_m[i] - M);
-        pp[2 + e] = a;
+        if (S == 1)
+            o[e] = a / L;
+        else
+            pp[2 + e] = a;
     }
+    if (S == 1) return;
     if (threadIdx.x == 0) {
         pp[0] = M;
         pp[1] = L;
@@ -357,12 +352,13 @@ extern "C" __global__ void __launch_bounds__(256)
     }
 }
 
+// silu(g) * u: the gated unit (one expression everywhere, so fused and separate agree).
+__device__ __forceinline__ float silu_gate(float g, float u) { return g / (1.f + __expf(-g)) * u; }
+
 // g = silu(g) * u, elementwise.
 extern "C" __global__ void silu_mul(float* g, const float* u, u64 n) {
-    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
-        float a = g[i];
-        g[i] = a / (1.f + __expf(-a)) * u[i];
-    }
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        g[i] = silu_gate(g[i], u[i]);
 }
 
 // x += y, elementwise.
@@ -397,6 +393,28 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
     return v;
 }
 
+// The matrix of a fused product launch that block b works on (blocks are laid out one
+// matrix after another, `per` output rows each); b becomes the block's index within it.
+struct Seg {
+    const bf16* W;
+    float* y;
+    int rows;
+};
+__device__ __forceinline__ Seg pick_segment(int& b, int per, const bf16* W0, const bf16* W1,
+                                            const bf16* W2, float* y0, float* y1, float* y2,
+                                            int r0, int r1, int r2) {
+    int nb0 = (r0 + per - 1) / per, nb1 = (r1 + per - 1) / per;
+    if (b >= nb0 + nb1) {
+        b -= nb0 + nb1;
+        return {W2, y2, r2};
+    }
+    if (b >= nb0) {
+        b -= nb0;
+        return {W1, y1, r1};
+    }
+    return {W0, y0, r0};
+}
+
 // y[j, o] = sum_i W[o, i] * x[j, i] for the n <= N tokens j of the batch (small batches:
 // every weight byte is read once per step). A block of GEMV_WARPS warps computes R output
 // rows together: the warps split the row's 16-byte chunks (interleaved, so neighbouring
@@ -416,24 +434,11 @@ __device__ void gemv_impl(const bf16* W0, const bf16* W1, const bf16* W2, float*
     __shared__ float red[GEMV_WARPS][R][N];
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     int b = blockIdx.x;
-    const bf16* W = W0;
-    float* y = y0;
-    int rows = r0;
     bool glu = mode == 2;
-    if (!glu) {
-        int nb0 = (r0 + R - 1) / R, nb1 = (r1 + R - 1) / R;
-        if (b >= nb0 + nb1) {
-            b -= nb0 + nb1;
-            W = W2;
-            y = y2;
-            rows = r2;
-        } else if (b >= nb0) {
-            b -= nb0;
-            W = W1;
-            y = y1;
-            rows = r1;
-        }
-    }
+    Seg sg = glu ? Seg{W0, y0, r0} : pick_segment(b, R, W0, W1, W2, y0, y1, y2, r0, r1, r2);
+    const bf16* W = sg.W;
+    float* y = sg.y;
+    int rows = sg.rows;
     // Output rows of this block start at row0; matrix row r of the block is wrow[r].
     int row0 = glu ? b * (R / 2) : b * R;
     const bf16* wrow[R];
@@ -513,7 +518,7 @@ __device__ void gemv_impl(const bf16* W0, const bf16* W1, const bf16* W2, float*
             for (int k = 0; k < GEMV_WARPS; k++) g += red[k][r][j];
 #pragma unroll
             for (int k = 0; k < GEMV_WARPS; k++) u += red[k][r + R / 2][j];
-            y[(size_t)j * rows + row0 + r] = g / (1.f + __expf(-g)) * u;
+            y[(size_t)j * rows + row0 + r] = silu_gate(g, u);
         } else if (row0 + r < rows) {
             float s = 0.f;
 #pragma unroll
@@ -539,44 +544,6 @@ extern "C" __global__ void gemv1(MM_ARGS) { gemv_impl<1, GEMV_R1>(MM_PASS); }
 extern "C" __global__ void gemv2(MM_ARGS) { gemv_impl<2, GEMV_R2>(MM_PASS); }
 extern "C" __global__ void gemv4(MM_ARGS) { gemv_impl<4, GEMV_R4>(MM_PASS); }
 extern "C" __global__ void gemv8(MM_ARGS) { gemv_impl<8, GEMV_R8>(MM_PASS); }
-
-// Greedy sampling on the device: out[r] = argmax(logits[r]) (lowest id among ties); grid n_sel.
-extern "C" __global__ void argmax(const float* logits, int vocab, u32* out) {
-    __shared__ float sv[32];
-    __shared__ int si[32];
-    const float* l = logits + (size_t)blockIdx.x * vocab;
-    float best = NEG_INF;
-    int bi = 0x7fffffff;
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-        float v = l[i];
-        if (v > best) {
-            best = v;
-            bi = i;
-        }
-    }
-    for (int o = 16; o > 0; o >>= 1) {
-        float ov = __shfl_xor_sync(0xffffffffu, best, o);
-        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-        if (ov > best || (ov == best && oi < bi)) {
-            best = ov;
-            bi = oi;
-        }
-    }
-    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    if (lane == 0) {
-        sv[w] = best;
-        si[w] = bi;
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        for (int i = 1; i < nw; i++)
-            if (sv[i] > best || (sv[i] == best && si[i] < bi)) {
-                best = sv[i];
-                bi = si[i];
-            }
-        out[blockIdx.x] = bi == 0x7fffffff ? 0u : (u32)bi;
-    }
-}
 
 // Deterministic pseudo-random bf16 in [-scale, scale) (dummy weights for benchmarks).
 extern "C" __global__ void fill_random(bf16* w, u64 n, u32 seed, float scale) {
@@ -851,25 +818,12 @@ __device__ void mm_impl(const bf16* W0, const bf16* W1, const bf16* W2, float* y
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     int g = lane >> 2, t = lane & 3;
     int b = blockIdx.x;
-    const bf16* W = W0;
-    float* y = y0;
-    int rows = r0;
-    if (mode != 2) {
-        int nb0 = (r0 + 15) >> 4, nb1 = (r1 + 15) >> 4;
-        if (b >= nb0 + nb1) {
-            b -= nb0 + nb1;
-            W = W2;
-            y = y2;
-            rows = r2;
-        } else if (b >= nb0) {
-            b -= nb0;
-            W = W1;
-            y = y1;
-            rows = r1;
-        }
-    }
-    int row0 = b * 16;
     bool glu = mode == 2;
+    Seg sg = glu ? Seg{W0, y0, r0} : pick_segment(b, 16, W0, W1, W2, y0, y1, y2, r0, r1, r2);
+    const bf16* W = sg.W;
+    float* y = sg.y;
+    int rows = sg.rows;
+    int row0 = b * 16;
     int kw = glu ? (w & 3) : w, nkw = glu ? MM_WARPS / 2 : MM_WARPS;
     const bf16* Wm = (glu && w >= MM_WARPS / 2) ? W1 : W;
     const uint4* ra = (const uint4*)(Wm + (size_t)min(row0 + g, rows - 1) * cols);
@@ -915,7 +869,7 @@ __device__ void mm_impl(const bf16* W0, const bf16* W1, const bf16* W2, float* y
                 gs += red[k][r][j];
                 us += red[k + MM_WARPS / 2][r][j];
             }
-            y[o] = gs / (1.f + __expf(-gs)) * us;
+            y[o] = silu_gate(gs, us);
         } else {
             float s = 0.f;
 #pragma unroll
@@ -1009,6 +963,24 @@ __device__ __forceinline__ float fkey_inv(u32 k) {
     return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
 }
 
+// One thread's ids walked in order for the sampler: whether top-k keeps each (key > kth,
+// or equal to it within the first `need` such ids of the row) and whether it is in the
+// final set (with top-p on: key > kp, or equal to it within the first `need_p` such ids
+// that top-k keeps). rk and rp are the ranks among equal keys so far (from block scans).
+struct KeepWalk {
+    u32 kth, need, kp, need_p, rk, rp;
+    bool use_p;
+    // Returns whether top-k keeps the next id; *keep: whether it stays in the final set.
+    __device__ bool next(u32 key, bool* keep) {
+        bool in = key > kth || (key == kth && rk < need);
+        rk += key == kth;
+        bool tie = in && key == kp;
+        *keep = in && (!use_p || key > kp || (tie && rp < need_p));
+        rp += tie;
+        return in;
+    }
+};
+
 // One row per block (1024 threads), as the host Sampler: greedy when temperature <= 0 or
 // top_k == 1 (the lowest id among equal maxima); else the top_k largest logits (ties to
 // the lowest id; 0 = all), then the smallest set of those, by weight, holding top_p of
@@ -1032,10 +1004,10 @@ extern "C" __global__ void __launch_bounds__(1024)
     int per = (vocab + blockDim.x - 1) / blockDim.x;
     int lo = min(vocab, (int)threadIdx.x * per), hi = min(vocab, lo + per);
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    // The maximum and its lowest id.
+    // The maximum and its lowest id (strided: coalesced loads).
     float best = NEG_INF;
     int bi = 0x7fffffff;
-    for (int i = lo; i < hi; i++)
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x)
         if (L[i] > best) {
             best = L[i];
             bi = i;
@@ -1104,19 +1076,20 @@ extern "C" __global__ void __launch_bounds__(1024)
     for (int i = lo; i < hi; i++) eq += fkey(L[i]) == kth;
     u32 eq_total;
     u32 eq_before = block_excl_scan<u32>(eq, &eq_total);
-#define IN_K(key, rank) ((key) > kth || ((key) == kth && (rank) < need))
+    auto weight = [&](int i) { return __expf((L[i] - mx) * inv_t); };
+    // This thread's ids walked in order (ties ranked from the block-wide scans).
+    auto walk = [&](u32 kp, u32 need_p, u32 rp0, bool use_p) {
+        return KeepWalk{kth, need, kp, need_p, eq_before, rp0, use_p};
+    };
     // Top-p over the in_k ids: the key `kp` where the mass from the top reaches top_p of the
     // total, the mass strictly above it, and how many ids equal to it are kept.
     u32 kp = 0u, need_p = (u32)vocab;
     if (top_p < 1.f) {
         float part = 0.f;
-        u32 rk = eq_before;
-        for (int i = lo; i < hi; i++) {
-            u32 key = fkey(L[i]);
-            bool in = IN_K(key, rk);
-            rk += key == kth;
-            if (in) part += __expf((L[i] - mx) * inv_t);
-        }
+        KeepWalk kw = walk(0u, 0u, 0u, false);
+        bool keep;
+        for (int i = lo; i < hi; i++)
+            if (kw.next(fkey(L[i]), &keep)) part += weight(i);
         float total;
         block_excl_scan<float>(part, &total);
         float target = top_p * total;
@@ -1125,13 +1098,11 @@ extern "C" __global__ void __launch_bounds__(1024)
         for (int shift = 24; shift >= 0; shift -= 8) {
             for (int i = threadIdx.x; i < 256; i += blockDim.x) fhist[i] = 0.f;
             __syncthreads();
-            rk = eq_before;
+            kw = walk(0u, 0u, 0u, false);
             for (int i = lo; i < hi; i++) {
                 u32 key = fkey(L[i]);
-                bool in = IN_K(key, rk);
-                rk += key == kth;
-                if (in && (key & mask) == prefix)
-                    atomicAdd(&fhist[(key >> shift) & 255u], __expf((L[i] - mx) * inv_t));
+                if (kw.next(key, &keep) && (key & mask) == prefix)
+                    atomicAdd(&fhist[(key >> shift) & 255u], weight(i));
             }
             __syncthreads();
             if (threadIdx.x == 0) {
@@ -1164,15 +1135,16 @@ extern "C" __global__ void __launch_bounds__(1024)
     // Rank among in_k ids whose key equals kp (for top-p's ties).
     u32 eqp = 0u;
     {
-        u32 rk = eq_before;
+        KeepWalk kw = walk(kp, need_p, 0u, false);
+        bool keep;
         for (int i = lo; i < hi; i++) {
             u32 key = fkey(L[i]);
-            eqp += IN_K(key, rk) && key == kp;
-            rk += key == kth;
+            eqp += kw.next(key, &keep) && key == kp;
         }
     }
     u32 eqp_total;
     u32 eqp_before = block_excl_scan<u32>(eqp, &eqp_total);
+    bool use_p = top_p < 1.f;
     // The kept mass per thread, its prefix, and the draw: the one thread whose range holds
     // u times the kept mass walks it; if rounding leaves the draw past every range, the
     // last kept id.
@@ -1184,16 +1156,12 @@ extern "C" __global__ void __launch_bounds__(1024)
     float part = 0.f;
     int last = -1;
     {
-        u32 rk = eq_before, rp = eqp_before;
+        KeepWalk kw = walk(kp, need_p, eqp_before, use_p);
+        bool keep;
         for (int i = lo; i < hi; i++) {
-            u32 key = fkey(L[i]);
-            bool in = IN_K(key, rk);
-            rk += key == kth;
-            bool tie = in && key == kp;
-            bool keep = in && (top_p >= 1.f || key > kp || (tie && rp < need_p));
-            rp += tie;
+            kw.next(fkey(L[i]), &keep);
             if (keep) {
-                part += __expf((L[i] - mx) * inv_t);
+                part += weight(i);
                 last = i;
             }
         }
@@ -1203,18 +1171,14 @@ extern "C" __global__ void __launch_bounds__(1024)
     if (last >= 0) atomicMax(&s_last, last);
     float target = u * total;
     if (part > 0.f && target >= before && target < before + part) {
-        u32 rk = eq_before, rp = eqp_before;
+        KeepWalk kw = walk(kp, need_p, eqp_before, use_p);
+        bool keep;
         float acc = before;
         int pick = last;
         for (int i = lo; i < hi; i++) {
-            u32 key = fkey(L[i]);
-            bool in = IN_K(key, rk);
-            rk += key == kth;
-            bool tie = in && key == kp;
-            bool keep = in && (top_p >= 1.f || key > kp || (tie && rp < need_p));
-            rp += tie;
+            kw.next(fkey(L[i]), &keep);
             if (keep) {
-                acc += __expf((L[i] - mx) * inv_t);
+                acc += weight(i);
                 if (target < acc) {
                     pick = i;
                     break;
@@ -1223,7 +1187,6 @@ extern "C" __global__ void __launch_bounds__(1024)
         }
         s_pick = pick;
     }
-#undef IN_K
     __syncthreads();
     if (threadIdx.x == 0) out[r] = (u32)(s_pick >= 0 ? s_pick : s_last);
 }

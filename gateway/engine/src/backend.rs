@@ -46,6 +46,11 @@ pub trait Backend: Send {
         kv: &mut dyn KvAllocator,
         batch: &[SeqChunk],
     ) -> Result<&[f32]>;
+    /// Whether [`Self::forward_sampled`] samples on the device (ask before drawing the
+    /// rows' random numbers, so that a host fallback does not draw twice).
+    fn samples_on_device(&self) -> bool {
+        false
+    }
     /// The pass with sampling on the device: one id per logits row, drawn with `rows`
     /// (in row order). `None`, without running the pass, when this backend samples on the
     /// host only; then call [`Self::forward`].

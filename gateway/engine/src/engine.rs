@@ -254,9 +254,9 @@ impl Engine {
         }
     }
 
-    /// Whether a device backend runs the forward pass.
-    pub fn on_device(&self) -> bool {
-        self.device.is_some()
+    /// Whether the forward pass samples on a device ([`Self::forward_sampled`]).
+    pub fn samples_on_device(&self) -> bool {
+        self.device.as_ref().is_some_and(|d| d.samples_on_device())
     }
 
     /// Where the forward pass runs ("cpu" or the device's name).

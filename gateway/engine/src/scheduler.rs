@@ -462,16 +462,17 @@ impl Scheduler {
             return;
         }
         // On a device, sample there when no row asks for logprobs: only ids come back.
-        let device_rows: Option<Vec<crate::sampling::RowSampling>> = (self.engine.on_device()
-            && plan
-                .iter()
-                .all(|&(i, _, wants)| !wants || self.running[i].req.logprobs.is_none()))
-        .then(|| {
-            plan.iter()
-                .filter(|p| p.2)
-                .map(|&(i, _, _)| self.running[i].sampler.device_draw())
-                .collect()
-        });
+        let device_rows: Option<Vec<crate::sampling::RowSampling>> =
+            (self.engine.samples_on_device()
+                && plan
+                    .iter()
+                    .all(|&(i, _, wants)| !wants || self.running[i].req.logprobs.is_none()))
+            .then(|| {
+                plan.iter()
+                    .filter(|p| p.2)
+                    .map(|&(i, _, _)| self.running[i].sampler.device_draw())
+                    .collect()
+            });
         let chunks: Vec<SeqChunk> = plan
             .iter()
             .map(|&(i, n, logits)| {

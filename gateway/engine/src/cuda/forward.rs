@@ -1,9 +1,10 @@
 //! bf16 weights on the device and the batched forward pass (prefill chunks and decode steps
 //! mixed, like the CPU's [`crate::forward::Forward`]).
 //!
-//! Products: the engine's own GEMV kernel for up to 8 tokens (each weight byte read once
-//! per step, 16-byte streaming loads), cuBLAS `GemmEx` (bf16 in, f32 out) above that.
-//! Activations stay f32; K/V are stored bf16 in the allocator's contiguous per-slot ranges.
+//! Products ([`CudaBackend::proj`]): the engine's GEMV kernel at 1-2 tokens, its tensor-core
+//! kernels at 3-8 (both with Q/K/V in one launch and the residual add or SiLU gate fused in),
+//! cuBLAS `GemmEx` (bf16 in, f32 out) above that. Activations stay f32; K/V are stored bf16
+//! in the allocator's contiguous per-slot ranges.
 
 use std::ffi::c_void;
 use std::sync::Arc;
@@ -553,6 +554,20 @@ impl Bufs {
         }
         Ok(self.f32s[i].as_ref().unwrap().ptr)
     }
+
+    /// [`Self::get`] for ticket counters: zeroed whenever (re)allocated; the kernels that
+    /// use them reset each counter they take, so they stay zero between calls.
+    fn get_zeroed(&mut self, gpu: &Arc<Gpu>, i: usize, bytes: usize) -> Result<u64> {
+        let before = self.generation;
+        let ptr = self.get(gpu, i, bytes)?;
+        if self.generation != before {
+            let len = self.f32s[i].as_ref().unwrap().bytes;
+            // SAFETY: ptr is a live allocation of len bytes on this device.
+            unsafe { cudarc::driver::result::memset_d8_async(ptr, 0, len, gpu.stream) }
+                .map_err(|e| EngineError::Invalid(format!("CUDA: memset: {e:?}")))?;
+        }
+        Ok(ptr)
+    }
 }
 
 /// The CUDA backend of one pipeline generation: shared device weights, its own buffers.
@@ -741,6 +756,14 @@ pub fn mm_product(
         .zip(mats)
         .map(|(y, (_, rows))| y.read::<f32>(n * rows))
         .collect()
+}
+
+/// Rows of logits a batch asks for.
+fn logits_rows(batch: &[SeqChunk]) -> usize {
+    batch
+        .iter()
+        .map(|b| b.tokens.len().saturating_sub(b.logits_from))
+        .sum()
 }
 
 /// The sampler's parameter arrays: (temperature, top_p, u) per row, and top_k per row.
@@ -1134,37 +1157,13 @@ impl CudaBackend {
         let n_arows = self.arows.len();
         let att_splits = (ATT_BLOCKS_WANTED / (n_arows * c.n_heads).max(1)).clamp(1, ATT_SPLIT_MAX);
         let slots = n_arows.max(1) * c.n_heads;
-        let fresh = b
-            .f32s
-            .get(ATTC)
-            .is_none_or(|c| c.as_ref().is_none_or(|c| c.bytes < slots * 4));
-        let att_cnt = b.get(g, ATTC, slots * 4)?;
-        if fresh {
-            // The split attention's tickets start at zero and are reset by each call.
-            let z = vec![0u32; slots];
-            // SAFETY: att_cnt holds at least `slots` u32.
-            unsafe { cudarc::driver::result::memcpy_htod_async(att_cnt, bytes_of(&z), g.stream) }
-                .map_err(|e| EngineError::Invalid(format!("CUDA: upload: {e:?}")))?;
-            g.sync()?;
-        }
+        let att_cnt = b.get_zeroed(g, ATTC, slots * 4)?;
         let att_part = b.get(g, ATTP, slots * att_splits * (c.head_dim + 2) * 4)?;
         let tiles = b.get(g, TILES, self.tiles.len().max(1) * 4)?;
         let (sidx, sval, part, cnt) = if self.larosa.is_some() {
             let wide = dim.max(f).max(qd);
             let tiles = wide.div_ceil(256);
-            let fresh = b
-                .f32s
-                .get(CNT)
-                .is_none_or(|c| c.as_ref().is_none_or(|c| c.bytes < tiles * 4));
-            let cnt = b.get(g, CNT, tiles * 4)?;
-            if fresh {
-                // The sparse GEMV's tickets start at zero and are reset by each call.
-                let z = vec![0u32; tiles];
-                // SAFETY: cnt holds at least `tiles` u32.
-                unsafe { cudarc::driver::result::memcpy_htod_async(cnt, bytes_of(&z), g.stream) }
-                    .map_err(|e| EngineError::Invalid(format!("CUDA: upload: {e:?}")))?;
-                g.sync()?;
-            }
+            let cnt = b.get_zeroed(g, CNT, tiles * 4)?;
             (
                 b.get(g, SIDX, wide * 4)?,
                 b.get(g, SVAL, wide * 4)?,
@@ -1440,31 +1439,20 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// The pass with greedy sampling on the device: the argmax id of each row with logits.
+    /// The pass with greedy sampling on the device: the argmax id of each row with logits
+    /// (lowest id among equal maxima; `sample_rows` at temperature 0).
     pub fn forward_greedy(
         &mut self,
         kv: &mut dyn KvAllocator,
         batch: &[SeqChunk],
     ) -> Result<Vec<u32>> {
-        let (n_sel, logits) = self.run(kv, batch)?;
-        if n_sel == 0 {
-            self.dm.gpu.sync()?;
-            return Ok(Vec::new());
-        }
-        let gpu = self.dm.gpu.clone();
-        let ids = self.bufs.get(&gpu, IDS, n_sel * 4)?;
-        let vocab = self.dm.cfg.vocab_size as i32;
-        // SAFETY: logits holds n_sel rows, ids n_sel u32.
-        unsafe {
-            gpu.launch(
-                gpu.k.argmax,
-                (n_sel as u32, 1, 1),
-                1024,
-                args!(logits, vocab, ids),
-            )?;
-        }
-        let buf = self.bufs.f32s[IDS].as_ref().unwrap();
-        buf.read::<u32>(n_sel)
+        let greedy = RowSampling {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            u: 0.0,
+        };
+        self.forward_sample(kv, batch, &vec![greedy; logits_rows(batch)])
     }
 
     /// The pass with sampling on the device (`sample_rows`): one id per row with logits,
@@ -1476,10 +1464,7 @@ impl CudaBackend {
         batch: &[SeqChunk],
         rows: &[RowSampling],
     ) -> Result<Vec<u32>> {
-        let want: usize = batch
-            .iter()
-            .map(|b| b.tokens.len().saturating_sub(b.logits_from))
-            .sum();
+        let want = logits_rows(batch);
         if want != rows.len() {
             return Err(EngineError::Invalid(format!(
                 "device sampling: {} parameter rows for {want} rows with logits",
@@ -1544,6 +1529,9 @@ impl Backend for CudaBackend {
         batch: &[SeqChunk],
     ) -> Result<&[f32]> {
         self.forward_logits(kv, batch)
+    }
+    fn samples_on_device(&self) -> bool {
+        self.device_sampling
     }
     fn forward_sampled(
         &mut self,

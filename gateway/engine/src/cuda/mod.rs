@@ -40,7 +40,6 @@ pub(crate) struct Kernels {
     /// Tensor-core products for up to 8, 16, 32 tokens (fused Q/K/V, residual add, gated unit).
     pub mm: [sys::CUfunction; 3],
     pub rope_kv: sys::CUfunction,
-    pub argmax: sys::CUfunction,
     pub sample_rows: sys::CUfunction,
     pub fill_random: sys::CUfunction,
     /// LaRoSA: top-k selection, the sparse GEMV, bf16 transpose.
@@ -209,7 +208,6 @@ impl Gpu {
             gemv: [f("gemv1")?, f("gemv2")?, f("gemv4")?, f("gemv8")?],
             mm: [f("mm8")?, f("mm16")?, f("mm32")?],
             rope_kv: f("rope_kv")?,
-            argmax: f("argmax")?,
             sample_rows: f("sample_rows")?,
             fill_random: f("fill_random")?,
             topk: f("topk")?,
@@ -478,7 +476,6 @@ mod tests {
                         "attention",
                         "attention_tiles",
                         "gemv8",
-                        "argmax",
                         "sample_rows",
                         "topk",
                         "sparse_gemv",
