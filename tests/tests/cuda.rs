@@ -470,6 +470,186 @@ fn larosa_topk_matches_a_host_sort() {
     }
 }
 
+/// RMSNorm and top-k in one kernel (the LaRoSA path's input side): the kept values are
+/// the normalized ones, exactly k of them in ascending index order, and none dropped is
+/// larger than one kept (against an f64 host RMSNorm; equal up to the sum's rounding).
+#[test]
+fn larosa_rmsnorm_topk_matches_the_host() {
+    use switchyard_engine::cuda::forward::norm_topk;
+    let Some(g) = gpu() else { return };
+    let mut seed = 5u64;
+    let mut rnd = move || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    };
+    for (d, k) in [
+        (4096usize, 3276usize),
+        (576, 460),
+        (2048, 1),
+        (11008, 7485),
+        (96, 96),
+    ] {
+        let x: Vec<f32> = (0..d).map(|_| rnd() * 3.0).collect();
+        let w: Vec<f32> = (0..d).map(|_| 0.5 + rnd().abs()).collect();
+        let eps = 1e-5f32;
+        let ms = x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / d as f64;
+        let inv = 1.0 / (ms + eps as f64).sqrt();
+        let want: Vec<f64> = (0..d).map(|i| x[i] as f64 * inv * w[i] as f64).collect();
+        let (idx, val) = norm_topk(&g, &x, &w, eps, k).unwrap();
+        assert_eq!(idx.len(), k, "d {d}");
+        assert!(idx.windows(2).all(|p| p[0] < p[1]), "d {d}: not ascending");
+        let mut kept = vec![false; d];
+        for (&i, &v) in idx.iter().zip(&val) {
+            let e = want[i as usize];
+            assert!(
+                (v as f64 - e).abs() <= 1e-5 * e.abs().max(1e-3),
+                "d {d} [{i}]: {v} vs {e}"
+            );
+            kept[i as usize] = true;
+        }
+        let min_kept = (0..d)
+            .filter(|&i| kept[i])
+            .map(|i| want[i].abs())
+            .fold(f64::MAX, f64::min);
+        let max_dropped = (0..d)
+            .filter(|&i| !kept[i])
+            .map(|i| want[i].abs())
+            .fold(0f64, f64::max);
+        assert!(
+            max_dropped <= min_kept * (1.0 + 1e-5),
+            "d {d} k {k}: dropped {max_dropped} above kept {min_kept}"
+        );
+    }
+}
+
+/// LaRoSA's sparse products (`sparse_mm512/1024/2048`: Q/K/V in one launch, the residual
+/// add, the gated unit) against an f64 host sum over the kept inputs, with output counts
+/// off the tiles and the kept inputs in one split or many.
+#[test]
+fn sparse_products_match_a_host_reference() {
+    use switchyard_engine::cuda::forward::{sparse_product, Epilogue};
+    let Some(g) = gpu() else { return };
+    let bf = |v: f32| half::bf16::from_f32(v);
+    let mut seed = 23u64;
+    let mut rnd = move || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    };
+    for (cols, rows, keep) in [
+        (576usize, [576usize, 192, 192], 300usize),
+        (2048, [2752, 1024, 1024], 1100),
+    ] {
+        // Transposed weights: mats[m][i * rows + o] is W_m[o, i].
+        let mats: Vec<Vec<u16>> = rows
+            .iter()
+            .map(|&r| (0..r * cols).map(|_| bf(rnd() * 0.1).to_bits()).collect())
+            .collect();
+        let idx: Vec<i32> = (0..keep).map(|j| ((j * cols) / keep) as i32).collect();
+        let val: Vec<f32> = (0..keep).map(|_| rnd()).collect();
+        let reference = |m: usize| -> Vec<f32> {
+            let r = rows[m];
+            (0..r)
+                .map(|o| {
+                    idx.iter()
+                        .zip(&val)
+                        .map(|(&i, &v)| {
+                            let w = half::bf16::from_bits(mats[m][i as usize * r + o]).to_f32();
+                            w as f64 * v as f64
+                        })
+                        .sum::<f64>() as f32
+                })
+                .collect()
+        };
+        let refs: Vec<Vec<f32>> = (0..3).map(reference).collect();
+        let close = |got: &[f32], want: &[f32], what: &str| {
+            assert_eq!(got.len(), want.len());
+            let scale = want.iter().fold(1e-3f32, |s, v| s.max(v.abs()));
+            for (i, (a, b)) in got.iter().zip(want).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-4 * scale,
+                    "{what} cols {cols} [{i}]: {a} vs {b}"
+                );
+            }
+        };
+        let three: Vec<(&[u16], usize)> = mats
+            .iter()
+            .zip(rows)
+            .map(|(m, r)| (m.as_slice(), r))
+            .collect();
+        for tile in [512usize, 1024, 2048] {
+            for blocks in [1usize, 528] {
+                let at = format!("tile {tile} blocks {blocks}");
+                let got = sparse_product(
+                    &g,
+                    &three,
+                    cols,
+                    &idx,
+                    &val,
+                    tile,
+                    blocks,
+                    Epilogue::Store,
+                    None,
+                )
+                .unwrap();
+                for m in 0..3 {
+                    close(&got[m], &refs[m], &format!("{at}: product {m}"));
+                }
+                let y0: Vec<f32> = (0..rows[0]).map(|_| rnd()).collect();
+                let got = sparse_product(
+                    &g,
+                    &three[..1],
+                    cols,
+                    &idx,
+                    &val,
+                    tile,
+                    blocks,
+                    Epilogue::Add,
+                    Some(&y0),
+                )
+                .unwrap();
+                let want: Vec<f32> = y0.iter().zip(&refs[0]).map(|(a, b)| a + b).collect();
+                close(&got[0], &want, &format!("{at}: residual add"));
+                let got = sparse_product(
+                    &g,
+                    &three[1..],
+                    cols,
+                    &idx,
+                    &val,
+                    tile,
+                    blocks,
+                    Epilogue::Glu,
+                    None,
+                )
+                .unwrap();
+                let want: Vec<f32> = (0..rows[1])
+                    .map(|o| {
+                        let a = refs[1][o];
+                        a / (1.0 + (-a).exp()) * refs[2][o]
+                    })
+                    .collect();
+                close(&got[0], &want, &format!("{at}: gated unit"));
+            }
+        }
+    }
+    // A row count off the 8-output lanes is refused, not miscomputed.
+    assert!(sparse_product(
+        &g,
+        &[(&[0u16; 12][..], 12)],
+        1,
+        &[0],
+        &[1.0],
+        1024,
+        1,
+        Epilogue::Store,
+        None
+    )
+    .is_err());
+}
+
 /// LaRoSA decode on the GPU: one token at a time through the sparse GEMV (kept columns
 /// only) gives the logits of the dense product on the masked input, at 40% and 50%
 /// sparsity, with residual adapters; sparsity 0 changes nothing. Only the first steps are

@@ -50,6 +50,12 @@ pub struct GpuBenchArgs {
     /// paid; transposed weight copies are built on the device for the sparse GEMV.
     #[arg(long, value_delimiter = ',')]
     pub larosa: Vec<f64>,
+    /// LaRoSA's sparse products: outputs per block (512, 1024 or 2048).
+    #[arg(long, default_value_t = 1024)]
+    pub sparse_tile: usize,
+    /// LaRoSA's sparse products: blocks a launch aims for.
+    #[arg(long, default_value_t = 528)]
+    pub sparse_blocks: usize,
     /// Largest token count of the tensor-core products (from 3 tokens; 0: GEMV and cuBLAS
     /// only).
     #[arg(long, default_value_t = 8)]
@@ -285,7 +291,7 @@ mod imp {
         let larosa = if a.larosa.is_empty() {
             serde_json::Value::Null
         } else {
-            larosa_runs(&mut dm, &a, kv_mode)?
+            larosa_runs(&mut dm, &a, kv_mode, bw)?
         };
         let fit = fit_runs(&dm, a.kv_budget_gib)?;
         eprintln!("KV budget test: {fit}");
@@ -308,6 +314,8 @@ mod imp {
     struct Tune {
         mm_max: usize,
         graph_max: usize,
+        sparse_tile: usize,
+        sparse_blocks: usize,
         label: &'static str,
     }
 
@@ -316,6 +324,8 @@ mod imp {
             Tune {
                 mm_max: a.mm_max,
                 graph_max: a.graph_max,
+                sparse_tile: a.sparse_tile,
+                sparse_blocks: a.sparse_blocks,
                 label: "engine",
             }
         }
@@ -324,6 +334,8 @@ mod imp {
         const PREVIOUS: Tune = Tune {
             mm_max: 0,
             graph_max: 8,
+            sparse_tile: 1024,
+            sparse_blocks: 528,
             label: "no tensor-core products, graphs up to 8",
         };
     }
@@ -402,6 +414,8 @@ mod imp {
         be.graphs_enabled = tune.graph_max > 0;
         be.graph_max_tokens = tune.graph_max;
         be.mm_tokens = 3..=tune.mm_max;
+        be.sparse_tile = tune.sparse_tile;
+        be.sparse_blocks = tune.sparse_blocks;
         be.set_larosa(larosa);
         let slots: Vec<usize> = (0..b).map(|_| kv.acquire()).collect::<Result<_, _>>()?;
         let prompts: Vec<Vec<u32>> = (0..b)
@@ -462,7 +476,9 @@ mod imp {
         dm: &mut Arc<DeviceModel>,
         a: &GpuBenchArgs,
         mode: KvMode,
+        bw: f64,
     ) -> Result<serde_json::Value> {
+        let kernels = larosa_kernels(dm, a, bw)?;
         let dense = decode_run(dm, 1, a.prompt, a.gen, Tune::of(a), mode, None)?;
         let dense_tps = a.gen as f64 / dense.decode_secs;
         let dmm = Arc::get_mut(dm).context("the device model is still shared")?;
@@ -504,7 +520,65 @@ mod imp {
             );
         }
         Ok(json!({"batch": 1, "dense_tokens_per_s": dense_tps,
-            "rotated_dense_tokens_per_s": rot_tps, "dummy_adapters": adapters, "runs": runs}))
+            "rotated_dense_tokens_per_s": rot_tps, "dummy_adapters": adapters, "runs": runs,
+            "sparse_tile": a.sparse_tile, "sparse_blocks": a.sparse_blocks, "kernels": kernels}))
+    }
+
+    /// LaRoSA's kernels alone at the first --larosa sparsity: each sparse product (store)
+    /// over the kept inputs at every tile and block target, against the dense GEMV of the
+    /// same matrix, and the top-k selections.
+    fn larosa_kernels(
+        dm: &Arc<DeviceModel>,
+        a: &GpuBenchArgs,
+        bw: f64,
+    ) -> Result<serde_json::Value> {
+        use switchyard_engine::cuda::forward::{
+            product_secs, sparse_product_secs, topk_secs, ProductKernel,
+        };
+        let (gpu, c) = (&dm.gpu, &dm.cfg);
+        let l = Larosa::new(a.larosa[0]);
+        let qd = c.n_heads * c.head_dim;
+        // (matrix, rows, cols, output side)
+        let shapes = [
+            ("q", qd, c.dim, false),
+            ("o", c.dim, qd, true),
+            ("gate", c.ffn_dim, c.dim, false),
+            ("down", c.dim, c.ffn_dim, true),
+        ];
+        let mut products = Vec::new();
+        for (name, rows, cols, out_side) in shapes {
+            let keep = l.keep(out_side, cols);
+            let dense = product_secs(gpu, rows, cols, 1, ProductKernel::Gemv, 200)?;
+            let kept_bytes = (keep * rows * 2) as f64;
+            for tile in [512usize, 1024, 2048] {
+                for blocks in [264usize, 528, 1056] {
+                    let secs = sparse_product_secs(gpu, rows, cols, keep, tile, blocks, 200)?;
+                    eprintln!(
+                        "sparse {name:>4} [{rows}x{cols}] keep {keep} tile {tile} blocks {blocks}: {:.1} us ({:.0} % of copy bandwidth on kept bytes), dense GEMV {:.1} us, {:.2}x",
+                        secs * 1e6,
+                        100.0 * kept_bytes / secs / bw,
+                        dense * 1e6,
+                        dense / secs
+                    );
+                    products.push(json!({"matrix": name, "rows": rows, "cols": cols,
+                        "keep": keep, "tile": tile, "blocks": blocks, "secs": secs,
+                        "dense_gemv_secs": dense, "speedup_vs_dense": dense / secs,
+                        "fraction_of_copy_bandwidth": kept_bytes / secs / bw}));
+                }
+            }
+        }
+        let mut selections = Vec::new();
+        for (name, d, out_side, norm) in [
+            ("rmsnorm+topk (q/k/v, gate/up inputs)", c.dim, false, true),
+            ("topk (o input)", qd, true, false),
+            ("topk (down input)", c.ffn_dim, true, false),
+        ] {
+            let k = l.keep(out_side, d);
+            let secs = topk_secs(gpu, d, k, norm, 200)?;
+            eprintln!("{name}: {d} -> {k}: {:.1} us", secs * 1e6);
+            selections.push(json!({"kernel": name, "width": d, "keep": k, "secs": secs}));
+        }
+        Ok(json!({"sparsity": l.sparsity, "products": products, "selections": selections}))
     }
 
     fn prefill_run(dm: &Arc<DeviceModel>, p: usize) -> Result<f64> {

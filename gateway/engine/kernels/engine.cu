@@ -48,6 +48,34 @@ __device__ float block_sum(float v) {
     return sh[0];
 }
 
+// Exclusive prefix sum over the block (1024 threads at most) of one value per thread, in
+// thread order; *total gets the block's sum.
+template <typename T>
+__device__ T block_excl_scan(T v, T* total) {
+    __shared__ T ws[32];
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    T x = v;
+    for (int o = 1; o < 32; o <<= 1) {
+        T y = __shfl_up_sync(0xffffffffu, x, o);
+        if (lane >= o) x += y;
+    }
+    if (lane == 31) ws[w] = x;
+    __syncthreads();
+    if (w == 0) {
+        T t = lane < nw ? ws[lane] : (T)0;
+        for (int o = 1; o < 32; o <<= 1) {
+            T y = __shfl_up_sync(0xffffffffu, t, o);
+            if (lane >= o) t += y;
+        }
+        ws[lane] = t;
+    }
+    __syncthreads();
+    T base = w > 0 ? ws[w - 1] : (T)0;
+    *total = ws[nw - 1];
+    __syncthreads();
+    return base + x - v;
+}
+
 // x[r] = E[tok[r]]; grid n.
 extern "C" __global__ void embed(const bf16* E, const u32* tok, float* x, int dim) {
     int r = blockIdx.x;
@@ -557,73 +585,85 @@ extern "C" __global__ void fill_random(bf16* w, u64 n, u32 seed, float scale) {
     }
 }
 
-// ---- LaRoSA: top-k activation sparsity and a GEMV over kept inputs only ----
+// ---- LaRoSA: top-k activation sparsity and products over kept inputs only ----
 
-// Per row (one block per token, 1024 threads): keep the k largest |x|, ties broken by the
-// lowest index (the CPU plugin's top_k). Thread t owns the contiguous elements
-// [t*per, (t+1)*per) in registers (per <= TOPK_ITEMS). The threshold is found by a radix
-// select over the magnitude's bits, 8 bits per pass, into 8 copies of the histogram (lane
-// & 7) so that lanes hitting one bin rarely collide; then one block-wide scan of each
-// thread's (above, equal) counts places the kept elements in index order. mode 0 writes
-// the kept indices (ascending) and values to idx/val (row r at r*k); mode 1 zeroes the
-// dropped entries of x in place (the masked input of a dense product).
-#define TOPK_ITEMS 16
-extern "C" __global__ void topk(float* x, int d, int k, int* idx, float* val, int mode) {
-    __shared__ u32 hist[256 * 8];
-    __shared__ u32 s_prefix, s_need;
-    __shared__ u32 s_warp[32];
-    float* xr = x + (u64)blockIdx.x * d;
-    int* ir = idx + (u64)blockIdx.x * k;
-    float* vr = val + (u64)blockIdx.x * k;
+// Radix select over a block's u32 keys, 8 bits per pass from the top: the k-th largest
+// key (*kth) and how many keys equal to it are among the k largest (*need). add(h, shift,
+// mask, prefix) puts every key with (key & mask) == prefix into histogram h (256 bins of 8
+// copies, bin * 8 + copy, so that lanes hitting one bin rarely collide). Two histograms
+// alternate, so a pass clears the next one while it fills its own: three barriers a pass.
+// Threads 0..255 each sum one bin and scan from the top. blockDim.x >= 256.
+struct RadixShared {
+    u32 hist[2][256 * 8];
+    u32 warp[8];
+    u32 prefix, need;
+};
+template <typename Add>
+__device__ void radix_kth(RadixShared& s, u32 k, Add add, u32* kth, u32* need_out) {
     int t = threadIdx.x, lane = t & 31, w = t >> 5;
-    int per = (d + blockDim.x - 1) / blockDim.x;
-    int i0 = t * per;
+    for (int i = t; i < 256 * 8; i += blockDim.x) s.hist[0][i] = 0u;
+    __syncthreads();
+    u32 prefix = 0u, need = k;
+    for (int pass = 0; pass < 4; pass++) {
+        int shift = 24 - 8 * pass;
+        u32* h = s.hist[pass & 1];
+        if (pass < 3)
+            for (int i = t; i < 256 * 8; i += blockDim.x) s.hist[(pass + 1) & 1][i] = 0u;
+        add(h, shift, pass == 0 ? 0u : (0xffffffffu << (shift + 8)), prefix);
+        __syncthreads();
+        u32 c = 0u;
+        if (t < 256) {
+            const u32* hb = &h[(255 - t) * 8];
+            c = hb[0] + hb[1] + hb[2] + hb[3] + hb[4] + hb[5] + hb[6] + hb[7];
+        }
+        u32 inc = c;
+        for (int o = 1; o < 32; o <<= 1) {
+            u32 y = __shfl_up_sync(0xffffffffu, inc, o);
+            if (lane >= o) inc += y;
+        }
+        if (lane == 31 && w < 8) s.warp[w] = inc;
+        __syncthreads();
+        if (t < 256) {
+            for (int j = 0; j < w; j++) inc += s.warp[j];
+            u32 exc = inc - c;
+            if (exc < need && need <= inc) {
+                s.prefix = prefix | ((u32)(255 - t) << shift);
+                s.need = need - exc;
+            }
+        }
+        __syncthreads();
+        prefix = s.prefix;
+        need = s.need;
+    }
+    *kth = prefix;
+    *need_out = need;
+}
+
+// Keep the k largest |v| of a row of d values (ties to the lowest index, the CPU plugin's
+// top_k). Thread t holds the contiguous values [i0, i0 + per) of the row in v (per <=
+// TOPK_ITEMS), 1024 threads. Then one block-wide scan of each thread's (above, equal)
+// counts places the kept values in index order: mode 0 writes the kept indices (ascending)
+// and values to idx/val; mode 1 writes the row to out with the dropped values zeroed.
+#define TOPK_ITEMS 16
+__device__ void topk_core(const float (&v)[TOPK_ITEMS], int per, int i0, int d, int k, int mode,
+                          float* out, int* idx, float* val, RadixShared& s) {
+    int lane = threadIdx.x & 31;
     u32 key[TOPK_ITEMS];
 #pragma unroll
     for (int q = 0; q < TOPK_ITEMS; q++)
-        key[q] = (q < per && i0 + q < d) ? (__float_as_uint(xr[i0 + q]) & 0x7fffffffu) : 0xffffffffu;
-    u32 prefix = 0, need = (u32)k;
+        key[q] = (q < per && i0 + q < d) ? (__float_as_uint(v[q]) & 0x7fffffffu) : 0xffffffffu;
     bool all = k >= d;
+    u32 prefix = 0u, need = (u32)k;
     if (!all) {
-        for (int shift = 24; shift >= 0; shift -= 8) {
-            for (int i = t; i < 256 * 8; i += blockDim.x) hist[i] = 0;
-            __syncthreads();
-            u32 hi = shift == 24 ? 0u : (0xffffffffu << (shift + 8));
+        auto add = [&](u32* h, int shift, u32 mask, u32 pre) {
 #pragma unroll
             for (int q = 0; q < TOPK_ITEMS; q++) {
                 u32 kq = key[q];
-                if (kq != 0xffffffffu && (kq & hi) == prefix)
-                    atomicAdd(&hist[((kq >> shift) & 255u) * 8 + (lane & 7)], 1u);
+                if (kq != 0xffffffffu && (kq & mask) == pre)
+                    atomicAdd(&h[((kq >> shift) & 255u) * 8 + (lane & 7)], 1u);
             }
-            __syncthreads();
-            if (t < 32) {
-                // Lane l owns bins 255-8l .. 248-8l (from the top); find the bin where the
-                // count from the top reaches `need`.
-                u32 c[8], s = 0;
-#pragma unroll
-                for (int q = 0; q < 8; q++) {
-                    const u32* h = &hist[(255 - 8 * lane - q) * 8];
-                    c[q] = h[0] + h[1] + h[2] + h[3] + h[4] + h[5] + h[6] + h[7];
-                    s += c[q];
-                }
-                u32 inc = s;
-                for (int o = 1; o < 32; o <<= 1) {
-                    u32 v = __shfl_up_sync(0xffffffffu, inc, o);
-                    if (lane >= o) inc += v;
-                }
-                u32 exc = inc - s;
-                if (exc < need && need <= inc) {
-                    u32 acc = exc;
-                    int q = 0;
-                    while (acc + c[q] < need) acc += c[q++];
-                    s_prefix = prefix | ((u32)(255 - 8 * lane - q) << shift);
-                    s_need = need - acc;
-                }
-            }
-            __syncthreads();
-            prefix = s_prefix;
-            need = s_need;
-        }
+        };
+        radix_kth(s, (u32)k, add, &prefix, &need);
     }
     // This thread's counts above / equal to the threshold, packed (d < 65536), then one
     // block-wide exclusive scan.
@@ -635,19 +675,11 @@ extern "C" __global__ void topk(float* x, int d, int k, int* idx, float* val, in
         gt += all || kq > prefix;
         eq += !all && kq == prefix;
     }
-    u32 v = gt | (eq << 16), inc = v;
-    for (int o = 1; o < 32; o <<= 1) {
-        u32 y = __shfl_up_sync(0xffffffffu, inc, o);
-        if (lane >= o) inc += y;
-    }
-    if (lane == 31) s_warp[w] = inc;
-    __syncthreads();
-    u32 off = 0;
-    for (int j = 0; j < w; j++) off += s_warp[j];
-    off += inc - v;
+    u32 total;
+    u32 off = block_excl_scan<u32>(gt | (eq << 16), &total);
     u32 gt_before = off & 0xffffu, eq_before = off >> 16;
-    // Kept before this thread: every element above the threshold, plus the equal ones
-    // among the first `need`.
+    // Kept before this thread: every value above the threshold, plus the equal ones among
+    // the first `need`.
     u32 pos = gt_before + min(eq_before, need);
     u32 eq_seen = eq_before;
 #pragma unroll
@@ -662,52 +694,116 @@ extern "C" __global__ void topk(float* x, int d, int k, int* idx, float* val, in
         int i = i0 + q;
         if (mode == 0) {
             if (keep) {
-                ir[pos] = i;
-                vr[pos] = xr[i];
+                idx[pos] = i;
+                val[pos] = v[q];
                 pos++;
             }
-        } else if (!keep) {
-            xr[i] = 0.f;
+        } else {
+            out[i] = keep ? v[q] : 0.f;
         }
     }
 }
 
-// y[r] = sum_j val[j] * Wt[idx[j], r] over the k kept inputs j. Wt is the weight
-// transposed (bf16 [cols, rows]), so a kept input's column is one contiguous row: a warp
-// reads 512 contiguous bytes of it (8 outputs per lane). Grid (ceil(rows / 256), splits),
-// 256 threads; rows a multiple of 8. Each split writes its partial sums to part
-// ([splits, rows]); the last block of a row tile to finish (a ticket in cnt, zero between
-// calls) adds them in split order and writes y: deterministic, and no second kernel.
-extern "C" __global__ void sparse_gemv(const bf16* __restrict__ Wt, const int* __restrict__ idx,
-                                       const float* __restrict__ val, int k, int rows,
-                                       float* __restrict__ part, u32* cnt, float* __restrict__ y) {
+// Row blockIdx.x of x (d wide) into registers as topk_core takes it; returns per.
+__device__ __forceinline__ int topk_load(const float* xr, int d, float (&v)[TOPK_ITEMS]) {
+    int per = (d + blockDim.x - 1) / blockDim.x, i0 = threadIdx.x * per;
+#pragma unroll
+    for (int q = 0; q < TOPK_ITEMS; q++) v[q] = (q < per && i0 + q < d) ? xr[i0 + q] : 0.f;
+    return per;
+}
+
+// Top-k of each row of x (one block of 1024 per row; d <= 1024 * TOPK_ITEMS): mode 0 kept
+// indices and values (row r at r * k), mode 1 the dropped entries of x zeroed in place.
+extern "C" __global__ void __launch_bounds__(1024)
+    topk(float* x, int d, int k, int* idx, float* val, int mode) {
+    __shared__ RadixShared s;
+    float* xr = x + (u64)blockIdx.x * d;
+    float v[TOPK_ITEMS];
+    int per = topk_load(xr, d, v);
+    topk_core(v, per, threadIdx.x * per, d, k, mode, xr, idx + (u64)blockIdx.x * k,
+              val + (u64)blockIdx.x * k, s);
+}
+
+// RMSNorm and top-k in one block per row: out = x / rms(x) * w (as `rmsnorm` computes it),
+// then topk_core on it (mode 0: kept indices and values only, out untouched; mode 1: out
+// with the dropped values zeroed).
+extern "C" __global__ void __launch_bounds__(1024)
+    rmsnorm_topk(const float* x, const float* w, float* out, int d, float eps, int k, int* idx,
+                 float* val, int mode) {
+    __shared__ RadixShared s;
+    const float* xr = x + (u64)blockIdx.x * d;
+    float v[TOPK_ITEMS];
+    int per = topk_load(xr, d, v);
+    int i0 = threadIdx.x * per;
+    float ss = 0.f;
+#pragma unroll
+    for (int q = 0; q < TOPK_ITEMS; q++) ss += v[q] * v[q];
+    ss = block_sum(ss);
+    float inv = rsqrtf(ss / (float)d + eps);
+#pragma unroll
+    for (int q = 0; q < TOPK_ITEMS; q++)
+        if (q < per && i0 + q < d) v[q] = v[q] * inv * w[i0 + q];
+    topk_core(v, per, i0, d, k, mode, out + (u64)blockIdx.x * d, idx + (u64)blockIdx.x * k,
+              val + (u64)blockIdx.x * k, s);
+}
+
+// y = Wt^T · x over the k kept inputs of one token (idx/val from topk): y[o] = sum_j
+// val[j] * Wt[idx[j], o]. Wt is a weight transposed (bf16 [cols, rows]), so a kept input's
+// column is one contiguous row; rows a multiple of 8. Up to three matrices in one launch
+// and the epilogues of MM_ARGS (0 store, 1 add into y, 2 gated unit: a tile is TILE/2 gate
+// outputs and the same TILE/2 up outputs, y0 = silu(gate) * up).
+//
+// A block of 8 warps owns TILE consecutive outputs (TILE/256 warps across them, 8 outputs
+// per lane, so each kept input is a TILE*2-byte run) and split blockIdx.y of the kept
+// inputs; the warps across the inputs take every (8*256/TILE)-th one, SP_U loads in flight
+// per lane. Partial sums meet in shared memory, then (splits > 1) in `part`; the last block
+// of a tile to finish (a ticket in cnt, zero between calls) adds the splits in order and
+// applies the epilogue: deterministic, and no second kernel.
+#define SP_U 8
+template <int TILE>
+__device__ void sparse_mm_impl(const bf16* W0, const bf16* W1, const bf16* W2, float* y0, float* y1,
+                               float* y2, int r0, int r1, int r2, const int* __restrict__ idx,
+                               const float* __restrict__ val, int k, int mode,
+                               float* __restrict__ part, u32* cnt) {
+    constexpr int OW = TILE / 256, IW = 8 / OW, PT = TILE / 256;
+    __shared__ float sh[IW][TILE];
     __shared__ u32 s_ticket;
-    __shared__ float sh[8][257];
-    int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-    int r0 = blockIdx.x * 256 + lane * 8;
+    int t = threadIdx.x, lane = t & 31, w = t >> 5;
+    int ow = w % OW, iw = w / OW;
+    int b = blockIdx.x;
+    bool glu = mode == 2;
+    Seg sg = glu ? Seg{W0, y0, r0} : pick_segment(b, TILE, W0, W1, W2, y0, y1, y2, r0, r1, r2);
+    int rows = sg.rows;
+    const bf16* W = sg.W;
+    int o;
+    if (glu) {
+        W = ow < OW / 2 ? W0 : W1;
+        o = b * (TILE / 2) + (ow % (OW / 2)) * 256 + lane * 8;
+    } else {
+        o = b * TILE + ow * 256 + lane * 8;
+    }
     int per = (k + gridDim.y - 1) / gridDim.y;
     int j0 = blockIdx.y * per, j1 = min(k, j0 + per);
     float acc[8];
 #pragma unroll
-    for (int q = 0; q < 8; q++) acc[q] = 0.f;
-    if (r0 < rows) {
-        // Four kept inputs per warp in flight: indices and values first, then the loads.
-        for (int j = j0 + w; j < j1; j += 32) {
-            int jj[4];
-            float a[4];
-            uint4 u[4];
+    for (int e = 0; e < 8; e++) acc[e] = 0.f;
+    if (o < rows) {
+        for (int j = j0 + iw; j < j1; j += IW * SP_U) {
+            int jj[SP_U];
+            float a[SP_U];
+            uint4 u[SP_U];
 #pragma unroll
-            for (int q = 0; q < 4; q++) {
-                int jq = j + 8 * q;
+            for (int q = 0; q < SP_U; q++) {
+                int jq = j + IW * q;
                 jj[q] = jq < j1 ? idx[jq] : -1;
                 a[q] = jq < j1 ? val[jq] : 0.f;
             }
 #pragma unroll
-            for (int q = 0; q < 4; q++)
-                u[q] = jj[q] >= 0 ? ld_stream((const uint4*)(Wt + (u64)jj[q] * rows + r0))
+            for (int q = 0; q < SP_U; q++)
+                u[q] = jj[q] >= 0 ? ld_stream((const uint4*)(W + (u64)jj[q] * rows + o))
                                   : make_uint4(0u, 0u, 0u, 0u);
 #pragma unroll
-            for (int q = 0; q < 4; q++) {
+            for (int q = 0; q < SP_U; q++) {
                 acc[0] = fmaf(bf_lo(u[q].x), a[q], acc[0]);
                 acc[1] = fmaf(bf_hi(u[q].x), a[q], acc[1]);
                 acc[2] = fmaf(bf_lo(u[q].y), a[q], acc[2]);
@@ -719,30 +815,68 @@ extern "C" __global__ void sparse_gemv(const bf16* __restrict__ Wt, const int* _
             }
         }
     }
-#pragma unroll
-    for (int q = 0; q < 8; q++) sh[w][lane * 8 + q] = acc[q];
+    // Tile-local output L = ow * 256 + lane * 8 + e (glu: gate below TILE/2, up above).
+    float4* s4 = (float4*)&sh[iw][ow * 256 + lane * 8];
+    s4[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+    s4[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
     __syncthreads();
-    int r = blockIdx.x * 256 + threadIdx.x;
-    float s = 0.f;
+    // Thread t now owns tile-local outputs [t * PT, t * PT + PT).
+    float s[PT];
 #pragma unroll
-    for (int q = 0; q < 8; q++) s += sh[q][threadIdx.x];
-    if (gridDim.y == 1) {
-        if (r < rows) y[r] = s;
+    for (int e = 0; e < PT; e++) {
+        s[e] = 0.f;
+#pragma unroll
+        for (int q = 0; q < IW; q++) s[e] += sh[q][t * PT + e];
+    }
+    if (gridDim.y > 1) {
+        u64 vt = (u64)gridDim.x * TILE, v0 = (u64)blockIdx.x * TILE + t * PT;
+#pragma unroll
+        for (int e = 0; e < PT; e++) part[blockIdx.y * vt + v0 + e] = s[e];
+        __threadfence();
+        __syncthreads();
+        if (t == 0) s_ticket = atomicAdd(&cnt[blockIdx.x], 1u);
+        __syncthreads();
+        if (s_ticket != gridDim.y - 1) return;
+        __threadfence();
+#pragma unroll
+        for (int e = 0; e < PT; e++) s[e] = 0.f;
+#pragma unroll 4
+        for (int q = 0; q < (int)gridDim.y; q++)
+#pragma unroll
+            for (int e = 0; e < PT; e++) s[e] += __ldcg(&part[q * vt + v0 + e]);
+        if (t == 0) cnt[blockIdx.x] = 0;
+    }
+    if (glu) {
+        // Gate and up halves of the tile meet in shared memory.
+        __syncthreads();
+#pragma unroll
+        for (int e = 0; e < PT; e++) sh[0][t * PT + e] = s[e];
+        __syncthreads();
+        for (int L = t; L < TILE / 2; L += blockDim.x) {
+            int out = b * (TILE / 2) + L;
+            if (out < rows) y0[out] = silu_gate(sh[0][L], sh[0][L + TILE / 2]);
+        }
         return;
     }
-    if (r < rows) part[(u64)blockIdx.y * rows + r] = s;
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) s_ticket = atomicAdd(&cnt[blockIdx.x], 1u);
-    __syncthreads();
-    if (s_ticket != gridDim.y - 1) return;
-    __threadfence();
-    if (r < rows) {
-        float a = 0.f;
-        for (int q = 0; q < (int)gridDim.y; q++) a += __ldcg(&part[(u64)q * rows + r]);
-        y[r] = a;
+#pragma unroll
+    for (int e = 0; e < PT; e++) {
+        int out = b * TILE + t * PT + e;
+        if (out < rows) sg.y[out] = mode == 1 ? sg.y[out] + s[e] : s[e];
     }
-    if (threadIdx.x == 0) cnt[blockIdx.x] = 0;
+}
+
+#define SP_ARGS                                                                               \
+    const bf16 *W0, const bf16 *W1, const bf16 *W2, float *y0, float *y1, float *y2, int r0,  \
+        int r1, int r2, const int *idx, const float *val, int k, int mode, float *part, u32 *cnt
+#define SP_PASS W0, W1, W2, y0, y1, y2, r0, r1, r2, idx, val, k, mode, part, cnt
+extern "C" __global__ void __launch_bounds__(256) sparse_mm512(SP_ARGS) {
+    sparse_mm_impl<512>(SP_PASS);
+}
+extern "C" __global__ void __launch_bounds__(256) sparse_mm1024(SP_ARGS) {
+    sparse_mm_impl<1024>(SP_PASS);
+}
+extern "C" __global__ void __launch_bounds__(256) sparse_mm2048(SP_ARGS) {
+    sparse_mm_impl<2048>(SP_PASS);
 }
 
 // out[c, r] = in[r, c] (bf16), 32x32 tiles through shared memory; 256 threads per block,
@@ -926,34 +1060,6 @@ extern "C" __global__ void rope_kv(float* q, float* k, const float* __restrict__
 
 // ---- Sampling on the device: temperature, top-k, top-p ----
 
-// Exclusive prefix sum over the block (1024 threads at most) of one value per thread, in
-// thread order; *total gets the block's sum.
-template <typename T>
-__device__ T block_excl_scan(T v, T* total) {
-    __shared__ T ws[32];
-    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    T x = v;
-    for (int o = 1; o < 32; o <<= 1) {
-        T y = __shfl_up_sync(0xffffffffu, x, o);
-        if (lane >= o) x += y;
-    }
-    if (lane == 31) ws[w] = x;
-    __syncthreads();
-    if (w == 0) {
-        T t = lane < nw ? ws[lane] : (T)0;
-        for (int o = 1; o < 32; o <<= 1) {
-            T y = __shfl_up_sync(0xffffffffu, t, o);
-            if (lane >= o) t += y;
-        }
-        ws[lane] = t;
-    }
-    __syncthreads();
-    T base = w > 0 ? ws[w - 1] : (T)0;
-    *total = ws[nw - 1];
-    __syncthreads();
-    return base + x - v;
-}
-
 // Order-preserving map of a float to u32 (larger float, larger key).
 __device__ __forceinline__ u32 fkey(float f) {
     u32 u = __float_as_uint(f);
@@ -991,7 +1097,7 @@ struct KeepWalk {
 // the same select over mass.
 extern "C" __global__ void __launch_bounds__(1024)
     sample_rows(const float* logits, int vocab, const float* prm, const int* topk, u32* out) {
-    __shared__ u32 hist[256];
+    __shared__ RadixShared rs;
     __shared__ float fhist[256];
     __shared__ u32 s_sel, s_rem;
     __shared__ float s_above;
@@ -1043,33 +1149,13 @@ extern "C" __global__ void __launch_bounds__(1024)
     // Top-k: the k-th largest key `kth`, and how many ids equal to it are kept (`need`).
     u32 kth = 0u, need = (u32)vocab;
     if (k > 0 && k < vocab) {
-        u32 prefix = 0u, mask = 0u, rem = (u32)k;
-        for (int shift = 24; shift >= 0; shift -= 8) {
-            for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0u;
-            __syncthreads();
+        auto add = [&](u32* h, int shift, u32 mask, u32 prefix) {
             for (int i = lo; i < hi; i++) {
                 u32 key = fkey(L[i]);
-                if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+                if ((key & mask) == prefix) atomicAdd(&h[((key >> shift) & 255u) * 8 + (lane & 7)], 1u);
             }
-            __syncthreads();
-            if (threadIdx.x == 0) {
-                u32 acc = 0u;
-                int d = 255;
-                for (; d > 0; d--) {
-                    if (acc + hist[d] >= rem) break;
-                    acc += hist[d];
-                }
-                s_sel = (u32)d;
-                s_rem = rem - acc;
-            }
-            __syncthreads();
-            prefix |= s_sel << shift;
-            mask |= 255u << shift;
-            rem = s_rem;
-            __syncthreads();
-        }
-        kth = prefix;
-        need = rem;
+        };
+        radix_kth(rs, (u32)k, add, &kth, &need);
     }
     // in_k(i): key > kth, or key == kth among the first `need` such ids.
     u32 eq = 0u;

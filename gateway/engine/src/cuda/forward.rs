@@ -502,8 +502,8 @@ pub(crate) fn attention_tiles_smem(hd: usize) -> usize {
 /// Widest input the top-k kernel takes (16 elements per thread of 1024).
 const TOPK_MAX: usize = 16 * 1024;
 
-/// Most splits of a sparse GEMV's kept inputs (partial sums `[splits, rows]`).
-const MAX_SPLITS: usize = 64;
+/// Most splits of a sparse product's kept inputs (partial sums `[splits, tiles * tile]`).
+const MAX_SPLITS: usize = 128;
 
 /// LaRoSA's top-k activation sparsity on the device (METHODS.md): per token keep the
 /// `⌊(1 − coef·s)·d⌋` largest |x| of each linear layer's input, with `coef_in` on the q/k/v and
@@ -581,6 +581,10 @@ pub struct CudaBackend {
     pub mm_tokens: std::ops::RangeInclusive<usize>,
     /// Decode steps of up to this many tokens replay CUDA graphs.
     pub graph_max_tokens: usize,
+    /// LaRoSA's sparse products: outputs per block (512, 1024 or 2048) and how many blocks
+    /// a product aims for (the kept inputs are split to get there).
+    pub sparse_tile: usize,
+    pub sparse_blocks: usize,
     /// Sample on the device when the caller allows it (SWITCHYARD_DEVICE_SAMPLING=0 turns
     /// it off: logits rows go to the host).
     pub device_sampling: bool,
@@ -603,6 +607,11 @@ pub struct CudaBackend {
 pub const MM_TOKENS: std::ops::RangeInclusive<usize> = 3..=8;
 /// Default largest decode step replayed from a CUDA graph.
 pub const GRAPH_MAX_TOKENS: usize = 64;
+/// Default output tile and block target of LaRoSA's sparse products.
+pub const SPARSE_TILE: usize = 1024;
+pub const SPARSE_BLOCKS: usize = 528;
+/// Kept inputs a warp has in flight in the sparse products (`SP_U` in kernels/engine.cu).
+const SPARSE_U: usize = 8;
 
 /// What a fused product does with its result.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -672,6 +681,94 @@ fn launch_fused(
             (grid as u32, 1, 1),
             threads,
             args!(w0, w1, w2, y0, y1, y2, r0, r1, r2, x, ci, ni, mode),
+        )
+    }
+}
+
+/// Output tiles of one sparse product launch (the gated unit's tiles hold half gate, half up).
+fn sparse_tiles(tile: usize, rows: &[usize], epi: Epilogue) -> usize {
+    if epi == Epilogue::Glu {
+        rows[0].div_ceil(tile / 2)
+    } else {
+        rows.iter().map(|r| r.div_ceil(tile)).sum()
+    }
+}
+
+/// Floats of partial sums (`part`) and tickets (`cnt`) that sparse product launches over
+/// these output sets (rows and epilogue) need at most, for any tile.
+fn sparse_scratch(sets: &[(&[usize], Epilogue)]) -> (usize, usize) {
+    let (mut floats, mut tiles) = (0, 1);
+    for &(rows, epi) in sets {
+        for tile in [512, 1024, 2048] {
+            let t = sparse_tiles(tile, rows, epi);
+            floats = floats.max(MAX_SPLITS * t * tile);
+            tiles = tiles.max(t);
+        }
+    }
+    (floats, tiles)
+}
+
+/// [`sparse_scratch`] for a model's products.
+fn model_sparse_scratch(c: &crate::model::Config) -> (usize, usize) {
+    let (qd, kvd) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+    sparse_scratch(&[
+        (&[qd, kvd, kvd], Epilogue::Store),
+        (&[c.dim], Epilogue::Add),
+        (&[c.ffn_dim, c.ffn_dim], Epilogue::Glu),
+    ])
+}
+
+/// One launch of `sparse_mm{tile}`: up to three products of one token's `k` kept inputs
+/// (`idx`/`val`) with transposed matrices `(Wt, rows, y)` and the epilogue; the kept inputs
+/// are split until the launch has about `want_blocks` blocks. `scratch` = (idx, val, part,
+/// cnt), with part and cnt sized by [`sparse_scratch`] and cnt zeroed.
+fn launch_sparse(
+    g: &Gpu,
+    tile: usize,
+    want_blocks: usize,
+    outs: &[(&DevBuf, usize, u64)],
+    k: usize,
+    epi: Epilogue,
+    scratch: (u64, u64, u64, u64),
+) -> Result<()> {
+    let f = match tile {
+        512 => g.k.sparse_mm[0],
+        1024 => g.k.sparse_mm[1],
+        2048 => g.k.sparse_mm[2],
+        _ => {
+            return Err(EngineError::Invalid(format!(
+                "sparse product tile {tile}: 512, 1024 or 2048"
+            )))
+        }
+    };
+    let rows: Vec<usize> = outs.iter().map(|o| o.1).collect();
+    let tiles = sparse_tiles(tile, &rows, epi);
+    // Warps across the kept inputs, each with SPARSE_U loads in flight.
+    let per_round = (8 / (tile / 256)) * SPARSE_U;
+    let splits = want_blocks
+        .div_ceil(tiles)
+        .min(k.div_ceil(per_round))
+        .clamp(1, MAX_SPLITS);
+    let seg = |i: usize| {
+        outs.get(i)
+            .map_or((0u64, 0u64, 0i32), |(w, r, y)| (w.ptr, *y, *r as i32))
+    };
+    let ((w0, y0, r0), (w1, y1, r1), (w2, y2, r2)) = (seg(0), seg(1), seg(2));
+    let mode: i32 = match epi {
+        Epilogue::Store => 0,
+        Epilogue::Add => 1,
+        Epilogue::Glu => 2,
+    };
+    let (idx, val, part, cnt) = scratch;
+    let ki = k as i32;
+    // SAFETY: each Wt_i holds cols*rows_i bf16 and every kept index is < cols; y_i holds
+    // rows_i f32; part holds MAX_SPLITS * tiles * tile f32 and cnt one zeroed u32 per tile.
+    unsafe {
+        g.launch(
+            f,
+            (tiles as u32, splits as u32, 1),
+            256,
+            args!(w0, w1, w2, y0, y1, y2, r0, r1, r2, idx, val, ki, mode, part, cnt),
         )
     }
 }
@@ -755,6 +852,62 @@ pub fn mm_product(
     ys.iter()
         .zip(mats)
         .map(|(y, (_, rows))| y.read::<f32>(n * rows))
+        .collect()
+}
+
+/// One sparse product on the device, for tests: `mats` are transposed bf16 `[cols, rows_i]`
+/// matrices, one token's kept inputs `idx` (ascending, < cols) with values `val`; returns
+/// each y_i (`rows_i`). With [`Epilogue::Add`] y_0 starts as `y0`; with [`Epilogue::Glu`]
+/// only y_0 is meaningful. `tile` and `want_blocks` as [`CudaBackend::sparse_tile`] and
+/// [`CudaBackend::sparse_blocks`].
+#[allow(clippy::too_many_arguments)]
+pub fn sparse_product(
+    gpu: &Arc<Gpu>,
+    mats: &[(&[u16], usize)],
+    cols: usize,
+    idx: &[i32],
+    val: &[f32],
+    tile: usize,
+    want_blocks: usize,
+    epi: Epilogue,
+    y0: Option<&[f32]>,
+) -> Result<Vec<Vec<f32>>> {
+    let bad_rows = mats.iter().any(|(w, r)| r % 8 != 0 || w.len() != r * cols);
+    let bad_idx = idx.iter().any(|&i| i < 0 || i as usize >= cols);
+    if mats.is_empty() || mats.len() > 3 || bad_rows || bad_idx || idx.len() != val.len() {
+        return Err(EngineError::Invalid(format!(
+            "sparse product: {} matrices of width {cols} (rows multiples of 8), {} kept inputs",
+            mats.len(),
+            idx.len()
+        )));
+    }
+    let ws = mats
+        .iter()
+        .map(|(w, _)| gpu.upload(w))
+        .collect::<Result<Vec<_>>>()?;
+    let ys = mats
+        .iter()
+        .map(|(_, rows)| gpu.alloc(rows * 4))
+        .collect::<Result<Vec<_>>>()?;
+    if let Some(y0) = y0 {
+        ys[0].write(y0)?;
+    }
+    let rows: Vec<usize> = mats.iter().map(|m| m.1).collect();
+    let (floats, tiles) = sparse_scratch(&[(&rows, epi)]);
+    let part = gpu.alloc(floats * 4)?;
+    let cnt = gpu.upload(&vec![0u32; tiles])?;
+    let (ib, vb) = (gpu.upload(idx)?, gpu.upload(val)?);
+    let outs: Vec<(&DevBuf, usize, u64)> = ws
+        .iter()
+        .zip(&ys)
+        .zip(&rows)
+        .map(|((w, y), &r)| (w, r, y.ptr))
+        .collect();
+    let scratch = (ib.ptr, vb.ptr, part.ptr, cnt.ptr);
+    launch_sparse(gpu, tile, want_blocks, &outs, idx.len(), epi, scratch)?;
+    ys.iter()
+        .zip(&rows)
+        .map(|(y, &r)| y.read::<f32>(r))
         .collect()
 }
 
@@ -888,6 +1041,139 @@ pub fn product_secs(
     Ok(t.elapsed().as_secs_f64() / reps as f64)
 }
 
+/// Seconds per sparse product (`sparse_mm{tile}`, store) of one token's `keep` kept inputs
+/// (evenly spread over `cols`) with a transposed `[cols, rows]` matrix: random bf16
+/// weights in copies larger than the L2 cache, mean of `reps` launches after a warm-up.
+pub fn sparse_product_secs(
+    gpu: &Arc<Gpu>,
+    rows: usize,
+    cols: usize,
+    keep: usize,
+    tile: usize,
+    want_blocks: usize,
+    reps: usize,
+) -> Result<f64> {
+    let keep = keep.clamp(1, cols);
+    let copies = (256 << 20) / (rows * cols * 2) + 1;
+    let ws = (0..copies)
+        .map(|i| -> Result<DevBuf> {
+            let buf = gpu.alloc(rows * cols * 2)?;
+            gpu.fill_random_bf16(&buf, 11 + i as u32, 0.05)?;
+            Ok(buf)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let idx: Vec<i32> = (0..keep).map(|j| (j * cols / keep) as i32).collect();
+    let idx = gpu.upload(&idx)?;
+    let val = gpu.upload(&vec![0.5f32; keep])?;
+    let y = gpu.alloc(rows * 4)?;
+    let (floats, tiles) = sparse_scratch(&[(&[rows], Epilogue::Store)]);
+    let part = gpu.alloc(floats * 4)?;
+    let cnt = gpu.upload(&vec![0u32; tiles])?;
+    let run = |w: &DevBuf| {
+        launch_sparse(
+            gpu,
+            tile,
+            want_blocks,
+            &[(w, rows, y.ptr)],
+            keep,
+            Epilogue::Store,
+            (idx.ptr, val.ptr, part.ptr, cnt.ptr),
+        )
+    };
+    for w in &ws {
+        run(w)?;
+    }
+    gpu.sync()?;
+    let t = std::time::Instant::now();
+    for i in 0..reps {
+        run(&ws[i % copies])?;
+    }
+    gpu.sync()?;
+    Ok(t.elapsed().as_secs_f64() / reps as f64)
+}
+
+/// Seconds per top-k launch on one row of `d` values keeping `k` (mode 0, kept list):
+/// `topk` alone, or `rmsnorm_topk` when `norm` (the LaRoSA path's selection cost).
+pub fn topk_secs(gpu: &Arc<Gpu>, d: usize, k: usize, norm: bool, reps: usize) -> Result<f64> {
+    if d > TOPK_MAX {
+        return Err(EngineError::Invalid(format!(
+            "top-k of {d}: at most {TOPK_MAX}"
+        )));
+    }
+    let x: Vec<f32> = (0..d)
+        .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+        .collect();
+    let xd = gpu.upload(&x)?;
+    let w = gpu.upload(&vec![1f32; d])?;
+    let out = gpu.alloc(d * 4)?;
+    let idx = gpu.alloc(d * 4)?;
+    let val = gpu.alloc(d * 4)?;
+    let (di, ki, mode, eps) = (d as i32, k as i32, 0i32, 1e-5f32);
+    let run = || -> Result<()> {
+        // SAFETY: xd/out hold d f32, idx/val d entries.
+        unsafe {
+            if norm {
+                gpu.launch(
+                    gpu.k.rmsnorm_topk,
+                    (1, 1, 1),
+                    1024,
+                    args!(xd.ptr, w.ptr, out.ptr, di, eps, ki, idx.ptr, val.ptr, mode),
+                )
+            } else {
+                gpu.launch(
+                    gpu.k.topk,
+                    (1, 1, 1),
+                    1024,
+                    args!(xd.ptr, di, ki, idx.ptr, val.ptr, mode),
+                )
+            }
+        }
+    };
+    run()?;
+    gpu.sync()?;
+    let t = std::time::Instant::now();
+    for _ in 0..reps {
+        run()?;
+    }
+    gpu.sync()?;
+    Ok(t.elapsed().as_secs_f64() / reps as f64)
+}
+
+/// RMSNorm and top-k of one row on the device (`rmsnorm_topk`, mode 0): the kept indices
+/// (ascending) and their normalized values (checks).
+pub fn norm_topk(
+    gpu: &Arc<Gpu>,
+    x: &[f32],
+    w: &[f32],
+    eps: f32,
+    k: usize,
+) -> Result<(Vec<i32>, Vec<f32>)> {
+    if x.is_empty() || x.len() > TOPK_MAX || w.len() != x.len() {
+        return Err(EngineError::Invalid(format!(
+            "RMSNorm + top-k of {} values with {} weights: 1 to {TOPK_MAX}, equal",
+            x.len(),
+            w.len()
+        )));
+    }
+    let k = k.clamp(1, x.len());
+    let xd = gpu.upload(x)?;
+    let wd = gpu.upload(w)?;
+    let out = gpu.alloc(x.len() * 4)?;
+    let idx = gpu.alloc(k * 4)?;
+    let val = gpu.alloc(k * 4)?;
+    let (d, ki, mode) = (x.len() as i32, k as i32, 0i32);
+    // SAFETY: xd/wd/out hold d f32, idx/val k entries.
+    unsafe {
+        gpu.launch(
+            gpu.k.rmsnorm_topk,
+            (1, 1, 1),
+            1024,
+            args!(xd.ptr, wd.ptr, out.ptr, d, eps, ki, idx.ptr, val.ptr, mode),
+        )?;
+    }
+    Ok((idx.read::<i32>(k)?, val.read::<f32>(k)?))
+}
+
 fn blocks(n: usize, per: usize) -> u32 {
     n.div_ceil(per).clamp(1, 65535) as u32
 }
@@ -900,6 +1186,8 @@ impl CudaBackend {
             larosa: None,
             mm_tokens: MM_TOKENS,
             graph_max_tokens: GRAPH_MAX_TOKENS,
+            sparse_tile: SPARSE_TILE,
+            sparse_blocks: SPARSE_BLOCKS,
             device_sampling: std::env::var("SWITCHYARD_DEVICE_SAMPLING").map_or(true, |v| v != "0"),
             graphs: Vec::new(),
             seen: Vec::new(),
@@ -931,31 +1219,76 @@ impl CudaBackend {
         self.larosa
     }
 
-    /// Sparsify the `n` rows of `x` (width `d`) for the next products. Returns `Some(k)`
-    /// when the single token's `k` kept inputs are in `sidx`/`sval` for the sparse GEMV;
-    /// `None` when `x` is used densely (no sparsity, or masked in place).
-    fn sparsify(
-        &self,
-        p: &Pass,
-        x: u64,
-        d: usize,
-        out_side: bool,
-        sparse: bool,
-    ) -> Result<Option<usize>> {
-        let Some(l) = self.larosa else {
+    /// Whether LaRoSA keeps fewer than all `d` inputs of a product, and how many it keeps.
+    fn kept(&self, out_side: bool, d: usize) -> Option<(Larosa, usize)> {
+        let l = self.larosa?;
+        let k = l.keep(out_side, d);
+        (k < d).then_some((l, k))
+    }
+
+    /// Whether the pass's products read only kept inputs (one token, transposed weights).
+    fn sparse_pass(&self, p: &Pass, l: Larosa, have_weights: bool) -> bool {
+        have_weights && l.sparse_gemv && p.n == 1
+    }
+
+    /// RMSNorm of the `n` rows of `x` into `xb` with LaRoSA's top-k on the result (input
+    /// side) in the same kernel. Returns `Some(k)` when the single token's `k` kept inputs
+    /// are in `sidx`/`sval` for the sparse products (xb is then not written); `None` when
+    /// `xb` holds the rows, masked if LaRoSA is on.
+    fn norm(&self, p: &Pass, x: u64, w: &DevBuf, xb: u64, sparse: bool) -> Result<Option<usize>> {
+        let g = &self.dm.gpu;
+        let c = &self.dm.cfg;
+        let (d, eps, nu) = (c.dim, c.rms_eps, p.n as u32);
+        let di = d as i32;
+        let Some((l, k)) = self.kept(false, d) else {
+            // One float4 per thread for rows up to 4096 wide.
+            let threads = (d / 4).next_multiple_of(32).clamp(32, 1024) as u32;
+            // SAFETY: x and xb hold n rows of d f32, w d f32.
+            unsafe {
+                g.launch(
+                    g.k.rmsnorm,
+                    (nu, 1, 1),
+                    threads,
+                    args!(x, w.ptr, xb, di, eps),
+                )?
+            };
             return Ok(None);
         };
-        let k = l.keep(out_side, d);
-        if k >= d {
-            return Ok(None);
+        if d > TOPK_MAX {
+            return Err(EngineError::Invalid(format!(
+                "LaRoSA on the GPU: the top-k kernel takes inputs up to {TOPK_MAX} wide, not {d}"
+            )));
         }
+        let use_sparse = self.sparse_pass(p, l, sparse);
+        let (ki, mode) = (k as i32, if use_sparse { 0i32 } else { 1 });
+        // SAFETY: x/xb hold n rows of d f32 (d <= TOPK_MAX, checked by prepare/set_larosa);
+        // sidx/sval hold k entries for one row.
+        unsafe {
+            g.launch(
+                g.k.rmsnorm_topk,
+                (nu, 1, 1),
+                1024,
+                args!(x, w.ptr, xb, di, eps, ki, p.sidx, p.sval, mode),
+            )?;
+        }
+        Ok(use_sparse.then_some(k))
+    }
+
+    /// LaRoSA's top-k on the `n` rows of `x` (width `d`, output side: the o_proj and
+    /// down_proj inputs). Returns `Some(k)` when the single token's `k` kept inputs are in
+    /// `sidx`/`sval` for the sparse products; `None` when `x` is used densely (no sparsity,
+    /// or masked in place).
+    fn sparsify(&self, p: &Pass, x: u64, d: usize, sparse: bool) -> Result<Option<usize>> {
+        let Some((l, k)) = self.kept(true, d) else {
+            return Ok(None);
+        };
         if d > TOPK_MAX {
             return Err(EngineError::Invalid(format!(
                 "LaRoSA on the GPU: the top-k kernel takes inputs up to {TOPK_MAX} wide, not {d}"
             )));
         }
         let g = &self.dm.gpu;
-        let use_sparse = sparse && l.sparse_gemv && p.n == 1;
+        let use_sparse = self.sparse_pass(p, l, sparse);
         let (di, ki, mode) = (d as i32, k as i32, if use_sparse { 0i32 } else { 1 });
         // SAFETY: x holds n rows of d f32; sidx/sval hold k entries for one row.
         unsafe {
@@ -969,41 +1302,24 @@ impl CudaBackend {
         Ok(use_sparse.then_some(k))
     }
 
-    /// y[rows] = Σ over the k kept inputs of val·Wt[idx] (one token; `wt` is `[in, rows]`).
-    fn sparse_linear(&self, p: &Pass, wt: &DevBuf, rows: usize, k: usize, y: u64) -> Result<()> {
-        let g = &self.dm.gpu;
-        let tiles = rows.div_ceil(256);
-        let splits = (1024 / tiles)
-            .clamp(1, MAX_SPLITS)
-            .min(k.div_ceil(8))
-            .max(1);
-        let (ki, ri) = (k as i32, rows as i32);
-        // SAFETY: wt holds cols*rows bf16 and every kept index is < cols; part holds
-        // MAX_SPLITS*rows f32; cnt one zeroed u32 per row tile.
-        unsafe {
-            g.launch(
-                g.k.sparse_gemv,
-                (tiles as u32, splits as u32, 1),
-                256,
-                args!(wt.ptr, p.sidx, p.sval, ki, ri, p.part, p.cnt, y),
-            )
-        }
-    }
-
-    /// A product after [`Self::sparsify`]: sparse for `Some(k)`, dense otherwise.
-    fn linear_s(
-        &mut self,
+    /// Products of one token's `k` kept inputs (`sidx`/`sval`) with up to three transposed
+    /// matrices (`(Wt, rows, y)`) and the epilogue, in one launch of `sparse_mm*`.
+    fn sparse_proj(
+        &self,
         p: &Pass,
-        w: &DevW,
-        wt: Option<&DevBuf>,
-        k: Option<usize>,
-        x: u64,
-        y: u64,
+        outs: &[(&DevBuf, usize, u64)],
+        k: usize,
+        epi: Epilogue,
     ) -> Result<()> {
-        match (k, wt) {
-            (Some(k), Some(wt)) => self.sparse_linear(p, wt, w.rows, k, y),
-            _ => self.linear(w, x, p.n, y),
-        }
+        launch_sparse(
+            &self.dm.gpu,
+            self.sparse_tile,
+            self.sparse_blocks,
+            outs,
+            k,
+            epi,
+            (p.sidx, p.sval, p.part, p.cnt),
+        )
     }
 
     /// The fused kernel that takes `n` tokens of inputs `cols` wide, if one does: the
@@ -1162,12 +1478,12 @@ impl CudaBackend {
         let tiles = b.get(g, TILES, self.tiles.len().max(1) * 4)?;
         let (sidx, sval, part, cnt) = if self.larosa.is_some() {
             let wide = dim.max(f).max(qd);
-            let tiles = wide.div_ceil(256);
+            let (part_floats, tiles) = model_sparse_scratch(c);
             let cnt = b.get_zeroed(g, CNT, tiles * 4)?;
             (
                 b.get(g, SIDX, wide * 4)?,
                 b.get(g, SVAL, wide * 4)?,
-                b.get(g, PART, MAX_SPLITS * wide * 4)?,
+                b.get(g, PART, part_floats * 4)?,
                 cnt,
             )
         } else {
@@ -1281,6 +1597,7 @@ impl CudaBackend {
         let g = &gpu;
         let c = &dm.cfg;
         let (dim, hd, nh, nkv, f) = (c.dim, c.head_dim, c.n_heads, c.n_kv_heads, c.ffn_dim);
+        let (qd, kvd) = (nh * hd, nkv * hd);
         let Pass {
             n,
             n_sel,
@@ -1316,8 +1633,6 @@ impl CudaBackend {
         let scale = 1.0 / (hd as f32).sqrt();
         let nu = n as u32;
         let kk = &g.k;
-        let nd = (n * dim) as u64;
-        let eb = blocks(n * dim, 256).min(4096);
         // One float4 per thread for rows up to 4096 wide.
         let norm_threads = (dim / 4).next_multiple_of(32).clamp(32, 1024) as u32;
         // SAFETY: every buffer was sized above for this batch; kernels index within them.
@@ -1335,29 +1650,26 @@ impl CudaBackend {
                     cudarc::driver::result::memcpy_dtod_async(x, tmp, n * dim * 4, g.stream)
                         .map_err(|e| EngineError::Invalid(format!("CUDA: copy: {e:?}")))?;
                 }
-                g.launch(
-                    kk.rmsnorm,
-                    (nu, 1, 1),
-                    norm_threads,
-                    args!(x, l.attn_norm.ptr, xb, dim_i, eps),
-                )?;
+                // Q/K/V in one launch, the residual adds ride on the output products and
+                // SiLU·up on the gate/up product (Self::proj); with LaRoSA the inputs are
+                // top-k sparsified first (in the RMSNorm kernel on the input side), and a
+                // single token's products read only the kept inputs' weight columns.
                 let sp = l.sparse.as_ref();
-                // Without LaRoSA, Q/K/V are one launch, the residual adds ride on the output
-                // products and SiLU·up on the gate/up product (Self::proj).
-                let fused = self.larosa.is_none();
-                if fused {
-                    self.proj(
+                let kq = self.norm(p, x, &l.attn_norm, xb, sp.is_some())?;
+                match (kq, sp) {
+                    (Some(kk), Some(s)) => self.sparse_proj(
+                        p,
+                        &[(&s.wq, qd, q), (&s.wk, kvd, k), (&s.wv, kvd, v)],
+                        kk,
+                        Epilogue::Store,
+                    )?,
+                    _ => self.proj(
                         &[(&l.wq, q), (&l.wk, k), (&l.wv, v)],
                         xb,
                         n,
                         Epilogue::Store,
                         tmp,
-                    )?;
-                } else {
-                    let kq = self.sparsify(p, xb, dim, false, sp.is_some())?;
-                    self.linear_s(p, &l.wq, sp.map(|s| &s.wq), kq, xb, q)?;
-                    self.linear_s(p, &l.wk, sp.map(|s| &s.wk), kq, xb, k)?;
-                    self.linear_s(p, &l.wv, sp.map(|s| &s.wv), kq, xb, v)?;
+                    )?,
                 }
                 let (cos, sin) = (dm.cos.ptr, dm.sin.ptr);
                 let kvl = kvp + (li * items * 2 * 8) as u64;
@@ -1388,36 +1700,26 @@ impl CudaBackend {
                         args!(q, kvl, item, pos, tiles, att, nh_i, nkv_i, hd_i, scale),
                     )?;
                 }
-                if fused {
-                    self.proj(&[(&l.wo, x)], att, n, Epilogue::Add, tmp)?;
-                } else {
-                    let ko = self.sparsify(p, att, nh * hd, true, sp.is_some())?;
-                    self.linear_s(p, &l.wo, sp.map(|s| &s.wo), ko, att, tmp)?;
-                    g.launch(kk.add, (eb, 1, 1), 256, args!(x, tmp, nd))?;
+                match (self.sparsify(p, att, qd, sp.is_some())?, sp) {
+                    (Some(kk), Some(s)) => {
+                        self.sparse_proj(p, &[(&s.wo, dim, x)], kk, Epilogue::Add)?
+                    }
+                    _ => self.proj(&[(&l.wo, x)], att, n, Epilogue::Add, tmp)?,
                 }
-                g.launch(
-                    kk.rmsnorm,
-                    (nu, 1, 1),
-                    norm_threads,
-                    args!(x, l.ffn_norm.ptr, xb, dim_i, eps),
-                )?;
-                if fused {
-                    self.proj(&[(&l.gate, hb), (&l.up, hb2)], xb, n, Epilogue::Glu, tmp)?;
-                    self.proj(&[(&l.down, x)], hb, n, Epilogue::Add, tmp)?;
-                } else {
-                    let kg = self.sparsify(p, xb, dim, false, sp.is_some())?;
-                    self.linear_s(p, &l.gate, sp.map(|s| &s.gate), kg, xb, hb)?;
-                    self.linear_s(p, &l.up, sp.map(|s| &s.up), kg, xb, hb2)?;
-                    let nf = (n * f) as u64;
-                    g.launch(
-                        kk.silu_mul,
-                        (blocks(n * f, 256).min(4096), 1, 1),
-                        256,
-                        args!(hb, hb2, nf),
-                    )?;
-                    let kd = self.sparsify(p, hb, f, true, sp.is_some())?;
-                    self.linear_s(p, &l.down, sp.map(|s| &s.down), kd, hb, tmp)?;
-                    g.launch(kk.add, (eb, 1, 1), 256, args!(x, tmp, nd))?;
+                match (self.norm(p, x, &l.ffn_norm, xb, sp.is_some())?, sp) {
+                    (Some(kk), Some(s)) => self.sparse_proj(
+                        p,
+                        &[(&s.gate, f, hb), (&s.up, f, hb2)],
+                        kk,
+                        Epilogue::Glu,
+                    )?,
+                    _ => self.proj(&[(&l.gate, hb), (&l.up, hb2)], xb, n, Epilogue::Glu, tmp)?,
+                }
+                match (self.sparsify(p, hb, f, sp.is_some())?, sp) {
+                    (Some(kk), Some(s)) => {
+                        self.sparse_proj(p, &[(&s.down, dim, x)], kk, Epilogue::Add)?
+                    }
+                    _ => self.proj(&[(&l.down, x)], hb, n, Epilogue::Add, tmp)?,
                 }
             }
             if n_sel > 0 {

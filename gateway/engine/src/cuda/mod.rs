@@ -42,9 +42,11 @@ pub(crate) struct Kernels {
     pub rope_kv: sys::CUfunction,
     pub sample_rows: sys::CUfunction,
     pub fill_random: sys::CUfunction,
-    /// LaRoSA: top-k selection, the sparse GEMV, bf16 transpose.
+    /// LaRoSA: top-k selection (alone and after RMSNorm), the sparse products, bf16 transpose.
     pub topk: sys::CUfunction,
-    pub sparse_gemv: sys::CUfunction,
+    pub rmsnorm_topk: sys::CUfunction,
+    /// Sparse products over kept inputs, output tiles of 512, 1024, 2048.
+    pub sparse_mm: [sys::CUfunction; 3],
     pub transpose_bf16: sys::CUfunction,
 }
 
@@ -211,7 +213,8 @@ impl Gpu {
             sample_rows: f("sample_rows")?,
             fill_random: f("fill_random")?,
             topk: f("topk")?,
-            sparse_gemv: f("sparse_gemv")?,
+            rmsnorm_topk: f("rmsnorm_topk")?,
+            sparse_mm: [f("sparse_mm512")?, f("sparse_mm1024")?, f("sparse_mm2048")?],
             transpose_bf16: f("transpose_bf16")?,
         };
         // attention_tiles takes more than the default 48 KiB of shared memory (head size 128).
@@ -478,7 +481,10 @@ mod tests {
                         "gemv8",
                         "sample_rows",
                         "topk",
-                        "sparse_gemv",
+                        "rmsnorm_topk",
+                        "sparse_mm512",
+                        "sparse_mm1024",
+                        "sparse_mm2048",
                         "transpose_bf16",
                         "mm8",
                         "mm16",
