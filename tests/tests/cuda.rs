@@ -650,11 +650,12 @@ fn sparse_products_match_a_host_reference() {
     .is_err());
 }
 
-/// LaRoSA decode on the GPU: one token at a time through the sparse GEMV (kept columns
-/// only) gives the logits of the dense product on the masked input, at 40% and 50%
-/// sparsity, with residual adapters; sparsity 0 changes nothing. Only the first steps are
-/// held to a tight tolerance: the two paths round differently, and once an activation at
-/// the top-k threshold flips between kept and dropped the K/V of later steps differ.
+/// LaRoSA decode on the GPU: one token at a time through the sparse products (kept columns
+/// only) gives the logits of the dense products on the masked input, at 40% and 50%
+/// sparsity, with residual adapters; sparsity 0 changes nothing. The two paths round
+/// differently, so an activation at the top-k threshold can flip between kept and dropped:
+/// 4 of 5 steps must agree to 2e-3 (tokens alone), and the first steps of a sequence too
+/// (after a flip, the K/V of later steps differ).
 #[test]
 fn larosa_sparse_gemv_matches_the_masked_dense_product() {
     use switchyard_engine::cuda::forward::Larosa;
@@ -673,60 +674,102 @@ fn larosa_sparse_gemv_matches_the_masked_dense_product() {
         max_slots: 1,
     };
     let prompt: Vec<u32> = (0..24u32).map(|i| (i * 37 + 5) % 512).collect();
-    let run = |l: Option<Larosa>| -> Vec<Vec<f32>> {
+    // One token per pass, so every product goes through the chosen path: the prompt as one
+    // sequence, or (independent) each token alone in a fresh sequence, so that a top-k
+    // membership flip at a near-tie stays in its own step instead of entering the K/V of
+    // every later one.
+    let run = |l: Option<Larosa>, independent: bool| -> Vec<Vec<f32>> {
         let mut kv = open_kv(&dm, lay, None, KvMode::Sync).unwrap();
         let mut be = CudaBackend::new(dm.clone());
         be.set_larosa(l);
-        let s = kv.acquire().unwrap();
+        let mut s = kv.acquire().unwrap();
         let mut rows = Vec::new();
-        // One token per pass: every product of every step goes through the chosen path.
         for (p, &t) in prompt.iter().enumerate() {
             let tt = [t];
+            let at = if independent {
+                kv.release(s);
+                s = kv.acquire().unwrap();
+                0
+            } else {
+                p
+            };
             rows.push(
-                be.forward_logits(&mut kv, &[SeqChunk::last_logits(s, p, &tt)])
+                be.forward_logits(&mut kv, &[SeqChunk::last_logits(s, at, &tt)])
                     .unwrap()
                     .to_vec(),
             );
         }
         rows
     };
-    let dense = run(None);
-    assert_eq!(run(Some(Larosa::new(0.0))), dense, "sparsity 0 is dense");
+    // Per step: max |a - b| / max |b|.
+    let diffs = |a: &[Vec<f32>], b: &[Vec<f32>]| -> Vec<f32> {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| {
+                let scale = y.iter().fold(0f32, |m, v| m.max(v.abs()));
+                x.iter()
+                    .zip(y)
+                    .fold(0f32, |m, (p, q)| m.max((p - q).abs() / scale))
+            })
+            .collect()
+    };
+    let show = |d: &[f32]| {
+        d.iter()
+            .map(|w| format!("{w:.1e}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let dense = run(None, false);
+    assert_eq!(
+        run(Some(Larosa::new(0.0)), false),
+        dense,
+        "sparsity 0 is dense"
+    );
+    let dense_alone = run(None, true);
     for s in [0.4, 0.5] {
-        let sparse = run(Some(Larosa::new(s)));
-        let masked = run(Some(Larosa {
-            sparse_gemv: false,
-            ..Larosa::new(s)
-        }));
-        let mut worst = Vec::new();
-        let mut changed = 0f32;
-        let mut agree = 0;
-        for ((a, b), d) in sparse.iter().zip(&masked).zip(&dense) {
-            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let mut w = 0f32;
-            for ((x, y), z) in a.iter().zip(b).zip(d) {
-                w = w.max((x - y).abs() / scale);
-                changed = changed.max((y - z).abs() / scale);
-            }
-            worst.push(w);
-            let am = |v: &[f32]| (0..v.len()).max_by(|&i, &j| v[i].total_cmp(&v[j])).unwrap();
-            agree += (am(a) == am(b)) as usize;
-        }
-        let per: Vec<String> = worst.iter().map(|w| format!("{w:.1e}")).collect();
+        let masked_of = |independent| {
+            run(
+                Some(Larosa {
+                    sparse_gemv: false,
+                    ..Larosa::new(s)
+                }),
+                independent,
+            )
+        };
+        let (sparse, masked) = (run(Some(Larosa::new(s)), true), masked_of(true));
+        let worst = diffs(&sparse, &masked);
+        let am = |v: &[f32]| (0..v.len()).max_by(|&i, &j| v[i].total_cmp(&v[j])).unwrap();
+        let agree = sparse
+            .iter()
+            .zip(&masked)
+            .filter(|(a, b)| am(a) == am(b))
+            .count();
+        let changed = diffs(&masked, &dense_alone)
+            .into_iter()
+            .fold(0f32, f32::max);
+        let seq = diffs(&run(Some(Larosa::new(s)), false), &masked_of(false));
         eprintln!(
-            "sparsity {s}: sparse vs masked dense per step [{}], argmax {agree}/{}, vs dense {changed:.2e}",
-            per.join(" "),
-            worst.len()
+            "sparsity {s}: sparse vs masked dense, tokens alone [{}], argmax {agree}/{}, masked vs dense {changed:.2e}; as one sequence [{}]",
+            show(&worst),
+            worst.len(),
+            show(&seq)
         );
-        let first = worst[..4].iter().fold(0f32, |m, &v| m.max(v));
+        let close = worst.iter().filter(|&&w| w < 2e-3).count();
         assert!(
-            first < 2e-3,
-            "sparse GEMV differs from the masked product: {first}"
+            close * 5 >= worst.len() * 4,
+            "sparse products differ from the masked dense ones in {} of {} steps",
+            worst.len() - close,
+            worst.len()
         );
         assert!(
             agree * 10 >= worst.len() * 9,
             "argmax agreement {agree}/{}",
             worst.len()
+        );
+        let first = seq[..4].iter().fold(0f32, |m, &v| m.max(v));
+        assert!(
+            first < 2e-3,
+            "as one sequence, the first steps differ: {first}"
         );
         assert!(changed > 1e-3, "sparsity {s} had no effect");
     }

@@ -51,10 +51,10 @@ pub struct GpuBenchArgs {
     #[arg(long, value_delimiter = ',')]
     pub larosa: Vec<f64>,
     /// LaRoSA's sparse products: outputs per block (512, 1024 or 2048).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 512)]
     pub sparse_tile: usize,
     /// LaRoSA's sparse products: blocks a launch aims for.
-    #[arg(long, default_value_t = 528)]
+    #[arg(long, default_value_t = 264)]
     pub sparse_blocks: usize,
     /// Largest token count of the tensor-core products (from 3 tokens; 0: GEMV and cuBLAS
     /// only).
@@ -334,8 +334,8 @@ mod imp {
         const PREVIOUS: Tune = Tune {
             mm_max: 0,
             graph_max: 8,
-            sparse_tile: 1024,
-            sparse_blocks: 528,
+            sparse_tile: switchyard_engine::cuda::forward::SPARSE_TILE,
+            sparse_blocks: switchyard_engine::cuda::forward::SPARSE_BLOCKS,
             label: "no tensor-core products, graphs up to 8",
         };
     }

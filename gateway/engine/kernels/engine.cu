@@ -587,56 +587,71 @@ extern "C" __global__ void fill_random(bf16* w, u64 n, u32 seed, float scale) {
 
 // ---- LaRoSA: top-k activation sparsity and products over kept inputs only ----
 
-// Radix select over a block's u32 keys, 8 bits per pass from the top: the k-th largest
-// key (*kth) and how many keys equal to it are among the k largest (*need). add(h, shift,
-// mask, prefix) puts every key with (key & mask) == prefix into histogram h (256 bins of 8
-// copies, bin * 8 + copy, so that lanes hitting one bin rarely collide). Two histograms
-// alternate, so a pass clears the next one while it fills its own: three barriers a pass.
-// Threads 0..255 each sum one bin and scan from the top. blockDim.x >= 256.
+// Inclusive prefix sum over a warp.
+__device__ __forceinline__ u32 warp_incl_scan(u32 v) {
+    int lane = threadIdx.x & 31;
+    for (int o = 1; o < 32; o <<= 1) {
+        u32 y = __shfl_up_sync(0xffffffffu, v, o);
+        if (lane >= o) v += y;
+    }
+    return v;
+}
+
+// Radix select over a block's u32 keys in three passes from the top (bits 31..21, 20..10,
+// 9..0, 2048 bins): the k-th largest key (*kth) and how many keys equal to it are among
+// the k largest (*need). add(h, shift, mask, prefix) counts every key with (key & mask) ==
+// prefix into bin (key >> shift) & 2047 of histogram h (radix_add below does it with one
+// shared atomic per distinct bin of a warp). Two histograms alternate, so a pass clears the
+// next one while it fills its own: three barriers a pass. 1024 threads: thread t scans
+// bins 2047 - 2t and 2046 - 2t.
 struct RadixShared {
-    u32 hist[2][256 * 8];
-    u32 warp[8];
+    u32 hist[2][2048];
+    u32 warp[32];
     u32 prefix, need;
 };
 template <typename Add>
 __device__ void radix_kth(RadixShared& s, u32 k, Add add, u32* kth, u32* need_out) {
     int t = threadIdx.x, lane = t & 31, w = t >> 5;
-    for (int i = t; i < 256 * 8; i += blockDim.x) s.hist[0][i] = 0u;
+    for (int i = t; i < 2048; i += blockDim.x) s.hist[0][i] = 0u;
     __syncthreads();
-    u32 prefix = 0u, need = k;
-    for (int pass = 0; pass < 4; pass++) {
-        int shift = 24 - 8 * pass;
+    u32 prefix = 0u, need = k, mask = 0u;
+    for (int pass = 0; pass < 3; pass++) {
+        int shift = pass == 0 ? 21 : (pass == 1 ? 10 : 0);
         u32* h = s.hist[pass & 1];
-        if (pass < 3)
-            for (int i = t; i < 256 * 8; i += blockDim.x) s.hist[(pass + 1) & 1][i] = 0u;
-        add(h, shift, pass == 0 ? 0u : (0xffffffffu << (shift + 8)), prefix);
+        if (pass < 2)
+            for (int i = t; i < 2048; i += blockDim.x) s.hist[(pass + 1) & 1][i] = 0u;
+        add(h, shift, mask, prefix);
         __syncthreads();
-        u32 c = 0u;
-        if (t < 256) {
-            const u32* hb = &h[(255 - t) * 8];
-            c = hb[0] + hb[1] + hb[2] + hb[3] + hb[4] + hb[5] + hb[6] + hb[7];
-        }
-        u32 inc = c;
-        for (int o = 1; o < 32; o <<= 1) {
-            u32 y = __shfl_up_sync(0xffffffffu, inc, o);
-            if (lane >= o) inc += y;
-        }
-        if (lane == 31 && w < 8) s.warp[w] = inc;
+        u32 top = 2047u - 2u * (u32)t;
+        u32 c1 = h[top], c0 = h[top - 1];
+        u32 c = c1 + c0;
+        u32 inc = warp_incl_scan(c);
+        if (lane == 31) s.warp[w] = inc;
         __syncthreads();
-        if (t < 256) {
-            for (int j = 0; j < w; j++) inc += s.warp[j];
-            u32 exc = inc - c;
-            if (exc < need && need <= inc) {
-                s.prefix = prefix | ((u32)(255 - t) << shift);
-                s.need = need - exc;
-            }
+        u32 wt = s.warp[lane];
+        u32 wi = warp_incl_scan(wt);
+        inc += __shfl_sync(0xffffffffu, wi - wt, w);
+        u32 exc = inc - c;
+        if (exc < need && need <= inc) {
+            bool upper = need <= exc + c1;
+            s.prefix = prefix | ((upper ? top : top - 1u) << shift);
+            s.need = need - exc - (upper ? 0u : c1);
         }
         __syncthreads();
         prefix = s.prefix;
         need = s.need;
+        mask |= 0xffffffffu << shift;
     }
     *kth = prefix;
     *need_out = need;
+}
+
+// One key of radix_kth's histogram pass, called by every lane of the warp (cand false for
+// lanes without a candidate): lanes with the same bin add once.
+__device__ __forceinline__ void radix_add(u32* h, u32 key, bool cand, int shift) {
+    u32 bin = cand ? (key >> shift) & 2047u : 0xffffffffu;
+    u32 same = __match_any_sync(0xffffffffu, bin);
+    if (cand && (threadIdx.x & 31) == __ffs(same) - 1) atomicAdd(&h[bin], (u32)__popc(same));
 }
 
 // Keep the k largest |v| of a row of d values (ties to the lowest index, the CPU plugin's
@@ -647,7 +662,6 @@ __device__ void radix_kth(RadixShared& s, u32 k, Add add, u32* kth, u32* need_ou
 #define TOPK_ITEMS 16
 __device__ void topk_core(const float (&v)[TOPK_ITEMS], int per, int i0, int d, int k, int mode,
                           float* out, int* idx, float* val, RadixShared& s) {
-    int lane = threadIdx.x & 31;
     u32 key[TOPK_ITEMS];
 #pragma unroll
     for (int q = 0; q < TOPK_ITEMS; q++)
@@ -655,13 +669,12 @@ __device__ void topk_core(const float (&v)[TOPK_ITEMS], int per, int i0, int d, 
     bool all = k >= d;
     u32 prefix = 0u, need = (u32)k;
     if (!all) {
+        // per is the same in every thread, so whole warps call radix_add.
         auto add = [&](u32* h, int shift, u32 mask, u32 pre) {
 #pragma unroll
-            for (int q = 0; q < TOPK_ITEMS; q++) {
-                u32 kq = key[q];
-                if (kq != 0xffffffffu && (kq & mask) == pre)
-                    atomicAdd(&h[((kq >> shift) & 255u) * 8 + (lane & 7)], 1u);
-            }
+            for (int q = 0; q < TOPK_ITEMS; q++)
+                if (q < per)
+                    radix_add(h, key[q], key[q] != 0xffffffffu && (key[q] & mask) == pre, shift);
         };
         radix_kth(s, (u32)k, add, &prefix, &need);
     }
@@ -755,11 +768,12 @@ extern "C" __global__ void __launch_bounds__(1024)
 //
 // A block of 8 warps owns TILE consecutive outputs (TILE/256 warps across them, 8 outputs
 // per lane, so each kept input is a TILE*2-byte run) and split blockIdx.y of the kept
-// inputs; the warps across the inputs take every (8*256/TILE)-th one, SP_U loads in flight
-// per lane. Partial sums meet in shared memory, then (splits > 1) in `part`; the last block
+// inputs (staged in shared memory, SP_CHUNK at a time); the warps across the inputs take
+// every (8*256/TILE)-th one, SP_U loads in flight per lane. Partial sums meet in shared memory, then (splits > 1) in `part`; the last block
 // of a tile to finish (a ticket in cnt, zero between calls) adds the splits in order and
 // applies the epilogue: deterministic, and no second kernel.
 #define SP_U 8
+#define SP_CHUNK 256
 template <int TILE>
 __device__ void sparse_mm_impl(const bf16* W0, const bf16* W1, const bf16* W2, float* y0, float* y1,
                                float* y2, int r0, int r1, int r2, const int* __restrict__ idx,
@@ -767,6 +781,8 @@ __device__ void sparse_mm_impl(const bf16* W0, const bf16* W1, const bf16* W2, f
                                float* __restrict__ part, u32* cnt) {
     constexpr int OW = TILE / 256, IW = 8 / OW, PT = TILE / 256;
     __shared__ float sh[IW][TILE];
+    __shared__ int s_idx[SP_CHUNK];
+    __shared__ float s_val[SP_CHUNK];
     __shared__ u32 s_ticket;
     int t = threadIdx.x, lane = t & 31, w = t >> 5;
     int ow = w % OW, iw = w / OW;
@@ -787,31 +803,37 @@ __device__ void sparse_mm_impl(const bf16* W0, const bf16* W1, const bf16* W2, f
     float acc[8];
 #pragma unroll
     for (int e = 0; e < 8; e++) acc[e] = 0.f;
-    if (o < rows) {
-        for (int j = j0 + iw; j < j1; j += IW * SP_U) {
-            int jj[SP_U];
-            float a[SP_U];
+    // The split's kept inputs go through shared memory in chunks (one coalesced load), so
+    // the weight loads do not wait on index loads.
+    for (int c0 = j0; c0 < j1; c0 += SP_CHUNK) {
+        int cn = min(SP_CHUNK, j1 - c0);
+        __syncthreads();
+        if (t < cn) {
+            s_idx[t] = idx[c0 + t];
+            s_val[t] = val[c0 + t];
+        }
+        __syncthreads();
+        if (o >= rows) continue;
+        for (int j = iw; j < cn; j += IW * SP_U) {
             uint4 u[SP_U];
 #pragma unroll
             for (int q = 0; q < SP_U; q++) {
                 int jq = j + IW * q;
-                jj[q] = jq < j1 ? idx[jq] : -1;
-                a[q] = jq < j1 ? val[jq] : 0.f;
+                u[q] = jq < cn ? ld_stream((const uint4*)(W + (u64)s_idx[jq] * rows + o))
+                               : make_uint4(0u, 0u, 0u, 0u);
             }
 #pragma unroll
-            for (int q = 0; q < SP_U; q++)
-                u[q] = jj[q] >= 0 ? ld_stream((const uint4*)(W + (u64)jj[q] * rows + o))
-                                  : make_uint4(0u, 0u, 0u, 0u);
-#pragma unroll
             for (int q = 0; q < SP_U; q++) {
-                acc[0] = fmaf(bf_lo(u[q].x), a[q], acc[0]);
-                acc[1] = fmaf(bf_hi(u[q].x), a[q], acc[1]);
-                acc[2] = fmaf(bf_lo(u[q].y), a[q], acc[2]);
-                acc[3] = fmaf(bf_hi(u[q].y), a[q], acc[3]);
-                acc[4] = fmaf(bf_lo(u[q].z), a[q], acc[4]);
-                acc[5] = fmaf(bf_hi(u[q].z), a[q], acc[5]);
-                acc[6] = fmaf(bf_lo(u[q].w), a[q], acc[6]);
-                acc[7] = fmaf(bf_hi(u[q].w), a[q], acc[7]);
+                int jq = j + IW * q;
+                float a = jq < cn ? s_val[jq] : 0.f;
+                acc[0] = fmaf(bf_lo(u[q].x), a, acc[0]);
+                acc[1] = fmaf(bf_hi(u[q].x), a, acc[1]);
+                acc[2] = fmaf(bf_lo(u[q].y), a, acc[2]);
+                acc[3] = fmaf(bf_hi(u[q].y), a, acc[3]);
+                acc[4] = fmaf(bf_lo(u[q].z), a, acc[4]);
+                acc[5] = fmaf(bf_hi(u[q].z), a, acc[5]);
+                acc[6] = fmaf(bf_lo(u[q].w), a, acc[6]);
+                acc[7] = fmaf(bf_hi(u[q].w), a, acc[7]);
             }
         }
     }
@@ -1149,10 +1171,12 @@ extern "C" __global__ void __launch_bounds__(1024)
     // Top-k: the k-th largest key `kth`, and how many ids equal to it are kept (`need`).
     u32 kth = 0u, need = (u32)vocab;
     if (k > 0 && k < vocab) {
+        // Every thread walks `per` ids (past hi: no candidate), so whole warps call radix_add.
         auto add = [&](u32* h, int shift, u32 mask, u32 prefix) {
-            for (int i = lo; i < hi; i++) {
-                u32 key = fkey(L[i]);
-                if ((key & mask) == prefix) atomicAdd(&h[((key >> shift) & 255u) * 8 + (lane & 7)], 1u);
+            for (int q = 0; q < per; q++) {
+                int i = lo + q;
+                u32 key = i < hi ? fkey(L[i]) : 0u;
+                radix_add(h, key, i < hi && (key & mask) == prefix, shift);
             }
         };
         radix_kth(rs, (u32)k, add, &kth, &need);
