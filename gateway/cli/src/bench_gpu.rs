@@ -50,7 +50,7 @@ pub struct GpuBenchArgs {
     /// paid; transposed weight copies are built on the device for the sparse GEMV.
     #[arg(long, value_delimiter = ',')]
     pub larosa: Vec<f64>,
-    /// LaRoSA's sparse products: outputs per block (512, 1024 or 2048).
+    /// LaRoSA's sparse products: outputs per block (512 or 1024).
     #[arg(long, default_value_t = 512)]
     pub sparse_tile: usize,
     /// LaRoSA's sparse products: blocks a launch aims for.
@@ -550,7 +550,7 @@ mod imp {
             let keep = l.keep(out_side, cols);
             let dense = product_secs(gpu, rows, cols, 1, ProductKernel::Gemv, 200)?;
             let kept_bytes = (keep * rows * 2) as f64;
-            for tile in [512usize, 1024, 2048] {
+            for tile in [512usize, 1024] {
                 for blocks in [264usize, 528, 1056] {
                     let secs = sparse_product_secs(gpu, rows, cols, keep, tile, blocks, 200)?;
                     eprintln!(

@@ -603,14 +603,18 @@ __device__ __forceinline__ u32 warp_incl_scan(u32 v) {
 // prefix into bin (key >> shift) & 2047 of histogram h (radix_add below does it with one
 // shared atomic per distinct bin of a warp). Two histograms alternate, so a pass clears the
 // next one while it fills its own: three barriers a pass. 1024 threads: thread t scans
-// bins 2047 - 2t and 2046 - 2t.
+// bins 2047 - 2t and 2046 - 2t. EARLY: stop after a pass whose chosen bin is kept whole
+// (need equals its count); then only the bits in *mask_out are decided, and the k largest
+// are the keys with (key & mask) > kth plus those with (key & mask) == kth (all `need` of
+// them). Otherwise *mask_out is all ones.
 struct RadixShared {
     u32 hist[2][2048];
     u32 warp[32];
-    u32 prefix, need;
+    u32 prefix, need, whole;
 };
-template <typename Add>
-__device__ void radix_kth(RadixShared& s, u32 k, Add add, u32* kth, u32* need_out) {
+template <bool EARLY, typename Add>
+__device__ void radix_kth(RadixShared& s, u32 k, Add add, u32* kth, u32* need_out,
+                          u32* mask_out) {
     int t = threadIdx.x, lane = t & 31, w = t >> 5;
     for (int i = t; i < 2048; i += blockDim.x) s.hist[0][i] = 0u;
     __syncthreads();
@@ -636,14 +640,17 @@ __device__ void radix_kth(RadixShared& s, u32 k, Add add, u32* kth, u32* need_ou
             bool upper = need <= exc + c1;
             s.prefix = prefix | ((upper ? top : top - 1u) << shift);
             s.need = need - exc - (upper ? 0u : c1);
+            s.whole = s.need == (upper ? c1 : c0);
         }
         __syncthreads();
         prefix = s.prefix;
         need = s.need;
         mask |= 0xffffffffu << shift;
+        if (EARLY && s.whole) break;
     }
     *kth = prefix;
     *need_out = need;
+    *mask_out = mask;
 }
 
 // One key of radix_kth's histogram pass, called by every lane of the warp (cand false for
@@ -667,7 +674,7 @@ __device__ void topk_core(const float (&v)[TOPK_ITEMS], int per, int i0, int d, 
     for (int q = 0; q < TOPK_ITEMS; q++)
         key[q] = (q < per && i0 + q < d) ? (__float_as_uint(v[q]) & 0x7fffffffu) : 0xffffffffu;
     bool all = k >= d;
-    u32 prefix = 0u, need = (u32)k;
+    u32 prefix = 0u, need = (u32)k, mask = 0xffffffffu;
     if (!all) {
         // per is the same in every thread, so whole warps call radix_add.
         auto add = [&](u32* h, int shift, u32 mask, u32 pre) {
@@ -676,7 +683,7 @@ __device__ void topk_core(const float (&v)[TOPK_ITEMS], int per, int i0, int d, 
                 if (q < per)
                     radix_add(h, key[q], key[q] != 0xffffffffu && (key[q] & mask) == pre, shift);
         };
-        radix_kth(s, (u32)k, add, &prefix, &need);
+        radix_kth<true>(s, (u32)k, add, &prefix, &need, &mask);
     }
     // This thread's counts above / equal to the threshold, packed (d < 65536), then one
     // block-wide exclusive scan.
@@ -685,8 +692,8 @@ __device__ void topk_core(const float (&v)[TOPK_ITEMS], int per, int i0, int d, 
     for (int q = 0; q < TOPK_ITEMS; q++) {
         u32 kq = key[q];
         if (kq == 0xffffffffu) continue;
-        gt += all || kq > prefix;
-        eq += !all && kq == prefix;
+        gt += all || (kq & mask) > prefix;
+        eq += !all && (kq & mask) == prefix;
     }
     u32 total;
     u32 off = block_excl_scan<u32>(gt | (eq << 16), &total);
@@ -699,8 +706,8 @@ __device__ void topk_core(const float (&v)[TOPK_ITEMS], int per, int i0, int d, 
     for (int q = 0; q < TOPK_ITEMS; q++) {
         u32 kq = key[q];
         if (kq == 0xffffffffu) continue;
-        bool keep = all || kq > prefix;
-        if (!keep && kq == prefix) {
+        bool keep = all || (kq & mask) > prefix;
+        if (!keep && (kq & mask) == prefix) {
             keep = eq_seen < need;
             eq_seen++;
         }
@@ -842,7 +849,8 @@ __device__ void sparse_mm_impl(const bf16* W0, const bf16* W1, const bf16* W2, f
     s4[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
     s4[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
     __syncthreads();
-    // Thread t now owns tile-local outputs [t * PT, t * PT + PT).
+    // The block's sums, flat by tile-local output (thread t adds the input warps' parts of
+    // outputs [t * PT, t * PT + PT) in order).
     float s[PT];
 #pragma unroll
     for (int e = 0; e < PT; e++) {
@@ -850,40 +858,70 @@ __device__ void sparse_mm_impl(const bf16* W0, const bf16* W1, const bf16* W2, f
 #pragma unroll
         for (int q = 0; q < IW; q++) s[e] += sh[q][t * PT + e];
     }
-    if (gridDim.y > 1) {
-        u64 vt = (u64)gridDim.x * TILE, v0 = (u64)blockIdx.x * TILE + t * PT;
+    __syncthreads();
+    float* flat = &sh[0][0];
+    float4* flat4 = (float4*)flat;
 #pragma unroll
-        for (int e = 0; e < PT; e++) part[blockIdx.y * vt + v0 + e] = s[e];
+    for (int e = 0; e < PT; e++) flat[t * PT + e] = s[e];
+    __syncthreads();
+    // From here thread t holds outputs 4c .. 4c + 3 (C4 columns of 4; G groups of threads
+    // split the splits when the tile has fewer columns than the block has threads).
+    constexpr int C4 = TILE / 4, G = 256 / C4;
+    int c = t % C4, g = t / C4;
+    float4 a = flat4[c];
+    if (gridDim.y > 1) {
+        u64 vt4 = (u64)gridDim.x * C4, c0 = (u64)blockIdx.x * C4 + c;
+        float4* p4 = (float4*)part;
+        if (g == 0) p4[blockIdx.y * vt4 + c0] = a;
         __threadfence();
         __syncthreads();
         if (t == 0) s_ticket = atomicAdd(&cnt[blockIdx.x], 1u);
         __syncthreads();
         if (s_ticket != gridDim.y - 1) return;
         __threadfence();
+        // The last block adds the splits, each group its own run of them in order, eight
+        // loads in flight; then the groups in order: deterministic.
+        int S = gridDim.y, pg = (S + G - 1) / G, q0 = min(S, g * pg), q1 = min(S, q0 + pg);
+        float4 r = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+        for (int q = q0; q < q1; q++) {
+            float4 v = __ldcg(&p4[q * vt4 + c0]);
+            r.x += v.x;
+            r.y += v.y;
+            r.z += v.z;
+            r.w += v.w;
+        }
+        flat4[g * C4 + c] = r;
+        __syncthreads();
+        a = flat4[c];
 #pragma unroll
-        for (int e = 0; e < PT; e++) s[e] = 0.f;
-#pragma unroll 4
-        for (int q = 0; q < (int)gridDim.y; q++)
-#pragma unroll
-            for (int e = 0; e < PT; e++) s[e] += __ldcg(&part[q * vt + v0 + e]);
+        for (int h = 1; h < G; h++) {
+            float4 v = flat4[h * C4 + c];
+            a.x += v.x;
+            a.y += v.y;
+            a.z += v.z;
+            a.w += v.w;
+        }
         if (t == 0) cnt[blockIdx.x] = 0;
     }
     if (glu) {
         // Gate and up halves of the tile meet in shared memory.
         __syncthreads();
-#pragma unroll
-        for (int e = 0; e < PT; e++) sh[0][t * PT + e] = s[e];
+        if (g == 0) flat4[c] = a;
         __syncthreads();
         for (int L = t; L < TILE / 2; L += blockDim.x) {
             int out = b * (TILE / 2) + L;
-            if (out < rows) y0[out] = silu_gate(sh[0][L], sh[0][L + TILE / 2]);
+            if (out < rows) y0[out] = silu_gate(flat[L], flat[L + TILE / 2]);
         }
         return;
     }
+    if (g == 0) {
+        float v[4] = {a.x, a.y, a.z, a.w};
 #pragma unroll
-    for (int e = 0; e < PT; e++) {
-        int out = b * TILE + t * PT + e;
-        if (out < rows) sg.y[out] = mode == 1 ? sg.y[out] + s[e] : s[e];
+        for (int e = 0; e < 4; e++) {
+            int out = b * TILE + 4 * c + e;
+            if (out < rows) sg.y[out] = mode == 1 ? sg.y[out] + v[e] : v[e];
+        }
     }
 }
 
@@ -896,9 +934,6 @@ extern "C" __global__ void __launch_bounds__(256) sparse_mm512(SP_ARGS) {
 }
 extern "C" __global__ void __launch_bounds__(256) sparse_mm1024(SP_ARGS) {
     sparse_mm_impl<1024>(SP_PASS);
-}
-extern "C" __global__ void __launch_bounds__(256) sparse_mm2048(SP_ARGS) {
-    sparse_mm_impl<2048>(SP_PASS);
 }
 
 // out[c, r] = in[r, c] (bf16), 32x32 tiles through shared memory; 256 threads per block,
@@ -1179,7 +1214,8 @@ extern "C" __global__ void __launch_bounds__(1024)
                 radix_add(h, key, i < hi && (key & mask) == prefix, shift);
             }
         };
-        radix_kth(rs, (u32)k, add, &kth, &need);
+        u32 full;
+        radix_kth<false>(rs, (u32)k, add, &kth, &need, &full);
     }
     // in_k(i): key > kth, or key == kth among the first `need` such ids.
     u32 eq = 0u;

@@ -581,7 +581,7 @@ pub struct CudaBackend {
     pub mm_tokens: std::ops::RangeInclusive<usize>,
     /// Decode steps of up to this many tokens replay CUDA graphs.
     pub graph_max_tokens: usize,
-    /// LaRoSA's sparse products: outputs per block (512, 1024 or 2048) and how many blocks
+    /// LaRoSA's sparse products: outputs per block (512 or 1024) and how many blocks
     /// a product aims for (the kept inputs are split to get there).
     pub sparse_tile: usize,
     pub sparse_blocks: usize,
@@ -701,7 +701,7 @@ fn sparse_tiles(tile: usize, rows: &[usize], epi: Epilogue) -> usize {
 fn sparse_scratch(sets: &[(&[usize], Epilogue)]) -> (usize, usize) {
     let (mut floats, mut tiles) = (0, 1);
     for &(rows, epi) in sets {
-        for tile in [512, 1024, 2048] {
+        for tile in [512, 1024] {
             let t = sparse_tiles(tile, rows, epi);
             floats = floats.max(MAX_SPLITS * t * tile);
             tiles = tiles.max(t);
@@ -736,10 +736,9 @@ fn launch_sparse(
     let f = match tile {
         512 => g.k.sparse_mm[0],
         1024 => g.k.sparse_mm[1],
-        2048 => g.k.sparse_mm[2],
         _ => {
             return Err(EngineError::Invalid(format!(
-                "sparse product tile {tile}: 512, 1024 or 2048"
+                "sparse product tile {tile}: 512 or 1024"
             )))
         }
     };

@@ -45,8 +45,8 @@ pub(crate) struct Kernels {
     /// LaRoSA: top-k selection (alone and after RMSNorm), the sparse products, bf16 transpose.
     pub topk: sys::CUfunction,
     pub rmsnorm_topk: sys::CUfunction,
-    /// Sparse products over kept inputs, output tiles of 512, 1024, 2048.
-    pub sparse_mm: [sys::CUfunction; 3],
+    /// Sparse products over kept inputs, output tiles of 512 and 1024.
+    pub sparse_mm: [sys::CUfunction; 2],
     pub transpose_bf16: sys::CUfunction,
 }
 
@@ -214,7 +214,7 @@ impl Gpu {
             fill_random: f("fill_random")?,
             topk: f("topk")?,
             rmsnorm_topk: f("rmsnorm_topk")?,
-            sparse_mm: [f("sparse_mm512")?, f("sparse_mm1024")?, f("sparse_mm2048")?],
+            sparse_mm: [f("sparse_mm512")?, f("sparse_mm1024")?],
             transpose_bf16: f("transpose_bf16")?,
         };
         // attention_tiles takes more than the default 48 KiB of shared memory (head size 128).
@@ -484,7 +484,6 @@ mod tests {
                         "rmsnorm_topk",
                         "sparse_mm512",
                         "sparse_mm1024",
-                        "sparse_mm2048",
                         "transpose_bf16",
                         "mm8",
                         "mm16",
