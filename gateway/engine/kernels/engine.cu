@@ -600,10 +600,9 @@ __device__ __forceinline__ u32 warp_incl_scan(u32 v) {
 // Radix select over a block's u32 keys in three passes from the top (bits 31..21, 20..10,
 // 9..0, 2048 bins): the k-th largest key (*kth) and how many keys equal to it are among
 // the k largest (*need). add(h, shift, mask, prefix) counts every key with (key & mask) ==
-// prefix into bin (key >> shift) & 2047 of histogram h (radix_add below does it with one
-// shared atomic per distinct bin of a warp). Two histograms alternate, so a pass clears the
-// next one while it fills its own: three barriers a pass. 1024 threads: thread t scans
-// bins 2047 - 2t and 2046 - 2t. EARLY: stop after a pass whose chosen bin is kept whole
+// prefix into bin (key >> shift) & 2047 of histogram h (radix_add). Two histograms alternate, so a pass clears the
+// next one while it fills its own: three barriers a pass. NT threads (the block): thread t
+// scans the 2048 / NT bins from 2047 - t * 2048 / NT down. EARLY: stop after a pass whose chosen bin is kept whole
 // (need equals its count); then only the bits in *mask_out are decided, and the k largest
 // are the keys with (key & mask) > kth plus those with (key & mask) == kth (all `need` of
 // them). Otherwise *mask_out is all ones.
@@ -612,7 +611,7 @@ struct RadixShared {
     u32 warp[32];
     u32 prefix, need, whole;
 };
-template <bool EARLY, typename Add>
+template <int NT, bool EARLY, typename Add>
 __device__ void radix_kth(RadixShared& s, u32 k, Add add, u32* kth, u32* need_out,
                           u32* mask_out) {
     int t = threadIdx.x, lane = t & 31, w = t >> 5;
@@ -626,21 +625,28 @@ __device__ void radix_kth(RadixShared& s, u32 k, Add add, u32* kth, u32* need_ou
             for (int i = t; i < 2048; i += blockDim.x) s.hist[(pass + 1) & 1][i] = 0u;
         add(h, shift, mask, prefix);
         __syncthreads();
-        u32 top = 2047u - 2u * (u32)t;
-        u32 c1 = h[top], c0 = h[top - 1];
-        u32 c = c1 + c0;
+        constexpr int BPT = 2048 / NT;
+        u32 top = 2047u - (u32)(BPT * t);
+        u32 cb[BPT], c = 0u;
+#pragma unroll
+        for (int j = 0; j < BPT; j++) {
+            cb[j] = h[top - j];
+            c += cb[j];
+        }
         u32 inc = warp_incl_scan(c);
         if (lane == 31) s.warp[w] = inc;
         __syncthreads();
-        u32 wt = s.warp[lane];
+        u32 wt = lane < NT / 32 ? s.warp[lane] : 0u;
         u32 wi = warp_incl_scan(wt);
         inc += __shfl_sync(0xffffffffu, wi - wt, w);
         u32 exc = inc - c;
         if (exc < need && need <= inc) {
-            bool upper = need <= exc + c1;
-            s.prefix = prefix | ((upper ? top : top - 1u) << shift);
-            s.need = need - exc - (upper ? 0u : c1);
-            s.whole = s.need == (upper ? c1 : c0);
+            u32 acc = exc;
+            int j = 0;
+            while (acc + cb[j] < need) acc += cb[j++];
+            s.prefix = prefix | ((top - (u32)j) << shift);
+            s.need = need - acc;
+            s.whole = s.need == cb[j];
         }
         __syncthreads();
         prefix = s.prefix;
@@ -653,20 +659,18 @@ __device__ void radix_kth(RadixShared& s, u32 k, Add add, u32* kth, u32* need_ou
     *mask_out = mask;
 }
 
-// One key of radix_kth's histogram pass, called by every lane of the warp (cand false for
-// lanes without a candidate): lanes with the same bin add once.
+// One key of radix_kth's histogram pass (cand false: no candidate).
 __device__ __forceinline__ void radix_add(u32* h, u32 key, bool cand, int shift) {
-    u32 bin = cand ? (key >> shift) & 2047u : 0xffffffffu;
-    u32 same = __match_any_sync(0xffffffffu, bin);
-    if (cand && (threadIdx.x & 31) == __ffs(same) - 1) atomicAdd(&h[bin], (u32)__popc(same));
+    if (cand) atomicAdd(&h[(key >> shift) & 2047u], 1u);
 }
 
 // Keep the k largest |v| of a row of d values (ties to the lowest index, the CPU plugin's
 // top_k). Thread t holds the contiguous values [i0, i0 + per) of the row in v (per <=
-// TOPK_ITEMS), 1024 threads. Then one block-wide scan of each thread's (above, equal)
+// TOPK_ITEMS), TOPK_THREADS threads. Then one block-wide scan of each thread's (above, equal)
 // counts places the kept values in index order: mode 0 writes the kept indices (ascending)
 // and values to idx/val; mode 1 writes the row to out with the dropped values zeroed.
-#define TOPK_ITEMS 16
+#define TOPK_ITEMS 32
+#define TOPK_THREADS 512
 __device__ void topk_core(const float (&v)[TOPK_ITEMS], int per, int i0, int d, int k, int mode,
                           float* out, int* idx, float* val, RadixShared& s) {
     u32 key[TOPK_ITEMS];
@@ -676,14 +680,13 @@ __device__ void topk_core(const float (&v)[TOPK_ITEMS], int per, int i0, int d, 
     bool all = k >= d;
     u32 prefix = 0u, need = (u32)k, mask = 0xffffffffu;
     if (!all) {
-        // per is the same in every thread, so whole warps call radix_add.
         auto add = [&](u32* h, int shift, u32 mask, u32 pre) {
 #pragma unroll
             for (int q = 0; q < TOPK_ITEMS; q++)
                 if (q < per)
                     radix_add(h, key[q], key[q] != 0xffffffffu && (key[q] & mask) == pre, shift);
         };
-        radix_kth<true>(s, (u32)k, add, &prefix, &need, &mask);
+        radix_kth<TOPK_THREADS, true>(s, (u32)k, add, &prefix, &need, &mask);
     }
     // This thread's counts above / equal to the threshold, packed (d < 65536), then one
     // block-wide exclusive scan.
@@ -732,9 +735,10 @@ __device__ __forceinline__ int topk_load(const float* xr, int d, float (&v)[TOPK
     return per;
 }
 
-// Top-k of each row of x (one block of 1024 per row; d <= 1024 * TOPK_ITEMS): mode 0 kept
+// Top-k of each row of x (one block of TOPK_THREADS per row; d <= TOPK_THREADS *
+// TOPK_ITEMS): mode 0 kept
 // indices and values (row r at r * k), mode 1 the dropped entries of x zeroed in place.
-extern "C" __global__ void __launch_bounds__(1024)
+extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
     topk(float* x, int d, int k, int* idx, float* val, int mode) {
     __shared__ RadixShared s;
     float* xr = x + (u64)blockIdx.x * d;
@@ -747,7 +751,7 @@ extern "C" __global__ void __launch_bounds__(1024)
 // RMSNorm and top-k in one block per row: out = x / rms(x) * w (as `rmsnorm` computes it),
 // then topk_core on it (mode 0: kept indices and values only, out untouched; mode 1: out
 // with the dropped values zeroed).
-extern "C" __global__ void __launch_bounds__(1024)
+extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
     rmsnorm_topk(const float* x, const float* w, float* out, int d, float eps, int k, int* idx,
                  float* val, int mode) {
     __shared__ RadixShared s;
@@ -1206,7 +1210,6 @@ extern "C" __global__ void __launch_bounds__(1024)
     // Top-k: the k-th largest key `kth`, and how many ids equal to it are kept (`need`).
     u32 kth = 0u, need = (u32)vocab;
     if (k > 0 && k < vocab) {
-        // Every thread walks `per` ids (past hi: no candidate), so whole warps call radix_add.
         auto add = [&](u32* h, int shift, u32 mask, u32 prefix) {
             for (int q = 0; q < per; q++) {
                 int i = lo + q;
@@ -1215,7 +1218,7 @@ extern "C" __global__ void __launch_bounds__(1024)
             }
         };
         u32 full;
-        radix_kth<false>(rs, (u32)k, add, &kth, &need, &full);
+        radix_kth<1024, false>(rs, (u32)k, add, &kth, &need, &full);
     }
     // in_k(i): key > kth, or key == kth among the first `need` such ids.
     u32 eq = 0u;

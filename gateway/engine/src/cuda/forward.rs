@@ -499,8 +499,10 @@ pub(crate) fn attention_tiles_smem(hd: usize) -> usize {
     (FA_Q * hd + hd * 33 + 32 * hd) * 4
 }
 
-/// Widest input the top-k kernel takes (16 elements per thread of 1024).
-const TOPK_MAX: usize = 16 * 1024;
+/// Threads of the top-k kernels (`TOPK_THREADS` in kernels/engine.cu).
+const TOPK_THREADS: u32 = 512;
+/// Widest input the top-k kernels take (32 elements per thread).
+const TOPK_MAX: usize = 32 * TOPK_THREADS as usize;
 
 /// Most splits of a sparse product's kept inputs (partial sums `[splits, tiles * tile]`).
 const MAX_SPLITS: usize = 128;
@@ -1117,14 +1119,14 @@ pub fn topk_secs(gpu: &Arc<Gpu>, d: usize, k: usize, norm: bool, reps: usize) ->
                 gpu.launch(
                     gpu.k.rmsnorm_topk,
                     (1, 1, 1),
-                    1024,
+                    TOPK_THREADS,
                     args!(xd.ptr, w.ptr, out.ptr, di, eps, ki, idx.ptr, val.ptr, mode),
                 )
             } else {
                 gpu.launch(
                     gpu.k.topk,
                     (1, 1, 1),
-                    1024,
+                    TOPK_THREADS,
                     args!(xd.ptr, di, ki, idx.ptr, val.ptr, mode),
                 )
             }
@@ -1168,7 +1170,7 @@ pub fn norm_topk(
         gpu.launch(
             gpu.k.rmsnorm_topk,
             (1, 1, 1),
-            1024,
+            TOPK_THREADS,
             args!(xd.ptr, wd.ptr, out.ptr, d, eps, ki, idx.ptr, val.ptr, mode),
         )?;
     }
@@ -1268,7 +1270,7 @@ impl CudaBackend {
             g.launch(
                 g.k.rmsnorm_topk,
                 (nu, 1, 1),
-                1024,
+                TOPK_THREADS,
                 args!(x, w.ptr, xb, di, eps, ki, p.sidx, p.sval, mode),
             )?;
         }
@@ -1296,7 +1298,7 @@ impl CudaBackend {
             g.launch(
                 g.k.topk,
                 (p.n as u32, 1, 1),
-                1024,
+                TOPK_THREADS,
                 args!(x, di, ki, p.sidx, p.sval, mode),
             )?;
         }
@@ -1872,7 +1874,7 @@ pub fn topk_indices(gpu: &Arc<Gpu>, x: &[f32], k: usize) -> Result<Vec<i32>> {
         gpu.launch(
             gpu.k.topk,
             (1, 1, 1),
-            1024,
+            TOPK_THREADS,
             args!(xd.ptr, d, ki, idx.ptr, val.ptr, mode),
         )?;
     }
