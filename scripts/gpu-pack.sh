@@ -7,6 +7,9 @@ STORIES=${SWITCHYARD_STORIES:-../shared/models/stories260K}
 mkdir -p "$DIR"
 cargo build --release -p switchyard-cli
 strip -o "$DIR/switchyard" target/release/switchyard
+# The larosa plugin (the CPU gateway it is compared with, and its configuration check).
+cargo build --release -p switchyard-larosa
+cp target/release/libswitchyard_larosa.so "$DIR/"
 exe=$(cargo test --release -p switchyard-tests --test cuda --no-run --message-format=json 2>/dev/null \
   | grep -o '"executable":"[^"]*cuda-[^"]*"' | tail -1 | cut -d'"' -f4)
 strip -o "$DIR/cuda-tests" "$exe"

@@ -10,7 +10,7 @@
 set -uo pipefail
 DIR=${1:?usage: gpu-run.sh DIR [OUT]}
 OUT=${2:-bench/results}
-STEPS=${STEPS:-tests,check,smolshape,bench,long,larosa,torch,serve}
+STEPS=${STEPS:-tests,check,smolshape,bench,long,larosa,torch,serve,larosa-serve}
 mkdir -p "$OUT"
 libdirs=$(find /usr/local /usr/lib /opt -name 'libnvrtc.so*' -o -name 'libcublas.so*' 2>/dev/null \
   | grep -v /stubs/ | xargs -r -n1 dirname | sort -u | tr '\n' ':')
@@ -89,4 +89,65 @@ print("same seed, same text:", a == b, "| other seed differs:", a != c)
 PY
   kill $pid; wait $pid 2>/dev/null
   grep -i "cuda\|device" "$log" | head -3
+fi
+if [[ $STEPS == *larosa-serve* ]]; then
+  echo "== LaRoSA from a pipeline configuration: stories260K rotated, 40% sparsity, GPU vs CPU gateway"
+  W=${TMPDIR:-/tmp}/larosa-serve
+  rm -rf "$W" && mkdir -p "$W/plugins"
+  # A calibration text sampled from the model itself, and the rotation.
+  for s in 1 2 3 4 5 6 7 8; do
+    "$BIN" generate --model "$DIR/stories260K" --prompt "Once upon a time" --max-tokens 300 \
+      --temperature 1 --seed $s 2>/dev/null >> "$W/corpus.txt"
+  done
+  "$BIN" calibrate larosa --model "$DIR/stories260K" --text "$W/corpus.txt" --tokens 2048 \
+    --window 256 --out "$W/rot.safetensors" --json > "$W/calibration.json" 2>/dev/null
+  cp "$DIR/libswitchyard_larosa.so" "$W/plugins/"
+  sha=$(sha256sum "$W/plugins/libswitchyard_larosa.so" | cut -d' ' -f1)
+  printf 'name = "larosa"\nversion = "0.1.0"\nkind = "linear-kernels"\nabi = "1.1"\nfile = "libswitchyard_larosa.so"\nsha256 = "%s"\n' "$sha" > "$W/plugins/larosa.toml"
+  for dev in cuda cpu; do
+    port=$([[ $dev == cuda ]] && echo 18182 || echo 18183)
+    cat > "$W/$dev.toml" <<TOML
+[server]
+port = $port
+plugin_dirs = ["$W/plugins"]
+[[models]]
+name = "stories260K"
+path = "$DIR/stories260K"
+device = "$dev"
+threads = 4
+[models.pipeline]
+linear_kernels = { plugin = "larosa", config = "sparsity = 0.4", rotation = "$W/rot.safetensors" }
+TOML
+    "$BIN" serve --config "$W/$dev.toml" > "$W/$dev.log" 2>&1 &
+    echo $! > "$W/$dev.pid"
+  done
+  python3 - "$W" <<'PY' 2>&1 | tee "$OUT/gpu-larosa-serve.txt"
+import json, sys, time, urllib.request
+W = sys.argv[1]
+def call(port, path, body=None):
+    url = f"http://127.0.0.1:{port}{path}"
+    req = urllib.request.Request(url, json.dumps(body).encode() if body else None,
+                                 {"Content-Type": "application/json"})
+    for _ in range(240):
+        try:
+            return json.load(urllib.request.urlopen(req, timeout=60))
+        except Exception as e:
+            if getattr(e, "code", 503) != 503:
+                raise
+            time.sleep(0.5)
+    raise SystemExit(f"port {port}: the model never became ready")
+body = dict(model="stories260K", prompt="Once upon a time", max_tokens=60, temperature=0)
+texts = {}
+for dev, port in (("cuda", 18182), ("cpu", 18183)):
+    texts[dev] = call(port, "/v1/completions", body)["choices"][0]["text"]
+    info = call(port, "/v1/models/stories260K")
+    print(dev, "pipeline:", json.dumps(info.get("pipeline", info))[:400])
+    print(dev, "greedy:", repr(texts[dev]))
+a, b = texts["cuda"].split(), texts["cpu"].split()
+same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+print(f"GPU and CPU LaRoSA gateways agree on the first {same} of {len(b)} words")
+PY
+  for dev in cuda cpu; do kill "$(cat "$W/$dev.pid")"; done
+  wait 2>/dev/null
+  grep -i "device weights\|LaRoSA\|error" "$W/cuda.log" | head -5
 fi

@@ -526,7 +526,7 @@ fn larosa_rmsnorm_topk_matches_the_host() {
 
 /// LaRoSA's sparse products (`sparse_mm512/1024`: Q/K/V in one launch, the residual
 /// add, the gated unit) against an f64 host sum over the kept inputs, with output counts
-/// off the tiles and the kept inputs in one split or many.
+/// off the tiles and off the 8-output lanes, and the kept inputs in one split or many.
 #[test]
 fn sparse_products_match_a_host_reference() {
     use switchyard_engine::cuda::forward::{sparse_product, Epilogue};
@@ -542,6 +542,8 @@ fn sparse_products_match_a_host_reference() {
     for (cols, rows, keep) in [
         (576usize, [576usize, 192, 192], 300usize),
         (2048, [2752, 1024, 1024], 1100),
+        // Output counts off the 8-output lanes (stories260K's 172), padded as prepared.
+        (172, [100, 172, 172], 90),
     ] {
         // Transposed weights: mats[m][i * rows + o] is W_m[o, i].
         let mats: Vec<Vec<u16>> = rows
@@ -635,11 +637,11 @@ fn sparse_products_match_a_host_reference() {
             }
         }
     }
-    // A row count off the 8-output lanes is refused, not miscomputed.
+    // A matrix whose size is not cols × rows, or a kept index past the inputs, is refused.
     assert!(sparse_product(
         &g,
-        &[(&[0u16; 12][..], 12)],
-        1,
+        &[(&[0u16; 12][..], 5)],
+        2,
         &[0],
         &[1.0],
         1024,
@@ -658,14 +660,22 @@ fn sparse_products_match_a_host_reference() {
 /// held to it: after a flip the K/V of every later step differ (printed for the record).
 #[test]
 fn larosa_sparse_gemv_matches_the_masked_dense_product() {
-    use switchyard_engine::cuda::forward::Larosa;
     let Some(g) = gpu() else { return };
     let mut cfg = dummy_cfg();
     cfg.ffn_dim = 2752;
     let mut dm = DeviceModel::dummy(g.clone(), cfg.clone(), 9).unwrap();
     dm.prepare_sparse(&mut |_, _| {}).unwrap();
     dm.add_dummy_adapters(3).unwrap();
-    let dm = Arc::new(dm);
+    larosa_sparse_vs_masked("Llama-2-7B attention shapes", Arc::new(dm), cfg);
+    // stories260K: its FFN's 172 outputs are padded to 176 for the sparse products.
+    let (m, _src) = Model::load(&stories_dir(), &mut |_, _| {}).unwrap();
+    let mut dm = DeviceModel::upload(g.clone(), &m, &mut |_, _| {}).unwrap();
+    dm.prepare_sparse(&mut |_, _| {}).unwrap();
+    larosa_sparse_vs_masked("stories260K", Arc::new(dm), m.cfg.clone());
+}
+
+fn larosa_sparse_vs_masked(name: &str, dm: Arc<DeviceModel>, cfg: Config) {
+    use switchyard_engine::cuda::forward::Larosa;
     let lay = KvLayout {
         n_layers: cfg.n_layers,
         kv_heads: cfg.n_kv_heads,
@@ -749,7 +759,7 @@ fn larosa_sparse_gemv_matches_the_masked_dense_product() {
             .fold(0f32, f32::max);
         let seq = diffs(&run(Some(Larosa::new(s)), false), &masked_of(false));
         eprintln!(
-            "sparsity {s}: sparse vs masked dense, tokens alone [{}], argmax {agree}/{}, masked vs dense {changed:.2e}; as one sequence [{}]",
+            "{name}, sparsity {s}: sparse vs masked dense, tokens alone [{}], argmax {agree}/{}, masked vs dense {changed:.2e}; as one sequence [{}]",
             show(&worst),
             worst.len(),
             show(&seq)
@@ -1027,4 +1037,98 @@ fn device_sampling_follows_the_host_rules() {
             }
         }
     }
+}
+
+/// LaRoSA as a GPU pipeline generation gets it (`Engine::set_device_weights`): stories260K
+/// rotated by a rotation calibrated on pseudo-random activations. Dense, the GPU's logits
+/// match the CPU engine's on the same rotated weights; at 40% sparsity (prefill on masked
+/// inputs, decode steps through the sparse products) the logits move but stay finite.
+#[test]
+fn larosa_generation_through_the_engine_on_the_gpu() {
+    use switchyard_engine::backend::ActivationSparsity;
+    use switchyard_engine::larosa::{rotate_model, Calibrator};
+    if gpu().is_none() {
+        return;
+    }
+    let opts = |device| EngineOptions {
+        device,
+        max_slots: 1,
+        threads: 2,
+        ..Default::default()
+    };
+    let mut ge = Engine::load(&stories_dir(), opts(Device::Cuda(0)), &mut |_, _| {}).unwrap();
+    let mut ce = Engine::load(&stories_dir(), opts(Device::Cpu), &mut |_, _| {}).unwrap();
+    assert!(ge.device.is_some(), "no GPU backend");
+    let c = ce.model.cfg.clone();
+    let mut seed = 17u64;
+    let mut rnd = move || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    };
+    let mut cal = Calibrator::new(c.n_layers, c.dim);
+    let rows: Vec<Vec<f32>> = (0..c.n_layers)
+        .map(|_| (0..256 * c.dim).map(|_| rnd()).collect())
+        .collect();
+    cal.add(&rows);
+    let rot = cal.finish(0.01, &mut |_, _| {}).unwrap();
+    let rotated = Arc::new(rotate_model(&ce.model, &rot, ce.fwd.pool(), &mut |_, _| {}).unwrap());
+    ce.model = rotated.clone();
+    ge.set_device_weights(rotated.clone(), None, &mut |_, _| {})
+        .unwrap();
+    let toks: Vec<u32> = (0..48u32).map(|i| (i * 37 + 5) % 512).collect();
+    // Logits of a 40-token prefill's last row, then of 8 single-token steps.
+    let run = |e: &mut Engine| -> Vec<Vec<f32>> {
+        let s = e.kv.acquire().unwrap();
+        let mut out = vec![e
+            .forward(&[SeqChunk::last_logits(s, 0, &toks[..40])])
+            .unwrap()
+            .to_vec()];
+        for p in 40..48 {
+            let t = [toks[p]];
+            out.push(
+                e.forward(&[SeqChunk::last_logits(s, p, &t)])
+                    .unwrap()
+                    .to_vec(),
+            );
+        }
+        e.kv.release(s);
+        out
+    };
+    let diff = |a: &[Vec<f32>], b: &[Vec<f32>]| {
+        a.iter().zip(b).fold(0f32, |w, (x, y)| {
+            let scale = y.iter().fold(0f32, |m, v| m.max(v.abs()));
+            x.iter()
+                .zip(y)
+                .fold(w, |w, (p, q)| w.max((p - q).abs() / scale))
+        })
+    };
+    let (gpu_dense, cpu_dense) = (run(&mut ge), run(&mut ce));
+    let d = diff(&gpu_dense, &cpu_dense);
+    let sparse = ActivationSparsity {
+        sparsity: 0.4,
+        coef_in: 0.8,
+        coef_out: 1.2,
+    };
+    ge.set_device_weights(rotated, Some(sparse), &mut |_, _| {})
+        .unwrap();
+    let gpu_sparse = run(&mut ge);
+    let moved = diff(&gpu_sparse, &gpu_dense);
+    eprintln!(
+        "rotated stories260K: GPU vs CPU {d:.2e}; 40% sparsity moved the logits by {moved:.2e}"
+    );
+    assert!(
+        d < 3e-2,
+        "rotated model: GPU logits differ from the CPU's by {d}"
+    );
+    assert!(moved > 1e-3, "sparsity had no effect");
+    assert!(gpu_sparse.iter().flatten().all(|v| v.is_finite()));
+    // A model of other shapes cannot stand in.
+    let (other, _src) = Model::load(&stories_dir(), &mut |_, _| {}).unwrap();
+    let mut other = other;
+    other.cfg.max_context = 8;
+    assert!(ge
+        .set_device_weights(Arc::new(other), None, &mut |_, _| {})
+        .is_err());
 }

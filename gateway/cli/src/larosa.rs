@@ -9,6 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::json;
+use switchyard_engine::backend::ActivationSparsity;
 use switchyard_engine::larosa::{self, Rotation};
 use switchyard_engine::Engine;
 use switchyard_plugin_host::{ModelLinear, PluginHost};
@@ -126,7 +127,8 @@ pub fn calibrate(a: CalibrateArgs) -> Result<()> {
 }
 
 /// Serve `e` as LaRoSA / top-k asks: the rotated model when `rotation` is given, and the
-/// larosa plugin's kernels with configuration `linear` when given.
+/// larosa plugin's kernels with configuration `linear` when given. On a GPU the engine's
+/// CUDA kernels run the configuration's sparsity (the plugin still checks it).
 pub fn apply(e: &mut Engine, rotation: Option<&Path>, linear: Option<&str>) -> Result<()> {
     if let Some(r) = rotation {
         let rot = Rotation::load(r).with_context(|| format!("rotation {}", r.display()))?;
@@ -140,18 +142,46 @@ pub fn apply(e: &mut Engine, rotation: Option<&Path>, linear: Option<&str>) -> R
         eprintln!("rotated the model in {:.1} s", t.elapsed().as_secs_f64());
         e.model = Arc::new(m);
     }
+    if e.device.is_some() {
+        let s = match linear {
+            Some(cfg) => {
+                plugin()?
+                    .linear_kernels(cfg)
+                    .with_context(|| format!("larosa configuration {cfg:?}"))?;
+                ActivationSparsity::from_config(cfg)
+                    .map_err(|x| anyhow::anyhow!("larosa configuration {cfg:?}: {x}"))?
+            }
+            None => None,
+        };
+        if s.is_some() || rotation.is_some() {
+            let pb = bar(e.model.cfg.n_layers as u64, "uploading");
+            e.set_device_weights(e.model.clone(), s, &mut |i, _| pb.set_position(i as u64))?;
+            pb.finish_and_clear();
+            eprintln!(
+                "{} serves the model{} at sparsity {}",
+                e.backend_name(),
+                if rotation.is_some() { " rotated" } else { "" },
+                s.map_or(0.0, |s| s.sparsity)
+            );
+        }
+        return Ok(());
+    }
     if let Some(cfg) = linear {
         e.fwd.linear = Some(Arc::new(linear_kernels(e, cfg)?));
     }
     Ok(())
 }
 
-/// The larosa plugin (built beside this binary) with `cfg`, holding `e`'s weights.
-pub fn linear_kernels(e: &Engine, cfg: &str) -> Result<ModelLinear> {
+/// The larosa plugin built beside this binary.
+fn plugin() -> Result<switchyard_plugin_host::NativePlugin> {
     let manifest = crate::transform::find_plugin(None, &[], "larosa")?;
     let dir = manifest.parent().unwrap().to_path_buf();
-    let plugin = PluginHost::new(&[dir]).load_native(&manifest)?;
-    let k = plugin
+    Ok(PluginHost::new(&[dir]).load_native(&manifest)?)
+}
+
+/// The larosa plugin (built beside this binary) with `cfg`, holding `e`'s weights.
+pub fn linear_kernels(e: &Engine, cfg: &str) -> Result<ModelLinear> {
+    let k = plugin()?
         .linear_kernels(cfg)
         .with_context(|| format!("larosa configuration {cfg:?}"))?;
     let pb = bar(e.model.cfg.n_layers as u64, "preparing");

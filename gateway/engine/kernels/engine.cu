@@ -773,7 +773,8 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
 
 // y = Wt^T · x over the k kept inputs of one token (idx/val from topk): y[o] = sum_j
 // val[j] * Wt[idx[j], o]. Wt is a weight transposed (bf16 [cols, rows]), so a kept input's
-// column is one contiguous row; rows a multiple of 8. Up to three matrices in one launch
+// column is one contiguous row, padded to a multiple of 8 outputs (zeros; row stride
+// ld = rows rounded up to 8). Up to three matrices in one launch
 // and the epilogues of MM_ARGS (0 store, 1 add into y, 2 gated unit: a tile is TILE/2 gate
 // outputs and the same TILE/2 up outputs, y0 = silu(gate) * up).
 //
@@ -800,7 +801,7 @@ __device__ void sparse_mm_impl(const bf16* W0, const bf16* W1, const bf16* W2, f
     int b = blockIdx.x;
     bool glu = mode == 2;
     Seg sg = glu ? Seg{W0, y0, r0} : pick_segment(b, TILE, W0, W1, W2, y0, y1, y2, r0, r1, r2);
-    int rows = sg.rows;
+    int rows = sg.rows, ld = (rows + 7) & ~7;
     const bf16* W = sg.W;
     int o;
     if (glu) {
@@ -830,7 +831,7 @@ __device__ void sparse_mm_impl(const bf16* W0, const bf16* W1, const bf16* W2, f
 #pragma unroll
             for (int q = 0; q < SP_U; q++) {
                 int jq = j + IW * q;
-                u[q] = jq < cn ? ld_stream((const uint4*)(W + (u64)s_idx[jq] * rows + o))
+                u[q] = jq < cn ? ld_stream((const uint4*)(W + (u64)s_idx[jq] * ld + o))
                                : make_uint4(0u, 0u, 0u, 0u);
             }
 #pragma unroll
@@ -940,9 +941,9 @@ extern "C" __global__ void __launch_bounds__(256) sparse_mm1024(SP_ARGS) {
     sparse_mm_impl<1024>(SP_PASS);
 }
 
-// out[c, r] = in[r, c] (bf16), 32x32 tiles through shared memory; 256 threads per block,
-// grid (ceil(cols / 32), ceil(rows / 32)).
-extern "C" __global__ void transpose_bf16(const bf16* in, bf16* out, int rows, int cols) {
+// out[c, r] = in[r, c] (bf16; out's rows ld >= rows apart), 32x32 tiles through shared
+// memory; 256 threads per block, grid (ceil(cols / 32), ceil(rows / 32)).
+extern "C" __global__ void transpose_bf16(const bf16* in, bf16* out, int rows, int cols, int ld) {
     __shared__ bf16 tile[32][33];
     int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
     int bx = blockIdx.x * 32, by = blockIdx.y * 32;
@@ -953,7 +954,7 @@ extern "C" __global__ void transpose_bf16(const bf16* in, bf16* out, int rows, i
     __syncthreads();
     for (int j = ty; j < 32; j += 8) {
         int c = bx + j, r = by + tx;
-        if (c < cols && r < rows) out[(u64)c * rows + r] = tile[tx][j];
+        if (c < cols && r < rows) out[(u64)c * ld + r] = tile[tx][j];
     }
 }
 

@@ -206,6 +206,30 @@ impl Engine {
         e
     }
 
+    /// Serve host weights `model` of the same shapes (a LaRoSA-rotated model, or the same
+    /// weights) on this engine's device with activation sparsity `s`: the device backend and
+    /// the KV allocator are rebuilt for them (the device copy is shared with every other
+    /// generation over the same `model`). Errors on the CPU backend, whose linear kernels
+    /// come from a plugin instead.
+    pub fn set_device_weights(
+        &mut self,
+        model: Arc<Model>,
+        s: Option<crate::backend::ActivationSparsity>,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<()> {
+        let Some(d) = &self.device else {
+            return Err(EngineError::Invalid(
+                "set_device_weights: this engine runs on the CPU".into(),
+            ));
+        };
+        self.same_shapes(&model.cfg).map_err(EngineError::Invalid)?;
+        let (b, kv) = d.fork_over(self.kv.layout(), &model, s, progress)?;
+        self.device = Some(b);
+        self.kv = kv;
+        self.model = model;
+        Ok(())
+    }
+
     /// Why `other` cannot stand in for this engine's weights, if it cannot.
     pub fn same_shapes(&self, other: &crate::model::Config) -> std::result::Result<(), String> {
         let a = &self.model.cfg;

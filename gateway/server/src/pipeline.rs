@@ -346,6 +346,23 @@ const ROUNDTRIP_TEXT: &str = "The quick brown fox jumps over the lazy dog. \
     Once upon a time, in 2024, 3.14159 != 2.71828; naïve café — ünïcödé, 東京, \
     def f(x): return x ** 2  # code";
 
+/// A GPU generation's weights and sparsity: `e.model` (the rotated model, if any) on the
+/// device, with LaRoSA's activation sparsity `s` run by the engine's CUDA kernels.
+fn device_weights(
+    e: &mut Engine,
+    s: Option<switchyard_engine::backend::ActivationSparsity>,
+) -> Result<(), String> {
+    let t = Instant::now();
+    e.set_device_weights(e.model.clone(), s, &mut |_, _| {})
+        .map_err(|x| format!("linear_kernels on {}: {x}", e.backend_name()))?;
+    tracing::info!(
+        seconds = t.elapsed().as_secs_f64(),
+        sparsity = s.map_or(0.0, |s| s.sparsity),
+        "device weights ready"
+    );
+    Ok(())
+}
+
 /// Build the engine of a new generation from `template` and `spec`. Plugin calls are
 /// reported to `observer`.
 pub fn build_engine(
@@ -357,18 +374,29 @@ pub fn build_engine(
     observer: Arc<dyn CallObserver>,
 ) -> Result<(Engine, Vec<PluginInfo>), String> {
     let tp = &spec.tokenizer_patch;
+    // On a GPU the tokenizer patch and KV allocator stages are the engine's own; the
+    // linear_kernels stage takes a LaRoSA rotation and the larosa plugin's settings, run by
+    // the engine's CUDA kernels (below).
     if template.device.is_some() {
-        let plugged = [
-            &spec.tokenizer_patch,
-            &spec.kv_allocator,
-            &spec.linear_kernels,
-        ]
-        .iter()
-        .any(|s| s.plugin != "builtin" || s.model.is_some() || s.rotation.is_some());
+        let plugged = [&spec.tokenizer_patch, &spec.kv_allocator]
+            .iter()
+            .any(|s| s.plugin != "builtin" || s.model.is_some() || s.rotation.is_some());
         if plugged {
             return Err(format!(
-                "this model is served on {}; plugin stages run on the CPU backend only                  (serve it with device = \"cpu\" to use them)",
+                "this model is served on {}; the tokenizer_patch and kv_allocator plugin \
+                 stages run on the CPU backend only (serve it with device = \"cpu\" to use \
+                 them)",
                 template.backend_name()
+            ));
+        }
+        let lin = &spec.linear_kernels;
+        if lin.plugin != "builtin" && lin.plugin != "larosa" {
+            return Err(format!(
+                "this model is served on {}: linear-kernels plugin {} has no CUDA kernels \
+                 (a GPU model takes builtin or larosa, whose sparsity the engine's CUDA \
+                 kernels run)",
+                template.backend_name(),
+                lin.plugin
             ));
         }
     }
@@ -524,9 +552,13 @@ pub fn build_engine(
     if let Some(r) = &lin.rotation {
         e.model = registry.rotated(&e.model, r, e.fwd.pool())?;
     }
+    let on_device = e.device.is_some();
     infos.push(if lin.plugin == "builtin" {
         if !lin.config.trim().is_empty() || lin.config_file.is_some() {
             return Err("the builtin linear kernels take no configuration".into());
+        }
+        if on_device && lin.rotation.is_some() {
+            device_weights(&mut e, None)?;
         }
         let mut i = builtin_info("linear_kernels", "linear-kernels");
         i.rotation = lin.rotation.clone();
@@ -535,16 +567,25 @@ pub fn build_engine(
         let p = registry.native(&lin.plugin)?;
         let config = String::from_utf8(lin.config_bytes()?)
             .map_err(|_| "linear_kernels configuration is not UTF-8 text".to_string())?;
+        // The plugin checks its configuration either way.
         let k = p.linear_kernels(&config).map_err(|e| e.to_string())?;
-        let t = Instant::now();
-        let ml = switchyard_plugin_host::ModelLinear::prepare(k, &e.model, &mut |_, _| {})
-            .map_err(|e| e.to_string())?;
-        tracing::info!(
-            plugin = p.name,
-            seconds = t.elapsed().as_secs_f64(),
-            "linear kernels prepared the weights"
-        );
-        e.fwd.linear = Some(Arc::new(ml));
+        if on_device {
+            let s = switchyard_engine::backend::ActivationSparsity::from_config(&config)
+                .map_err(|e| format!("linear_kernels configuration: {e}"))?;
+            if s.is_some() || lin.rotation.is_some() {
+                device_weights(&mut e, s)?;
+            }
+        } else {
+            let t = Instant::now();
+            let ml = switchyard_plugin_host::ModelLinear::prepare(k, &e.model, &mut |_, _| {})
+                .map_err(|e| e.to_string())?;
+            tracing::info!(
+                plugin = p.name,
+                seconds = t.elapsed().as_secs_f64(),
+                "linear kernels prepared the weights"
+            );
+            e.fwd.linear = Some(Arc::new(ml));
+        }
         PluginInfo {
             stage: "linear_kernels".into(),
             name: p.name.clone(),

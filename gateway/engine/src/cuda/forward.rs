@@ -12,7 +12,7 @@ use std::sync::Arc;
 use cudarc::cublas::{result as blas, sys as bsys};
 
 use super::{DevBuf, Gpu};
-use crate::backend::Backend;
+use crate::backend::{ActivationSparsity, Backend};
 use crate::error::{EngineError, Result};
 use crate::forward::SeqChunk;
 use crate::kv::{KvAllocator, KvLayout};
@@ -104,6 +104,57 @@ fn check_cfg(cfg: &Config) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Why the sparse products cannot take a model of these shapes, if they cannot.
+fn sparse_unfit(c: &Config) -> Option<String> {
+    let widest = c.dim.max(c.ffn_dim).max(c.n_heads * c.head_dim);
+    (widest > TOPK_MAX)
+        .then(|| format!("the top-k kernels take inputs up to {TOPK_MAX} wide, not {widest}"))
+}
+
+/// Device copies of host models made for pipeline generations, shared while any backend
+/// uses one: (host model, device ordinal, with the sparse products' copies, device model).
+#[allow(clippy::type_complexity)]
+static DEVICE_MODELS: std::sync::Mutex<
+    Vec<(
+        std::sync::Weak<Model>,
+        usize,
+        bool,
+        std::sync::Weak<DeviceModel>,
+    )>,
+> = std::sync::Mutex::new(Vec::new());
+
+/// The device copy of `m` on `gpu` (with the transposed copies the sparse products read
+/// when `sparse` and the shapes allow them), made once and shared while in use.
+fn device_model_for(
+    gpu: &Arc<Gpu>,
+    m: &Arc<Model>,
+    sparse: bool,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Arc<DeviceModel>> {
+    let mut cache = DEVICE_MODELS.lock().unwrap_or_else(|p| p.into_inner());
+    cache.retain(|e| e.3.strong_count() > 0);
+    let hit = cache
+        .iter()
+        .filter(|e| e.0.as_ptr() == Arc::as_ptr(m) && e.1 == gpu.ordinal && e.2 == sparse)
+        .find_map(|e| e.3.upgrade());
+    if let Some(dm) = hit {
+        return Ok(dm);
+    }
+    let mut dm = DeviceModel::upload(gpu.clone(), m, progress)?;
+    if sparse {
+        match sparse_unfit(&m.cfg) {
+            None => dm.prepare_sparse(&mut |_, _| {})?,
+            Some(why) => eprintln!(
+                "switchyard: LaRoSA on the GPU: {why}; every pass runs the dense products on the \
+                 masked inputs"
+            ),
+        }
+    }
+    let dm = Arc::new(dm);
+    cache.push((Arc::downgrade(m), gpu.ordinal, sparse, Arc::downgrade(&dm)));
+    Ok(dm)
 }
 
 impl DeviceModel {
@@ -218,37 +269,24 @@ impl DeviceModel {
     /// Build LaRoSA's transposed weights (one more copy of every projection, bf16) so that
     /// a backend with [`CudaBackend::larosa`] set can read only the kept inputs' columns.
     pub fn prepare_sparse(&mut self, progress: &mut dyn FnMut(usize, usize)) -> Result<()> {
-        let c = &self.cfg;
-        if [
-            c.dim,
-            c.n_heads * c.head_dim,
-            c.n_kv_heads * c.head_dim,
-            c.ffn_dim,
-        ]
-        .iter()
-        .any(|w| w % 8 != 0)
-        {
-            return Err(EngineError::Invalid(
-                "LaRoSA on the GPU: the sparse GEMV needs layer widths that are multiples of 8"
-                    .into(),
-            ));
-        }
-        if c.dim.max(c.ffn_dim).max(c.n_heads * c.head_dim) > TOPK_MAX {
-            return Err(EngineError::Invalid(format!(
-                "LaRoSA on the GPU: the top-k kernel takes inputs up to {TOPK_MAX} wide"
-            )));
+        if let Some(why) = sparse_unfit(&self.cfg) {
+            return Err(EngineError::Invalid(format!("LaRoSA on the GPU: {why}")));
         }
         let gpu = self.gpu.clone();
+        // [cols, rows] with rows padded to a multiple of 8 (zeros), for 16-byte loads.
         let t = |w: &DevW| -> Result<DevBuf> {
-            let out = gpu.alloc(w.rows * w.cols * 2)?;
-            let (r, c) = (w.rows as i32, w.cols as i32);
-            // SAFETY: in holds rows*cols bf16, out the same.
+            let ld = w.rows.next_multiple_of(8);
+            let out = gpu.alloc(ld * w.cols * 2)?;
+            let (r, c, l) = (w.rows as i32, w.cols as i32, ld as i32);
+            // SAFETY: in holds rows*cols bf16, out cols*ld (zeroed first).
             unsafe {
+                cudarc::driver::result::memset_d8_async(out.ptr, 0, out.bytes, gpu.stream)
+                    .map_err(|e| EngineError::Invalid(format!("CUDA: memset: {e:?}")))?;
                 gpu.launch(
                     gpu.k.transpose_bf16,
                     (w.cols.div_ceil(32) as u32, w.rows.div_ceil(32) as u32, 1),
                     256,
-                    args!(w.buf.ptr, out.ptr, r, c),
+                    args!(w.buf.ptr, out.ptr, r, c, l),
                 )?;
             }
             Ok(out)
@@ -859,7 +897,7 @@ pub fn mm_product(
 }
 
 /// One sparse product on the device, for tests: `mats` are transposed bf16 `[cols, rows_i]`
-/// matrices, one token's kept inputs `idx` (ascending, < cols) with values `val`; returns
+/// matrices (any rows; padded here as [`DeviceModel::prepare_sparse`] pads them), one token's kept inputs `idx` (ascending, < cols) with values `val`; returns
 /// each y_i (`rows_i`). With [`Epilogue::Add`] y_0 starts as `y0`; with [`Epilogue::Glu`]
 /// only y_0 is meaningful. `tile` and `want_blocks` as [`CudaBackend::sparse_tile`] and
 /// [`CudaBackend::sparse_blocks`].
@@ -875,18 +913,26 @@ pub fn sparse_product(
     epi: Epilogue,
     y0: Option<&[f32]>,
 ) -> Result<Vec<Vec<f32>>> {
-    let bad_rows = mats.iter().any(|(w, r)| r % 8 != 0 || w.len() != r * cols);
+    let bad_rows = mats.iter().any(|(w, r)| *r == 0 || w.len() != r * cols);
     let bad_idx = idx.iter().any(|&i| i < 0 || i as usize >= cols);
     if mats.is_empty() || mats.len() > 3 || bad_rows || bad_idx || idx.len() != val.len() {
         return Err(EngineError::Invalid(format!(
-            "sparse product: {} matrices of width {cols} (rows multiples of 8), {} kept inputs",
+            "sparse product: {} matrices of width {cols}, {} kept inputs",
             mats.len(),
             idx.len()
         )));
     }
+    // Rows padded to a multiple of 8 with zeros, as prepare_sparse lays them out.
     let ws = mats
         .iter()
-        .map(|(w, _)| gpu.upload(w))
+        .map(|(w, rows)| {
+            let ld = rows.next_multiple_of(8);
+            let mut p = vec![0u16; cols * ld];
+            for c in 0..cols {
+                p[c * ld..c * ld + rows].copy_from_slice(&w[c * rows..(c + 1) * rows]);
+            }
+            gpu.upload(&p)
+        })
         .collect::<Result<Vec<_>>>()?;
     let ys = mats
         .iter()
@@ -1060,7 +1106,7 @@ pub fn sparse_product_secs(
     let copies = (256 << 20) / (rows * cols * 2) + 1;
     let ws = (0..copies)
         .map(|i| -> Result<DevBuf> {
-            let buf = gpu.alloc(rows * cols * 2)?;
+            let buf = gpu.alloc(rows.next_multiple_of(8) * cols * 2)?;
             gpu.fill_random_bf16(&buf, 11 + i as u32, 0.05)?;
             Ok(buf)
         })
@@ -1853,6 +1899,24 @@ impl Backend for CudaBackend {
     fn fork(&self, layout: KvLayout) -> Result<(Box<dyn Backend>, Box<dyn KvAllocator>)> {
         let kv = super::open_kv(&self.dm, layout, None, super::kv::KvMode::Background)?;
         Ok((Box::new(CudaBackend::new(self.dm.clone())), Box::new(kv)))
+    }
+    fn fork_over(
+        &self,
+        layout: KvLayout,
+        m: &Arc<Model>,
+        s: Option<ActivationSparsity>,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<(Box<dyn Backend>, Box<dyn KvAllocator>)> {
+        let dm = device_model_for(&self.dm.gpu, m, s.is_some(), progress)?;
+        let kv = super::open_kv(&dm, layout, None, super::kv::KvMode::Background)?;
+        let mut be = CudaBackend::new(dm);
+        be.set_larosa(s.map(|s| Larosa {
+            sparsity: s.sparsity,
+            coef_in: s.coef_in,
+            coef_out: s.coef_out,
+            sparse_gemv: true,
+        }));
+        Ok((Box::new(be), Box::new(kv)))
     }
 }
 
