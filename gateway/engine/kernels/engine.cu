@@ -669,9 +669,9 @@ __device__ __forceinline__ void radix_add(u32* h, u32 key, bool cand, int shift)
 // TOPK_ITEMS), TOPK_THREADS threads. Then one block-wide scan of each thread's (above, equal)
 // counts places the kept values in index order: mode 0 writes the kept indices (ascending)
 // and values to idx/val; mode 1 writes the row to out with the dropped values zeroed.
-#define TOPK_ITEMS 32
 #define TOPK_THREADS 512
-__device__ void topk_core(const float (&v)[TOPK_ITEMS], int per, int i0, int d, int k, int mode,
+template <int TOPK_ITEMS>
+__device__ __forceinline__ void topk_core(const float (&v)[TOPK_ITEMS], int per, int i0, int d, int k, int mode,
                           float* out, int* idx, float* val, RadixShared& s) {
     u32 key[TOPK_ITEMS];
 #pragma unroll
@@ -728,6 +728,7 @@ __device__ void topk_core(const float (&v)[TOPK_ITEMS], int per, int i0, int d, 
 }
 
 // Row blockIdx.x of x (d wide) into registers as topk_core takes it; returns per.
+template <int TOPK_ITEMS>
 __device__ __forceinline__ int topk_load(const float* xr, int d, float (&v)[TOPK_ITEMS]) {
     int per = (d + blockDim.x - 1) / blockDim.x, i0 = threadIdx.x * per;
 #pragma unroll
@@ -738,8 +739,8 @@ __device__ __forceinline__ int topk_load(const float* xr, int d, float (&v)[TOPK
 // Top-k of each row of x (one block of TOPK_THREADS per row; d <= TOPK_THREADS *
 // TOPK_ITEMS): mode 0 kept
 // indices and values (row r at r * k), mode 1 the dropped entries of x zeroed in place.
-extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
-    topk(float* x, int d, int k, int* idx, float* val, int mode) {
+template <int TOPK_ITEMS>
+__device__ __forceinline__ void topk_impl(float* x, int d, int k, int* idx, float* val, int mode) {
     __shared__ RadixShared s;
     float* xr = x + (u64)blockIdx.x * d;
     float v[TOPK_ITEMS];
@@ -751,9 +752,10 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
 // RMSNorm and top-k in one block per row: out = x / rms(x) * w (as `rmsnorm` computes it),
 // then topk_core on it (mode 0: kept indices and values only, out untouched; mode 1: out
 // with the dropped values zeroed).
-extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
-    rmsnorm_topk(const float* x, const float* w, float* out, int d, float eps, int k, int* idx,
-                 float* val, int mode) {
+template <int TOPK_ITEMS>
+__device__ __forceinline__ void rmsnorm_topk_impl(const float* x, const float* w, float* out,
+                                                  int d, float eps, int k, int* idx, float* val,
+                                                  int mode) {
     __shared__ RadixShared s;
     const float* xr = x + (u64)blockIdx.x * d;
     float v[TOPK_ITEMS];
@@ -770,6 +772,22 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
     topk_core(v, per, i0, d, k, mode, out + (u64)blockIdx.x * d, idx + (u64)blockIdx.x * k,
               val + (u64)blockIdx.x * k, s);
 }
+
+// Kernels by values per thread (8, 16, 32: the smallest that holds ceil(d / TOPK_THREADS),
+// so that no thread walks empty slots).
+#define TOPK_KERNELS(N)                                                                       \
+    extern "C" __global__ void __launch_bounds__(TOPK_THREADS)                                \
+        topk##N(float* x, int d, int k, int* idx, float* val, int mode) {                     \
+        topk_impl<N>(x, d, k, idx, val, mode);                                                \
+    }                                                                                         \
+    extern "C" __global__ void __launch_bounds__(TOPK_THREADS)                                \
+        rmsnorm_topk##N(const float* x, const float* w, float* out, int d, float eps, int k,  \
+                        int* idx, float* val, int mode) {                                     \
+        rmsnorm_topk_impl<N>(x, w, out, d, eps, k, idx, val, mode);                           \
+    }
+TOPK_KERNELS(8)
+TOPK_KERNELS(16)
+TOPK_KERNELS(32)
 
 // y = Wt^T · x over the k kept inputs of one token (idx/val from topk): y[o] = sum_j
 // val[j] * Wt[idx[j], o]. Wt is a weight transposed (bf16 [cols, rows]), so a kept input's

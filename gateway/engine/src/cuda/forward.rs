@@ -542,6 +542,15 @@ const TOPK_THREADS: u32 = 512;
 /// Widest input the top-k kernels take (32 elements per thread).
 const TOPK_MAX: usize = 32 * TOPK_THREADS as usize;
 
+/// The top-k kernel variant (8, 16 or 32 values per thread) for rows `d` wide (<= TOPK_MAX).
+fn topk_variant(d: usize) -> usize {
+    match d.div_ceil(TOPK_THREADS as usize) {
+        0..=8 => 0,
+        9..=16 => 1,
+        _ => 2,
+    }
+}
+
 /// Most splits of a sparse product's kept inputs (partial sums `[splits, tiles * tile]`).
 const MAX_SPLITS: usize = 128;
 
@@ -1163,14 +1172,14 @@ pub fn topk_secs(gpu: &Arc<Gpu>, d: usize, k: usize, norm: bool, reps: usize) ->
         unsafe {
             if norm {
                 gpu.launch(
-                    gpu.k.rmsnorm_topk,
+                    gpu.k.rmsnorm_topk[topk_variant(d)],
                     (1, 1, 1),
                     TOPK_THREADS,
                     args!(xd.ptr, w.ptr, out.ptr, di, eps, ki, idx.ptr, val.ptr, mode),
                 )
             } else {
                 gpu.launch(
-                    gpu.k.topk,
+                    gpu.k.topk[topk_variant(d)],
                     (1, 1, 1),
                     TOPK_THREADS,
                     args!(xd.ptr, di, ki, idx.ptr, val.ptr, mode),
@@ -1214,7 +1223,7 @@ pub fn norm_topk(
     // SAFETY: xd/wd/out hold d f32, idx/val k entries.
     unsafe {
         gpu.launch(
-            gpu.k.rmsnorm_topk,
+            gpu.k.rmsnorm_topk[topk_variant(x.len())],
             (1, 1, 1),
             TOPK_THREADS,
             args!(xd.ptr, wd.ptr, out.ptr, d, eps, ki, idx.ptr, val.ptr, mode),
@@ -1314,7 +1323,7 @@ impl CudaBackend {
         // sidx/sval hold k entries for one row.
         unsafe {
             g.launch(
-                g.k.rmsnorm_topk,
+                g.k.rmsnorm_topk[topk_variant(d)],
                 (nu, 1, 1),
                 TOPK_THREADS,
                 args!(x, w.ptr, xb, di, eps, ki, p.sidx, p.sval, mode),
@@ -1342,7 +1351,7 @@ impl CudaBackend {
         // SAFETY: x holds n rows of d f32; sidx/sval hold k entries for one row.
         unsafe {
             g.launch(
-                g.k.topk,
+                g.k.topk[topk_variant(d)],
                 (p.n as u32, 1, 1),
                 TOPK_THREADS,
                 args!(x, di, ki, p.sidx, p.sval, mode),
@@ -1936,7 +1945,7 @@ pub fn topk_indices(gpu: &Arc<Gpu>, x: &[f32], k: usize) -> Result<Vec<i32>> {
     // SAFETY: xd holds d f32, idx/val k entries.
     unsafe {
         gpu.launch(
-            gpu.k.topk,
+            gpu.k.topk[topk_variant(x.len())],
             (1, 1, 1),
             TOPK_THREADS,
             args!(xd.ptr, d, ki, idx.ptr, val.ptr, mode),

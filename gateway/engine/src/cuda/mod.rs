@@ -43,8 +43,9 @@ pub(crate) struct Kernels {
     pub sample_rows: sys::CUfunction,
     pub fill_random: sys::CUfunction,
     /// LaRoSA: top-k selection (alone and after RMSNorm), the sparse products, bf16 transpose.
-    pub topk: sys::CUfunction,
-    pub rmsnorm_topk: sys::CUfunction,
+    /// Top-k (alone, after RMSNorm) by values per thread: 8, 16, 32.
+    pub topk: [sys::CUfunction; 3],
+    pub rmsnorm_topk: [sys::CUfunction; 3],
     /// Sparse products over kept inputs, output tiles of 512 and 1024.
     pub sparse_mm: [sys::CUfunction; 2],
     pub transpose_bf16: sys::CUfunction,
@@ -212,8 +213,12 @@ impl Gpu {
             rope_kv: f("rope_kv")?,
             sample_rows: f("sample_rows")?,
             fill_random: f("fill_random")?,
-            topk: f("topk")?,
-            rmsnorm_topk: f("rmsnorm_topk")?,
+            topk: [f("topk8")?, f("topk16")?, f("topk32")?],
+            rmsnorm_topk: [
+                f("rmsnorm_topk8")?,
+                f("rmsnorm_topk16")?,
+                f("rmsnorm_topk32")?,
+            ],
             sparse_mm: [f("sparse_mm512")?, f("sparse_mm1024")?],
             transpose_bf16: f("transpose_bf16")?,
         };
@@ -480,8 +485,10 @@ mod tests {
                         "attention_tiles",
                         "gemv8",
                         "sample_rows",
-                        "topk",
-                        "rmsnorm_topk",
+                        "topk8",
+                        "topk32",
+                        "rmsnorm_topk8",
+                        "rmsnorm_topk32",
                         "sparse_mm512",
                         "sparse_mm1024",
                         "transpose_bf16",
