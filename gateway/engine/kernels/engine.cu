@@ -773,7 +773,7 @@ __device__ __forceinline__ void rmsnorm_topk_impl(const float* x, const float* w
               val + (u64)blockIdx.x * k, s);
 }
 
-// Kernels by values per thread (8, 16, 32: the smallest that holds ceil(d / TOPK_THREADS),
+// Kernels by values per thread (8, 16, 24, 32: the smallest that holds ceil(d / TOPK_THREADS),
 // so that no thread walks empty slots).
 #define TOPK_KERNELS(N)                                                                       \
     extern "C" __global__ void __launch_bounds__(TOPK_THREADS)                                \
@@ -787,6 +787,7 @@ __device__ __forceinline__ void rmsnorm_topk_impl(const float* x, const float* w
     }
 TOPK_KERNELS(8)
 TOPK_KERNELS(16)
+TOPK_KERNELS(24)
 TOPK_KERNELS(32)
 
 // y = Wt^T · x over the k kept inputs of one token (idx/val from topk): y[o] = sum_j

@@ -542,12 +542,14 @@ const TOPK_THREADS: u32 = 512;
 /// Widest input the top-k kernels take (32 elements per thread).
 const TOPK_MAX: usize = 32 * TOPK_THREADS as usize;
 
-/// The top-k kernel variant (8, 16 or 32 values per thread) for rows `d` wide (<= TOPK_MAX).
+/// The top-k kernel variant (8, 16, 24 or 32 values per thread) for rows `d` wide (<=
+/// TOPK_MAX).
 fn topk_variant(d: usize) -> usize {
     match d.div_ceil(TOPK_THREADS as usize) {
         0..=8 => 0,
         9..=16 => 1,
-        _ => 2,
+        17..=24 => 2,
+        _ => 3,
     }
 }
 

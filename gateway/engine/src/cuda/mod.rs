@@ -43,9 +43,9 @@ pub(crate) struct Kernels {
     pub sample_rows: sys::CUfunction,
     pub fill_random: sys::CUfunction,
     /// LaRoSA: top-k selection (alone and after RMSNorm), the sparse products, bf16 transpose.
-    /// Top-k (alone, after RMSNorm) by values per thread: 8, 16, 32.
-    pub topk: [sys::CUfunction; 3],
-    pub rmsnorm_topk: [sys::CUfunction; 3],
+    /// Top-k (alone, after RMSNorm) by values per thread: 8, 16, 24, 32.
+    pub topk: [sys::CUfunction; 4],
+    pub rmsnorm_topk: [sys::CUfunction; 4],
     /// Sparse products over kept inputs, output tiles of 512 and 1024.
     pub sparse_mm: [sys::CUfunction; 2],
     pub transpose_bf16: sys::CUfunction,
@@ -213,10 +213,11 @@ impl Gpu {
             rope_kv: f("rope_kv")?,
             sample_rows: f("sample_rows")?,
             fill_random: f("fill_random")?,
-            topk: [f("topk8")?, f("topk16")?, f("topk32")?],
+            topk: [f("topk8")?, f("topk16")?, f("topk24")?, f("topk32")?],
             rmsnorm_topk: [
                 f("rmsnorm_topk8")?,
                 f("rmsnorm_topk16")?,
+                f("rmsnorm_topk24")?,
                 f("rmsnorm_topk32")?,
             ],
             sparse_mm: [f("sparse_mm512")?, f("sparse_mm1024")?],
