@@ -813,7 +813,8 @@ fn launch_sparse(
     };
     let (idx, val, part, cnt) = scratch;
     let ki = k as i32;
-    // SAFETY: each Wt_i holds cols*rows_i bf16 and every kept index is < cols; y_i holds
+    // SAFETY: each Wt_i holds cols rows of rows_i rounded up to 8 bf16 (prepare_sparse's
+    // layout; the gated unit's two of equal rows) and every kept index is < cols; y_i holds
     // rows_i f32; part holds MAX_SPLITS * tiles * tile f32 and cnt one zeroed u32 per tile.
     unsafe {
         g.launch(
@@ -908,8 +909,9 @@ pub fn mm_product(
 }
 
 /// One sparse product on the device, for tests: `mats` are transposed bf16 `[cols, rows_i]`
-/// matrices (any rows; padded here as [`DeviceModel::prepare_sparse`] pads them), one token's kept inputs `idx` (ascending, < cols) with values `val`; returns
-/// each y_i (`rows_i`). With [`Epilogue::Add`] y_0 starts as `y0`; with [`Epilogue::Glu`]
+/// matrices (any rows; padded here as [`DeviceModel::prepare_sparse`] pads them), one
+/// token's kept inputs `idx` (ascending, < cols) with values `val`; returns each y_i
+/// (`rows_i`). With [`Epilogue::Add`] y_0 starts as `y0`; with [`Epilogue::Glu`]
 /// only y_0 is meaningful. `tile` and `want_blocks` as [`CudaBackend::sparse_tile`] and
 /// [`CudaBackend::sparse_blocks`].
 #[allow(clippy::too_many_arguments)]
@@ -926,9 +928,12 @@ pub fn sparse_product(
 ) -> Result<Vec<Vec<f32>>> {
     let bad_rows = mats.iter().any(|(w, r)| *r == 0 || w.len() != r * cols);
     let bad_idx = idx.iter().any(|&i| i < 0 || i as usize >= cols);
-    if mats.is_empty() || mats.len() > 3 || bad_rows || bad_idx || idx.len() != val.len() {
+    let bad_glu = epi == Epilogue::Glu && (mats.len() != 2 || mats[0].1 != mats[1].1);
+    if mats.is_empty() || mats.len() > 3 || bad_rows || bad_idx || bad_glu || idx.len() != val.len()
+    {
         return Err(EngineError::Invalid(format!(
-            "sparse product: {} matrices of width {cols}, {} kept inputs",
+            "sparse product: {} matrices of width {cols} (the gated unit: two of equal rows), \
+             {} kept inputs",
             mats.len(),
             idx.len()
         )));
