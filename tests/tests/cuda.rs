@@ -17,6 +17,22 @@ use switchyard_engine::sampling::SamplingParams;
 use switchyard_engine::{Engine, EngineOptions, GenerateRequest};
 use switchyard_tests::*;
 
+/// A seeded generator of uniform numbers in [0, 1) (64-bit LCG, the top 24 bits).
+fn uniform(mut seed: u64) -> impl FnMut() -> f32 {
+    move || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 40) as f32 / (1u64 << 24) as f32
+    }
+}
+
+/// [`uniform`] mapped to [-1, 1).
+fn signed_uniform(seed: u64) -> impl FnMut() -> f32 {
+    let mut u = uniform(seed);
+    move || u() * 2.0 - 1.0
+}
+
 fn gpu() -> Option<Arc<Gpu>> {
     match Gpu::open(0) {
         Ok(g) => Some(g),
@@ -477,13 +493,7 @@ fn larosa_topk_matches_a_host_sort() {
 fn larosa_rmsnorm_topk_matches_the_host() {
     use switchyard_engine::cuda::forward::norm_topk;
     let Some(g) = gpu() else { return };
-    let mut seed = 5u64;
-    let mut rnd = move || {
-        seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    };
+    let mut rnd = signed_uniform(5);
     for (d, k) in [
         (4096usize, 3276usize),
         (576, 460),
@@ -532,13 +542,7 @@ fn sparse_products_match_a_host_reference() {
     use switchyard_engine::cuda::forward::{sparse_product, Epilogue};
     let Some(g) = gpu() else { return };
     let bf = |v: f32| half::bf16::from_f32(v);
-    let mut seed = 23u64;
-    let mut rnd = move || {
-        seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    };
+    let mut rnd = signed_uniform(23);
     for (cols, rows, keep) in [
         (576usize, [576usize, 192, 192], 300usize),
         (2048, [2752, 1024, 1024], 1100),
@@ -793,13 +797,7 @@ fn tensor_core_products_match_a_host_reference() {
     use switchyard_engine::cuda::forward::{mm_product, Epilogue};
     let Some(g) = gpu() else { return };
     let bf = |v: f32| half::bf16::from_f32(v);
-    let mut seed = 11u64;
-    let mut rnd = move || {
-        seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    };
+    let mut rnd = signed_uniform(11);
     for (cols, rows) in [
         (64usize, [48usize, 24, 24]),
         (96, [200, 40, 8]),
@@ -940,13 +938,7 @@ fn device_sampling_follows_the_host_rules() {
     use switchyard_engine::cuda::forward::sample_on_device;
     use switchyard_engine::sampling::RowSampling;
     let Some(g) = gpu() else { return };
-    let mut seed = 5u64;
-    let mut rnd = move || {
-        seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (seed >> 40) as f32 / (1u64 << 24) as f32
-    };
+    let mut rnd = uniform(5);
     for vocab in [100usize, 32000, 49152] {
         let mut l: Vec<f32> = (0..vocab).map(|_| rnd() * 8.0 - 4.0).collect();
         // Ties: two equal maxima, and a run of equal logits around the top-k boundary.
@@ -1060,13 +1052,7 @@ fn larosa_generation_through_the_engine_on_the_gpu() {
     let mut ce = Engine::load(&stories_dir(), opts(Device::Cpu), &mut |_, _| {}).unwrap();
     assert!(ge.device.is_some(), "no GPU backend");
     let c = ce.model.cfg.clone();
-    let mut seed = 17u64;
-    let mut rnd = move || {
-        seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    };
+    let mut rnd = signed_uniform(17);
     let mut cal = Calibrator::new(c.n_layers, c.dim);
     let rows: Vec<Vec<f32>> = (0..c.n_layers)
         .map(|_| (0..256 * c.dim).map(|_| rnd()).collect())

@@ -109,12 +109,10 @@ impl PipelineSpec {
         if l.plugin == "builtin" {
             return 0.0;
         }
-        l.config
-            .lines()
-            .filter_map(|line| line.split('#').next()?.split_once('='))
-            .find(|(k, _)| k.trim() == "sparsity")
-            .and_then(|(_, v)| v.trim().parse().ok())
-            .unwrap_or(0.0)
+        switchyard_engine::backend::ActivationSparsity::from_config(&l.config)
+            .ok()
+            .flatten()
+            .map_or(0.0, |a| a.sparsity)
     }
 }
 

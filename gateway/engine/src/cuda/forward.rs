@@ -542,6 +542,21 @@ const TOPK_THREADS: u32 = 512;
 /// Widest input the top-k kernels take (32 elements per thread).
 const TOPK_MAX: usize = 32 * TOPK_THREADS as usize;
 
+/// Whether the top-k kernels take rows `d` wide (LaRoSA on the GPU).
+fn topk_fits(d: usize) -> Result<()> {
+    if d > TOPK_MAX {
+        return Err(EngineError::Invalid(format!(
+            "LaRoSA on the GPU: the top-k kernel takes inputs up to {TOPK_MAX} wide, not {d}"
+        )));
+    }
+    Ok(())
+}
+
+/// Threads of an RMSNorm block: one float4 per thread for rows up to 4096 wide.
+fn norm_threads(d: usize) -> u32 {
+    (d / 4).next_multiple_of(32).clamp(32, 1024) as u32
+}
+
 /// The top-k kernel variant (8, 16, 24 or 32 values per thread) for rows `d` wide (<=
 /// TOPK_MAX).
 fn topk_variant(d: usize) -> usize {
@@ -568,6 +583,18 @@ pub struct Larosa {
     pub coef_out: f64,
     /// Use the sparse GEMV for single tokens (off: masked input, dense product; for checks).
     pub sparse_gemv: bool,
+}
+
+impl From<ActivationSparsity> for Larosa {
+    /// A pipeline's sparsity settings, with the sparse products on.
+    fn from(a: ActivationSparsity) -> Self {
+        Self {
+            sparsity: a.sparsity,
+            coef_in: a.coef_in,
+            coef_out: a.coef_out,
+            sparse_gemv: true,
+        }
+    }
 }
 
 impl Larosa {
@@ -1062,6 +1089,18 @@ pub enum ProductKernel {
     Cublas,
 }
 
+/// Random bf16 weight buffers of `bytes` each (seeds from `seed`), enough of them to
+/// exceed the L2 cache, so that timed launches cycling through them read DRAM.
+fn weight_copies(gpu: &Arc<Gpu>, bytes: usize, seed: u32) -> Result<Vec<DevBuf>> {
+    (0..(256 << 20) / bytes + 1)
+        .map(|i| {
+            let buf = gpu.alloc(bytes)?;
+            gpu.fill_random_bf16(&buf, seed + i as u32, 0.05)?;
+            Ok(buf)
+        })
+        .collect()
+}
+
 /// Seconds per `[rows, cols]` product of `n` tokens with `kernel` (random bf16 weights, mean
 /// of `reps` back-to-back launches after a warm-up): the product sweep of `bench gpu`.
 pub fn product_secs(
@@ -1072,15 +1111,10 @@ pub fn product_secs(
     kernel: ProductKernel,
     reps: usize,
 ) -> Result<f64> {
-    // Several weight copies larger than the L2 cache, cycled, so every launch reads DRAM.
-    let copies = (256 << 20) / (rows * cols * 2) + 1;
-    let ws = (0..copies)
-        .map(|i| -> Result<DevW> {
-            let buf = gpu.alloc(rows * cols * 2)?;
-            gpu.fill_random_bf16(&buf, 7 + i as u32, 0.05)?;
-            Ok(DevW { buf, rows, cols })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let ws: Vec<DevW> = weight_copies(gpu, rows * cols * 2, 7)?
+        .into_iter()
+        .map(|buf| DevW { buf, rows, cols })
+        .collect();
     let x = gpu.alloc(n * cols * 4)?;
     let x16 = gpu.alloc(n * cols * 2)?;
     let y = gpu.alloc(n * rows * 4)?;
@@ -1094,16 +1128,7 @@ pub fn product_secs(
             ProductKernel::Cublas => launch_cublas(gpu, w, x.ptr, x16.ptr, n, y.ptr),
         }
     };
-    for w in &ws {
-        run(w)?;
-    }
-    gpu.sync()?;
-    let t = std::time::Instant::now();
-    for i in 0..reps {
-        run(&ws[i % copies])?;
-    }
-    gpu.sync()?;
-    Ok(t.elapsed().as_secs_f64() / reps as f64)
+    gpu.mean_secs(ws.len(), reps, |i| run(&ws[i % ws.len()]))
 }
 
 /// Seconds per sparse product (`sparse_mm{tile}`, store) of one token's `keep` kept inputs
@@ -1119,14 +1144,7 @@ pub fn sparse_product_secs(
     reps: usize,
 ) -> Result<f64> {
     let keep = keep.clamp(1, cols);
-    let copies = (256 << 20) / (rows * cols * 2) + 1;
-    let ws = (0..copies)
-        .map(|i| -> Result<DevBuf> {
-            let buf = gpu.alloc(rows.next_multiple_of(8) * cols * 2)?;
-            gpu.fill_random_bf16(&buf, 11 + i as u32, 0.05)?;
-            Ok(buf)
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let ws = weight_copies(gpu, rows.next_multiple_of(8) * cols * 2, 11)?;
     let idx: Vec<i32> = (0..keep).map(|j| (j * cols / keep) as i32).collect();
     let idx = gpu.upload(&idx)?;
     let val = gpu.upload(&vec![0.5f32; keep])?;
@@ -1145,16 +1163,7 @@ pub fn sparse_product_secs(
             (idx.ptr, val.ptr, part.ptr, cnt.ptr),
         )
     };
-    for w in &ws {
-        run(w)?;
-    }
-    gpu.sync()?;
-    let t = std::time::Instant::now();
-    for i in 0..reps {
-        run(&ws[i % copies])?;
-    }
-    gpu.sync()?;
-    Ok(t.elapsed().as_secs_f64() / reps as f64)
+    gpu.mean_secs(ws.len(), reps, |i| run(&ws[i % ws.len()]))
 }
 
 /// Seconds per top-k launch on one row of `d` values keeping `k` (mode 0, kept list):
@@ -1194,14 +1203,7 @@ pub fn topk_secs(gpu: &Arc<Gpu>, d: usize, k: usize, norm: bool, reps: usize) ->
             }
         }
     };
-    run()?;
-    gpu.sync()?;
-    let t = std::time::Instant::now();
-    for _ in 0..reps {
-        run()?;
-    }
-    gpu.sync()?;
-    Ok(t.elapsed().as_secs_f64() / reps as f64)
+    gpu.mean_secs(1, reps, |_| run())
 }
 
 /// RMSNorm and top-k of one row on the device (`rmsnorm_topk`, mode 0): the kept indices
@@ -1306,8 +1308,7 @@ impl CudaBackend {
         let (d, eps, nu) = (c.dim, c.rms_eps, p.n as u32);
         let di = d as i32;
         let Some((l, k)) = self.kept(false, d) else {
-            // One float4 per thread for rows up to 4096 wide.
-            let threads = (d / 4).next_multiple_of(32).clamp(32, 1024) as u32;
+            let threads = norm_threads(d);
             // SAFETY: x and xb hold n rows of d f32, w d f32.
             unsafe {
                 g.launch(
@@ -1319,14 +1320,10 @@ impl CudaBackend {
             };
             return Ok(None);
         };
-        if d > TOPK_MAX {
-            return Err(EngineError::Invalid(format!(
-                "LaRoSA on the GPU: the top-k kernel takes inputs up to {TOPK_MAX} wide, not {d}"
-            )));
-        }
+        topk_fits(d)?;
         let use_sparse = self.sparse_pass(p, l, sparse);
         let (ki, mode) = (k as i32, if use_sparse { 0i32 } else { 1 });
-        // SAFETY: x/xb hold n rows of d f32 (d <= TOPK_MAX, checked by prepare/set_larosa);
+        // SAFETY: x/xb hold n rows of d f32 (d <= TOPK_MAX, checked above);
         // sidx/sval hold k entries for one row.
         unsafe {
             g.launch(
@@ -1347,11 +1344,7 @@ impl CudaBackend {
         let Some((l, k)) = self.kept(true, d) else {
             return Ok(None);
         };
-        if d > TOPK_MAX {
-            return Err(EngineError::Invalid(format!(
-                "LaRoSA on the GPU: the top-k kernel takes inputs up to {TOPK_MAX} wide, not {d}"
-            )));
-        }
+        topk_fits(d)?;
         let g = &self.dm.gpu;
         let use_sparse = self.sparse_pass(p, l, sparse);
         let (di, ki, mode) = (d as i32, k as i32, if use_sparse { 0i32 } else { 1 });
@@ -1698,8 +1691,7 @@ impl CudaBackend {
         let scale = 1.0 / (hd as f32).sqrt();
         let nu = n as u32;
         let kk = &g.k;
-        // One float4 per thread for rows up to 4096 wide.
-        let norm_threads = (dim / 4).next_multiple_of(32).clamp(32, 1024) as u32;
+        let norm_threads = norm_threads(dim);
         // SAFETY: every buffer was sized above for this batch; kernels index within them.
         unsafe {
             g.launch(
@@ -1926,12 +1918,7 @@ impl Backend for CudaBackend {
         let dm = device_model_for(&self.dm.gpu, m, s.is_some(), progress)?;
         let kv = super::open_kv(&dm, layout, None, super::kv::KvMode::Background)?;
         let mut be = CudaBackend::new(dm);
-        be.set_larosa(s.map(|s| Larosa {
-            sparsity: s.sparsity,
-            coef_in: s.coef_in,
-            coef_out: s.coef_out,
-            sparse_gemv: true,
-        }));
+        be.set_larosa(s.map(Larosa::from));
         Ok((Box::new(be), Box::new(kv)))
     }
 }

@@ -335,23 +335,36 @@ impl Gpu {
         Ok(b)
     }
 
+    /// Mean seconds of `run(i)` for i in 0..reps, after `warm` warm-up calls (`run(i)` for
+    /// i in 0..warm): enqueue work on this device's stream; timed from sync to sync.
+    pub fn mean_secs(
+        &self,
+        warm: usize,
+        reps: usize,
+        mut run: impl FnMut(usize) -> Result<()>,
+    ) -> Result<f64> {
+        for i in 0..warm {
+            run(i)?;
+        }
+        self.sync()?;
+        let t = std::time::Instant::now();
+        for i in 0..reps {
+            run(i)?;
+        }
+        self.sync()?;
+        Ok(t.elapsed().as_secs_f64() / reps.max(1) as f64)
+    }
+
     /// Device-to-device copy bandwidth (bytes read + written per second) over `bytes`.
     pub fn copy_bandwidth(self: &Arc<Self>, bytes: usize, reps: usize) -> Result<f64> {
         let a = self.alloc(bytes)?;
         let b = self.alloc(bytes)?;
-        let copy = || -> Result<()> {
+        let secs = self.mean_secs(1, reps, |_| {
             // SAFETY: both buffers hold `bytes`.
             unsafe { cu::memcpy_dtod_async(b.ptr, a.ptr, bytes, self.stream) }
                 .map_err(|e| err("copy", e))
-        };
-        copy()?;
-        self.sync()?;
-        let t = std::time::Instant::now();
-        for _ in 0..reps {
-            copy()?;
-        }
-        self.sync()?;
-        Ok(2.0 * bytes as f64 * reps as f64 / t.elapsed().as_secs_f64())
+        })?;
+        Ok(2.0 * bytes as f64 / secs)
     }
 
     /// Fill bf16 elements of `buf` with deterministic random values in [-scale, scale).
