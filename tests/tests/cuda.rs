@@ -292,6 +292,47 @@ fn vattention_and_static_give_identical_greedy_ids_across_pages() {
     );
 }
 
+/// Decode steps of five batch widths, each width met four times, with room for three
+/// captured graphs: the cache stays within its cap (least recently used dropped) and the
+/// greedy ids equal those of the same steps run without graphs.
+#[test]
+fn graph_cache_is_capped_and_replays_the_right_shapes() {
+    let Some(g) = gpu() else { return };
+    let dm = Arc::new(DeviceModel::dummy(g.clone(), dummy_cfg(), 7).unwrap());
+    let run = |graphs: bool| -> (Vec<Vec<u32>>, usize) {
+        let mut kv = open_kv(&dm, dummy_layout(256, 5), None, KvMode::Sync).unwrap();
+        let mut be = CudaBackend::new(dm.clone());
+        be.graphs_enabled = graphs;
+        be.graph_cache_max = 3;
+        let s: Vec<usize> = (0..5).map(|_| kv.acquire().unwrap()).collect();
+        let mut pos = [0usize; 5];
+        let mut last: Vec<[u32; 1]> = (0..5u32).map(|i| [i * 37 % 512]).collect();
+        let mut ids = Vec::new();
+        let mut most = 0;
+        for _round in 0..4 {
+            for w in 1..=5 {
+                let chunks: Vec<SeqChunk> = (0..w)
+                    .map(|i| SeqChunk::last_logits(s[i], pos[i], &last[i]))
+                    .collect();
+                let next = be.forward_greedy(&mut kv, &chunks).unwrap();
+                for i in 0..w {
+                    pos[i] += 1;
+                    last[i] = [next[i]];
+                }
+                most = most.max(be.cached_graphs());
+                ids.push(next);
+            }
+        }
+        (ids, most)
+    };
+    let (with, most) = run(true);
+    let (without, none) = run(false);
+    eprintln!("graphs kept at most: {most}");
+    assert_eq!(none, 0);
+    assert!(most > 0 && most <= 3, "{most} graphs kept, cap 3");
+    assert_eq!(with, without, "graph replays give the eager steps' ids");
+}
+
 /// A kernel writes through the mapped pages of a slot (crossing page boundaries); the bytes
 /// read back equal the same kernel's output in a plain allocation. Then a randomized
 /// acquire/grow/release sequence is checked against a model of what must be mapped.
@@ -880,53 +921,77 @@ fn tensor_core_products_match_a_host_reference() {
     .is_err());
 }
 
-/// Tiled prefill attention (chunks of 16+ tokens, 64-row tiles) against the per-row kernel
-/// (the same tokens in chunks of 15, which the same cuBLAS products take), on Llama-2-7B's head shape: a 150-token prompt after
-/// a 40-token prefix, so tiles start mid-sequence, cross K/V blocks and end part-full.
+/// Prefill attention over 64-row tiles, on tensor cores (`attention_mma*`) and in f32
+/// (`attention_tiles`), against the per-row decode kernel (the same tokens in chunks of 15,
+/// which the same cuBLAS products take): a 150-token prompt after a 40-token prefix, so tiles
+/// start mid-sequence, cross K/V blocks and end part-full. Llama-2-7B's heads (32 of 128)
+/// and SmolLM2-135M's (9 query heads of 64 over 3 K/V heads).
 #[test]
 fn tiled_prefill_attention_matches_the_row_kernel() {
     let Some(g) = gpu() else { return };
-    let dm = Arc::new(DeviceModel::dummy(g.clone(), dummy_cfg(), 5).unwrap());
-    let toks: Vec<u32> = (0..190u32).map(|i| (i * 31 + 7) % 512).collect();
-    let run = |chunk: usize| -> Vec<f32> {
-        let mut kv = open_kv(&dm, dummy_layout(1024, 1), None, KvMode::Sync).unwrap();
-        let mut be = CudaBackend::new(dm.clone());
-        let s = kv.acquire().unwrap();
-        // Every row's logits, so each row's attention output is compared.
-        let mut out = Vec::new();
-        let mut p = 0;
-        for part in [&toks[..40], &toks[40..]] {
-            for c in part.chunks(chunk) {
-                let ch = SeqChunk {
-                    slot: s,
-                    pos: p,
-                    tokens: c,
-                    logits_from: 0,
-                };
-                out.extend_from_slice(be.forward_logits(&mut kv, &[ch]).unwrap());
-                p += c.len();
+    for (name, dim, nh, nkv, hd) in [
+        ("32 heads of 128", 4096, 32, 32, 128),
+        ("9 heads of 64, 3 K/V heads", 576, 9, 3, 64),
+    ] {
+        let cfg = Config {
+            dim,
+            n_heads: nh,
+            n_kv_heads: nkv,
+            head_dim: hd,
+            ..dummy_cfg()
+        };
+        let layout = KvLayout {
+            kv_heads: nkv,
+            head_dim: hd,
+            ..dummy_layout(1024, 1)
+        };
+        let dm = Arc::new(DeviceModel::dummy(g.clone(), cfg, 5).unwrap());
+        let toks: Vec<u32> = (0..190u32).map(|i| (i * 31 + 7) % 512).collect();
+        let run = |chunk: usize, mma: bool| -> Vec<f32> {
+            let mut kv = open_kv(&dm, layout, None, KvMode::Sync).unwrap();
+            let mut be = CudaBackend::new(dm.clone());
+            be.mma_attention = mma;
+            let s = kv.acquire().unwrap();
+            // Every row's logits, so each row's attention output is compared.
+            let mut out = Vec::new();
+            let mut p = 0;
+            for part in [&toks[..40], &toks[40..]] {
+                for c in part.chunks(chunk) {
+                    let ch = SeqChunk {
+                        slot: s,
+                        pos: p,
+                        tokens: c,
+                        logits_from: 0,
+                    };
+                    out.extend_from_slice(be.forward_logits(&mut kv, &[ch]).unwrap());
+                    p += c.len();
+                }
             }
+            out
+        };
+        let rows = run(15, true);
+        let scale = rows.iter().fold(0f32, |s, v| s.max(v.abs()));
+        for (kernel, mma) in [("tensor-core", true), ("f32", false)] {
+            let tiled = run(190, mma);
+            assert_eq!(tiled.len(), rows.len());
+            let worst = tiled
+                .iter()
+                .zip(&rows)
+                .fold(0f32, |s, (a, b)| s.max((a - b).abs()));
+            eprintln!(
+                "{name}: {kernel} tiles vs row attention: max |Δ| / max |logit| = {:.2e}",
+                worst / scale
+            );
+            // bf16 K/V: a last-bit change upstream flips single cache entries by 2^-8 (the
+            // H200 measured 3.1e-3 and 3.5e-3 of the largest logit for the f32 tiles); the
+            // tensor-core kernel also rounds Q and the softmax weights to bf16. A wrong mask
+            // or tile is O(1).
+            assert!(
+                worst <= 2e-2 * scale,
+                "{name}: {kernel} tiled prefill differs by {worst} (scale {scale})"
+            );
         }
-        out
-    };
-    let tiled = run(190);
-    let rows = run(15);
-    assert_eq!(tiled.len(), rows.len());
-    let scale = rows.iter().fold(0f32, |s, v| s.max(v.abs()));
-    let worst = tiled
-        .iter()
-        .zip(&rows)
-        .fold(0f32, |s, (a, b)| s.max((a - b).abs()));
-    eprintln!(
-        "tiled vs row attention: max |Δ| / max |logit| = {:.2e}",
-        worst / scale
-    );
-    // bf16 K/V: a last-bit change upstream flips single cache entries by 2^-8 (the H200
-    // measured 3.1e-3 and 3.5e-3 of the largest logit); a wrong mask or tile is O(1).
-    assert!(
-        worst <= 2e-2 * scale,
-        "tiled prefill differs by {worst} (scale {scale})"
-    );
+    }
 }
 
 /// The device sampler against the host's rules: greedy takes the lowest id among equal

@@ -273,19 +273,24 @@ mod imp {
             if p > c.max_context {
                 continue;
             }
-            let t = prefill_run(&dm, p)?;
             let flops = 2.0 * dm.macs_per_token() as f64 * p as f64
                 + 2.0 * (c.n_layers * c.n_heads * c.head_dim) as f64 * (p * p) as f64;
             let t_roof = flops / peak;
-            eprintln!(
-                "prefill {p:>5} tokens: {:>9.0} tok/s, {:.1} ms, FLOP roofline {:.1} ms, {:.0} %",
-                p as f64 / t,
-                t * 1e3,
-                t_roof * 1e3,
-                100.0 * t_roof / t
-            );
-            prefill.push(json!({"tokens": p, "tokens_per_s": p as f64 / t, "secs": t,
-                "roofline_secs": t_roof, "fraction_of_roofline": t_roof / t}));
+            // Side by side: the tensor-core prefill attention, then the f32 tiles.
+            for (attention, mma) in [("tensor cores", true), ("f32 tiles", false)] {
+                let t = prefill_run(&dm, p, mma)?;
+                eprintln!(
+                    "prefill {p:>5} tokens, {attention:>12} attention: {:>9.0} tok/s, {:.1} ms, \
+                     FLOP roofline {:.1} ms, {:.0} %",
+                    p as f64 / t,
+                    t * 1e3,
+                    t_roof * 1e3,
+                    100.0 * t_roof / t
+                );
+                prefill.push(json!({"tokens": p, "attention": attention,
+                    "tokens_per_s": p as f64 / t, "secs": t,
+                    "roofline_secs": t_roof, "fraction_of_roofline": t_roof / t}));
+            }
         }
         let mut dm = dm;
         let larosa = if a.larosa.is_empty() {
@@ -581,10 +586,11 @@ mod imp {
         Ok(json!({"sparsity": l.sparsity, "products": products, "selections": selections}))
     }
 
-    fn prefill_run(dm: &Arc<DeviceModel>, p: usize) -> Result<f64> {
+    fn prefill_run(dm: &Arc<DeviceModel>, p: usize, mma_attention: bool) -> Result<f64> {
         let c = &dm.cfg;
         let mut kv = open_kv(dm, layout(c, 1, p), None, KvMode::Sync)?;
         let mut be = CudaBackend::new(dm.clone());
+        be.mma_attention = mma_attention;
         let s = kv.acquire()?;
         let toks = tokens(p, 3, c.vocab_size);
         be.forward_greedy(&mut kv, &[SeqChunk::last_logits(s, 0, &toks)])?;

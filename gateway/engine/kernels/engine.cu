@@ -993,9 +993,14 @@ extern "C" __global__ void transpose_bf16(const bf16* in, bf16* out, int rows, i
 // up rows, and y0 = silu(gate·x) * (up·x).
 #define MM_WARPS 8
 
-__device__ __forceinline__ u32 pack_bf2(float a, float b) {
-    return (u32)to_bf(a) | ((u32)to_bf(b) << 16);
+// Round two floats to a bf16 pair in one instruction (lo in the low half).
+__device__ __forceinline__ u32 cvt_bf2(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
 }
+
+__device__ __forceinline__ u32 pack_bf2(float a, float b) { return cvt_bf2(a, b); }
 
 __device__ __forceinline__ void mma_bf16(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
     asm volatile(
@@ -1102,6 +1107,219 @@ extern "C" __global__ void __launch_bounds__(256) mm16(MM_ARGS) {
 }
 extern "C" __global__ void __launch_bounds__(256) mm32(MM_ARGS) {
     mm_impl<4, 2>(MM_PASS);
+}
+
+// ---- Prefill attention on tensor cores ----
+//
+// The same tiles and causal rule as `attention_tiles`, on bf16 mma.sync (m16n8k16, f32
+// accumulation), FlashAttention-2 style: grid (tiles, n_heads), FM_WARPS warps, warp w owns
+// query rows 16w .. 16w + 16 of the tile. K and V blocks of FM_K positions are copied from
+// the cache into shared memory with cp.async, the next block's copy in flight while the
+// current one is used (two buffers, rows padded by 16 bytes so ldmatrix is conflict-free).
+// Scores S = Q·Kᵀ come from Q held as A fragments in registers (rounded to bf16 once) and K
+// through ldmatrix; the online softmax runs in base 2 on the accumulator fragments, whose
+// layout is the A layout of P for P·V (V through ldmatrix.trans). Positions past `last` are
+// zero-filled and masked. Dynamic shared memory attention_mma_smem(HD).
+#define FM_Q 64
+#define FM_K 64
+#define FM_WARPS 4
+
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+    u32 r;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
+    return r;
+}
+
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, u32 bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes));
+}
+
+__device__ __forceinline__ void ldsm_x4(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr));
+}
+
+__device__ __forceinline__ void ldsm_x4_t(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr));
+}
+
+template <int HD>
+__device__ void attention_mma_impl(const float* q, const u64* kvp, const int* item,
+                                   const int* pos, const int* tiles, float* out, int nh, int nkv,
+                                   float scale) {
+    constexpr int LD = HD + 8;         // padded row, bf16 elements
+    constexpr int CH = HD / 8;         // 16-byte chunks per row
+    constexpr int KC = HD / 16;        // k16 chunks of the head
+    constexpr int NS = FM_K / 8;       // score n-tiles
+    constexpr int NO = HD / 8;         // output n-tiles
+    extern __shared__ __align__(16) unsigned char smraw[];
+    bf16* ks = (bf16*)smraw;           // [2][FM_K][LD]
+    bf16* vs = ks + 2 * FM_K * LD;     // [2][FM_K][LD]
+    int tI = blockIdx.x, h = blockIdx.y;
+    int r0 = tiles[2 * tI], len = tiles[2 * tI + 1];
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    int g = lane >> 2, t = lane & 3;
+    int kvd = nkv * HD, kh = h / (nh / nkv);
+    int it = item[r0], p0 = pos[r0], last = p0 + len - 1;
+    const bf16* K = (const bf16*)kvp[2 * it] + kh * HD;
+    const bf16* V = (const bf16*)kvp[2 * it + 1] + kh * HD;
+    int nkb = last / FM_K + 1;
+
+    auto load = [&](int kb, int buf) {
+        int t0 = kb * FM_K;
+        for (int e = threadIdx.x; e < FM_K * CH; e += 32 * FM_WARPS) {
+            int j = e / CH, c = e % CH, tp = t0 + j;
+            bool ok = tp <= last;
+            size_t off = (size_t)(ok ? tp : 0) * kvd + 8 * c;
+            u32 so = (u32)((buf * FM_K + j) * LD + 8 * c) * 2;
+            cp_async16(smem_u32(ks) + so, K + off, ok ? 16u : 0u);
+            cp_async16(smem_u32(vs) + so, V + off, ok ? 16u : 0u);
+        }
+        asm volatile("cp.async.commit_group;");
+    };
+    load(0, 0);
+
+    // Q of rows g and g + 8 of this warp as A fragments (zero past len).
+    int qa = 16 * w + g, qb = qa + 8;
+    u32 qf[KC][4];
+    {
+        const float* qra = q + ((size_t)(r0 + qa) * nh + h) * HD;
+        const float* qrb = q + ((size_t)(r0 + qb) * nh + h) * HD;
+#pragma unroll
+        for (int c = 0; c < KC; c++) {
+            int d = 16 * c + 2 * t;
+            float2 a0 = qa < len ? *(const float2*)(qra + d) : make_float2(0.f, 0.f);
+            float2 a1 = qb < len ? *(const float2*)(qrb + d) : make_float2(0.f, 0.f);
+            float2 a2 = qa < len ? *(const float2*)(qra + d + 8) : make_float2(0.f, 0.f);
+            float2 a3 = qb < len ? *(const float2*)(qrb + d + 8) : make_float2(0.f, 0.f);
+            qf[c][0] = cvt_bf2(a0.x, a0.y);
+            qf[c][1] = cvt_bf2(a1.x, a1.y);
+            qf[c][2] = cvt_bf2(a2.x, a2.y);
+            qf[c][3] = cvt_bf2(a3.x, a3.y);
+        }
+    }
+    const float sl2 = scale * 1.4426950408889634f;
+    float o[NO][4];
+#pragma unroll
+    for (int n = 0; n < NO; n++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) o[n][i] = 0.f;
+    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
+    int pa = p0 + qa, pb = p0 + qb;                    // positions of rows g, g + 8
+    int wlast = p0 + min(16 * w + 15, len - 1);        // this warp's last position
+    bool active = 16 * w < len;
+
+    for (int kb = 0; kb < nkb; kb++) {
+        if (kb + 1 < nkb)
+            load(kb + 1, (kb + 1) & 1);
+        else
+            asm volatile("cp.async.commit_group;");
+        asm volatile("cp.async.wait_group 1;");
+        __syncthreads();
+        int t0 = kb * FM_K;
+        if (active && t0 <= wlast) {
+            u32 kbase = smem_u32(ks) + (u32)((kb & 1) * FM_K * LD) * 2;
+            u32 vbase = smem_u32(vs) + (u32)((kb & 1) * FM_K * LD) * 2;
+            float s[NS][4];
+#pragma unroll
+            for (int n = 0; n < NS; n++) {
+#pragma unroll
+                for (int i = 0; i < 4; i++) s[n][i] = 0.f;
+                u32 row = kbase + (u32)((8 * n + (lane & 7)) * LD + 8 * (lane >> 3)) * 2;
+#pragma unroll
+                for (int c = 0; c < KC; c += 2) {
+                    u32 b0, b1, b2, b3;
+                    ldsm_x4(row + 32 * c, b0, b1, b2, b3);
+                    mma_bf16(s[n], qf[c][0], qf[c][1], qf[c][2], qf[c][3], b0, b1);
+                    mma_bf16(s[n], qf[c + 1][0], qf[c + 1][1], qf[c + 1][2], qf[c + 1][3], b2, b3);
+                }
+            }
+            // Mask, scale to base 2, new row maxima.
+            float mx0 = m0, mx1 = m1;
+#pragma unroll
+            for (int n = 0; n < NS; n++) {
+                int kp = t0 + 8 * n + 2 * t;
+                s[n][0] = kp <= pa ? s[n][0] * sl2 : NEG_INF;
+                s[n][1] = kp + 1 <= pa ? s[n][1] * sl2 : NEG_INF;
+                s[n][2] = kp <= pb ? s[n][2] * sl2 : NEG_INF;
+                s[n][3] = kp + 1 <= pb ? s[n][3] * sl2 : NEG_INF;
+                mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1]));
+                mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3]));
+            }
+#pragma unroll
+            for (int sh = 1; sh <= 2; sh <<= 1) {
+                mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, sh));
+                mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, sh));
+            }
+            // A row with nothing valid yet keeps max -inf: its weights are all zero.
+            float b0m = mx0 == NEG_INF ? 0.f : mx0, b1m = mx1 == NEG_INF ? 0.f : mx1;
+            float c0 = exp2f(m0 - b0m), c1 = exp2f(m1 - b1m);
+            m0 = mx0;
+            m1 = mx1;
+            float rs0 = 0.f, rs1 = 0.f;
+            u32 pf[NS / 2][4];
+#pragma unroll
+            for (int n = 0; n < NS; n++) {
+                float e0 = exp2f(s[n][0] - b0m), e1 = exp2f(s[n][1] - b0m);
+                float e2 = exp2f(s[n][2] - b1m), e3 = exp2f(s[n][3] - b1m);
+                rs0 += e0 + e1;
+                rs1 += e2 + e3;
+                pf[n / 2][(n & 1) * 2] = cvt_bf2(e0, e1);
+                pf[n / 2][(n & 1) * 2 + 1] = cvt_bf2(e2, e3);
+            }
+            l0 = l0 * c0 + rs0;
+            l1 = l1 * c1 + rs1;
+#pragma unroll
+            for (int n = 0; n < NO; n++) {
+                o[n][0] *= c0;
+                o[n][1] *= c0;
+                o[n][2] *= c1;
+                o[n][3] *= c1;
+            }
+            // O += P·V: k = the block's positions (16 at a time), n = head dimensions.
+#pragma unroll
+            for (int kc = 0; kc < NS / 2; kc++) {
+                int mi = lane >> 3;
+                u32 row = vbase + (u32)((16 * kc + (lane & 7) + 8 * (mi & 1)) * LD + 8 * (mi >> 1)) * 2;
+#pragma unroll
+                for (int n = 0; n < NO; n += 2) {
+                    u32 b0, b1, b2, b3;
+                    ldsm_x4_t(row + 16 * n, b0, b1, b2, b3);
+                    mma_bf16(o[n], pf[kc][0], pf[kc][1], pf[kc][2], pf[kc][3], b0, b1);
+                    mma_bf16(o[n + 1], pf[kc][0], pf[kc][1], pf[kc][2], pf[kc][3], b2, b3);
+                }
+            }
+        }
+        __syncthreads();
+    }
+    asm volatile("cp.async.wait_group 0;");
+#pragma unroll
+    for (int sh = 1; sh <= 2; sh <<= 1) {
+        l0 += __shfl_xor_sync(0xffffffffu, l0, sh);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, sh);
+    }
+    float i0 = 1.f / l0, i1 = 1.f / l1;
+#pragma unroll
+    for (int n = 0; n < NO; n++) {
+        int d = 8 * n + 2 * t;
+        if (qa < len)
+            *(float2*)(out + ((size_t)(r0 + qa) * nh + h) * HD + d) = make_float2(o[n][0] * i0, o[n][1] * i0);
+        if (qb < len)
+            *(float2*)(out + ((size_t)(r0 + qb) * nh + h) * HD + d) = make_float2(o[n][2] * i1, o[n][3] * i1);
+    }
+}
+
+#define ATT_MMA_ARGS                                                                          \
+    const float *q, const u64 *kvp, const int *item, const int *pos, const int *tiles,        \
+        float *out, int nh, int nkv, int hd, float scale
+extern "C" __global__ void __launch_bounds__(32 * FM_WARPS) attention_mma64(ATT_MMA_ARGS) {
+    attention_mma_impl<64>(q, kvp, item, pos, tiles, out, nh, nkv, scale);
+}
+extern "C" __global__ void __launch_bounds__(32 * FM_WARPS) attention_mma128(ATT_MMA_ARGS) {
+    attention_mma_impl<128>(q, kvp, item, pos, tiles, out, nh, nkv, scale);
 }
 
 // Rotary embedding of row r's query and key heads, then K and V stored at pos[r] of its

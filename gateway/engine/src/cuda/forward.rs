@@ -536,6 +536,13 @@ const FA_MIN_CHUNK: usize = 16;
 pub(crate) fn attention_tiles_smem(hd: usize) -> usize {
     (FA_Q * hd + hd * 33 + 32 * hd) * 4
 }
+/// Dynamic shared memory of `attention_mma<hd>`: two buffers of K and V blocks of 64
+/// positions, rows padded by 8 bf16 (FM_K in kernels/engine.cu).
+pub(crate) fn attention_mma_smem(hd: usize) -> usize {
+    2 * 2 * 64 * (hd + 8) * 2
+}
+/// Threads of `attention_mma*` (FM_WARPS warps).
+const FM_THREADS: u32 = 128;
 
 /// Threads of the top-k kernels (`TOPK_THREADS` in kernels/engine.cu).
 const TOPK_THREADS: u32 = 512;
@@ -659,6 +666,8 @@ pub struct CudaBackend {
     pub mm_tokens: std::ops::RangeInclusive<usize>,
     /// Decode steps of up to this many tokens replay CUDA graphs.
     pub graph_max_tokens: usize,
+    /// Captured graphs kept (least recently used dropped first).
+    pub graph_cache_max: usize,
     /// LaRoSA's sparse products: outputs per block (512 or 1024) and how many blocks
     /// a product aims for (the kept inputs are split to get there).
     pub sparse_tile: usize,
@@ -666,6 +675,9 @@ pub struct CudaBackend {
     /// Sample on the device when the caller allows it (SWITCHYARD_DEVICE_SAMPLING=0 turns
     /// it off: logits rows go to the host).
     pub device_sampling: bool,
+    /// Prefill tiles of head size 64 or 128 run the tensor-core attention (`attention_mma*`);
+    /// off (SWITCHYARD_MMA_ATTENTION=0), or for other head sizes, the f32 `attention_tiles`.
+    pub mma_attention: bool,
     graphs: Vec<((usize, usize, usize, u64), GraphExec)>,
     /// Shapes run once eagerly (captured when they come again).
     seen: Vec<(usize, usize, usize, u64)>,
@@ -685,6 +697,10 @@ pub struct CudaBackend {
 pub const MM_TOKENS: std::ops::RangeInclusive<usize> = 3..=8;
 /// Default largest decode step replayed from a CUDA graph.
 pub const GRAPH_MAX_TOKENS: usize = 64;
+/// Captured decode graphs kept per backend (least recently used dropped first): a shape is
+/// (tokens, sampled rows, sequences), so a busy server meets many; each graph holds its
+/// nodes' driver memory.
+pub const GRAPH_CACHE_MAX: usize = 128;
 /// Default output tile and block target of LaRoSA's sparse products (from `bench gpu
 /// --larosa`'s kernel sweep on the H200: 512 outputs, 264 blocks were fastest on every
 /// Llama-2-7B matrix).
@@ -1253,9 +1269,11 @@ impl CudaBackend {
             larosa: None,
             mm_tokens: MM_TOKENS,
             graph_max_tokens: GRAPH_MAX_TOKENS,
+            graph_cache_max: GRAPH_CACHE_MAX,
             sparse_tile: SPARSE_TILE,
             sparse_blocks: SPARSE_BLOCKS,
             device_sampling: std::env::var("SWITCHYARD_DEVICE_SAMPLING").map_or(true, |v| v != "0"),
+            mma_attention: std::env::var("SWITCHYARD_MMA_ATTENTION").map_or(true, |v| v != "0"),
             graphs: Vec::new(),
             seen: Vec::new(),
             bufs: Bufs::default(),
@@ -1272,6 +1290,11 @@ impl CudaBackend {
 
     pub fn gpu(&self) -> &Arc<Gpu> {
         &self.dm.gpu
+    }
+
+    /// Decode graphs captured and kept now.
+    pub fn cached_graphs(&self) -> usize {
+        self.graphs.len()
     }
 
     /// Turn LaRoSA's activation sparsity on (or off with `None`). The sparse GEMV needs
@@ -1606,18 +1629,33 @@ impl CudaBackend {
         // A shape is captured the second time it is seen: the first pass runs eagerly, so
         // cuBLAS and the driver finish their lazy set-up outside a capture.
         if graphable && (captured || self.seen.contains(&key)) {
-            if !captured {
+            if captured {
+                // Most recently used last: eviction takes the front.
+                let i = self.graphs.iter().position(|(k2, _)| *k2 == key).unwrap();
+                let hit = self.graphs.remove(i);
+                self.graphs.push(hit);
+            } else {
                 let exec = self.capture(&pass)?;
                 self.graphs.retain(|(k2, _)| k2.3 == key.3);
+                if self.graphs.len() >= self.graph_cache_max.max(1) {
+                    // Destroying an executable graph that is still in flight is deferred by
+                    // the driver until it completes.
+                    self.graphs.remove(0);
+                }
                 self.graphs.push((key, exec));
             }
-            let exec = self.graphs.iter().find(|(k2, _)| *k2 == key).unwrap().1 .0;
+            let exec = self.graphs.last().unwrap().1 .0;
             // SAFETY: an instantiated graph of this backend's kernels on live buffers.
             unsafe { cudarc::driver::result::graph::launch(exec, gpu.stream) }
                 .map_err(|e| EngineError::Invalid(format!("CUDA: graph launch: {e:?}")))?;
         } else {
             if graphable {
                 self.seen.retain(|k2| k2.3 == key.3);
+                // Room for more shapes than graphs, so shapes that take turns still get
+                // their second sighting.
+                if self.seen.len() >= 4 * self.graph_cache_max.max(1) {
+                    self.seen.remove(0);
+                }
                 self.seen.push(key);
             }
             self.enqueue(&pass)?;
@@ -1749,11 +1787,20 @@ impl CudaBackend {
                     )?;
                 }
                 if n_tiles > 0 {
+                    let mma = match hd {
+                        64 if self.mma_attention => Some(kk.attention_mma[0]),
+                        128 if self.mma_attention => Some(kk.attention_mma[1]),
+                        _ => None,
+                    };
+                    let (f, threads, smem) = match mma {
+                        Some(f) => (f, FM_THREADS, attention_mma_smem(hd)),
+                        None => (kk.attention_tiles, 256, attention_tiles_smem(hd)),
+                    };
                     g.launch_smem(
-                        kk.attention_tiles,
+                        f,
                         (n_tiles as u32, nh as u32, 1),
-                        256,
-                        attention_tiles_smem(hd) as u32,
+                        threads,
+                        smem as u32,
                         args!(q, kvl, item, pos, tiles, att, nh_i, nkv_i, hd_i, scale),
                     )?;
                 }

@@ -32,6 +32,8 @@ pub(crate) struct Kernels {
     pub rmsnorm: sys::CUfunction,
     pub attention: sys::CUfunction,
     pub attention_tiles: sys::CUfunction,
+    /// Prefill attention on tensor cores, head size 64 and 128.
+    pub attention_mma: [sys::CUfunction; 2],
     pub silu_mul: sys::CUfunction,
     pub add: sys::CUfunction,
     pub f32_to_bf16: sys::CUfunction,
@@ -205,6 +207,7 @@ impl Gpu {
             rmsnorm: f("rmsnorm")?,
             attention: f("attention")?,
             attention_tiles: f("attention_tiles")?,
+            attention_mma: [f("attention_mma64")?, f("attention_mma128")?],
             silu_mul: f("silu_mul")?,
             add: f("add")?,
             f32_to_bf16: f("f32_to_bf16")?,
@@ -223,16 +226,23 @@ impl Gpu {
             sparse_mm: [f("sparse_mm512")?, f("sparse_mm1024")?],
             transpose_bf16: f("transpose_bf16")?,
         };
-        // attention_tiles takes more than the default 48 KiB of shared memory (head size 128).
-        // SAFETY: a function of the loaded module.
-        unsafe {
-            cu::function::set_function_attribute(
-                k.attention_tiles,
-                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                forward::attention_tiles_smem(128) as i32,
-            )
+        // The prefill attention kernels take more than the default 48 KiB of shared memory
+        // (head size 128).
+        for (func, bytes) in [
+            (k.attention_tiles, forward::attention_tiles_smem(128)),
+            (k.attention_mma[0], forward::attention_mma_smem(64)),
+            (k.attention_mma[1], forward::attention_mma_smem(128)),
+        ] {
+            // SAFETY: a function of the loaded module.
+            unsafe {
+                cu::function::set_function_attribute(
+                    func,
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    bytes as i32,
+                )
+            }
+            .map_err(|e| err("prefill attention shared memory", e))?;
         }
-        .map_err(|e| err("attention_tiles shared memory", e))?;
         let present =
             std::panic::catch_unwind(|| unsafe { blas_sys::is_culib_present() }).unwrap_or(false);
         if !present {
