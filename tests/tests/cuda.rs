@@ -835,7 +835,7 @@ fn larosa_sparse_vs_masked(name: &str, dm: Arc<DeviceModel>, cfg: Config) {
 /// and off the 8-token tiles and row counts off the 16-row tiles.
 #[test]
 fn tensor_core_products_match_a_host_reference() {
-    use switchyard_engine::cuda::forward::{mm_product, Epilogue};
+    use switchyard_engine::cuda::forward::{mm_product, Epilogue, ProductKernel};
     let Some(g) = gpu() else { return };
     let bf = |v: f32| half::bf16::from_f32(v);
     let mut rnd = signed_uniform(11);
@@ -848,7 +848,7 @@ fn tensor_core_products_match_a_host_reference() {
             .iter()
             .map(|&r| (0..r * cols).map(|_| bf(rnd() * 0.1).to_bits()).collect())
             .collect();
-        for n in [1usize, 3, 8, 9, 16, 17, 32] {
+        for n in [1usize, 3, 8, 9, 16, 17, 32, 33, 64] {
             let x: Vec<f32> = (0..n * cols).map(|_| rnd()).collect();
             // Host reference: f64 sums of bf16 weights times bf16-rounded inputs.
             let reference = |m: usize| -> Vec<f32> {
@@ -882,35 +882,61 @@ fn tensor_core_products_match_a_host_reference() {
                 .zip(rows)
                 .map(|(m, r)| (m.as_slice(), r))
                 .collect();
-            let got = mm_product(&g, &three, cols, &x, n, Epilogue::Store, None).unwrap();
-            for m in 0..3 {
-                close(&got[m], &refs[m], &format!("Q/K/V product {m}"));
-            }
-            // y += W·x onto a random residual.
             let y0: Vec<f32> = (0..n * rows[0]).map(|_| rnd()).collect();
-            let got = mm_product(&g, &three[..1], cols, &x, n, Epilogue::Add, Some(&y0)).unwrap();
-            let want: Vec<f32> = y0.iter().zip(&refs[0]).map(|(a, b)| a + b).collect();
-            close(&got[0], &want, "residual add");
             // silu(gate·x) * (up·x) with equal rows.
             let pair: Vec<(&[u16], usize)> = vec![
                 (&mats[1][..rows[2] * cols], rows[2]),
                 (&mats[2][..], rows[2]),
             ];
-            let got = mm_product(&g, &pair, cols, &x, n, Epilogue::Glu, None).unwrap();
             let gate = &refs[1];
-            let want: Vec<f32> = (0..n * rows[2])
+            let glu: Vec<f32> = (0..n * rows[2])
                 .map(|e| {
                     let (j, o) = (e / rows[2], e % rows[2]);
                     let a = gate[j * rows[1] + o];
                     a / (1.0 + (-a).exp()) * refs[2][e]
                 })
                 .collect();
-            close(&got[0], &want, "gated unit");
+            for kernel in [
+                ProductKernel::Mm,
+                ProductKernel::Mms { blocks: 264 },
+                ProductKernel::Mms { blocks: 1 },
+            ] {
+                if kernel == ProductKernel::Mm && n > 32 {
+                    // mm* stops at 32 tokens: refused.
+                    assert!(
+                        mm_product(&g, kernel, &three, cols, &x, n, Epilogue::Store, None).is_err()
+                    );
+                    continue;
+                }
+                let k = format!("{kernel:?}");
+                let got =
+                    mm_product(&g, kernel, &three, cols, &x, n, Epilogue::Store, None).unwrap();
+                for m in 0..3 {
+                    close(&got[m], &refs[m], &format!("{k} Q/K/V product {m}"));
+                }
+                // y += W·x onto a random residual.
+                let got = mm_product(
+                    &g,
+                    kernel,
+                    &three[..1],
+                    cols,
+                    &x,
+                    n,
+                    Epilogue::Add,
+                    Some(&y0),
+                )
+                .unwrap();
+                let want: Vec<f32> = y0.iter().zip(&refs[0]).map(|(a, b)| a + b).collect();
+                close(&got[0], &want, &format!("{k} residual add"));
+                let got = mm_product(&g, kernel, &pair, cols, &x, n, Epilogue::Glu, None).unwrap();
+                close(&got[0], &glu, &format!("{k} gated unit"));
+            }
         }
     }
     // Inputs whose width is not a multiple of 32 are refused, not miscomputed.
     assert!(mm_product(
         &g,
+        ProductKernel::Mms { blocks: 264 },
         &[(&[0u16; 40][..], 1)],
         40,
         &[0.0; 40],

@@ -60,6 +60,13 @@ pub struct GpuBenchArgs {
     /// only).
     #[arg(long, default_value_t = 8)]
     pub mm_max: usize,
+    /// The tensor-core products with the previous kernels (`mm*`, whole inputs per warp)
+    /// instead of the split-K ones (`mms*`, inputs staged in shared memory).
+    #[arg(long)]
+    pub no_mm_split: bool,
+    /// Blocks a split-K tensor-core product aims for.
+    #[arg(long, default_value_t = switchyard_engine::cuda::forward::MS_BLOCKS_WANTED)]
+    pub mm_blocks: usize,
     /// Largest decode batch replayed from a CUDA graph (0: no graphs).
     #[arg(long, default_value_t = 64)]
     pub graph_max: usize,
@@ -253,7 +260,8 @@ mod imp {
             );
             decode.push(json!({
                 "batch": b, "prompt": a.prompt, "gen": a.gen, "cuda_graphs": graphs,
-                "kernels": tune.label, "mm_max_tokens": tune.mm_max,
+                "kernels": tune.label, "mm_max_tokens": tune.mm_max, "mm_split": tune.mm_split,
+                "mm_blocks": tune.mm_blocks,
                 "tokens_per_s": tps, "ms_per_step": step * 1e3,
                 "roofline_ms_per_step": t_roof * 1e3,
                 "roofline_bound": if bytes / bw >= flops / peak { "bytes" } else { "flops" },
@@ -318,6 +326,8 @@ mod imp {
     #[derive(Clone, Copy)]
     struct Tune {
         mm_max: usize,
+        mm_split: bool,
+        mm_blocks: usize,
         graph_max: usize,
         sparse_tile: usize,
         sparse_blocks: usize,
@@ -328,6 +338,8 @@ mod imp {
         fn of(a: &GpuBenchArgs) -> Tune {
             Tune {
                 mm_max: a.mm_max,
+                mm_split: !a.no_mm_split,
+                mm_blocks: a.mm_blocks,
                 graph_max: a.graph_max,
                 sparse_tile: a.sparse_tile,
                 sparse_blocks: a.sparse_blocks,
@@ -338,6 +350,8 @@ mod imp {
         /// up to 8 tokens, then cuBLAS; graphs up to 8 sequences.
         const PREVIOUS: Tune = Tune {
             mm_max: 0,
+            mm_split: false,
+            mm_blocks: switchyard_engine::cuda::forward::MS_BLOCKS_WANTED,
             graph_max: 8,
             sparse_tile: switchyard_engine::cuda::forward::SPARSE_TILE,
             sparse_blocks: switchyard_engine::cuda::forward::SPARSE_BLOCKS,
@@ -363,11 +377,15 @@ mod imp {
                 for k in [
                     ProductKernel::Gemv,
                     ProductKernel::Mm,
+                    ProductKernel::Mms { blocks: 132 },
+                    ProductKernel::Mms { blocks: 264 },
+                    ProductKernel::Mms { blocks: 528 },
                     ProductKernel::Cublas,
                 ] {
                     let ok = match k {
                         ProductKernel::Gemv => n <= 8,
                         ProductKernel::Mm => n <= 32 && cols % 32 == 0,
+                        ProductKernel::Mms { .. } => n <= 64 && cols % 32 == 0,
                         ProductKernel::Cublas => true,
                     };
                     if !ok {
@@ -419,6 +437,8 @@ mod imp {
         be.graphs_enabled = tune.graph_max > 0;
         be.graph_max_tokens = tune.graph_max;
         be.mm_tokens = 3..=tune.mm_max;
+        be.mm_split = tune.mm_split;
+        be.mm_blocks = tune.mm_blocks;
         be.sparse_tile = tune.sparse_tile;
         be.sparse_blocks = tune.sparse_blocks;
         be.set_larosa(larosa);

@@ -1109,6 +1109,162 @@ extern "C" __global__ void __launch_bounds__(256) mm32(MM_ARGS) {
     mm_impl<4, 2>(MM_PASS);
 }
 
+// ---- Split-K tensor-core products for 1 .. 64 tokens ----
+//
+// The fused interface of `mm*` (MM_ARGS: up to three matrices of equal width, epilogue
+// `mode`) with the inputs staged once per block: block (bx, s) of 8 warps takes 128 matrix
+// rows (the gated unit: 64 gate rows in warps 0-3 and the same up rows in warps 4-7) and
+// columns [s * ks, s * ks + ks) of the inputs, which it rounds to bf16 into shared memory
+// (NTOK = 8 * NT token rows, padded so the B reads are conflict-free). Each warp owns 16
+// rows, streams their weights (2U 32-column blocks of both row halves in flight per lane,
+// double-buffered; the first U are issued before the inputs are staged) and keeps the NT n-tiles'
+// accumulators: no reduction inside the block. Partial sums go to `part` ([splits][row
+// tiles][NTOK][128]); the last block of a row tile to finish (a ticket in cnt, zero between
+// calls) adds the splits in order and applies the epilogue: deterministic. Dynamic shared
+// memory NTOK * ldx * 2 bytes (ldx = ms_ld(ks) in forward.rs); cols and ks multiples of 32.
+#define MS_ROWS 128
+template <int U>
+__device__ __forceinline__ void ms_load(uint4 (&lo)[U], uint4 (&hi)[U], const uint4* ra,
+                                        const uint4* rb, int kb, int nkb) {
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        bool ok = kb + u < nkb;
+        lo[u] = ok ? ld_stream(ra + 4 * (kb + u)) : make_uint4(0u, 0u, 0u, 0u);
+        hi[u] = ok ? ld_stream(rb + 4 * (kb + u)) : make_uint4(0u, 0u, 0u, 0u);
+    }
+}
+
+// p[0] + p[stride] + ... + p[(S - 1) * stride] in that order, 8 loads in flight.
+__device__ __forceinline__ float ms_sum(const float* p, size_t stride, int S) {
+    float s = 0.f;
+    for (int q0 = 0; q0 < S; q0 += 8) {
+        float v[8];
+#pragma unroll
+        for (int i = 0; i < 8; i++) v[i] = q0 + i < S ? __ldcg(p + (q0 + i) * stride) : 0.f;
+#pragma unroll
+        for (int i = 0; i < 8; i++) s += v[i];
+    }
+    return s;
+}
+
+template <int NT, int U>
+__device__ void mms_impl(const bf16* W0, const bf16* W1, const bf16* W2, float* y0, float* y1,
+                         float* y2, int r0, int r1, int r2, const float* __restrict__ x,
+                         int cols, int n, int mode, float* __restrict__ part, u32* cnt, int ks) {
+    constexpr int NTOK = 8 * NT;
+    extern __shared__ __align__(16) unsigned char smraw[];
+    bf16* xs = (bf16*)smraw;
+    __shared__ u32 s_ticket;
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    int g = lane >> 2, t = lane & 3;
+    int b = blockIdx.x;   // becomes the tile's index within its matrix
+    bool glu = mode == 2;
+    Seg sg = glu ? Seg{W0, y0, r0} : pick_segment(b, MS_ROWS, W0, W1, W2, y0, y1, y2, r0, r1, r2);
+    int rows = sg.rows;
+    int row0 = glu ? b * (MS_ROWS / 2) : b * MS_ROWS;   // the tile's first output row
+    int wrow = row0 + 16 * (glu ? (w & 3) : w);          // this warp's first matrix row
+    const bf16* Wm = glu ? (w < 4 ? W0 : W1) : sg.W;
+    int k0 = blockIdx.y * ks, kn = min(ks, cols - k0);
+    int ldx = (ks & 63) == 32 ? ks : ks + 32;
+    bool live = wrow < rows;
+    int nkb = live ? kn >> 5 : 0;
+    const uint4* ra = (const uint4*)(Wm + (size_t)min(wrow + g, rows - 1) * cols + k0) + t;
+    const uint4* rb = (const uint4*)(Wm + (size_t)min(wrow + g + 8, rows - 1) * cols + k0) + t;
+    uint4 lo[U], hi[U];
+    ms_load<U>(lo, hi, ra, rb, 0, nkb);
+    // Stage x[:, k0 .. k0 + kn) as bf16 (token rows past n as zeros), 4 loads in flight
+    // per thread.
+    int q4 = kn >> 2, total = NTOK * q4;
+    for (int e0 = threadIdx.x; e0 < total; e0 += 4 * blockDim.x) {
+        float4 v[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            int e = e0 + i * blockDim.x, j = e / q4, c = e - j * q4;
+            v[i] = e < total && j < n ? *(const float4*)(x + (size_t)j * cols + k0 + 4 * c)
+                                      : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            int e = e0 + i * blockDim.x, j = e / q4, c = e - j * q4;
+            if (e < total)
+                *(uint2*)(xs + j * ldx + 4 * c) =
+                    make_uint2(cvt_bf2(v[i].x, v[i].y), cvt_bf2(v[i].z, v[i].w));
+        }
+    }
+    __syncthreads();
+    float acc[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) acc[nt][i] = 0.f;
+    const bf16* xl = xs + g * ldx + 8 * t;
+    for (int kb = 0; kb < nkb; kb += U) {
+        // The next U blocks' loads go out before this batch's products.
+        uint4 nlo[U], nhi[U];
+        ms_load<U>(nlo, nhi, ra, rb, kb + U, nkb);
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            if (kb + u < nkb) {
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++) {
+                    uint4 bx = *(const uint4*)(xl + nt * 8 * ldx + 32 * (kb + u));
+                    mma_bf16(acc[nt], lo[u].x, hi[u].x, lo[u].y, hi[u].y, bx.x, bx.y);
+                    mma_bf16(acc[nt], lo[u].z, hi[u].z, lo[u].w, hi[u].w, bx.z, bx.w);
+                }
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            lo[u] = nlo[u];
+            hi[u] = nhi[u];
+        }
+    }
+    // Partials by (token, tile row); tile row 16w + g (+ 8): gate rows 0-63, up rows 64-127.
+    size_t tile_f = (size_t)NTOK * MS_ROWS, split_f = (size_t)gridDim.x * tile_f;
+    float* pp = part + blockIdx.y * split_f + blockIdx.x * tile_f;
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+        int j = nt * 8 + 2 * t, r = 16 * w + g;
+        pp[j * MS_ROWS + r] = acc[nt][0];
+        pp[(j + 1) * MS_ROWS + r] = acc[nt][1];
+        pp[j * MS_ROWS + r + 8] = acc[nt][2];
+        pp[(j + 1) * MS_ROWS + r + 8] = acc[nt][3];
+    }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) s_ticket = atomicAdd(&cnt[blockIdx.x], 1u);
+    __syncthreads();
+    if (s_ticket != gridDim.y - 1) return;
+    __threadfence();
+    int S = gridDim.y;
+    const float* pt = part + blockIdx.x * tile_f;
+    if (glu) {
+        for (int e = threadIdx.x; e < NTOK * (MS_ROWS / 2); e += blockDim.x) {
+            int j = e / (MS_ROWS / 2), r = e % (MS_ROWS / 2);
+            if (j >= n || row0 + r >= rows) continue;
+            float gs = ms_sum(pt + j * MS_ROWS + r, split_f, S);
+            float us = ms_sum(pt + j * MS_ROWS + r + MS_ROWS / 2, split_f, S);
+            y0[(size_t)j * rows + row0 + r] = silu_gate(gs, us);
+        }
+    } else {
+        for (int e = threadIdx.x; e < NTOK * MS_ROWS; e += blockDim.x) {
+            int j = e / MS_ROWS, r = e % MS_ROWS;
+            if (j >= n || row0 + r >= rows) continue;
+            float s = ms_sum(pt + j * MS_ROWS + r, split_f, S);
+            size_t o = (size_t)j * rows + row0 + r;
+            sg.y[o] = mode == 1 ? sg.y[o] + s : s;
+        }
+    }
+    if (threadIdx.x == 0) cnt[blockIdx.x] = 0;
+}
+
+#define MS_ARGS MM_ARGS, float *part, u32 *cnt, int ks
+#define MS_PASS MM_PASS, part, cnt, ks
+extern "C" __global__ void __launch_bounds__(256) mms8(MS_ARGS) { mms_impl<1, 8>(MS_PASS); }
+extern "C" __global__ void __launch_bounds__(256) mms16(MS_ARGS) { mms_impl<2, 8>(MS_PASS); }
+extern "C" __global__ void __launch_bounds__(256) mms32(MS_ARGS) { mms_impl<4, 4>(MS_PASS); }
+extern "C" __global__ void __launch_bounds__(256) mms64(MS_ARGS) { mms_impl<8, 4>(MS_PASS); }
+
 // ---- Prefill attention on tensor cores ----
 //
 // The same tiles and causal rule as `attention_tiles`, on bf16 mma.sync (m16n8k16, f32

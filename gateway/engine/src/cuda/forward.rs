@@ -521,7 +521,9 @@ const SPRM: usize = 24;
 const STOPK: usize = 25;
 const ATTP: usize = 26;
 const ATTC: usize = 27;
-const NBUF: usize = 28;
+const MPART: usize = 28;
+const MCNT: usize = 29;
+const NBUF: usize = 30;
 
 /// Decode attention splits each (row, head) over positions into this many blocks at most,
 /// enough that small batches fill the device (about two blocks per SM of an H100/H200).
@@ -678,6 +680,12 @@ pub struct CudaBackend {
     /// Prefill tiles of head size 64 or 128 run the tensor-core attention (`attention_mma*`);
     /// off (SWITCHYARD_MMA_ATTENTION=0), or for other head sizes, the f32 `attention_tiles`.
     pub mma_attention: bool,
+    /// Products inside `mm_tokens` use the split-K kernels (`mms*`) instead of `mm*`.
+    pub mm_split: bool,
+    /// Blocks an `mms*` product aims for (the inputs are split to get there).
+    pub mm_blocks: usize,
+    /// Scratch of the `mms*` products for the current pass (partial sums, tickets).
+    mm_scratch: (u64, u64),
     graphs: Vec<((usize, usize, usize, u64), GraphExec)>,
     /// Shapes run once eagerly (captured when they come again).
     seen: Vec<(usize, usize, usize, u64)>,
@@ -732,6 +740,117 @@ enum Fused {
     Gemv,
     /// mm8/mm16/mm32 by token count (inputs rounded to bf16, tensor cores).
     Mm,
+    /// mms8/16/32/64 by token count (split-K, inputs rounded to bf16 in shared memory,
+    /// tensor cores): partial sums in `part`, tickets in `cnt` (zeroed), sized by
+    /// [`mms_scratch`].
+    Mms { part: u64, cnt: u64, blocks: usize },
+}
+
+/// Shared memory of one `mms*` block at most (its staged inputs): room for two blocks per
+/// SM of an H100/H200 (228 KiB).
+pub(crate) const MS_SMEM_MAX: usize = 112 << 10;
+/// Matrix rows per `mms*` block (MS_ROWS in kernels/engine.cu).
+const MS_ROWS: usize = 128;
+/// Blocks an `mms*` launch aims for by default (the inputs are split to get there): two
+/// per SM of an H100/H200.
+pub const MS_BLOCKS_WANTED: usize = 264;
+
+/// The launch shape of one `mms*` product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct MsPlan {
+    /// Kernel index (8, 16, 32, 64 tokens) and the token rows it stages.
+    kernel: usize,
+    ntok: usize,
+    /// Row tiles, splits of the inputs, columns per split, dynamic shared memory.
+    tiles: usize,
+    splits: usize,
+    ks: usize,
+    smem: usize,
+}
+
+impl MsPlan {
+    fn new(rows: &[usize], cols: usize, n: usize, epi: Epilogue, want_blocks: usize) -> Self {
+        // (kernel, token rows, 32-column blocks a warp has in flight: U in kernels/engine.cu)
+        let (kernel, ntok, u) = match n {
+            0..=8 => (0, 8, 8),
+            9..=16 => (1, 16, 8),
+            17..=32 => (2, 32, 4),
+            _ => (3, 64, 4),
+        };
+        let tiles = if epi == Epilogue::Glu {
+            rows[0].div_ceil(MS_ROWS / 2)
+        } else {
+            rows.iter().map(|r| r.div_ceil(MS_ROWS)).sum()
+        };
+        let nkb = (cols / 32).max(1);
+        // 32-column blocks of staged inputs that fit (a row holds ks + 32 values at most).
+        let kb_fit = (MS_SMEM_MAX / (ntok * 2) - 32) / 32;
+        // `want_blocks` is what runs at once (two blocks per SM). Blocks run in waves, so a
+        // grid of 1.1 waves takes as long as two: the split count is chosen for the fullest
+        // last wave (fewest splits among equals), with at least one batch of loads per warp
+        // and at most 4 waves; the inputs of a split must fit in shared memory.
+        let least = nkb.div_ceil(kb_fit).max(1);
+        let most = (nkb / u).max(least);
+        let wave = want_blocks.max(1);
+        let mut best = (least, 0.0f64);
+        for s0 in least..=most {
+            let s = nkb.div_ceil(nkb.div_ceil(s0));
+            let blocks = tiles * s;
+            let waves = blocks.div_ceil(wave);
+            if waves > 4 && s > least {
+                break;
+            }
+            let full = blocks as f64 / (waves * wave) as f64;
+            if full > best.1 + 1e-9 {
+                best = (s, full);
+            }
+        }
+        let kbs = nkb.div_ceil(best.0);
+        let ks = kbs * 32;
+        Self {
+            kernel,
+            ntok,
+            tiles,
+            splits: nkb.div_ceil(kbs),
+            ks,
+            smem: ntok * ms_ld(ks) * 2,
+        }
+    }
+
+    fn part_floats(&self) -> usize {
+        self.splits * self.tiles * self.ntok * MS_ROWS
+    }
+}
+
+/// Staged input row length of `mms*` for split width `ks` (ldx in kernels/engine.cu): rows
+/// 64 bytes off a multiple of 128, so the B reads of two token rows never share a bank.
+fn ms_ld(ks: usize) -> usize {
+    if ks % 64 == 32 {
+        ks
+    } else {
+        ks + 32
+    }
+}
+
+/// Floats of partial sums and tickets the `mms*` products of a layer for `n` tokens over
+/// model `c` need at most.
+fn mms_scratch(c: &Config, n: usize, want_blocks: usize) -> (usize, usize) {
+    let (qd, kvd) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+    let sets: [(&[usize], usize, Epilogue); 4] = [
+        (&[qd, kvd, kvd], c.dim, Epilogue::Store),
+        (&[c.dim], qd, Epilogue::Add),
+        (&[c.ffn_dim, c.ffn_dim], c.dim, Epilogue::Glu),
+        (&[c.dim], c.ffn_dim, Epilogue::Add),
+    ];
+    let (mut floats, mut tiles) = (1, 1);
+    let mut add = |p: MsPlan| {
+        floats = floats.max(p.part_floats());
+        tiles = tiles.max(p.tiles);
+    };
+    for (rows, cols, epi) in sets {
+        add(MsPlan::new(rows, cols, n, epi, want_blocks));
+    }
+    (floats, tiles)
 }
 
 /// One launch of up to three products of `x` (`n` tokens) with matrices of equal width and
@@ -744,6 +863,9 @@ fn launch_fused(
     n: usize,
     epi: Epilogue,
 ) -> Result<()> {
+    if let Fused::Mms { part, cnt, blocks } = k {
+        return launch_mms(g, outs, x, n, epi, (part, cnt), blocks);
+    }
     // (kernel, output rows per block, rows per block of the gated unit, threads)
     let (f, rpb, rpb_glu, threads) = match (k, n) {
         (Fused::Gemv, 1) => (g.k.gemv[0], 4, 2, 128),
@@ -753,6 +875,7 @@ fn launch_fused(
         (Fused::Mm, 0..=8) => (g.k.mm[0], 16, 16, 256),
         (Fused::Mm, 9..=16) => (g.k.mm[1], 16, 16, 256),
         (Fused::Mm, _) => (g.k.mm[2], 16, 16, 256),
+        (Fused::Mms { .. }, _) => unreachable!("launched above"),
     };
     let seg = |i: usize| {
         outs.get(i)
@@ -777,6 +900,43 @@ fn launch_fused(
             (grid as u32, 1, 1),
             threads,
             args!(w0, w1, w2, y0, y1, y2, r0, r1, r2, x, ci, ni, mode),
+        )
+    }
+}
+
+/// One `mms*` launch (see [`Fused::Mms`]).
+fn launch_mms(
+    g: &Gpu,
+    outs: &[(&DevW, u64)],
+    x: u64,
+    n: usize,
+    epi: Epilogue,
+    (part, cnt): (u64, u64),
+    want_blocks: usize,
+) -> Result<()> {
+    let rows: Vec<usize> = outs.iter().map(|(w, _)| w.rows).collect();
+    let cols = outs[0].0.cols;
+    let p = MsPlan::new(&rows, cols, n, epi, want_blocks);
+    let seg = |i: usize| {
+        outs.get(i)
+            .map_or((0u64, 0u64, 0i32), |(w, y)| (w.buf.ptr, *y, w.rows as i32))
+    };
+    let ((w0, y0, r0), (w1, y1, r1), (w2, y2, r2)) = (seg(0), seg(1), seg(2));
+    let mode: i32 = match epi {
+        Epilogue::Store => 0,
+        Epilogue::Add => 1,
+        Epilogue::Glu => 2,
+    };
+    let (ci, ni, ks) = (cols as i32, n as i32, p.ks as i32);
+    // SAFETY: x holds n*cols f32; each y_i n*rows_i f32; each W_i rows_i*cols bf16; part and
+    // cnt were sized by mms_scratch for this product (cnt zero between launches).
+    unsafe {
+        g.launch_smem(
+            g.k.mms[p.kernel],
+            (p.tiles as u32, p.splits as u32, 1),
+            256,
+            p.smem as u32,
+            args!(w0, w1, w2, y0, y1, y2, r0, r1, r2, x, ci, ni, mode, part, cnt, ks),
         )
     }
 }
@@ -909,9 +1069,12 @@ fn launch_cublas(g: &Gpu, w: &DevW, x: u64, x16: u64, n: usize, y: u64) -> Resul
 
 /// One tensor-core product on the device, for tests: `mats` are bf16 `[rows_i, cols]`
 /// matrices, `x` is `[n, cols]`; returns each y_i (`[n, rows_i]`). With [`Epilogue::Add`]
-/// y_0 starts as `y0`; with [`Epilogue::Glu`] only y_0 is meaningful.
+/// y_0 starts as `y0`; with [`Epilogue::Glu`] only y_0 is meaningful. `kernel`:
+/// [`ProductKernel::Mm`] (up to 32 tokens) or [`ProductKernel::Mms`] (up to 64).
+#[allow(clippy::too_many_arguments)]
 pub fn mm_product(
     gpu: &Arc<Gpu>,
+    kernel: ProductKernel,
     mats: &[(&[u16], usize)],
     cols: usize,
     x: &[f32],
@@ -919,11 +1082,21 @@ pub fn mm_product(
     epi: Epilogue,
     y0: Option<&[f32]>,
 ) -> Result<Vec<Vec<f32>>> {
-    if n == 0 || n > 32 || !cols.is_multiple_of(32) || mats.is_empty() || mats.len() > 3 {
+    let (most, blocks) = match kernel {
+        ProductKernel::Mm => (32, MS_BLOCKS_WANTED),
+        ProductKernel::Mms { blocks } => (64, blocks.max(1)),
+        _ => (0, MS_BLOCKS_WANTED),
+    };
+    if n == 0 || n > most || !cols.is_multiple_of(32) || mats.is_empty() || mats.len() > 3 {
         return Err(EngineError::Invalid(format!(
-            "tensor-core product: {n} tokens of width {cols} with {} matrices",
+            "tensor-core product ({kernel:?}): {n} tokens of width {cols} with {} matrices",
             mats.len()
         )));
+    }
+    if epi == Epilogue::Glu && (mats.len() != 2 || mats[0].1 != mats[1].1) {
+        return Err(EngineError::Invalid(
+            "tensor-core product: a gated unit takes two matrices of equal rows".into(),
+        ));
     }
     let ws = mats
         .iter()
@@ -944,7 +1117,23 @@ pub fn mm_product(
     }
     let xb = gpu.upload(x)?;
     let outs: Vec<(&DevW, u64)> = ws.iter().zip(&ys).map(|(w, y)| (w, y.ptr)).collect();
-    launch_fused(gpu, Fused::Mm, &outs, xb.ptr, n, epi)?;
+    let rows: Vec<usize> = mats.iter().map(|(_, r)| *r).collect();
+    let plan = MsPlan::new(&rows, cols, n, epi, blocks);
+    let part = gpu.alloc(plan.part_floats() * 4)?;
+    let cnt = gpu.upload(&vec![0u32; plan.tiles])?;
+    let k = match kernel {
+        ProductKernel::Mms { .. } => Fused::Mms {
+            part: part.ptr,
+            cnt: cnt.ptr,
+            blocks,
+        },
+        _ => Fused::Mm,
+    };
+    launch_fused(gpu, k, &outs, xb.ptr, n, epi)?;
+    // Twice: the tickets must be back at zero for the second launch to finish right.
+    if let (ProductKernel::Mms { .. }, Epilogue::Store | Epilogue::Glu) = (kernel, epi) {
+        launch_fused(gpu, k, &outs, xb.ptr, n, epi)?;
+    }
     ys.iter()
         .zip(mats)
         .map(|(y, (_, rows))| y.read::<f32>(n * rows))
@@ -1101,6 +1290,9 @@ pub enum ProductKernel {
     Gemv,
     /// The tensor-core `mm*` kernels (up to 32 tokens, inputs 32-aligned).
     Mm,
+    /// The split-K tensor-core `mms*` kernels (up to 64 tokens, inputs 32-aligned), the
+    /// inputs split to aim for `blocks` blocks.
+    Mms { blocks: usize },
     /// cuBLAS GemmEx with the bf16 rounding of the input.
     Cublas,
 }
@@ -1135,8 +1327,23 @@ pub fn product_secs(
     let x16 = gpu.alloc(n * cols * 2)?;
     let y = gpu.alloc(n * rows * 4)?;
     x.write(&vec![0.5f32; n * cols])?;
+    let blocks = match kernel {
+        ProductKernel::Mms { blocks } => blocks.max(1),
+        _ => MS_BLOCKS_WANTED,
+    };
+    let plan = MsPlan::new(&[rows], cols, n, Epilogue::Store, blocks);
+    let part = gpu.alloc(plan.part_floats() * 4)?;
+    let cnt = gpu.upload(&vec![0u32; plan.tiles])?;
     let run = |w: &DevW| -> Result<()> {
         match kernel {
+            ProductKernel::Mms { .. } => {
+                let k = Fused::Mms {
+                    part: part.ptr,
+                    cnt: cnt.ptr,
+                    blocks,
+                };
+                launch_fused(gpu, k, &[(w, y.ptr)], x.ptr, n, Epilogue::Store)
+            }
             ProductKernel::Gemv => launch_gemv(gpu, w, x.ptr, n, y.ptr),
             ProductKernel::Mm => {
                 launch_fused(gpu, Fused::Mm, &[(w, y.ptr)], x.ptr, n, Epilogue::Store)
@@ -1274,6 +1481,9 @@ impl CudaBackend {
             sparse_blocks: SPARSE_BLOCKS,
             device_sampling: std::env::var("SWITCHYARD_DEVICE_SAMPLING").map_or(true, |v| v != "0"),
             mma_attention: std::env::var("SWITCHYARD_MMA_ATTENTION").map_or(true, |v| v != "0"),
+            mm_split: true,
+            mm_blocks: MS_BLOCKS_WANTED,
+            mm_scratch: (0, 0),
             graphs: Vec::new(),
             seen: Vec::new(),
             bufs: Bufs::default(),
@@ -1408,7 +1618,16 @@ impl CudaBackend {
     /// to 8 tokens; above that cuBLAS, unfused.
     fn fused_kernel(&self, n: usize, cols: usize) -> Option<Fused> {
         if self.mm_tokens.contains(&n) && cols.is_multiple_of(32) {
-            Some(Fused::Mm)
+            Some(if self.mm_split && n <= 64 {
+                let (part, cnt) = self.mm_scratch;
+                Fused::Mms {
+                    part,
+                    cnt,
+                    blocks: self.mm_blocks.max(1),
+                }
+            } else {
+                Fused::Mm
+            })
         } else if n <= 8 {
             Some(Fused::Gemv)
         } else {
@@ -1557,6 +1776,15 @@ impl CudaBackend {
         let att_cnt = b.get_zeroed(g, ATTC, slots * 4)?;
         let att_part = b.get(g, ATTP, slots * att_splits * (c.head_dim + 2) * 4)?;
         let tiles = b.get(g, TILES, self.tiles.len().max(1) * 4)?;
+        self.mm_scratch = if self.mm_split && self.mm_tokens.contains(&n) && n <= 64 {
+            let (floats, tiles) = mms_scratch(c, n, self.mm_blocks.max(1));
+            (
+                b.get(g, MPART, floats * 4)?,
+                b.get_zeroed(g, MCNT, tiles * 4)?,
+            )
+        } else {
+            (0, 0)
+        };
         let (sidx, sval, part, cnt) = if self.larosa.is_some() {
             let wide = dim.max(f).max(qd);
             let (part_floats, tiles) = model_sparse_scratch(c);
@@ -2040,4 +2268,31 @@ pub fn gemm_flops(gpu: &Arc<Gpu>, m: usize, n: usize, k: usize, reps: usize) -> 
     }
     gpu.sync()?;
     Ok(2.0 * (m * n * k) as f64 * reps as f64 / t.elapsed().as_secs_f64())
+}
+
+#[cfg(test)]
+mod plan_tests {
+    use super::*;
+
+    /// The split-K plans of Llama-2-7B's products fill their last wave (two blocks per SM
+    /// of a 132-SM device) and cover every input column exactly once.
+    #[test]
+    fn mms_plans_fill_their_waves() {
+        for (rows, cols, epi) in [
+            (&[4096usize, 4096, 4096][..], 4096usize, Epilogue::Store),
+            (&[4096], 4096, Epilogue::Add),
+            (&[11008, 11008], 4096, Epilogue::Glu),
+            (&[4096], 11008, Epilogue::Add),
+        ] {
+            for n in [3usize, 8, 16, 32, 64] {
+                let p = MsPlan::new(rows, cols, n, epi, 264);
+                let blocks = p.tiles * p.splits;
+                let fill = blocks as f64 / (blocks.div_ceil(264) * 264) as f64;
+                eprintln!("{rows:?}x{cols} n={n}: {p:?}, {blocks} blocks");
+                assert!(fill > 0.9, "{rows:?}x{cols} n={n}: {p:?} fills {fill:.2}");
+                assert!(p.ks % 32 == 0 && p.ks * p.splits >= cols && p.ks * (p.splits - 1) < cols);
+                assert!(p.smem <= MS_SMEM_MAX, "{p:?}");
+            }
+        }
+    }
 }

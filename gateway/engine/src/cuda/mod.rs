@@ -41,6 +41,9 @@ pub(crate) struct Kernels {
     pub gemv: [sys::CUfunction; 4],
     /// Tensor-core products for up to 8, 16, 32 tokens (fused Q/K/V, residual add, gated unit).
     pub mm: [sys::CUfunction; 3],
+    /// Split-K tensor-core products for up to 8, 16, 32, 64 tokens (inputs staged in
+    /// shared memory).
+    pub mms: [sys::CUfunction; 4],
     pub rope_kv: sys::CUfunction,
     pub sample_rows: sys::CUfunction,
     pub fill_random: sys::CUfunction,
@@ -213,6 +216,7 @@ impl Gpu {
             f32_to_bf16: f("f32_to_bf16")?,
             gemv: [f("gemv1")?, f("gemv2")?, f("gemv4")?, f("gemv8")?],
             mm: [f("mm8")?, f("mm16")?, f("mm32")?],
+            mms: [f("mms8")?, f("mms16")?, f("mms32")?, f("mms64")?],
             rope_kv: f("rope_kv")?,
             sample_rows: f("sample_rows")?,
             fill_random: f("fill_random")?,
@@ -226,12 +230,16 @@ impl Gpu {
             sparse_mm: [f("sparse_mm512")?, f("sparse_mm1024")?],
             transpose_bf16: f("transpose_bf16")?,
         };
-        // The prefill attention kernels take more than the default 48 KiB of shared memory
-        // (head size 128).
+        // The prefill attention kernels (head size 128) and the split-K products take more
+        // than the default 48 KiB of shared memory.
         for (func, bytes) in [
             (k.attention_tiles, forward::attention_tiles_smem(128)),
             (k.attention_mma[0], forward::attention_mma_smem(64)),
             (k.attention_mma[1], forward::attention_mma_smem(128)),
+            (k.mms[0], forward::MS_SMEM_MAX),
+            (k.mms[1], forward::MS_SMEM_MAX),
+            (k.mms[2], forward::MS_SMEM_MAX),
+            (k.mms[3], forward::MS_SMEM_MAX),
         ] {
             // SAFETY: a function of the loaded module.
             unsafe {
@@ -241,7 +249,7 @@ impl Gpu {
                     bytes as i32,
                 )
             }
-            .map_err(|e| err("prefill attention shared memory", e))?;
+            .map_err(|e| err("kernel shared memory", e))?;
         }
         let present =
             std::panic::catch_unwind(|| unsafe { blas_sys::is_culib_present() }).unwrap_or(false);
