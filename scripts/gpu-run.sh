@@ -41,6 +41,9 @@ if [[ $STEPS == *bench* ]]; then
   echo "== Llama-2-7B shapes, dummy bf16 weights"
   "$BIN" bench gpu --dummy llama2-7b --batch ${BATCH:-1,8,32,64} --prompt 128 --gen ${GEN:-128} \
     --prefill 512,2048 --baseline --products --json > "$OUT/gpu-llama2-7b.json"
+  echo "== the same at batch 4 and 8 with the previous tensor-core products (mm*, not split-K)"
+  "$BIN" bench gpu --dummy llama2-7b --batch 4,8 --prompt 128 --gen ${GEN:-128} --prefill 512 \
+    --no-mm-split --json > "$OUT/gpu-llama2-7b-mm.json"
 fi
 if [[ $STEPS == *long* ]]; then
   echo "== Llama-2-7B shapes, 600 decode steps (sequences cross KV pages during decode)"
