@@ -35,7 +35,7 @@ for p in sy["prefill"]:
     # Older results have one prefill row per length; newer ones add the f32 attention
     # kernel side by side, which is left out of the plot (the JSON keeps it).
     if p.get("attention", "tensor cores") == "tensor cores":
-        ax[1].bar(f"prefill {p['tokens']}", 100 * p["fraction_of_roofline"], color="#36c")
+        ax[1].bar(f"pp{p['tokens']}", 100 * p["fraction_of_roofline"], color="#36c")
 ax[1].axhline(80, ls="--", c="k", lw=0.8)
 ax[1].set_ylabel("% of roofline")
 ax[1].set_title("fraction of each step's roofline")
