@@ -389,12 +389,6 @@ extern "C" __global__ void silu_mul(float* g, const float* u, u64 n) {
         g[i] = silu_gate(g[i], u[i]);
 }
 
-// x += y, elementwise.
-extern "C" __global__ void add(float* x, const float* y, u64 n) {
-    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
-        x[i] += y[i];
-}
-
 extern "C" __global__ void f32_to_bf16(const float* x, bf16* y, u64 n) {
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
         y[i] = to_bf(x[i]);
@@ -453,7 +447,7 @@ __device__ __forceinline__ Seg pick_segment(int& b, int per, const bf16* W0, con
 // tensor-core products below (MM_ARGS): 0 store, 1 add into y, 2 gated unit (a block takes
 // R/2 gate rows and the same R/2 up rows, y0 = silu(gate·x) * (up·x)). The sums are formed
 // in the same order in every mode, so a fused launch equals the separate products followed
-// by the `add` or `silu_mul` kernel bit for bit.
+// by an f32 add or the `silu_mul` kernel bit for bit.
 #define GEMV_WARPS 4
 template <int N, int R>
 __device__ void gemv_impl(const bf16* W0, const bf16* W1, const bf16* W2, float* y0, float* y1,

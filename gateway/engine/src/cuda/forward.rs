@@ -1031,17 +1031,31 @@ fn launch_sparse(
 
 /// cuBLAS `GemmEx` after rounding x to bf16 into `x16` (n*cols bf16).
 fn launch_cublas(g: &Gpu, w: &DevW, x: u64, x16: u64, n: usize, y: u64) -> Result<()> {
-    let (rows, cols) = (w.rows as i32, w.cols as i32);
-    let total = (n * w.cols) as u64;
-    // SAFETY: x holds n*cols f32, x16 n*cols bf16, y n*rows f32, w rows*cols bf16.
+    to_bf16(g, x, x16, n * w.cols)?;
+    gemm_bf16(g, w, x16, n, y, false)
+}
+
+/// x16 = x rounded to bf16 (`len` values): the input of [`gemm_bf16`].
+fn to_bf16(g: &Gpu, x: u64, x16: u64, len: usize) -> Result<()> {
+    let total = len as u64;
+    // SAFETY: x holds len f32, x16 len bf16.
     unsafe {
         g.launch(
             g.k.f32_to_bf16,
-            (blocks(n * w.cols, 256).min(4096), 1, 1),
+            (blocks(len, 256).min(4096), 1, 1),
             256,
             args!(x, x16, total),
-        )?;
-        let (alpha, beta) = (1f32, 0f32);
+        )
+    }
+}
+
+/// y[n, w.rows] = x16[n, w.cols] · wᵀ on cuBLAS (bf16 in, f32 out and accumulation); with
+/// `add`, y += the product (cuBLAS's beta = 1: no separate add kernel).
+fn gemm_bf16(g: &Gpu, w: &DevW, x16: u64, n: usize, y: u64, add: bool) -> Result<()> {
+    let (rows, cols) = (w.rows as i32, w.cols as i32);
+    // SAFETY: x16 holds n*cols bf16, y n*rows f32, w rows*cols bf16.
+    unsafe {
+        let (alpha, beta) = (1f32, if add { 1f32 } else { 0f32 });
         blas::gemm_ex(
             g.blas,
             bsys::cublasOperation_t::CUBLAS_OP_T,
@@ -1645,7 +1659,6 @@ impl CudaBackend {
         x: u64,
         n: usize,
         epi: Epilogue,
-        tmp: u64,
     ) -> Result<()> {
         let cols = outs[0].0.cols;
         debug_assert!(outs.iter().all(|(w, _)| w.cols == cols) && outs.len() <= 3);
@@ -1654,30 +1667,23 @@ impl CudaBackend {
         if let Some(k) = self.fused_kernel(n, cols) {
             return launch_fused(g, k, outs, x, n, epi);
         }
+        // cuBLAS: the input rounded to bf16 once for all the matrices.
+        let x16 = self.bufs.get(g, X16, n * cols * 2)?;
+        to_bf16(g, x, x16, n * cols)?;
         match epi {
             Epilogue::Store => {
                 for (w, y) in outs {
-                    self.linear(w, x, n, *y)?;
+                    gemm_bf16(g, w, x16, n, *y, false)?;
                 }
             }
             Epilogue::Add => {
                 let (w, y) = outs[0];
-                self.linear(w, x, n, tmp)?;
-                let m = (n * w.rows) as u64;
-                // SAFETY: y and tmp hold n*rows f32.
-                unsafe {
-                    g.launch(
-                        g.k.add,
-                        (blocks(n * w.rows, 256).min(4096), 1, 1),
-                        256,
-                        args!(y, tmp, m),
-                    )?
-                };
+                gemm_bf16(g, w, x16, n, y, true)?;
             }
             Epilogue::Glu => {
                 let ((wg, yg), (wu, yu)) = (outs[0], outs[1]);
-                self.linear(wg, x, n, yg)?;
-                self.linear(wu, x, n, yu)?;
+                gemm_bf16(g, wg, x16, n, yg, false)?;
+                gemm_bf16(g, wu, x16, n, yu, false)?;
                 let m = (n * wg.rows) as u64;
                 // SAFETY: yg and yu hold n*rows f32.
                 unsafe {
@@ -1991,7 +1997,6 @@ impl CudaBackend {
                         xb,
                         n,
                         Epilogue::Store,
-                        tmp,
                     )?,
                 }
                 let (cos, sin) = (dm.cos.ptr, dm.sin.ptr);
@@ -2036,7 +2041,7 @@ impl CudaBackend {
                     (Some(kk), Some(s)) => {
                         self.sparse_proj(p, &[(&s.wo, dim, x)], kk, Epilogue::Add)?
                     }
-                    _ => self.proj(&[(&l.wo, x)], att, n, Epilogue::Add, tmp)?,
+                    _ => self.proj(&[(&l.wo, x)], att, n, Epilogue::Add)?,
                 }
                 match (self.norm(p, x, &l.ffn_norm, xb, sp.is_some())?, sp) {
                     (Some(kk), Some(s)) => self.sparse_proj(
@@ -2045,13 +2050,13 @@ impl CudaBackend {
                         kk,
                         Epilogue::Glu,
                     )?,
-                    _ => self.proj(&[(&l.gate, hb), (&l.up, hb2)], xb, n, Epilogue::Glu, tmp)?,
+                    _ => self.proj(&[(&l.gate, hb), (&l.up, hb2)], xb, n, Epilogue::Glu)?,
                 }
                 match (self.sparsify(p, hb, f, sp.is_some())?, sp) {
                     (Some(kk), Some(s)) => {
                         self.sparse_proj(p, &[(&s.down, dim, x)], kk, Epilogue::Add)?
                     }
-                    _ => self.proj(&[(&l.down, x)], hb, n, Epilogue::Add, tmp)?,
+                    _ => self.proj(&[(&l.down, x)], hb, n, Epilogue::Add)?,
                 }
             }
             if n_sel > 0 {
@@ -2290,7 +2295,11 @@ mod plan_tests {
                 let fill = blocks as f64 / (blocks.div_ceil(264) * 264) as f64;
                 eprintln!("{rows:?}x{cols} n={n}: {p:?}, {blocks} blocks");
                 assert!(fill > 0.9, "{rows:?}x{cols} n={n}: {p:?} fills {fill:.2}");
-                assert!(p.ks % 32 == 0 && p.ks * p.splits >= cols && p.ks * (p.splits - 1) < cols);
+                assert!(
+                    p.ks.is_multiple_of(32)
+                        && p.ks * p.splits >= cols
+                        && p.ks * (p.splits - 1) < cols
+                );
                 assert!(p.smem <= MS_SMEM_MAX, "{p:?}");
             }
         }

@@ -35,7 +35,6 @@ pub(crate) struct Kernels {
     /// Prefill attention on tensor cores, head size 64 and 128.
     pub attention_mma: [sys::CUfunction; 2],
     pub silu_mul: sys::CUfunction,
-    pub add: sys::CUfunction,
     pub f32_to_bf16: sys::CUfunction,
     /// gemv for up to 1, 2, 4, 8 tokens.
     pub gemv: [sys::CUfunction; 4],
@@ -212,7 +211,6 @@ impl Gpu {
             attention_tiles: f("attention_tiles")?,
             attention_mma: [f("attention_mma64")?, f("attention_mma128")?],
             silu_mul: f("silu_mul")?,
-            add: f("add")?,
             f32_to_bf16: f("f32_to_bf16")?,
             gemv: [f("gemv1")?, f("gemv2")?, f("gemv4")?, f("gemv8")?],
             mm: [f("mm8")?, f("mm16")?, f("mm32")?],
