@@ -44,6 +44,9 @@ if [[ $STEPS == *bench* ]]; then
   echo "== the same at batch 4 and 8 with the previous tensor-core products (mm*, not split-K)"
   "$BIN" bench gpu --dummy llama2-7b --batch 4,8 --prompt 128 --gen ${GEN:-128} --prefill 512 \
     --no-mm-split --json > "$OUT/gpu-llama2-7b-mm.json"
+  echo "== batches 16-64 and prefill with one cuBLAS product per matrix (not batched)"
+  SWITCHYARD_BLAS_BATCHED=0 "$BIN" bench gpu --dummy llama2-7b --batch 16,32,64 --prompt 128 \
+    --gen ${GEN:-128} --prefill 512,2048 --json > "$OUT/gpu-llama2-7b-unbatched.json"
 fi
 if [[ $STEPS == *long* ]]; then
   echo "== Llama-2-7B shapes, 600 decode steps (sequences cross KV pages during decode)"

@@ -445,6 +445,8 @@ struct Bufs {
 /// Buffer addresses and sizes of one pass.
 #[derive(Clone, Copy)]
 struct Pass {
+    /// Device pointer arrays of the batched cuBLAS products (0: none this pass).
+    bptr: u64,
     n: usize,
     n_sel: usize,
     items: usize,
@@ -523,7 +525,11 @@ const ATTP: usize = 26;
 const ATTC: usize = 27;
 const MPART: usize = 28;
 const MCNT: usize = 29;
-const NBUF: usize = 30;
+const BPTR: usize = 30;
+const NBUF: usize = 31;
+/// Pointers per layer in the batched cuBLAS arrays: Q/K/V (3 matrices, 3 inputs, 3
+/// outputs), then gate/up (2 + 2 + 2).
+const BPTR_LAYER: usize = 15;
 
 /// Decode attention splits each (row, head) over positions into this many blocks at most,
 /// enough that small batches fill the device (about two blocks per SM of an H100/H200).
@@ -684,6 +690,9 @@ pub struct CudaBackend {
     pub mm_split: bool,
     /// Blocks an `mms*` product aims for (the inputs are split to get there).
     pub mm_blocks: usize,
+    /// cuBLAS passes run Q/K/V (equal rows) and gate/up as one batched product each
+    /// (SWITCHYARD_BLAS_BATCHED=0: one product per matrix).
+    pub blas_batched: bool,
     /// Scratch of the `mms*` products for the current pass (partial sums, tickets).
     mm_scratch: (u64, u64),
     graphs: Vec<((usize, usize, usize, u64), GraphExec)>,
@@ -698,6 +707,7 @@ pub struct CudaBackend {
     selidx: Vec<i32>,
     arows: Vec<i32>,
     tiles: Vec<i32>,
+    bptr: Vec<u64>,
 }
 
 /// Default token range of the tensor-core products (from `bench gpu`'s product sweep on the
@@ -1033,6 +1043,43 @@ fn launch_sparse(
 fn launch_cublas(g: &Gpu, w: &DevW, x: u64, x16: u64, n: usize, y: u64) -> Result<()> {
     to_bf16(g, x, x16, n * w.cols)?;
     gemm_bf16(g, w, x16, n, y, false)
+}
+
+/// `count` products of equal shape in one cuBLAS call (`cublasGemmBatchedEx`): `arrays` is
+/// a device array of 3 * count pointers, the matrices (like `w`: w.rows x w.cols bf16),
+/// then the bf16 inputs (`n` x w.cols), then the f32 outputs (`n` x w.rows). One launch
+/// fills the device where three 4096x4096 products each leave it half idle.
+fn gemm_bf16_batched(g: &Gpu, w: &DevW, arrays: u64, count: usize, n: usize) -> Result<()> {
+    let (rows, cols) = (w.rows as i32, w.cols as i32);
+    let (alpha, beta) = (1f32, 0f32);
+    let per = (count * 8) as u64;
+    // SAFETY: arrays holds 3 * count device pointers to buffers of the sizes above.
+    unsafe {
+        bsys::cublasGemmBatchedEx(
+            g.blas,
+            bsys::cublasOperation_t::CUBLAS_OP_T,
+            bsys::cublasOperation_t::CUBLAS_OP_N,
+            rows,
+            n as i32,
+            cols,
+            &alpha as *const f32 as *const c_void,
+            arrays as *const *const c_void,
+            bsys::cudaDataType::CUDA_R_16BF,
+            cols,
+            (arrays + per) as *const *const c_void,
+            bsys::cudaDataType::CUDA_R_16BF,
+            cols,
+            &beta as *const f32 as *const c_void,
+            (arrays + 2 * per) as *const *mut c_void,
+            bsys::cudaDataType::CUDA_R_32F,
+            rows,
+            count as i32,
+            bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+        .result()
+        .map_err(|e| EngineError::Invalid(format!("CUDA: cuBLAS GemmBatchedEx: {e:?}")))
+    }
 }
 
 /// x16 = x rounded to bf16 (`len` values): the input of [`gemm_bf16`].
@@ -1497,6 +1544,7 @@ impl CudaBackend {
             mma_attention: std::env::var("SWITCHYARD_MMA_ATTENTION").map_or(true, |v| v != "0"),
             mm_split: true,
             mm_blocks: MS_BLOCKS_WANTED,
+            blas_batched: std::env::var("SWITCHYARD_BLAS_BATCHED").map_or(true, |v| v != "0"),
             mm_scratch: (0, 0),
             graphs: Vec::new(),
             seen: Vec::new(),
@@ -1509,6 +1557,7 @@ impl CudaBackend {
             selidx: Vec::new(),
             arows: Vec::new(),
             tiles: Vec::new(),
+            bptr: Vec::new(),
         }
     }
 
@@ -1650,15 +1699,17 @@ impl CudaBackend {
     }
 
     /// Products of one input `x` (`n` tokens) with up to three matrices of equal width, and
-    /// the epilogue: one launch when [`Self::fused_kernel`] has a kernel, else one cuBLAS
-    /// product per matrix plus the add or gate kernels (`tmp` is scratch for
-    /// [`Epilogue::Add`]).
+    /// the epilogue: one launch when [`Self::fused_kernel`] has a kernel, else cuBLAS (one
+    /// batched call when `batched` holds this group's pointer arrays, see
+    /// [`gemm_bf16_batched`]; else one product per matrix), the residual add as cuBLAS's
+    /// beta and the gate kernel after.
     pub(crate) fn proj(
         &mut self,
         outs: &[(&DevW, u64)],
         x: u64,
         n: usize,
         epi: Epilogue,
+        batched: Option<u64>,
     ) -> Result<()> {
         let cols = outs[0].0.cols;
         debug_assert!(outs.iter().all(|(w, _)| w.cols == cols) && outs.len() <= 3);
@@ -1671,6 +1722,9 @@ impl CudaBackend {
         let x16 = self.bufs.get(g, X16, n * cols * 2)?;
         to_bf16(g, x, x16, n * cols)?;
         match epi {
+            Epilogue::Store if outs.len() > 1 && batched.is_some() => {
+                gemm_bf16_batched(g, outs[0].0, batched.unwrap(), outs.len(), n)?;
+            }
             Epilogue::Store => {
                 for (w, y) in outs {
                     gemm_bf16(g, w, x16, n, *y, false)?;
@@ -1682,8 +1736,13 @@ impl CudaBackend {
             }
             Epilogue::Glu => {
                 let ((wg, yg), (wu, yu)) = (outs[0], outs[1]);
-                gemm_bf16(g, wg, x16, n, yg, false)?;
-                gemm_bf16(g, wu, x16, n, yu, false)?;
+                match batched {
+                    Some(arrays) => gemm_bf16_batched(g, wg, arrays, 2, n)?,
+                    None => {
+                        gemm_bf16(g, wg, x16, n, yg, false)?;
+                        gemm_bf16(g, wu, x16, n, yu, false)?;
+                    }
+                }
                 let m = (n * wg.rows) as u64;
                 // SAFETY: yg and yu hold n*rows f32.
                 unsafe {
@@ -1757,6 +1816,8 @@ impl CudaBackend {
                 self.kvp.push(v as usize as u64);
             }
         }
+        // Passes whose products go to cuBLAS (more tokens than the fused kernels take).
+        let blas = self.blas_batched && self.fused_kernel(n, dim).is_none();
         let g = &gpu;
         let b = &mut self.bufs;
         let x = b.get(g, X, n * dim * 4)?;
@@ -1782,6 +1843,23 @@ impl CudaBackend {
         let att_cnt = b.get_zeroed(g, ATTC, slots * 4)?;
         let att_part = b.get(g, ATTP, slots * att_splits * (c.head_dim + 2) * 4)?;
         let tiles = b.get(g, TILES, self.tiles.len().max(1) * 4)?;
+        // The bf16 inputs of cuBLAS, sized for the widest product up front so its address
+        // holds for the whole pass (the batched products' pointer arrays name it).
+        let x16 = b.get(g, X16, n * dim.max(f).max(qd) * 2)?;
+        self.bptr.clear();
+        if blas {
+            for l in &dm.layers {
+                self.bptr
+                    .extend([l.wq.buf.ptr, l.wk.buf.ptr, l.wv.buf.ptr, x16, x16, x16]);
+                self.bptr
+                    .extend([q, k, v, l.gate.buf.ptr, l.up.buf.ptr, x16, x16, hb, hb2]);
+            }
+        }
+        let bptr = if blas {
+            b.get(g, BPTR, self.bptr.len() * 8)?
+        } else {
+            0
+        };
         self.mm_scratch = if self.mm_split && self.mm_tokens.contains(&n) && n <= 64 {
             let (floats, tiles) = mms_scratch(c, n, self.mm_blocks.max(1));
             (
@@ -1818,8 +1896,12 @@ impl CudaBackend {
             up(selidx, bytes_of(&self.selidx))?;
             up(arows, bytes_of(&self.arows))?;
             up(tiles, bytes_of(&self.tiles))?;
+            if bptr != 0 {
+                up(bptr, bytes_of(&self.bptr))?;
+            }
         }
         let pass = Pass {
+            bptr,
             n,
             n_sel,
             items,
@@ -1929,6 +2011,7 @@ impl CudaBackend {
         let (dim, hd, nh, nkv, f) = (c.dim, c.head_dim, c.n_heads, c.n_kv_heads, c.ffn_dim);
         let (qd, kvd) = (nh * hd, nkv * hd);
         let Pass {
+            bptr,
             n,
             n_sel,
             items,
@@ -1997,6 +2080,7 @@ impl CudaBackend {
                         xb,
                         n,
                         Epilogue::Store,
+                        (bptr != 0 && qd == kvd).then_some(bptr + (li * BPTR_LAYER * 8) as u64),
                     )?,
                 }
                 let (cos, sin) = (dm.cos.ptr, dm.sin.ptr);
@@ -2041,7 +2125,7 @@ impl CudaBackend {
                     (Some(kk), Some(s)) => {
                         self.sparse_proj(p, &[(&s.wo, dim, x)], kk, Epilogue::Add)?
                     }
-                    _ => self.proj(&[(&l.wo, x)], att, n, Epilogue::Add)?,
+                    _ => self.proj(&[(&l.wo, x)], att, n, Epilogue::Add, None)?,
                 }
                 match (self.norm(p, x, &l.ffn_norm, xb, sp.is_some())?, sp) {
                     (Some(kk), Some(s)) => self.sparse_proj(
@@ -2050,13 +2134,19 @@ impl CudaBackend {
                         kk,
                         Epilogue::Glu,
                     )?,
-                    _ => self.proj(&[(&l.gate, hb), (&l.up, hb2)], xb, n, Epilogue::Glu)?,
+                    _ => self.proj(
+                        &[(&l.gate, hb), (&l.up, hb2)],
+                        xb,
+                        n,
+                        Epilogue::Glu,
+                        (bptr != 0).then_some(bptr + ((li * BPTR_LAYER + 9) * 8) as u64),
+                    )?,
                 }
                 match (self.sparsify(p, hb, f, sp.is_some())?, sp) {
                     (Some(kk), Some(s)) => {
                         self.sparse_proj(p, &[(&s.down, dim, x)], kk, Epilogue::Add)?
                     }
-                    _ => self.proj(&[(&l.down, x)], hb, n, Epilogue::Add)?,
+                    _ => self.proj(&[(&l.down, x)], hb, n, Epilogue::Add, None)?,
                 }
             }
             if n_sel > 0 {
