@@ -951,7 +951,8 @@ fn tensor_core_products_match_a_host_reference() {
 /// (`attention_tiles`), against the per-row decode kernel (the same tokens in chunks of 15,
 /// which the same cuBLAS products take): a 150-token prompt after a 40-token prefix, so tiles
 /// start mid-sequence, cross K/V blocks and end part-full. Llama-2-7B's heads (32 of 128)
-/// and SmolLM2-135M's (9 query heads of 64 over 3 K/V heads).
+/// and SmolLM2-135M's (9 query heads of 64 over 3 K/V heads). The reference runs cuBLAS
+/// one matrix at a time, the tiled runs batched (Q/K/V, gate/up).
 #[test]
 fn tiled_prefill_attention_matches_the_row_kernel() {
     let Some(g) = gpu() else { return };
@@ -973,10 +974,11 @@ fn tiled_prefill_attention_matches_the_row_kernel() {
         };
         let dm = Arc::new(DeviceModel::dummy(g.clone(), cfg, 5).unwrap());
         let toks: Vec<u32> = (0..190u32).map(|i| (i * 31 + 7) % 512).collect();
-        let run = |chunk: usize, mma: bool| -> Vec<f32> {
+        let run = |chunk: usize, mma: bool, batched: bool| -> Vec<f32> {
             let mut kv = open_kv(&dm, layout, None, KvMode::Sync).unwrap();
             let mut be = CudaBackend::new(dm.clone());
             be.mma_attention = mma;
+            be.blas_batched = batched;
             let s = kv.acquire().unwrap();
             // Every row's logits, so each row's attention output is compared.
             let mut out = Vec::new();
@@ -995,10 +997,12 @@ fn tiled_prefill_attention_matches_the_row_kernel() {
             }
             out
         };
-        let rows = run(15, true);
+        // The reference also runs cuBLAS one matrix at a time (the tiled runs batch Q/K/V
+        // and gate/up): a wrong batched product shows here too.
+        let rows = run(15, true, false);
         let scale = rows.iter().fold(0f32, |s, v| s.max(v.abs()));
         for (kernel, mma) in [("tensor-core", true), ("f32", false)] {
-            let tiled = run(190, mma);
+            let tiled = run(190, mma, true);
             assert_eq!(tiled.len(), rows.len());
             let worst = tiled
                 .iter()
