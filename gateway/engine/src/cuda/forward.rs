@@ -708,6 +708,8 @@ pub struct CudaBackend {
     arows: Vec<i32>,
     tiles: Vec<i32>,
     bptr: Vec<u64>,
+    /// (buffer generation, device array) the batched cuBLAS pointers were last uploaded for.
+    bptr_sent: (u64, u64),
 }
 
 /// Default token range of the tensor-core products (from `bench gpu`'s product sweep on the
@@ -736,6 +738,27 @@ pub enum Epilogue {
     Add,
     /// y_0 = silu(W_0·x) * (W_1·x) (gate and up; y_1 is scratch for the unfused path).
     Glu,
+}
+
+impl Epilogue {
+    /// The kernels' `mode` argument (MM_ARGS / SP_ARGS in kernels/engine.cu).
+    fn mode(self) -> i32 {
+        match self {
+            Epilogue::Store => 0,
+            Epilogue::Add => 1,
+            Epilogue::Glu => 2,
+        }
+    }
+}
+
+/// (weights, output, rows) of each of the up to three matrices of a fused launch; absent
+/// ones are zeros.
+fn fused_segments(outs: &[(&DevW, u64)]) -> [(u64, u64, i32); 3] {
+    let seg = |i: usize| {
+        outs.get(i)
+            .map_or((0u64, 0u64, 0i32), |(w, y)| (w.buf.ptr, *y, w.rows as i32))
+    };
+    [seg(0), seg(1), seg(2)]
 }
 
 /// The engine's GEMV kernel for up to 8 tokens: y[n, rows] = x[n, cols] · wᵀ.
@@ -887,21 +910,13 @@ fn launch_fused(
         (Fused::Mm, _) => (g.k.mm[2], 16, 16, 256),
         (Fused::Mms { .. }, _) => unreachable!("launched above"),
     };
-    let seg = |i: usize| {
-        outs.get(i)
-            .map_or((0u64, 0u64, 0i32), |(w, y)| (w.buf.ptr, *y, w.rows as i32))
-    };
-    let ((w0, y0, r0), (w1, y1, r1), (w2, y2, r2)) = (seg(0), seg(1), seg(2));
+    let [(w0, y0, r0), (w1, y1, r1), (w2, y2, r2)] = fused_segments(outs);
     let grid: usize = if epi == Epilogue::Glu {
         outs[0].0.rows.div_ceil(rpb_glu)
     } else {
         outs.iter().map(|(w, _)| w.rows.div_ceil(rpb)).sum()
     };
-    let mode: i32 = match epi {
-        Epilogue::Store => 0,
-        Epilogue::Add => 1,
-        Epilogue::Glu => 2,
-    };
+    let mode = epi.mode();
     let (ci, ni) = (outs[0].0.cols as i32, n as i32);
     // SAFETY: x holds n*cols f32; each y_i n*rows_i f32; each W_i rows_i*cols bf16.
     unsafe {
@@ -927,16 +942,8 @@ fn launch_mms(
     let rows: Vec<usize> = outs.iter().map(|(w, _)| w.rows).collect();
     let cols = outs[0].0.cols;
     let p = MsPlan::new(&rows, cols, n, epi, want_blocks);
-    let seg = |i: usize| {
-        outs.get(i)
-            .map_or((0u64, 0u64, 0i32), |(w, y)| (w.buf.ptr, *y, w.rows as i32))
-    };
-    let ((w0, y0, r0), (w1, y1, r1), (w2, y2, r2)) = (seg(0), seg(1), seg(2));
-    let mode: i32 = match epi {
-        Epilogue::Store => 0,
-        Epilogue::Add => 1,
-        Epilogue::Glu => 2,
-    };
+    let [(w0, y0, r0), (w1, y1, r1), (w2, y2, r2)] = fused_segments(outs);
+    let mode = epi.mode();
     let (ci, ni, ks) = (cols as i32, n as i32, p.ks as i32);
     // SAFETY: x holds n*cols f32; each y_i n*rows_i f32; each W_i rows_i*cols bf16; part and
     // cnt were sized by mms_scratch for this product (cnt zero between launches).
@@ -1019,11 +1026,7 @@ fn launch_sparse(
             .map_or((0u64, 0u64, 0i32), |(w, r, y)| (w.ptr, *y, *r as i32))
     };
     let ((w0, y0, r0), (w1, y1, r1), (w2, y2, r2)) = (seg(0), seg(1), seg(2));
-    let mode: i32 = match epi {
-        Epilogue::Store => 0,
-        Epilogue::Add => 1,
-        Epilogue::Glu => 2,
-    };
+    let mode = epi.mode();
     let (idx, val, part, cnt) = scratch;
     let ki = k as i32;
     // SAFETY: each Wt_i holds cols rows of rows_i rounded up to 8 bf16 (prepare_sparse's
@@ -1179,15 +1182,19 @@ pub fn mm_product(
     let xb = gpu.upload(x)?;
     let outs: Vec<(&DevW, u64)> = ws.iter().zip(&ys).map(|(w, y)| (w, y.ptr)).collect();
     let rows: Vec<usize> = mats.iter().map(|(_, r)| *r).collect();
-    let plan = MsPlan::new(&rows, cols, n, epi, blocks);
-    let part = gpu.alloc(plan.part_floats() * 4)?;
-    let cnt = gpu.upload(&vec![0u32; plan.tiles])?;
+    // Partial sums and tickets for the split-K kernel (held until the launches are done).
+    let mut scratch = Vec::new();
     let k = match kernel {
-        ProductKernel::Mms { .. } => Fused::Mms {
-            part: part.ptr,
-            cnt: cnt.ptr,
-            blocks,
-        },
+        ProductKernel::Mms { .. } => {
+            let plan = MsPlan::new(&rows, cols, n, epi, blocks);
+            scratch.push(gpu.alloc(plan.part_floats() * 4)?);
+            scratch.push(gpu.upload(&vec![0u32; plan.tiles])?);
+            Fused::Mms {
+                part: scratch[0].ptr,
+                cnt: scratch[1].ptr,
+                blocks,
+            }
+        }
         _ => Fused::Mm,
     };
     launch_fused(gpu, k, &outs, xb.ptr, n, epi)?;
@@ -1558,6 +1565,7 @@ impl CudaBackend {
             arows: Vec::new(),
             tiles: Vec::new(),
             bptr: Vec::new(),
+            bptr_sent: (u64::MAX, 0),
         }
     }
 
@@ -1846,20 +1854,24 @@ impl CudaBackend {
         // The bf16 inputs of cuBLAS, sized for the widest product up front so its address
         // holds for the whole pass (the batched products' pointer arrays name it).
         let x16 = b.get(g, X16, n * dim.max(f).max(qd) * 2)?;
-        self.bptr.clear();
-        if blas {
+        let bptr = if blas {
+            b.get(g, BPTR, dm.layers.len() * BPTR_LAYER * 8)?
+        } else {
+            0
+        };
+        // The arrays name buffers that stay put while no buffer is reallocated: they are
+        // rebuilt and uploaded only when the buffers' generation (or the array) moved.
+        let send_bptr = blas && self.bptr_sent != (b.generation, bptr);
+        if send_bptr {
+            self.bptr.clear();
             for l in &dm.layers {
                 self.bptr
                     .extend([l.wq.buf.ptr, l.wk.buf.ptr, l.wv.buf.ptr, x16, x16, x16]);
                 self.bptr
                     .extend([q, k, v, l.gate.buf.ptr, l.up.buf.ptr, x16, x16, hb, hb2]);
             }
+            self.bptr_sent = (b.generation, bptr);
         }
-        let bptr = if blas {
-            b.get(g, BPTR, self.bptr.len() * 8)?
-        } else {
-            0
-        };
         self.mm_scratch = if self.mm_split && self.mm_tokens.contains(&n) && n <= 64 {
             let (floats, tiles) = mms_scratch(c, n, self.mm_blocks.max(1));
             (
@@ -1896,7 +1908,7 @@ impl CudaBackend {
             up(selidx, bytes_of(&self.selidx))?;
             up(arows, bytes_of(&self.arows))?;
             up(tiles, bytes_of(&self.tiles))?;
-            if bptr != 0 {
+            if send_bptr {
                 up(bptr, bytes_of(&self.bptr))?;
             }
         }
