@@ -44,6 +44,12 @@ if [[ $STEPS == *bench* ]]; then
   echo "== the same at batch 4 and 8 with the previous tensor-core products (mm*, not split-K)"
   "$BIN" bench gpu --dummy llama2-7b --batch 4,8 --prompt 128 --gen ${GEN:-128} --prefill 512 \
     --no-mm-split --json > "$OUT/gpu-llama2-7b-mm.json"
+  echo "== decode without programmatic dependent launch (each kernel waits for the last to end)"
+  SWITCHYARD_PDL=0 "$BIN" bench gpu --dummy llama2-7b --batch ${BATCH:-1,8,32,64} --prompt 128 \
+    --gen ${GEN:-128} --prefill 512 --json > "$OUT/gpu-llama2-7b-nopdl.json"
+  echo "== batches 1-8 and the products with the driver's L2 fetch granularity (not 128 bytes)"
+  SWITCHYARD_L2_FETCH=0 "$BIN" bench gpu --dummy llama2-7b --batch 1,4,8 --prompt 128 \
+    --gen ${GEN:-128} --prefill 512 --products --json > "$OUT/gpu-llama2-7b-l2fetch.json"
   echo "== batches 16-64 and prefill with one cuBLAS product per matrix (not batched)"
   SWITCHYARD_BLAS_BATCHED=0 "$BIN" bench gpu --dummy llama2-7b --batch 16,32,64 --prompt 128 \
     --gen ${GEN:-128} --prefill 512,2048 --json > "$OUT/gpu-llama2-7b-unbatched.json"

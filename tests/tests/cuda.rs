@@ -333,6 +333,70 @@ fn graph_cache_is_capped_and_replays_the_right_shapes() {
     assert_eq!(with, without, "graph replays give the eager steps' ids");
 }
 
+/// Programmatic dependent launch lets each kernel start (and stream its weights) before the
+/// previous one ends; every kernel waits for its predecessor before touching its data. A
+/// missing or misplaced wait is a race: the logits of prefill chunks (tiled and per-row
+/// attention), split-K products (4 and 8 tokens), the GEMV (1) and cuBLAS (12), eager and as
+/// graph replays, must equal those of plain launches bit for bit.
+#[test]
+fn programmatic_dependent_launch_gives_the_plain_launches_logits() {
+    let Some(g) = gpu() else { return };
+    if g.cc.0 < 9 {
+        eprintln!(
+            "skipped: programmatic dependent launch needs sm_90 ({:?})",
+            g.cc
+        );
+        return;
+    }
+    let dm = Arc::new(DeviceModel::dummy(g.clone(), dummy_cfg(), 11).unwrap());
+    let run = |pdl: bool| -> Vec<Vec<f32>> {
+        g.set_pdl(pdl);
+        assert_eq!(g.pdl(), pdl);
+        let mut kv = open_kv(&dm, dummy_layout(256, 12), None, KvMode::Sync).unwrap();
+        let mut be = CudaBackend::new(dm.clone());
+        let s: Vec<usize> = (0..12).map(|_| kv.acquire().unwrap()).collect();
+        let prompts: Vec<Vec<u32>> = (0..12u32)
+            .map(|i| {
+                (0..[70, 5, 1][i as usize % 3])
+                    .map(|j| (i * 31 + j * 7) % 512)
+                    .collect()
+            })
+            .collect();
+        let chunks: Vec<SeqChunk> = (0..12)
+            .map(|i| SeqChunk::last_logits(s[i], 0, &prompts[i]))
+            .collect();
+        let mut out = vec![be.forward_logits(&mut kv, &chunks).unwrap().to_vec()];
+        let mut pos: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
+        let mut last: Vec<[u32; 1]> = (0..12u32).map(|i| [i * 41 % 512]).collect();
+        for _round in 0..3 {
+            for w in [1, 4, 8, 12] {
+                let chunks: Vec<SeqChunk> = (0..w)
+                    .map(|i| SeqChunk::last_logits(s[i], pos[i], &last[i]))
+                    .collect();
+                let logits = be.forward_logits(&mut kv, &chunks).unwrap().to_vec();
+                for i in 0..w {
+                    pos[i] += 1;
+                    let row = &logits[i * 512..(i + 1) * 512];
+                    let best = (0..512).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap();
+                    last[i] = [best as u32];
+                }
+                out.push(logits);
+            }
+        }
+        out
+    };
+    let plain = run(false);
+    let pdl = run(true);
+    g.set_pdl(true);
+    assert_eq!(plain.len(), pdl.len());
+    for (i, (a, b)) in plain.iter().zip(&pdl).enumerate() {
+        assert!(
+            a == b,
+            "pass {i}: logits differ with programmatic dependent launch"
+        );
+    }
+}
+
 /// A kernel writes through the mapped pages of a slot (crossing page boundaries); the bytes
 /// read back equal the same kernel's output in a plain allocation. Then a randomized
 /// acquire/grow/release sequence is checked against a model of what must be mapped.

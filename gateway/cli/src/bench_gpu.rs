@@ -313,6 +313,8 @@ mod imp {
             "weights": what, "weight_bytes_per_step": wbytes,
             "copy_bandwidth_bytes_per_s": bw, "gemm_bf16_flops_per_s": peak,
             "kernels_compile_secs": gpu.compile_secs,
+            "programmatic_dependent_launch": gpu.pdl(),
+            "l2_fetch_bytes": {"driver_default": gpu.l2_fetch.0, "set": gpu.l2_fetch.1},
             "products": products, "decode": decode, "prefill": prefill, "kv_fit": fit, "logits_check": check,
             "larosa": larosa,
         });

@@ -26,6 +26,27 @@ __device__ __forceinline__ bf16 to_bf(float f) {
     return (bf16)(u >> 16);
 }
 
+// Programmatic dependent launch (sm_90+; the host launches with PDL when it can, see
+// `Gpu::launch_smem`): a kernel lets the next one in the stream be scheduled as soon as all
+// its blocks have started (`pdl_trigger`), and waits for the previous one to complete and
+// flush (`pdl_wait`) before it touches anything the previous kernels write or read. Work
+// that reads only constant data (weights) may run before the wait, overlapping the previous
+// kernel's tail. Without PDL (older GPUs, or a plain launch) both are no-ops.
+__device__ __forceinline__ void pdl_trigger() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+// Every kernel that does not preload constant data starts with this.
+#define PDL_ENTRY \
+    pdl_trigger(); \
+    pdl_wait()
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
@@ -78,6 +99,7 @@ __device__ T block_excl_scan(T v, T* total) {
 
 // x[r] = E[tok[r]]; grid n.
 extern "C" __global__ void embed(const bf16* E, const u32* tok, float* x, int dim) {
+    PDL_ENTRY;
     int r = blockIdx.x;
     const bf16* e = E + (size_t)tok[r] * dim;
     float* xr = x + (size_t)r * dim;
@@ -86,6 +108,7 @@ extern "C" __global__ void embed(const bf16* E, const u32* tok, float* x, int di
 
 // out[r] = src[idx[r]]; grid n_sel.
 extern "C" __global__ void gather_rows(const float* src, const int* idx, float* out, int dim) {
+    PDL_ENTRY;
     int r = blockIdx.x;
     const float* s = src + (size_t)idx[r] * dim;
     float* o = out + (size_t)r * dim;
@@ -96,6 +119,7 @@ extern "C" __global__ void gather_rows(const float* src, const int* idx, float* 
 // loads when dim % 4 == 0, so a 4096-wide row is one load per thread).
 extern "C" __global__ void rmsnorm(const float* __restrict__ x, const float* __restrict__ w,
                                    float* __restrict__ out, int dim, float eps) {
+    PDL_ENTRY;
     int r = blockIdx.x;
     const float* xr = x + (size_t)r * dim;
     float* o = out + (size_t)r * dim;
@@ -140,6 +164,7 @@ __device__ __forceinline__ void bf4(uint2 u, float* f) {
 extern "C" __global__ void attention(const float* q, const u64* kvp, const int* item, const int* pos,
                                      const int* rows, float* out, int nh, int nkv, int hd,
                                      float scale, float* part, u32* cnt) {
+    PDL_ENTRY;
     __shared__ float s_m[ATT_WARPS], s_l[ATT_WARPS];
     __shared__ float s_acc[ATT_WARPS * 256];
     __shared__ u32 s_ticket;
@@ -286,6 +311,7 @@ __device__ __forceinline__ float warp_max(float v) {
 extern "C" __global__ void __launch_bounds__(256)
     attention_tiles(const float* q, const u64* kvp, const int* item, const int* pos,
                     const int* tiles, float* out, int nh, int nkv, int hd, float scale) {
+    PDL_ENTRY;
     extern __shared__ float sm[];
     int tI = blockIdx.x, h = blockIdx.y;
     int r0 = tiles[2 * tI], len = tiles[2 * tI + 1];
@@ -385,11 +411,13 @@ __device__ __forceinline__ float silu_gate(float g, float u) { return g / (1.f +
 
 // g = silu(g) * u, elementwise.
 extern "C" __global__ void silu_mul(float* g, const float* u, u64 n) {
+    PDL_ENTRY;
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
         g[i] = silu_gate(g[i], u[i]);
 }
 
 extern "C" __global__ void f32_to_bf16(const float* x, bf16* y, u64 n) {
+    PDL_ENTRY;
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
         y[i] = to_bf(x[i]);
 }
@@ -478,18 +506,25 @@ __device__ void gemv_impl(const bf16* W0, const bf16* W1, const bf16* W2, float*
     for (int r = 0; r < R; r++)
 #pragma unroll
         for (int j = 0; j < N; j++) acc[r][j] = 0.f;
+    pdl_trigger();
     if ((cols & 7) == 0) {
         int nv = cols >> 3;
         const int step = 32 * GEMV_WARPS;
         int i = w * 32 + lane;
-        for (; i + step < nv; i += 2 * step) {
-            uint4 a[R], b2[R];
+        // The first chunk's weights are requested before waiting for the previous kernel
+        // (they are constant), so under PDL they stream while it finishes.
+        uint4 a[R], b2[R];
+        bool more = i + step < nv;
+        if (more) {
 #pragma unroll
             for (int r = 0; r < R; r++) {
                 const uint4* wr = (const uint4*)wrow[r];
                 a[r] = ld_stream(wr + i);
                 b2[r] = ld_stream(wr + i + step);
             }
+        }
+        pdl_wait();
+        while (more) {
 #pragma unroll
             for (int j = 0; j < N; j++) {
                 if (j < n) {
@@ -497,6 +532,16 @@ __device__ void gemv_impl(const bf16* W0, const bf16* W1, const bf16* W2, float*
 #pragma unroll
                     for (int r = 0; r < R; r++)
                         acc[r][j] += dot8(a[r], xr) + dot8(b2[r], xr + 8 * step);
+                }
+            }
+            i += 2 * step;
+            more = i + step < nv;
+            if (more) {
+#pragma unroll
+                for (int r = 0; r < R; r++) {
+                    const uint4* wr = (const uint4*)wrow[r];
+                    a[r] = ld_stream(wr + i);
+                    b2[r] = ld_stream(wr + i + step);
                 }
             }
         }
@@ -512,6 +557,7 @@ __device__ void gemv_impl(const bf16* W0, const bf16* W1, const bf16* W2, float*
                 }
         }
     } else {
+        pdl_wait();
         for (int i = w * 32 + lane; i < cols; i += 32 * GEMV_WARPS) {
 #pragma unroll
             for (int r = 0; r < R; r++) {
@@ -569,6 +615,7 @@ extern "C" __global__ void gemv8(MM_ARGS) { gemv_impl<8, GEMV_R8>(MM_PASS); }
 
 // Deterministic pseudo-random bf16 in [-scale, scale) (dummy weights for benchmarks).
 extern "C" __global__ void fill_random(bf16* w, u64 n, u32 seed, float scale) {
+    PDL_ENTRY;
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         u64 h = i * 0x9E3779B97F4A7C15ull + (u64)seed * 0xBF58476D1CE4E5B9ull;
         h ^= h >> 31;
@@ -772,11 +819,13 @@ __device__ __forceinline__ void rmsnorm_topk_impl(const float* x, const float* w
 #define TOPK_KERNELS(N)                                                                       \
     extern "C" __global__ void __launch_bounds__(TOPK_THREADS)                                \
         topk##N(float* x, int d, int k, int* idx, float* val, int mode) {                     \
+        PDL_ENTRY;                                                                            \
         topk_impl<N>(x, d, k, idx, val, mode);                                                \
     }                                                                                         \
     extern "C" __global__ void __launch_bounds__(TOPK_THREADS)                                \
         rmsnorm_topk##N(const float* x, const float* w, float* out, int d, float eps, int k,  \
                         int* idx, float* val, int mode) {                                     \
+        PDL_ENTRY;                                                                            \
         rmsnorm_topk_impl<N>(x, w, out, d, eps, k, idx, val, mode);                           \
     }
 TOPK_KERNELS(8)
@@ -948,15 +997,18 @@ __device__ void sparse_mm_impl(const bf16* W0, const bf16* W1, const bf16* W2, f
         int r1, int r2, const int *idx, const float *val, int k, int mode, float *part, u32 *cnt
 #define SP_PASS W0, W1, W2, y0, y1, y2, r0, r1, r2, idx, val, k, mode, part, cnt
 extern "C" __global__ void __launch_bounds__(256) sparse_mm512(SP_ARGS) {
+    PDL_ENTRY;
     sparse_mm_impl<512>(SP_PASS);
 }
 extern "C" __global__ void __launch_bounds__(256) sparse_mm1024(SP_ARGS) {
+    PDL_ENTRY;
     sparse_mm_impl<1024>(SP_PASS);
 }
 
 // out[c, r] = in[r, c] (bf16; out's rows ld >= rows apart), 32x32 tiles through shared
 // memory; 256 threads per block, grid (ceil(cols / 32), ceil(rows / 32)).
 extern "C" __global__ void transpose_bf16(const bf16* in, bf16* out, int rows, int cols, int ld) {
+    PDL_ENTRY;
     __shared__ bf16 tile[32][33];
     int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
     int bx = blockIdx.x * 32, by = blockIdx.y * 32;
@@ -1094,12 +1146,15 @@ __device__ void mm_impl(const bf16* W0, const bf16* W1, const bf16* W2, float* y
 }
 
 extern "C" __global__ void __launch_bounds__(256) mm8(MM_ARGS) {
+    PDL_ENTRY;
     mm_impl<1, 4>(MM_PASS);
 }
 extern "C" __global__ void __launch_bounds__(256) mm16(MM_ARGS) {
+    PDL_ENTRY;
     mm_impl<2, 4>(MM_PASS);
 }
 extern "C" __global__ void __launch_bounds__(256) mm32(MM_ARGS) {
+    PDL_ENTRY;
     mm_impl<4, 2>(MM_PASS);
 }
 
@@ -1165,7 +1220,9 @@ __device__ void mms_impl(const bf16* W0, const bf16* W1, const bf16* W2, float* 
     const uint4* ra = (const uint4*)(Wm + (size_t)min(wrow + g, rows - 1) * cols + k0) + t;
     const uint4* rb = (const uint4*)(Wm + (size_t)min(wrow + g + 8, rows - 1) * cols + k0) + t;
     uint4 lo[U], hi[U];
-    ms_load<U>(lo, hi, ra, rb, 0, nkb);
+    pdl_trigger();
+    ms_load<U>(lo, hi, ra, rb, 0, nkb);   // constant: before the wait (PDL)
+    pdl_wait();
     // Stage x[:, k0 .. k0 + kn) as bf16 (token rows past n as zeros), 4 loads in flight
     // per thread.
     int q4 = kn >> 2, total = NTOK * q4;
@@ -1466,9 +1523,11 @@ __device__ void attention_mma_impl(const float* q, const u64* kvp, const int* it
     const float *q, const u64 *kvp, const int *item, const int *pos, const int *tiles,        \
         float *out, int nh, int nkv, int hd, float scale
 extern "C" __global__ void __launch_bounds__(32 * FM_WARPS) attention_mma64(ATT_MMA_ARGS) {
+    PDL_ENTRY;
     attention_mma_impl<64>(q, kvp, item, pos, tiles, out, nh, nkv, scale);
 }
 extern "C" __global__ void __launch_bounds__(32 * FM_WARPS) attention_mma128(ATT_MMA_ARGS) {
+    PDL_ENTRY;
     attention_mma_impl<128>(q, kvp, item, pos, tiles, out, nh, nkv, scale);
 }
 
@@ -1479,6 +1538,7 @@ extern "C" __global__ void rope_kv(float* q, float* k, const float* __restrict__
                                    const int* pos, const float* cos_t, const float* sin_t,
                                    const u64* kvp, const int* item, int nh, int nkv, int hd,
                                    int interleaved) {
+    PDL_ENTRY;
     int r = blockIdx.x, half = hd / 2, p = pos[r], kvd = nkv * hd;
     int j = blockIdx.y * blockDim.x + threadIdx.x;
     int pairs = (nh + nkv) * half;
@@ -1546,6 +1606,7 @@ struct KeepWalk {
 // the same select over mass.
 extern "C" __global__ void __launch_bounds__(1024)
     sample_rows(const float* logits, int vocab, const float* prm, const int* topk, u32* out) {
+    PDL_ENTRY;
     __shared__ RadixShared rs;
     __shared__ float fhist[256];
     __shared__ u32 s_sel, s_rem;

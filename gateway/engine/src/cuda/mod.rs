@@ -12,6 +12,7 @@ pub mod forward;
 pub mod kv;
 
 use std::ffi::{c_void, CString};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use cudarc::cublas::{result as blas, sys as blas_sys};
@@ -68,6 +69,13 @@ pub struct Gpu {
     pub(crate) blas: blas_sys::cublasHandle_t,
     /// Seconds NVRTC took (0 when the PTX came from the cache).
     pub compile_secs: f64,
+    /// Launch kernels with programmatic dependent launch (sm_90 and newer, on by default;
+    /// `SWITCHYARD_PDL=0` or [`Self::set_pdl`] turns it off): the next kernel's blocks are
+    /// scheduled while the previous kernel finishes and may stream their weights before
+    /// waiting for it (`pdl_wait` in kernels/engine.cu).
+    pdl: AtomicBool,
+    /// The L2 fetch granularity in bytes: (the driver's default, the one set).
+    pub l2_fetch: (usize, usize),
 }
 
 // SAFETY: the handles are plain driver handles; every entry point makes the context current
@@ -191,6 +199,32 @@ impl Gpu {
             .map_err(|e| err("attribute", e))?;
             (ctx, total, (major, minor))
         };
+        // L2 fetches from memory in 128-byte lines (the driver's default is reported in
+        // `l2_fetch`): the
+        // tensor-core products read 64 bytes of each of 8 weight rows per load instruction
+        // (the mma fragment layout), and measured 5-6 points of copy bandwidth faster with
+        // it (bench/results/gpu-llama2-7b-l2fetch.json). SWITCHYARD_L2_FETCH=BYTES sets
+        // another value, 0 leaves the driver's.
+        let fetch = match std::env::var("SWITCHYARD_L2_FETCH") {
+            Ok(v) => v.parse().map_err(|_| {
+                EngineError::Invalid(format!("SWITCHYARD_L2_FETCH={v}: expected a byte count"))
+            })?,
+            Err(_) => 128usize,
+        };
+        let limit = sys::CUlimit::CU_LIMIT_MAX_L2_FETCH_GRANULARITY;
+        let mut driver_fetch = 0usize;
+        // SAFETY: the context is current; the out-pointer is a live usize.
+        unsafe {
+            sys::cuCtxGetLimit(&mut driver_fetch, limit)
+                .result()
+                .map_err(|e| err("L2 fetch granularity", e))?;
+            if fetch > 0 {
+                sys::cuCtxSetLimit(limit, fetch)
+                    .result()
+                    .map_err(|e| err("L2 fetch granularity", e))?;
+            }
+        }
+        let l2_fetch = (driver_fetch, if fetch > 0 { fetch } else { driver_fetch });
         let stream = cu::stream::create(cu::stream::StreamKind::NonBlocking)
             .map_err(|e| err("stream", e))?;
         let (ptx, compile_secs) = cached_ptx(arch_name(cc))?;
@@ -282,6 +316,10 @@ impl Gpu {
             k,
             blas: handle,
             compile_secs,
+            l2_fetch,
+            pdl: AtomicBool::new(
+                cc.0 >= 9 && std::env::var("SWITCHYARD_PDL").as_deref() != Ok("0"),
+            ),
         })
     }
 
@@ -324,9 +362,43 @@ impl Gpu {
         smem: u32,
         args: &mut [*mut c_void],
     ) -> Result<()> {
-        // SAFETY: upheld by the caller.
-        unsafe { cu::launch_kernel(f, grid, (block, 1, 1), smem, self.stream, args) }
+        if !self.pdl() {
+            // SAFETY: upheld by the caller.
+            return unsafe { cu::launch_kernel(f, grid, (block, 1, 1), smem, self.stream, args) }
+                .map_err(|e| err("kernel launch", e));
+        }
+        // SAFETY: a zeroed attribute is a valid bit pattern; the id names the union member set.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let cfg = sys::CUlaunchConfig {
+            gridDimX: grid.0,
+            gridDimY: grid.1,
+            gridDimZ: grid.2,
+            blockDimX: block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: smem,
+            hStream: self.stream,
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        // SAFETY: upheld by the caller; cfg and attr outlive the call. Every kernel of
+        // engine.cu waits for its predecessor (pdl_wait) before touching its data.
+        unsafe { sys::cuLaunchKernelEx(&cfg, f, args.as_mut_ptr(), std::ptr::null_mut()) }
+            .result()
             .map_err(|e| err("kernel launch", e))
+    }
+
+    /// Whether kernels are launched with programmatic dependent launch.
+    pub fn pdl(&self) -> bool {
+        self.pdl.load(Ordering::Relaxed)
+    }
+
+    /// Turn programmatic dependent launch on (only where the device has it, sm_90 and
+    /// newer) or off, for side-by-side runs. Graphs captured before keep their launches.
+    pub fn set_pdl(&self, on: bool) {
+        self.pdl.store(on && self.cc.0 >= 9, Ordering::Relaxed);
     }
 
     pub fn alloc(self: &Arc<Self>, bytes: usize) -> Result<DevBuf> {
