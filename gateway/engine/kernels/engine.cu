@@ -612,9 +612,6 @@ extern "C" __global__ void gemv1(MM_ARGS) { gemv_impl<1, GEMV_R1>(MM_PASS); }
 extern "C" __global__ void gemv2(MM_ARGS) { gemv_impl<2, GEMV_R2>(MM_PASS); }
 extern "C" __global__ void gemv4(MM_ARGS) { gemv_impl<4, GEMV_R4>(MM_PASS); }
 extern "C" __global__ void gemv8(MM_ARGS) { gemv_impl<8, GEMV_R8>(MM_PASS); }
-// One token, two rows per block: twice the blocks, for products whose R = 4 grid would not
-// fill the GPU (4,096 rows: 1,024 blocks on 132 SMs of up to 16).
-extern "C" __global__ void gemv1r2(MM_ARGS) { gemv_impl<1, 2>(MM_PASS); }
 
 // Deterministic pseudo-random bf16 in [-scale, scale) (dummy weights for benchmarks).
 extern "C" __global__ void fill_random(bf16* w, u64 n, u32 seed, float scale) {

@@ -900,16 +900,7 @@ fn launch_fused(
         return launch_mms(g, outs, x, n, epi, (part, cnt), blocks);
     }
     // (kernel, output rows per block, rows per block of the gated unit, threads)
-    // One token: two rows per block where four would leave the GPU part empty.
-    static R2: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    let r2_rows = *R2.get_or_init(|| match std::env::var("SWITCHYARD_GEMV_R2").as_deref() {
-        Ok("none") => 0,
-        Ok("all") => usize::MAX,
-        _ => 4096,
-    });
-    let total_rows: usize = outs.iter().map(|(w, _)| w.rows).sum();
     let (f, rpb, rpb_glu, threads) = match (k, n) {
-        (Fused::Gemv, 1) if total_rows <= r2_rows => (g.k.gemv1r2, 2, 1, 128),
         (Fused::Gemv, 1) => (g.k.gemv[0], 4, 2, 128),
         (Fused::Gemv, 2) => (g.k.gemv[1], 4, 2, 128),
         (Fused::Gemv, 3..=4) => (g.k.gemv[2], 2, 1, 128),

@@ -39,8 +39,6 @@ pub(crate) struct Kernels {
     pub f32_to_bf16: sys::CUfunction,
     /// gemv for up to 1, 2, 4, 8 tokens.
     pub gemv: [sys::CUfunction; 4],
-    /// gemv for 1 token with 2 rows per block (small products).
-    pub gemv1r2: sys::CUfunction,
     /// Tensor-core products for up to 8, 16, 32 tokens (fused Q/K/V, residual add, gated unit).
     pub mm: [sys::CUfunction; 3],
     /// Split-K tensor-core products for up to 8, 16, 32, 64 tokens (inputs staged in
@@ -249,7 +247,6 @@ impl Gpu {
             silu_mul: f("silu_mul")?,
             f32_to_bf16: f("f32_to_bf16")?,
             gemv: [f("gemv1")?, f("gemv2")?, f("gemv4")?, f("gemv8")?],
-            gemv1r2: f("gemv1r2")?,
             mm: [f("mm8")?, f("mm16")?, f("mm32")?],
             mms: [f("mms8")?, f("mms16")?, f("mms32")?, f("mms64")?],
             rope_kv: f("rope_kv")?,
