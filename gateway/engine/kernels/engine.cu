@@ -147,6 +147,7 @@ extern "C" __global__ void rmsnorm(const float* __restrict__ x, const float* __r
 }
 
 #define ATT_WARPS 8
+#define ATT_MIN_SPLIT 16
 
 __device__ __forceinline__ void bf4(uint2 u, float* f) {
     f[0] = bf_lo(u.x);
@@ -169,10 +170,14 @@ extern "C" __global__ void attention(const float* q, const u64* kvp, const int* 
     __shared__ float s_acc[ATT_WARPS * 256];
     __shared__ u32 s_ticket;
     int r = rows[blockIdx.x], h = blockIdx.y;
-    int S = gridDim.z, gw = blockIdx.z * ATT_WARPS + (threadIdx.x >> 5), GW = S * ATT_WARPS;
+    int it = item[r], T = pos[r] + 1;
+    // Splits in use: at least ATT_MIN_SPLIT positions each (short contexts skip the merge);
+    // the grid's other blocks leave at once. Every block of a (row, head) agrees on S.
+    int S = min((int)gridDim.z, max(1, (T + ATT_MIN_SPLIT - 1) / ATT_MIN_SPLIT));
+    if ((int)blockIdx.z >= S) return;
+    int gw = blockIdx.z * ATT_WARPS + (threadIdx.x >> 5), GW = S * ATT_WARPS;
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     int kvd = nkv * hd, kh = h / (nh / nkv);
-    int it = item[r], T = pos[r] + 1;
     const bf16* K = (const bf16*)kvp[2 * it] + kh * hd;
     const bf16* V = (const bf16*)kvp[2 * it + 1] + kh * hd;
     const float* qr = q + ((size_t)r * nh + h) * hd;
@@ -250,7 +255,7 @@ extern "C" __global__ void attention(const float* q, const u64* kvp, const int* 
     // calls) merges the splits in order.
     float* o = out + ((size_t)r * nh + h) * hd;
     size_t slot = (size_t)blockIdx.x * nh + h;
-    float* pp = part + (slot * S + blockIdx.z) * (hd + 2);
+    float* pp = part + (slot * gridDim.z + blockIdx.z) * (hd + 2);
     for (int e = threadIdx.x; e < hd; e += blockDim.x) {
         float a = 0.f;
         for (int i = 0; i < ATT_WARPS; i++)
@@ -271,7 +276,7 @@ extern "C" __global__ void attention(const float* q, const u64* kvp, const int* 
     __syncthreads();
     if (s_ticket != (u32)S - 1) return;
     __threadfence();
-    const float* base = part + slot * S * (hd + 2);
+    const float* base = part + slot * gridDim.z * (hd + 2);
     float MM = NEG_INF, LL = 0.f;
     for (int i = 0; i < S; i++)
         if (__ldcg(base + i * (hd + 2) + 1) > 0.f) MM = fmaxf(MM, __ldcg(base + i * (hd + 2)));
