@@ -47,6 +47,9 @@ if [[ $STEPS == *bench* ]]; then
   echo "== decode without programmatic dependent launch (each kernel waits for the last to end)"
   SWITCHYARD_PDL=0 "$BIN" bench gpu --dummy llama2-7b --batch ${BATCH:-1,8,32,64} --prompt 128 \
     --gen ${GEN:-128} --prefill 512 --json > "$OUT/gpu-llama2-7b-nopdl.json"
+  echo "== decode with the previous attention kernel (2 positions per warp iteration, not 4)"
+  SWITCHYARD_ATT_U=2 "$BIN" bench gpu --dummy llama2-7b --batch 8,32,64 --prompt 128 \
+    --gen ${GEN:-128} --prefill 512 --json > "$OUT/gpu-llama2-7b-att2.json"
   echo "== batches 1-8 and the products with the driver's L2 fetch granularity (not 128 bytes)"
   SWITCHYARD_L2_FETCH=0 "$BIN" bench gpu --dummy llama2-7b --batch 1,4,8 --prompt 128 \
     --gen ${GEN:-128} --prefill 512 --products --json > "$OUT/gpu-llama2-7b-l2fetch.json"

@@ -162,10 +162,10 @@ __device__ __forceinline__ void bf4(uint2 u, float* f) {
 // owns 4 consecutive dimensions (8-byte loads) of up to two 128-wide halves; each warp walks
 // every ATT_WARPS-th position, two positions per iteration with their K and V loads issued
 // together, with an online softmax; the warps' partial results are merged at the end.
-extern "C" __global__ void attention(const float* q, const u64* kvp, const int* item, const int* pos,
-                                     const int* rows, float* out, int nh, int nkv, int hd,
-                                     float scale, float* part, u32* cnt) {
-    PDL_ENTRY;
+template <int ATT_U>
+__device__ void attention_impl(const float* q, const u64* kvp, const int* item, const int* pos,
+                               const int* rows, float* out, int nh, int nkv, int hd,
+                               float scale, float* part, u32* cnt) {
     __shared__ float s_m[ATT_WARPS], s_l[ATT_WARPS];
     __shared__ float s_acc[ATT_WARPS * 256];
     __shared__ u32 s_ticket;
@@ -194,15 +194,17 @@ extern "C" __global__ void attention(const float* q, const u64* kvp, const int* 
         }
     }
     float m = NEG_INF, l = 0.f;
-    for (int t0 = gw; t0 < T; t0 += 2 * GW) {
-        uint2 kk[2][2], vv[2][2];
-        bool have[2] = {true, t0 + GW < T};
+    // ATT_U positions per iteration: their K and V loads go out together, their scores are
+    // reduced together (independent shuffles) and folded into the softmax in one update.
+    for (int t0 = gw; t0 < T; t0 += ATT_U * GW) {
+        uint2 kk[ATT_U][2], vv[ATT_U][2];
 #pragma unroll
-        for (int u = 0; u < 2; u++) {
+        for (int u = 0; u < ATT_U; u++) {
             size_t t = (size_t)(t0 + u * GW);
+            bool have = t0 + u * GW < T;
 #pragma unroll
             for (int c = 0; c < 2; c++) {
-                if (have[u] && ok[c]) {
+                if (have && ok[c]) {
                     kk[u][c] = *(const uint2*)(K + t * kvd + 4 * lane + 128 * c);
                     vv[u][c] = *(const uint2*)(V + t * kvd + 4 * lane + 128 * c);
                 } else {
@@ -211,9 +213,9 @@ extern "C" __global__ void attention(const float* q, const u64* kvp, const int* 
                 }
             }
         }
+        float sc[ATT_U];
 #pragma unroll
-        for (int u = 0; u < 2; u++) {
-            if (!have[u]) break;
+        for (int u = 0; u < ATT_U; u++) {
             float s = 0.f, kf[4];
 #pragma unroll
             for (int c = 0; c < 2; c++) {
@@ -221,19 +223,34 @@ extern "C" __global__ void attention(const float* q, const u64* kvp, const int* 
 #pragma unroll
                 for (int i = 0; i < 4; i++) s = fmaf(qv[c][i], kf[i], s);
             }
-            s = warp_sum(s);
-            float mn = fmaxf(m, s);
-            float corr = __expf(m - mn), pe = __expf(s - mn);
-            l = l * corr + pe;
+            sc[u] = s;
+        }
+#pragma unroll
+        for (int u = 0; u < ATT_U; u++) sc[u] = warp_sum(sc[u]);
+        float mn = m;
+#pragma unroll
+        for (int u = 0; u < ATT_U; u++)
+            if (t0 + u * GW < T) mn = fmaxf(mn, sc[u]);
+        float corr = __expf(m - mn);
+        l *= corr;
+#pragma unroll
+        for (int c = 0; c < 2; c++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) acc[c][i] *= corr;
+#pragma unroll
+        for (int u = 0; u < ATT_U; u++) {
+            if (t0 + u * GW >= T) break;
+            float pe = __expf(sc[u] - mn);
+            l += pe;
 #pragma unroll
             for (int c = 0; c < 2; c++) {
                 float vf[4];
                 bf4(vv[u][c], vf);
 #pragma unroll
-                for (int i = 0; i < 4; i++) acc[c][i] = acc[c][i] * corr + pe * vf[i];
+                for (int i = 0; i < 4; i++) acc[c][i] = fmaf(pe, vf[i], acc[c][i]);
             }
-            m = mn;
         }
+        m = mn;
     }
     if (lane == 0) {
         s_m[w] = m;
@@ -293,6 +310,19 @@ extern "C" __global__ void attention(const float* q, const u64* kvp, const int* 
         o[e] = a / LL;
     }
     if (threadIdx.x == 0) cnt[slot] = 0u;
+}
+
+#define ATT_ARGS                                                                              \
+    const float *q, const u64 *kvp, const int *item, const int *pos, const int *rows,         \
+        float *out, int nh, int nkv, int hd, float scale, float *part, u32 *cnt
+#define ATT_PASS q, kvp, item, pos, rows, out, nh, nkv, hd, scale, part, cnt
+extern "C" __global__ void attention(ATT_ARGS) {
+    PDL_ENTRY;
+    attention_impl<2>(ATT_PASS);
+}
+extern "C" __global__ void attention4(ATT_ARGS) {
+    PDL_ENTRY;
+    attention_impl<4>(ATT_PASS);
 }
 
 __device__ __forceinline__ float warp_max(float v) {

@@ -531,6 +531,17 @@ const NBUF: usize = 31;
 /// outputs), then gate/up (2 + 2 + 2).
 const BPTR_LAYER: usize = 15;
 
+/// Which decode attention kernel runs: 4 positions per warp iteration (`attention4`), or 2
+/// (`attention`) with `SWITCHYARD_ATT_U=2` for side-by-side runs. 8 was slower at batch 32
+/// and 64 (bench/results/experiments/).
+fn att_kernel() -> usize {
+    static K: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *K.get_or_init(|| match std::env::var("SWITCHYARD_ATT_U").as_deref() {
+        Ok("2") => 0,
+        _ => 1,
+    })
+}
+
 /// Decode attention splits each (row, head) over positions into this many blocks at most,
 /// enough that small batches fill the device (about two blocks per SM of an H100/H200).
 const ATT_SPLIT_MAX: usize = 8;
@@ -2106,7 +2117,7 @@ impl CudaBackend {
                 )?;
                 if n_arows > 0 {
                     g.launch(
-                        kk.attention,
+                        kk.attention[att_kernel()],
                         (n_arows as u32, nh as u32, att_splits as u32),
                         256,
                         args!(

@@ -31,7 +31,8 @@ pub(crate) struct Kernels {
     pub embed: sys::CUfunction,
     pub gather_rows: sys::CUfunction,
     pub rmsnorm: sys::CUfunction,
-    pub attention: sys::CUfunction,
+    /// Decode attention with 2 and 4 positions per warp iteration.
+    pub attention: [sys::CUfunction; 2],
     pub attention_tiles: sys::CUfunction,
     /// Prefill attention on tensor cores, head size 64 and 128.
     pub attention_mma: [sys::CUfunction; 2],
@@ -241,7 +242,7 @@ impl Gpu {
             embed: f("embed")?,
             gather_rows: f("gather_rows")?,
             rmsnorm: f("rmsnorm")?,
-            attention: f("attention")?,
+            attention: [f("attention")?, f("attention4")?],
             attention_tiles: f("attention_tiles")?,
             attention_mma: [f("attention_mma64")?, f("attention_mma128")?],
             silu_mul: f("silu_mul")?,
