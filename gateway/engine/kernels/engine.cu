@@ -160,8 +160,9 @@ __device__ __forceinline__ void bf4(uint2 u, float* f) {
 // its item's cache (decode rows and short chunks; long prefill chunks go to
 // attention_tiles). grid (rows, n_heads), block 32 * ATT_WARPS; head_dim a multiple of 4, at most 256. Each lane
 // owns 4 consecutive dimensions (8-byte loads) of up to two 128-wide halves; each warp walks
-// every ATT_WARPS-th position, two positions per iteration with their K and V loads issued
-// together, with an online softmax; the warps' partial results are merged at the end.
+// every ATT_WARPS-th position, ATT_U positions per iteration (2 in `attention`, 4 in
+// `attention4`) with their K and V loads issued together, with an online softmax; the
+// warps' partial results are merged at the end.
 template <int ATT_U>
 __device__ void attention_impl(const float* q, const u64* kvp, const int* item, const int* pos,
                                const int* rows, float* out, int nh, int nkv, int hd,
@@ -198,13 +199,14 @@ __device__ void attention_impl(const float* q, const u64* kvp, const int* item, 
     // reduced together (independent shuffles) and folded into the softmax in one update.
     for (int t0 = gw; t0 < T; t0 += ATT_U * GW) {
         uint2 kk[ATT_U][2], vv[ATT_U][2];
+        bool have[ATT_U];
 #pragma unroll
         for (int u = 0; u < ATT_U; u++) {
             size_t t = (size_t)(t0 + u * GW);
-            bool have = t0 + u * GW < T;
+            have[u] = t0 + u * GW < T;
 #pragma unroll
             for (int c = 0; c < 2; c++) {
-                if (have && ok[c]) {
+                if (have[u] && ok[c]) {
                     kk[u][c] = *(const uint2*)(K + t * kvd + 4 * lane + 128 * c);
                     vv[u][c] = *(const uint2*)(V + t * kvd + 4 * lane + 128 * c);
                 } else {
@@ -230,7 +232,7 @@ __device__ void attention_impl(const float* q, const u64* kvp, const int* item, 
         float mn = m;
 #pragma unroll
         for (int u = 0; u < ATT_U; u++)
-            if (t0 + u * GW < T) mn = fmaxf(mn, sc[u]);
+            if (have[u]) mn = fmaxf(mn, sc[u]);
         float corr = __expf(m - mn);
         l *= corr;
 #pragma unroll
@@ -239,7 +241,7 @@ __device__ void attention_impl(const float* q, const u64* kvp, const int* item, 
             for (int i = 0; i < 4; i++) acc[c][i] *= corr;
 #pragma unroll
         for (int u = 0; u < ATT_U; u++) {
-            if (t0 + u * GW >= T) break;
+            if (!have[u]) break;
             float pe = __expf(sc[u] - mn);
             l += pe;
 #pragma unroll
@@ -512,6 +514,18 @@ __device__ __forceinline__ Seg pick_segment(int& b, int per, const bf16* W0, con
 // in the same order in every mode, so a fused launch equals the separate products followed
 // by an f32 add or the `silu_mul` kernel bit for bit.
 #define GEMV_WARPS 4
+// One GEMV chunk: 16-byte column block i, and i + step, of each of the R weight rows.
+template <int R>
+__device__ __forceinline__ void gemv_load(uint4 (&a)[R], uint4 (&b2)[R], const bf16* const (&wrow)[R],
+                                          int i, int step) {
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        const uint4* wr = (const uint4*)wrow[r];
+        a[r] = ld_stream(wr + i);
+        b2[r] = ld_stream(wr + i + step);
+    }
+}
+
 template <int N, int R>
 __device__ void gemv_impl(const bf16* W0, const bf16* W1, const bf16* W2, float* y0, float* y1,
                           float* y2, int r0, int r1, int r2, const float* x, int cols, int n,
@@ -550,14 +564,7 @@ __device__ void gemv_impl(const bf16* W0, const bf16* W1, const bf16* W2, float*
         // (they are constant), so under PDL they stream while it finishes.
         uint4 a[R], b2[R];
         bool more = i + step < nv;
-        if (more) {
-#pragma unroll
-            for (int r = 0; r < R; r++) {
-                const uint4* wr = (const uint4*)wrow[r];
-                a[r] = ld_stream(wr + i);
-                b2[r] = ld_stream(wr + i + step);
-            }
-        }
+        if (more) gemv_load<R>(a, b2, wrow, i, step);
         pdl_wait();
         while (more) {
 #pragma unroll
@@ -571,14 +578,7 @@ __device__ void gemv_impl(const bf16* W0, const bf16* W1, const bf16* W2, float*
             }
             i += 2 * step;
             more = i + step < nv;
-            if (more) {
-#pragma unroll
-                for (int r = 0; r < R; r++) {
-                    const uint4* wr = (const uint4*)wrow[r];
-                    a[r] = ld_stream(wr + i);
-                    b2[r] = ld_stream(wr + i + step);
-                }
-            }
+            if (more) gemv_load<R>(a, b2, wrow, i, step);
         }
         for (; i < nv; i += step) {
             uint4 a[R];

@@ -531,17 +531,6 @@ const NBUF: usize = 31;
 /// outputs), then gate/up (2 + 2 + 2).
 const BPTR_LAYER: usize = 15;
 
-/// Which decode attention kernel runs: 4 positions per warp iteration (`attention4`), or 2
-/// (`attention`) with `SWITCHYARD_ATT_U=2` for side-by-side runs. 8 was slower at batch 32
-/// and 64 (bench/results/experiments/).
-fn att_kernel() -> usize {
-    static K: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *K.get_or_init(|| match std::env::var("SWITCHYARD_ATT_U").as_deref() {
-        Ok("2") => 0,
-        _ => 1,
-    })
-}
-
 /// Decode attention splits each (row, head) over positions into this many blocks at most,
 /// enough that small batches fill the device (about two blocks per SM of an H100/H200).
 const ATT_SPLIT_MAX: usize = 8;
@@ -697,6 +686,10 @@ pub struct CudaBackend {
     /// Prefill tiles of head size 64 or 128 run the tensor-core attention (`attention_mma*`);
     /// off (SWITCHYARD_MMA_ATTENTION=0), or for other head sizes, the f32 `attention_tiles`.
     pub mma_attention: bool,
+    /// Decode attention takes 4 positions per warp iteration (`attention4`); off
+    /// (SWITCHYARD_ATT_U=2), 2 (`attention`). 8 was slower at batch 32 and 64
+    /// (bench/results/experiments/).
+    pub attention4: bool,
     /// Products inside `mm_tokens` use the split-K kernels (`mms*`) instead of `mm*`.
     pub mm_split: bool,
     /// Blocks an `mms*` product aims for (the inputs are split to get there).
@@ -1560,6 +1553,7 @@ impl CudaBackend {
             sparse_blocks: SPARSE_BLOCKS,
             device_sampling: std::env::var("SWITCHYARD_DEVICE_SAMPLING").map_or(true, |v| v != "0"),
             mma_attention: std::env::var("SWITCHYARD_MMA_ATTENTION").map_or(true, |v| v != "0"),
+            attention4: std::env::var("SWITCHYARD_ATT_U").map_or(true, |v| v != "2"),
             mm_split: true,
             mm_blocks: MS_BLOCKS_WANTED,
             blas_batched: std::env::var("SWITCHYARD_BLAS_BATCHED").map_or(true, |v| v != "0"),
@@ -1740,20 +1734,20 @@ impl CudaBackend {
         // cuBLAS: the input rounded to bf16 once for all the matrices.
         let x16 = self.bufs.get(g, X16, n * cols * 2)?;
         to_bf16(g, x, x16, n * cols)?;
-        match epi {
-            Epilogue::Store if outs.len() > 1 && batched.is_some() => {
-                gemm_bf16_batched(g, outs[0].0, batched.unwrap(), outs.len(), n)?;
+        match (epi, batched) {
+            (Epilogue::Store, Some(arrays)) if outs.len() > 1 => {
+                gemm_bf16_batched(g, outs[0].0, arrays, outs.len(), n)?;
             }
-            Epilogue::Store => {
+            (Epilogue::Store, _) => {
                 for (w, y) in outs {
                     gemm_bf16(g, w, x16, n, *y, false)?;
                 }
             }
-            Epilogue::Add => {
+            (Epilogue::Add, _) => {
                 let (w, y) = outs[0];
                 gemm_bf16(g, w, x16, n, y, true)?;
             }
-            Epilogue::Glu => {
+            (Epilogue::Glu, _) => {
                 let ((wg, yg), (wu, yu)) = (outs[0], outs[1]);
                 match batched {
                     Some(arrays) => gemm_bf16_batched(g, wg, arrays, 2, n)?,
@@ -2117,7 +2111,7 @@ impl CudaBackend {
                 )?;
                 if n_arows > 0 {
                     g.launch(
-                        kk.attention[att_kernel()],
+                        kk.attention[self.attention4 as usize],
                         (n_arows as u32, nh as u32, att_splits as u32),
                         256,
                         args!(

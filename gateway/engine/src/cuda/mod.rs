@@ -201,11 +201,10 @@ impl Gpu {
             (ctx, total, (major, minor))
         };
         // L2 fetches from memory in 128-byte lines (the driver's default is reported in
-        // `l2_fetch`): the
-        // tensor-core products read 64 bytes of each of 8 weight rows per load instruction
-        // (the mma fragment layout), and measured 5-6 points of copy bandwidth faster with
-        // it (bench/results/gpu-llama2-7b-l2fetch.json). SWITCHYARD_L2_FETCH=BYTES sets
-        // another value, 0 leaves the driver's.
+        // `l2_fetch`): the tensor-core products read 64 bytes of each of 8 weight rows per
+        // load instruction (the mma fragment layout), and measured 5-6 points of copy
+        // bandwidth faster with it (bench/results/gpu-llama2-7b-l2fetch.json).
+        // SWITCHYARD_L2_FETCH=BYTES sets another value, 0 leaves the driver's.
         let fetch = match std::env::var("SWITCHYARD_L2_FETCH") {
             Ok(v) => v.parse().map_err(|_| {
                 EngineError::Invalid(format!("SWITCHYARD_L2_FETCH={v}: expected a byte count"))
@@ -306,7 +305,7 @@ impl Gpu {
                 .result()
                 .map_err(|e| err("cuBLAS workspace", e))?;
         }
-        Ok(Gpu {
+        let gpu = Gpu {
             ordinal,
             name,
             cc,
@@ -318,10 +317,10 @@ impl Gpu {
             blas: handle,
             compile_secs,
             l2_fetch,
-            pdl: AtomicBool::new(
-                cc.0 >= 9 && std::env::var("SWITCHYARD_PDL").as_deref() != Ok("0"),
-            ),
-        })
+            pdl: AtomicBool::new(false),
+        };
+        gpu.set_pdl(std::env::var("SWITCHYARD_PDL").as_deref() != Ok("0"));
+        Ok(gpu)
     }
 
     /// Make this device's context current on the calling thread.
