@@ -3,6 +3,12 @@
 //! Matrix products of a small model take tens of microseconds, so the pool's dispatch cost
 //! matters: workers spin briefly on a generation counter before sleeping on a condvar, and
 //! the calling thread does its own share of the work instead of waiting idle.
+//!
+//! Spinning assumes every thread of the pool has a core. When the machine is oversubscribed
+//! (several processes, or more threads than cores) a spinning thread can hold the core that
+//! the thread it waits for needs, and each fork-join then costs a scheduler time slice. So
+//! every spin loop yields its core after [`YIELD_AFTER`] iterations, and the caller waiting
+//! for the last worker sleeps on a condvar once its spin budget is spent.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -21,6 +27,10 @@ struct Shared {
     spin_iters: usize,
     wake: Condvar,
     wake_lock: Mutex<()>,
+    /// Set while the caller sleeps waiting for `remaining` to reach zero.
+    caller_waiting: AtomicBool,
+    done: Condvar,
+    done_lock: Mutex<()>,
     shutdown: AtomicBool,
 }
 
@@ -37,6 +47,27 @@ pub struct ThreadPool {
 }
 
 const SPIN_ITERS: usize = 200_000;
+
+/// Spin-waits past this many iterations (some tens of microseconds, longer than the gap
+/// between two products of a forward pass) give up the core (`sched_yield`) at each
+/// iteration instead of pausing: on a busy machine that lets the thread being waited for run.
+const YIELD_AFTER: usize = 2048;
+
+/// A yield counts as this many iterations of the spin budget (a system call against a
+/// pause instruction), so a spin-wait lasts about as long with or without yields.
+const YIELD_COST: usize = 32;
+
+/// One step of a spin-wait that has made `spins` steps so far; returns the new count.
+#[inline]
+fn spin_step(spins: usize) -> usize {
+    if spins < YIELD_AFTER {
+        std::hint::spin_loop();
+        spins + 1
+    } else {
+        std::thread::yield_now();
+        spins + YIELD_COST
+    }
+}
 
 /// A raw output pointer shared with pool threads that write disjoint elements.
 #[derive(Clone, Copy)]
@@ -74,6 +105,9 @@ impl ThreadPool {
             spin_iters,
             wake: Condvar::new(),
             wake_lock: Mutex::new(()),
+            caller_waiting: AtomicBool::new(false),
+            done: Condvar::new(),
+            done_lock: Mutex::new(()),
             shutdown: AtomicBool::new(false),
         });
         let handles = (1..n_threads)
@@ -122,11 +156,30 @@ impl ThreadPool {
             self.shared.wake.notify_all();
         }
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(0, n)));
-        while self.shared.remaining.load(Ordering::Acquire) != 0 {
-            std::hint::spin_loop();
-        }
+        self.wait_done();
         if let Err(p) = r {
             std::panic::resume_unwind(p);
+        }
+    }
+
+    /// Wait until every worker has finished the current job: spin (yielding once the wait is long),
+    /// then sleep until the last worker's notification.
+    fn wait_done(&self) {
+        let s = &self.shared;
+        let mut spins = 0;
+        while s.remaining.load(Ordering::Acquire) != 0 {
+            if spins >= s.spin_iters {
+                let mut l = s.done_lock.lock().unwrap_or_else(|e| e.into_inner());
+                s.caller_waiting.store(true, Ordering::SeqCst);
+                // A worker that takes `remaining` to zero after this load sees the flag and
+                // notifies under the lock, which this thread holds until it waits.
+                while s.remaining.load(Ordering::SeqCst) != 0 {
+                    l = s.done.wait(l).unwrap_or_else(|e| e.into_inner());
+                }
+                s.caller_waiting.store(false, Ordering::SeqCst);
+                return;
+            }
+            spins = spin_step(spins);
         }
     }
 }
@@ -144,9 +197,8 @@ fn worker(s: Arc<Shared>, idx: usize) {
             if s.shutdown.load(Ordering::Relaxed) {
                 return;
             }
-            spins += 1;
             if spins < s.spin_iters && !s.resting.load(Ordering::Relaxed) {
-                std::hint::spin_loop();
+                spins = spin_step(spins);
             } else {
                 let l = s.wake_lock.lock().unwrap();
                 s.sleeping.fetch_add(1, Ordering::SeqCst);
@@ -168,7 +220,12 @@ fn worker(s: Arc<Shared>, idx: usize) {
         // A panic in a worker is reported by the caller's copy of the same job failing too in
         // practice; here we only make sure `remaining` is decremented.
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(idx, s.n_threads)));
-        s.remaining.fetch_sub(1, Ordering::Release);
+        if s.remaining.fetch_sub(1, Ordering::SeqCst) == 1
+            && s.caller_waiting.load(Ordering::SeqCst)
+        {
+            let _l = s.done_lock.lock().unwrap_or_else(|e| e.into_inner());
+            s.done.notify_one();
+        }
     }
 }
 
@@ -201,5 +258,22 @@ mod tests {
             });
             assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
         }
+    }
+
+    #[test]
+    fn caller_that_sleeps_is_woken_by_the_last_worker() {
+        // No spin budget: the caller sleeps on the condvar every round, and workers sleep
+        // between rounds, so a lost wake-up on either side would hang this test.
+        let pool = ThreadPool::with_spin(4, 0);
+        let total = AtomicUsize::new(0);
+        for round in 0..2000 {
+            pool.run(&|t, _| {
+                if t == (round % 4) {
+                    std::thread::yield_now();
+                }
+                total.fetch_add(1, Ordering::Relaxed);
+            });
+        }
+        assert_eq!(total.load(Ordering::Relaxed), 8000);
     }
 }
