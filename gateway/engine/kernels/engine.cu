@@ -881,7 +881,9 @@ TOPK_KERNELS(32)
 // every (8*256/TILE)-th one, SP_U loads in flight per lane. Partial sums meet in shared memory, then (splits > 1) in `part`; the last block
 // of a tile to finish (a ticket in cnt, zero between calls) adds the splits in order and
 // applies the epilogue: deterministic, and no second kernel.
+#ifndef SP_U
 #define SP_U 8
+#endif
 #define SP_CHUNK 256
 template <int TILE>
 __device__ void sparse_mm_impl(const bf16* W0, const bf16* W1, const bf16* W2, float* y0, float* y1,

@@ -99,9 +99,11 @@ pub fn compile_kernels(arch: &'static str) -> Result<String> {
                 .into(),
         ));
     }
+    let mut options = vec!["--std=c++17".to_string()];
+    options.extend(kernel_defines().into_iter().map(|d| format!("-D{d}")));
     let opts = cudarc::nvrtc::CompileOptions {
         arch: Some(arch),
-        options: vec!["--std=c++17".into()],
+        options,
         ..Default::default()
     };
     let ptx = cudarc::nvrtc::compile_ptx_with_opts(KERNELS, opts).map_err(|e| {
@@ -126,6 +128,14 @@ fn arch_name(cc: (i32, i32)) -> &'static str {
     }
 }
 
+/// Macro settings for the kernels from `SWITCHYARD_KERNEL_DEFINES` (`NAME=VALUE ...`, for
+/// side-by-side runs of a kernel's tuning constants, e.g. `SP_U=16`); none by default.
+fn kernel_defines() -> Vec<String> {
+    std::env::var("SWITCHYARD_KERNEL_DEFINES")
+        .map(|v| v.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
 fn fnv(s: &str) -> u64 {
     s.bytes().fold(0xcbf29ce484222325u64, |h, b| {
         (h ^ b as u64).wrapping_mul(0x100000001b3)
@@ -140,7 +150,10 @@ fn cached_ptx(arch: &'static str) -> Result<(String, f64)> {
         .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache")));
     let file = base.map(|b| {
         b.join("switchyard")
-            .join(format!("kernels-{:016x}-{arch}.ptx", fnv(KERNELS)))
+            .join(format!(
+                "kernels-{:016x}-{arch}.ptx",
+                fnv(&format!("{KERNELS}{:?}", kernel_defines()))
+            ))
     });
     if let Some(f) = &file {
         if let Ok(p) = std::fs::read_to_string(f) {
