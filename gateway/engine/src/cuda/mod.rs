@@ -149,11 +149,10 @@ fn cached_ptx(arch: &'static str) -> Result<(String, f64)> {
         .map(std::path::PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache")));
     let file = base.map(|b| {
-        b.join("switchyard")
-            .join(format!(
-                "kernels-{:016x}-{arch}.ptx",
-                fnv(&format!("{KERNELS}{:?}", kernel_defines()))
-            ))
+        b.join("switchyard").join(format!(
+            "kernels-{:016x}-{arch}.ptx",
+            fnv(&format!("{KERNELS}{:?}", kernel_defines()))
+        ))
     });
     if let Some(f) = &file {
         if let Ok(p) = std::fs::read_to_string(f) {
