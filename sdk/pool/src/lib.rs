@@ -48,10 +48,13 @@ pub struct ThreadPool {
 
 const SPIN_ITERS: usize = 200_000;
 
-/// Spin-waits past this many iterations (some tens of microseconds, longer than the gap
-/// between two products of a forward pass) give up the core (`sched_yield`) at each
-/// iteration instead of pausing: on a busy machine that lets the thread being waited for run.
-const YIELD_AFTER: usize = 2048;
+/// Spin-waits past this many iterations (a few microseconds) give up the core
+/// (`sched_yield`) at each iteration instead of pausing: on a busy machine that lets the
+/// thread being waited for run; on an idle one the call returns at once. Measured with
+/// `bench/pool-oversubscribed.sh` (two decode processes, each with a pool of all the
+/// cores): 128 kept each process at half its speed alone, 2,048 at about 40 %, and pure
+/// spinning (no yield) at 13-25 %.
+const YIELD_AFTER: usize = 128;
 
 /// A yield counts as this many iterations of the spin budget (a system call against a
 /// pause instruction), so a spin-wait lasts about as long with or without yields.
