@@ -165,8 +165,8 @@ impl ThreadPool {
         }
     }
 
-    /// Wait until every worker has finished the current job: spin (yielding once the wait is long),
-    /// then sleep until the last worker's notification.
+    /// Wait until every worker has finished the current job: spin (yielding once the wait
+    /// is long), then sleep until the last worker's notification.
     fn wait_done(&self) {
         let s = &self.shared;
         let mut spins = 0;
