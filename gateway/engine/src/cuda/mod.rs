@@ -89,8 +89,9 @@ pub fn driver_present() -> bool {
     std::panic::catch_unwind(|| unsafe { sys::is_culib_present() }).unwrap_or(false)
 }
 
-/// NVRTC compile of the engine's kernels for `arch` (e.g. "compute_90"); the PTX text.
-pub fn compile_kernels(arch: &'static str) -> Result<String> {
+/// NVRTC compile of the engine's kernels for `arch` (e.g. "compute_90") with the macro
+/// settings `defines` (`NAME=VALUE`, see [`kernel_defines`]); the PTX text.
+pub fn compile_kernels(arch: &'static str, defines: &[String]) -> Result<String> {
     let present = std::panic::catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() })
         .unwrap_or(false);
     if !present {
@@ -100,7 +101,7 @@ pub fn compile_kernels(arch: &'static str) -> Result<String> {
         ));
     }
     let mut options = vec!["--std=c++17".to_string()];
-    options.extend(kernel_defines().into_iter().map(|d| format!("-D{d}")));
+    options.extend(defines.iter().map(|d| format!("-D{d}")));
     let opts = cudarc::nvrtc::CompileOptions {
         arch: Some(arch),
         options,
@@ -130,29 +131,32 @@ fn arch_name(cc: (i32, i32)) -> &'static str {
 
 /// Macro settings for the kernels from `SWITCHYARD_KERNEL_DEFINES` (`NAME=VALUE ...`, for
 /// side-by-side runs of a kernel's tuning constants, e.g. `SP_U=16`); none by default.
-fn kernel_defines() -> Vec<String> {
+pub fn kernel_defines() -> Vec<String> {
     std::env::var("SWITCHYARD_KERNEL_DEFINES")
         .map(|v| v.split_whitespace().map(str::to_string).collect())
         .unwrap_or_default()
 }
 
-fn fnv(s: &str) -> u64 {
-    s.bytes().fold(0xcbf29ce484222325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100000001b3)
-    })
+/// FNV-1a of `s`, continuing from hash `h` (`FNV_OFFSET` to start).
+fn fnv(h: u64, s: &str) -> u64 {
+    s.bytes()
+        .fold(h, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
 }
+const FNV_OFFSET: u64 = 0xcbf29ce484222325;
 
 /// PTX for this architecture: from the cache (`$XDG_CACHE_HOME` or `~/.cache`,
 /// `switchyard/kernels-<hash>-<arch>.ptx`) or compiled and stored there.
 fn cached_ptx(arch: &'static str) -> Result<(String, f64)> {
+    let defines = kernel_defines();
+    let key = defines
+        .iter()
+        .fold(fnv(FNV_OFFSET, KERNELS), |h, d| fnv(h, d));
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(std::path::PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache")));
     let file = base.map(|b| {
-        b.join("switchyard").join(format!(
-            "kernels-{:016x}-{arch}.ptx",
-            fnv(&format!("{KERNELS}{:?}", kernel_defines()))
-        ))
+        b.join("switchyard")
+            .join(format!("kernels-{key:016x}-{arch}.ptx"))
     });
     if let Some(f) = &file {
         if let Ok(p) = std::fs::read_to_string(f) {
@@ -160,7 +164,7 @@ fn cached_ptx(arch: &'static str) -> Result<(String, f64)> {
         }
     }
     let t = std::time::Instant::now();
-    let ptx = compile_kernels(arch)?;
+    let ptx = compile_kernels(arch, &defines)?;
     let secs = t.elapsed().as_secs_f64();
     if let Some(f) = &file {
         let _ = std::fs::create_dir_all(f.parent().unwrap());
@@ -591,7 +595,7 @@ mod tests {
     #[test]
     fn kernels_compile_with_nvrtc() {
         for arch in ["compute_90", "compute_80"] {
-            match super::compile_kernels(arch) {
+            match super::compile_kernels(arch, &super::kernel_defines()) {
                 Ok(ptx) => {
                     for k in [
                         "embed",
