@@ -735,9 +735,14 @@ __device__ void radix_kth(RadixShared& s, u32 k, Add add, u32* kth, u32* need_ou
     *mask_out = mask;
 }
 
-// One key of radix_kth's histogram pass (cand false: no candidate).
+// One key of radix_kth's histogram pass (cand false: no candidate): a predicated
+// shared-memory reduction, so the pass has no branch per key.
 __device__ __forceinline__ void radix_add(u32* h, u32 key, bool cand, int shift) {
-    if (cand) atomicAdd(&h[(key >> shift) & 2047u], 1u);
+    u32 a = (u32)__cvta_generic_to_shared(&h[(key >> shift) & 2047u]);
+    asm volatile("{\n\t.reg .pred p;\n\tsetp.ne.u32 p, %1, 0;\n\t@p red.shared.add.u32 [%0], 1;\n\t}"
+                 :
+                 : "r"(a), "r"((u32)cand)
+                 : "memory");
 }
 
 // Keep the k largest |v| of a row of d values (ties to the lowest index, the CPU plugin's
@@ -745,7 +750,11 @@ __device__ __forceinline__ void radix_add(u32* h, u32 key, bool cand, int shift)
 // TOPK_ITEMS), TOPK_THREADS threads. Then one block-wide scan of each thread's (above, equal)
 // counts places the kept values in index order: mode 0 writes the kept indices (ascending)
 // and values to idx/val; mode 1 writes the row to out with the dropped values zeroed.
-#define TOPK_THREADS 512
+// 1024 threads (a tuning macro; the host reads it from the kernels' launch bounds): the
+// kernel runs on one SM, so twice the warps of 512 hide twice the latency.
+#ifndef TOPK_THREADS
+#define TOPK_THREADS 1024
+#endif
 template <int TOPK_ITEMS>
 __device__ __forceinline__ void topk_core(const float (&v)[TOPK_ITEMS], int per, int i0, int d, int k, int mode,
                           float* out, int* idx, float* val, RadixShared& s) {
@@ -754,8 +763,9 @@ __device__ __forceinline__ void topk_core(const float (&v)[TOPK_ITEMS], int per,
     for (int q = 0; q < TOPK_ITEMS; q++)
         key[q] = (q < per && i0 + q < d) ? (__float_as_uint(v[q]) & 0x7fffffffu) : 0xffffffffu;
     bool all = k >= d;
-    u32 prefix = 0u, need = (u32)k, mask = 0xffffffffu;
-    if (!all) {
+    // k < 1 keeps nothing: no key is above 0xfffffffe (bit 31 is clear) and none equals it.
+    u32 prefix = k < 1 ? 0xfffffffeu : 0u, need = k < 1 ? 0u : (u32)k, mask = 0xffffffffu;
+    if (!all && k >= 1) {
         auto add = [&](u32* h, int shift, u32 mask, u32 pre) {
 #pragma unroll
             for (int q = 0; q < TOPK_ITEMS; q++)
@@ -766,14 +776,16 @@ __device__ __forceinline__ void topk_core(const float (&v)[TOPK_ITEMS], int per,
     }
     // This thread's counts above / equal to the threshold, packed (d < 65536), then one
     // block-wide exclusive scan.
-    u32 gt = 0, eq = 0;
+    // Branch-free per key: gt / eq flags (an empty slot is neither), then predicated stores.
+    u32 gtm = 0u, eqm = 0u;
 #pragma unroll
     for (int q = 0; q < TOPK_ITEMS; q++) {
-        u32 kq = key[q];
-        if (kq == 0xffffffffu) continue;
-        gt += all || (kq & mask) > prefix;
-        eq += !all && (kq & mask) == prefix;
+        u32 kq = key[q], km = kq & mask;
+        bool valid = kq != 0xffffffffu;
+        gtm |= (u32)(valid && (all || km > prefix)) << q;
+        eqm |= (u32)(valid && !all && km == prefix) << q;
     }
+    u32 gt = __popc(gtm), eq = __popc(eqm);
     u32 total;
     u32 off = block_excl_scan<u32>(gt | (eq << 16), &total);
     u32 gt_before = off & 0xffffu, eq_before = off >> 16;
@@ -783,21 +795,17 @@ __device__ __forceinline__ void topk_core(const float (&v)[TOPK_ITEMS], int per,
     u32 eq_seen = eq_before;
 #pragma unroll
     for (int q = 0; q < TOPK_ITEMS; q++) {
-        u32 kq = key[q];
-        if (kq == 0xffffffffu) continue;
-        bool keep = all || (kq & mask) > prefix;
-        if (!keep && (kq & mask) == prefix) {
-            keep = eq_seen < need;
-            eq_seen++;
-        }
+        bool e = (eqm >> q) & 1u;
+        bool keep = ((gtm >> q) & 1u) || (e && eq_seen < need);
+        eq_seen += e;
         int i = i0 + q;
         if (mode == 0) {
             if (keep) {
                 idx[pos] = i;
                 val[pos] = v[q];
-                pos++;
             }
-        } else {
+            pos += keep;
+        } else if (q < per && i < d) {
             out[i] = keep ? v[q] : 0.f;
         }
     }
@@ -849,8 +857,8 @@ __device__ __forceinline__ void rmsnorm_topk_impl(const float* x, const float* w
               val + (u64)blockIdx.x * k, s);
 }
 
-// Kernels by values per thread (8, 16, 24, 32: the smallest that holds ceil(d / TOPK_THREADS),
-// so that no thread walks empty slots).
+// Kernels by values per thread (4, 8, 12, 16, 24, 32: the smallest that holds
+// ceil(d / TOPK_THREADS), so that no thread walks empty slots).
 #define TOPK_KERNELS(N)                                                                       \
     extern "C" __global__ void __launch_bounds__(TOPK_THREADS)                                \
         topk##N(float* x, int d, int k, int* idx, float* val, int mode) {                     \
@@ -863,7 +871,9 @@ __device__ __forceinline__ void rmsnorm_topk_impl(const float* x, const float* w
         PDL_ENTRY;                                                                            \
         rmsnorm_topk_impl<N>(x, w, out, d, eps, k, idx, val, mode);                           \
     }
+TOPK_KERNELS(4)
 TOPK_KERNELS(8)
+TOPK_KERNELS(12)
 TOPK_KERNELS(16)
 TOPK_KERNELS(24)
 TOPK_KERNELS(32)
@@ -875,22 +885,28 @@ TOPK_KERNELS(32)
 // and the epilogues of MM_ARGS (0 store, 1 add into y, 2 gated unit: a tile is TILE/2 gate
 // outputs and the same TILE/2 up outputs, y0 = silu(gate) * up).
 //
-// A block of 8 warps owns TILE consecutive outputs (TILE/256 warps across them, 8 outputs
-// per lane, so each kept input is a TILE*2-byte run) and split blockIdx.y of the kept
-// inputs (staged in shared memory, SP_CHUNK at a time); the warps across the inputs take
-// every (8*256/TILE)-th one, SP_U loads in flight per lane. Partial sums meet in shared memory, then (splits > 1) in `part`; the last block
+// A block of SP_THREADS / 32 warps owns TILE consecutive outputs (TILE/256 warps across
+// them, 8 outputs per lane, so each kept input is a TILE*2-byte run) and split blockIdx.y
+// of the kept inputs (staged in shared memory, SP_THREADS at a time); the warps across the
+// inputs take every (SP_THREADS/32 / (TILE/256))-th one, SP_U loads in flight per lane.
+// SP_THREADS is a tuning macro (the host reads the block size from the launch bounds);
+// 512 was no faster than 256 on the H200 (bench/results/experiments/README.md). Partial sums meet in shared memory, then (splits > 1) in `part`; the last block
 // of a tile to finish (a ticket in cnt, zero between calls) adds the splits in order and
 // applies the epilogue: deterministic, and no second kernel.
 #ifndef SP_U
 #define SP_U 8
 #endif
-#define SP_CHUNK 256
+#ifndef SP_THREADS
+#define SP_THREADS 256
+#endif
+#define SP_CHUNK SP_THREADS
 template <int TILE>
 __device__ void sparse_mm_impl(const bf16* W0, const bf16* W1, const bf16* W2, float* y0, float* y1,
                                float* y2, int r0, int r1, int r2, const int* __restrict__ idx,
                                const float* __restrict__ val, int k, int mode,
                                float* __restrict__ part, u32* cnt) {
-    constexpr int OW = TILE / 256, IW = 8 / OW, PT = TILE / 256;
+    constexpr int NT = SP_THREADS, OW = TILE / 256, IW = NT / 32 / OW, PT = TILE / NT;
+    static_assert(TILE % NT == 0 && IW >= 1, "tile and block size");
     __shared__ float sh[IW][TILE];
     __shared__ int s_idx[SP_CHUNK];
     __shared__ float s_val[SP_CHUNK];
@@ -970,7 +986,7 @@ __device__ void sparse_mm_impl(const bf16* W0, const bf16* W1, const bf16* W2, f
     __syncthreads();
     // From here thread t holds outputs 4c .. 4c + 3 (C4 columns of 4; G groups of threads
     // split the splits when the tile has fewer columns than the block has threads).
-    constexpr int C4 = TILE / 4, G = 256 / C4;
+    constexpr int C4 = TILE / 4, G = NT / C4;
     int c = t % C4, g = t / C4;
     float4 a = flat4[c];
     if (gridDim.y > 1) {
@@ -1033,11 +1049,11 @@ __device__ void sparse_mm_impl(const bf16* W0, const bf16* W1, const bf16* W2, f
     const bf16 *W0, const bf16 *W1, const bf16 *W2, float *y0, float *y1, float *y2, int r0,  \
         int r1, int r2, const int *idx, const float *val, int k, int mode, float *part, u32 *cnt
 #define SP_PASS W0, W1, W2, y0, y1, y2, r0, r1, r2, idx, val, k, mode, part, cnt
-extern "C" __global__ void __launch_bounds__(256) sparse_mm512(SP_ARGS) {
+extern "C" __global__ void __launch_bounds__(SP_THREADS, 1024 / SP_THREADS) sparse_mm512(SP_ARGS) {
     PDL_ENTRY;
     sparse_mm_impl<512>(SP_PASS);
 }
-extern "C" __global__ void __launch_bounds__(256) sparse_mm1024(SP_ARGS) {
+extern "C" __global__ void __launch_bounds__(SP_THREADS, 1024 / SP_THREADS) sparse_mm1024(SP_ARGS) {
     PDL_ENTRY;
     sparse_mm_impl<1024>(SP_PASS);
 }

@@ -552,10 +552,10 @@ pub(crate) fn attention_mma_smem(hd: usize) -> usize {
 /// Threads of `attention_mma*` (FM_WARPS warps).
 const FM_THREADS: u32 = 128;
 
-/// Threads of the top-k kernels (`TOPK_THREADS` in kernels/engine.cu).
-const TOPK_THREADS: u32 = 512;
-/// Widest input the top-k kernels take (32 elements per thread).
-const TOPK_MAX: usize = 32 * TOPK_THREADS as usize;
+/// Widest input the top-k kernels take (LaRoSA on the GPU).
+const TOPK_MAX: usize = 16384;
+/// Values per thread of the top-k kernel variants (`TOPK_KERNELS` in kernels/engine.cu).
+const TOPK_ITEMS: [usize; 6] = [4, 8, 12, 16, 24, 32];
 
 /// Whether the top-k kernels take rows `d` wide (LaRoSA on the GPU).
 fn topk_fits(d: usize) -> Result<()> {
@@ -567,20 +567,32 @@ fn topk_fits(d: usize) -> Result<()> {
     Ok(())
 }
 
+/// The top-k kernel for rows `d` wide (`rmsnorm_topk*` when `norm`, else `topk*`) and its
+/// block size: the variant with the fewest values per thread that holds
+/// ceil(d / threads).
+fn topk_kernel(g: &Gpu, d: usize, norm: bool) -> Result<(cudarc::driver::sys::CUfunction, u32)> {
+    topk_fits(d)?;
+    let threads = g.k.topk_threads;
+    let per = d.div_ceil(threads as usize);
+    let Some(v) = TOPK_ITEMS.iter().position(|&n| n >= per) else {
+        return Err(EngineError::Invalid(format!(
+            "top-k of {d} values: {threads}-thread blocks take at most {}",
+            TOPK_ITEMS[TOPK_ITEMS.len() - 1] * threads as usize
+        )));
+    };
+    Ok((
+        if norm {
+            g.k.rmsnorm_topk[v]
+        } else {
+            g.k.topk[v]
+        },
+        threads,
+    ))
+}
+
 /// Threads of an RMSNorm block: one float4 per thread for rows up to 4096 wide.
 fn norm_threads(d: usize) -> u32 {
     (d / 4).next_multiple_of(32).clamp(32, 1024) as u32
-}
-
-/// The top-k kernel variant (8, 16, 24 or 32 values per thread) for rows `d` wide (<=
-/// TOPK_MAX).
-fn topk_variant(d: usize) -> usize {
-    match d.div_ceil(TOPK_THREADS as usize) {
-        0..=8 => 0,
-        9..=16 => 1,
-        17..=24 => 2,
-        _ => 3,
-    }
 }
 
 /// Most splits of a sparse product's kept inputs (partial sums `[splits, tiles * tile]`).
@@ -1020,7 +1032,8 @@ fn launch_sparse(
     let rows: Vec<usize> = outs.iter().map(|o| o.1).collect();
     let tiles = sparse_tiles(tile, &rows, epi);
     // Warps across the kept inputs, each with SPARSE_U loads in flight.
-    let per_round = (8 / (tile / 256)) * SPARSE_U;
+    let threads = g.k.sparse_threads;
+    let per_round = (threads as usize / 32 / (tile / 256)).max(1) * SPARSE_U;
     let splits = want_blocks
         .div_ceil(tiles)
         .min(k.div_ceil(per_round))
@@ -1040,7 +1053,7 @@ fn launch_sparse(
         g.launch(
             f,
             (tiles as u32, splits as u32, 1),
-            256,
+            threads,
             args!(w0, w1, w2, y0, y1, y2, r0, r1, r2, idx, val, ki, mode, part, cnt),
         )
     }
@@ -1478,21 +1491,22 @@ pub fn topk_secs(gpu: &Arc<Gpu>, d: usize, k: usize, norm: bool, reps: usize) ->
     let idx = gpu.alloc(d * 4)?;
     let val = gpu.alloc(d * 4)?;
     let (di, ki, mode, eps) = (d as i32, k as i32, 0i32, 1e-5f32);
+    let (f, threads) = topk_kernel(gpu, d, norm)?;
     let run = || -> Result<()> {
         // SAFETY: xd/out hold d f32, idx/val d entries.
         unsafe {
             if norm {
                 gpu.launch(
-                    gpu.k.rmsnorm_topk[topk_variant(d)],
+                    f,
                     (1, 1, 1),
-                    TOPK_THREADS,
+                    threads,
                     args!(xd.ptr, w.ptr, out.ptr, di, eps, ki, idx.ptr, val.ptr, mode),
                 )
             } else {
                 gpu.launch(
-                    gpu.k.topk[topk_variant(d)],
+                    f,
                     (1, 1, 1),
-                    TOPK_THREADS,
+                    threads,
                     args!(xd.ptr, di, ki, idx.ptr, val.ptr, mode),
                 )
             }
@@ -1518,6 +1532,7 @@ pub fn norm_topk(
         )));
     }
     let k = k.clamp(1, x.len());
+    let (f, threads) = topk_kernel(gpu, x.len(), true)?;
     let xd = gpu.upload(x)?;
     let wd = gpu.upload(w)?;
     let out = gpu.alloc(x.len() * 4)?;
@@ -1527,9 +1542,9 @@ pub fn norm_topk(
     // SAFETY: xd/wd/out hold d f32, idx/val k entries.
     unsafe {
         gpu.launch(
-            gpu.k.rmsnorm_topk[topk_variant(x.len())],
+            f,
             (1, 1, 1),
-            TOPK_THREADS,
+            threads,
             args!(xd.ptr, wd.ptr, out.ptr, d, eps, ki, idx.ptr, val.ptr, mode),
         )?;
     }
@@ -1629,16 +1644,16 @@ impl CudaBackend {
             };
             return Ok(None);
         };
-        topk_fits(d)?;
+        let (f, threads) = topk_kernel(g, d, true)?;
         let use_sparse = self.sparse_pass(p, l, sparse);
         let (ki, mode) = (k as i32, if use_sparse { 0i32 } else { 1 });
         // SAFETY: x/xb hold n rows of d f32 (d <= TOPK_MAX, checked above);
         // sidx/sval hold k entries for one row.
         unsafe {
             g.launch(
-                g.k.rmsnorm_topk[topk_variant(d)],
+                f,
                 (nu, 1, 1),
-                TOPK_THREADS,
+                threads,
                 args!(x, w.ptr, xb, di, eps, ki, p.sidx, p.sval, mode),
             )?;
         }
@@ -1653,16 +1668,16 @@ impl CudaBackend {
         let Some((l, k)) = self.kept(true, d) else {
             return Ok(None);
         };
-        topk_fits(d)?;
         let g = &self.dm.gpu;
+        let (f, threads) = topk_kernel(g, d, false)?;
         let use_sparse = self.sparse_pass(p, l, sparse);
         let (di, ki, mode) = (d as i32, k as i32, if use_sparse { 0i32 } else { 1 });
         // SAFETY: x holds n rows of d f32; sidx/sval hold k entries for one row.
         unsafe {
             g.launch(
-                g.k.topk[topk_variant(d)],
+                f,
                 (p.n as u32, 1, 1),
-                TOPK_THREADS,
+                threads,
                 args!(x, di, ki, p.sidx, p.sval, mode),
             )?;
         }
@@ -2319,6 +2334,7 @@ pub fn topk_indices(gpu: &Arc<Gpu>, x: &[f32], k: usize) -> Result<Vec<i32>> {
         )));
     }
     let k = k.clamp(1, x.len());
+    let (f, threads) = topk_kernel(gpu, x.len(), false)?;
     let xd = gpu.upload(x)?;
     let idx = gpu.alloc(k * 4)?;
     let val = gpu.alloc(k * 4)?;
@@ -2326,9 +2342,9 @@ pub fn topk_indices(gpu: &Arc<Gpu>, x: &[f32], k: usize) -> Result<Vec<i32>> {
     // SAFETY: xd holds d f32, idx/val k entries.
     unsafe {
         gpu.launch(
-            gpu.k.topk[topk_variant(x.len())],
+            f,
             (1, 1, 1),
-            TOPK_THREADS,
+            threads,
             args!(xd.ptr, d, ki, idx.ptr, val.ptr, mode),
         )?;
     }

@@ -49,11 +49,15 @@ pub(crate) struct Kernels {
     pub sample_rows: sys::CUfunction,
     pub fill_random: sys::CUfunction,
     /// LaRoSA: top-k selection (alone and after RMSNorm), the sparse products, bf16 transpose.
-    /// Top-k (alone, after RMSNorm) by values per thread: 8, 16, 24, 32.
-    pub topk: [sys::CUfunction; 4],
-    pub rmsnorm_topk: [sys::CUfunction; 4],
+    /// Top-k (alone, after RMSNorm) by values per thread: 4, 8, 12, 16, 24, 32.
+    pub topk: [sys::CUfunction; 6],
+    pub rmsnorm_topk: [sys::CUfunction; 6],
+    /// Threads per block of the top-k kernels (`TOPK_THREADS`, from their launch bounds).
+    pub topk_threads: u32,
     /// Sparse products over kept inputs, output tiles of 512 and 1024.
     pub sparse_mm: [sys::CUfunction; 2],
+    /// Threads per block of `sparse_mm*` (`SP_THREADS`, read from their launch bounds).
+    pub sparse_threads: u32,
     pub transpose_bf16: sys::CUfunction,
 }
 
@@ -253,7 +257,7 @@ impl Gpu {
             // SAFETY: module is loaded.
             unsafe { cu::module::get_function(module, c) }.map_err(|e| err(n, e))
         };
-        let k = Kernels {
+        let mut k = Kernels {
             embed: f("embed")?,
             gather_rows: f("gather_rows")?,
             rmsnorm: f("rmsnorm")?,
@@ -268,16 +272,43 @@ impl Gpu {
             rope_kv: f("rope_kv")?,
             sample_rows: f("sample_rows")?,
             fill_random: f("fill_random")?,
-            topk: [f("topk8")?, f("topk16")?, f("topk24")?, f("topk32")?],
+            topk: [
+                f("topk4")?,
+                f("topk8")?,
+                f("topk12")?,
+                f("topk16")?,
+                f("topk24")?,
+                f("topk32")?,
+            ],
             rmsnorm_topk: [
+                f("rmsnorm_topk4")?,
                 f("rmsnorm_topk8")?,
+                f("rmsnorm_topk12")?,
                 f("rmsnorm_topk16")?,
                 f("rmsnorm_topk24")?,
                 f("rmsnorm_topk32")?,
             ],
+            topk_threads: 0,
             sparse_mm: [f("sparse_mm512")?, f("sparse_mm1024")?],
+            sparse_threads: 0,
             transpose_bf16: f("transpose_bf16")?,
         };
+        // `__launch_bounds__(N, ..)` makes a kernel's largest block N: the block sizes of the
+        // sparse products and the top-k kernels are tuning macros (SP_THREADS, TOPK_THREADS),
+        // so the host reads them rather than assume them.
+        let block = |func: sys::CUfunction, n: &str| -> Result<u32> {
+            // SAFETY: a function of the loaded module.
+            unsafe {
+                cu::function::get_function_attribute(
+                    func,
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK,
+                )
+            }
+            .map(|t| t as u32)
+            .map_err(|e| err(n, e))
+        };
+        k.sparse_threads = block(k.sparse_mm[0], "sparse_mm512 block size")?;
+        k.topk_threads = block(k.topk[0], "topk4 block size")?;
         // The prefill attention kernels (head size 128) and the split-K products take more
         // than the default 48 KiB of shared memory.
         for (func, bytes) in [
@@ -603,7 +634,8 @@ mod tests {
                         "attention_tiles",
                         "gemv8",
                         "sample_rows",
-                        "topk8",
+                        "topk4",
+                        "topk12",
                         "topk32",
                         "rmsnorm_topk8",
                         "rmsnorm_topk32",
