@@ -586,8 +586,13 @@ fn larosa_topk_matches_a_host_sort() {
         order.sort_by(|&a, &b| x[b].abs().total_cmp(&x[a].abs()).then(a.cmp(&b)));
         let mut want: Vec<i32> = order[..k].iter().map(|&i| i as i32).collect();
         want.sort();
-        let got = switchyard_engine::cuda::forward::topk_indices(&g, &x, k).unwrap();
-        assert_eq!(got, want, "top-{k} of {d}");
+        // Over a cluster of blocks (sm_90+) and one block per row.
+        for cluster in [true, false] {
+            g.set_topk_cluster(cluster);
+            let got = switchyard_engine::cuda::forward::topk_indices(&g, &x, k);
+            g.set_topk_cluster(true);
+            assert_eq!(got.unwrap(), want, "top-{k} of {d} (cluster {cluster})");
+        }
     }
 }
 
@@ -612,31 +617,46 @@ fn larosa_rmsnorm_topk_matches_the_host() {
         let ms = x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / d as f64;
         let inv = 1.0 / (ms + eps as f64).sqrt();
         let want: Vec<f64> = (0..d).map(|i| x[i] as f64 * inv * w[i] as f64).collect();
-        let (idx, val) = norm_topk(&g, &x, &w, eps, k).unwrap();
-        assert_eq!(idx.len(), k, "d {d}");
-        assert!(idx.windows(2).all(|p| p[0] < p[1]), "d {d}: not ascending");
-        let mut kept = vec![false; d];
-        for (&i, &v) in idx.iter().zip(&val) {
-            let e = want[i as usize];
-            assert!(
-                (v as f64 - e).abs() <= 1e-5 * e.abs().max(1e-3),
-                "d {d} [{i}]: {v} vs {e}"
-            );
-            kept[i as usize] = true;
+        for cluster in [true, false] {
+            g.set_topk_cluster(cluster);
+            let got = norm_topk(&g, &x, &w, eps, k);
+            g.set_topk_cluster(true);
+            check_norm_topk(d, k, &want, got.unwrap(), cluster);
         }
-        let min_kept = (0..d)
-            .filter(|&i| kept[i])
-            .map(|i| want[i].abs())
-            .fold(f64::MAX, f64::min);
-        let max_dropped = (0..d)
-            .filter(|&i| !kept[i])
-            .map(|i| want[i].abs())
-            .fold(0f64, f64::max);
-        assert!(
-            max_dropped <= min_kept * (1.0 + 1e-5),
-            "d {d} k {k}: dropped {max_dropped} above kept {min_kept}"
-        );
     }
+}
+
+/// [`larosa_rmsnorm_topk_matches_the_host`]'s checks of one selection.
+fn check_norm_topk(
+    d: usize,
+    k: usize,
+    want: &[f64],
+    (idx, val): (Vec<i32>, Vec<f32>),
+    cluster: bool,
+) {
+    assert_eq!(idx.len(), k, "d {d} (cluster {cluster})");
+    assert!(idx.windows(2).all(|p| p[0] < p[1]), "d {d}: not ascending");
+    let mut kept = vec![false; d];
+    for (&i, &v) in idx.iter().zip(&val) {
+        let e = want[i as usize];
+        assert!(
+            (v as f64 - e).abs() <= 1e-5 * e.abs().max(1e-3),
+            "d {d} [{i}]: {v} vs {e}"
+        );
+        kept[i as usize] = true;
+    }
+    let min_kept = (0..d)
+        .filter(|&i| kept[i])
+        .map(|i| want[i].abs())
+        .fold(f64::MAX, f64::min);
+    let max_dropped = (0..d)
+        .filter(|&i| !kept[i])
+        .map(|i| want[i].abs())
+        .fold(0f64, f64::max);
+    assert!(
+        max_dropped <= min_kept * (1.0 + 1e-5),
+        "d {d} k {k} (cluster {cluster}): dropped {max_dropped} above kept {min_kept}"
+    );
 }
 
 /// LaRoSA's sparse products (`sparse_mm512/1024`: Q/K/V in one launch, the residual

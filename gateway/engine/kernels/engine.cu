@@ -878,6 +878,203 @@ TOPK_KERNELS(16)
 TOPK_KERNELS(24)
 TOPK_KERNELS(32)
 
+// ---- The same top-k over a cluster of TKC blocks (sm_90+): one row's keys spread over
+// TKC SMs, histograms merged through distributed shared memory ----
+//
+// One block of TOPK_THREADS on one SM is latency bound (ncu: about one instruction per
+// cycle). Here block `rank` of the row's cluster holds the contiguous slice
+// [rank * S, rank * S + S) of the row (S = ceil(d / TKC)), TKC_THREADS threads with up to
+// ITEMS values each. Radix passes of 8-bit digits from bit 30 down (bits 30..23, 22..15,
+// 14..7, then 6..0; a pass whose digit is kept whole ends the search): each block counts
+// its slice into its own 256-bin histogram, one cluster barrier, then thread t of every
+// block adds bin 255 - t of all TKC histograms (in rank order, so every block takes the
+// same decision) and the block scans them from the top. Three histograms rotate, so one
+// barrier a pass suffices: a block clears the histogram of two passes ago, which every
+// block finished reading before the last barrier. RMSNorm's sum of squares and the
+// compaction's per-block counts meet the same way; a block exits only after every block
+// has read its shared memory. Same answer as topk_core: the k largest |v| (ties to the
+// lowest index), in index order.
+#define TKC 8
+#define TKC_THREADS 256
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define TKC_HAVE 1
+#define TKC_DIMS __cluster_dims__(TKC, 1, 1)
+__device__ __forceinline__ u32 cluster_rank() {
+    u32 r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ void cluster_arrive() {
+    asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void cluster_wait() {
+    asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void cluster_sync() {
+    cluster_arrive();
+    cluster_wait();
+}
+// The u32 at shared address p of cluster block `rank`.
+__device__ __forceinline__ u32 ld_dsmem(const void* p, u32 rank) {
+    u32 a = (u32)__cvta_generic_to_shared(p), r, v;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(rank));
+    asm volatile("ld.shared::cluster.u32 %0, [%1];" : "=r"(v) : "r"(r));
+    return v;
+}
+#else
+#define TKC_HAVE 0
+#define TKC_DIMS
+#endif
+
+struct ClusterTopkShared {
+    u32 hist[3][TKC_THREADS];
+    u32 warp[32];
+    u32 prefix, need, whole, total;
+    float ss;
+};
+
+template <int ITEMS, bool NORM>
+__device__ __forceinline__ void topk_cluster_impl(float* x, const float* w, float* out, int d,
+                                                  float eps, int k, int* idx, float* val,
+                                                  int mode) {
+#if TKC_HAVE
+    __shared__ ClusterTopkShared s;
+    constexpr int NT = TKC_THREADS;
+    static_assert(NT == 256, "one 8-bit digit per thread");
+    int t = threadIdx.x, lane = t & 31, wi = t >> 5;
+    u32 rank = cluster_rank();
+    int row = blockIdx.y;
+    const float* xr = x + (u64)row * d;
+    int S = (d + TKC - 1) / TKC, lo = (int)rank * S, hi = min(d, lo + S);
+    int per = (S + NT - 1) / NT, i0 = lo + t * per;
+    float v[ITEMS];
+#pragma unroll
+    for (int q = 0; q < ITEMS; q++) v[q] = (q < per && i0 + q < hi) ? xr[i0 + q] : 0.f;
+    if (NORM) {
+        float ss = 0.f;
+#pragma unroll
+        for (int q = 0; q < ITEMS; q++) ss += v[q] * v[q];
+        ss = block_sum(ss);
+        if (t == 0) s.ss = ss;
+        cluster_sync();
+        float tot = 0.f;
+        for (u32 r = 0; r < TKC; r++) tot += __uint_as_float(ld_dsmem(&s.ss, r));
+        float inv = rsqrtf(tot / (float)d + eps);
+#pragma unroll
+        for (int q = 0; q < ITEMS; q++)
+            if (q < per && i0 + q < hi) v[q] = v[q] * inv * w[i0 + q];
+    }
+    u32 key[ITEMS];
+#pragma unroll
+    for (int q = 0; q < ITEMS; q++)
+        key[q] = (q < per && i0 + q < hi) ? (__float_as_uint(v[q]) & 0x7fffffffu) : 0xffffffffu;
+    bool all = k >= d;
+    u32 prefix = k < 1 ? 0xfffffffeu : 0u, need = k < 1 ? 0u : (u32)k, mask = 0xffffffffu;
+    if (!all && k >= 1) {
+        mask = 0u;
+        s.hist[0][t] = 0u;
+        __syncthreads();
+        for (int pass = 0; pass < 4; pass++) {
+            // Digits of 8 bits from bit 30 down (bits 30..23, 22..15, 14..7), then 6..0.
+            int shift = pass < 3 ? 23 - 8 * pass : 0;
+            u32 dm = pass < 3 ? 255u : 127u;
+            u32* h = s.hist[pass % 3];
+            s.hist[(pass + 1) % 3][t] = 0u;
+#pragma unroll
+            for (int q = 0; q < ITEMS; q++)
+                if (q < per && key[q] != 0xffffffffu && (key[q] & mask) == prefix) {
+                    u32 a = (u32)__cvta_generic_to_shared(&h[(key[q] >> shift) & dm]);
+                    asm volatile("red.shared.add.u32 [%0], 1;" ::"r"(a) : "memory");
+                }
+            cluster_sync();
+            // Thread t: digit 255 - t, summed over the cluster's blocks in rank order (all
+            // loads issued before the first add).
+            u32 dg = 255u - (u32)t, part[TKC];
+#pragma unroll
+            for (u32 r = 0; r < TKC; r++) part[r] = ld_dsmem(&h[dg], r);
+            u32 c = 0u;
+#pragma unroll
+            for (u32 r = 0; r < TKC; r++) c += part[r];
+            u32 inc = warp_incl_scan(c);
+            if (lane == 31) s.warp[wi] = inc;
+            __syncthreads();
+            u32 wt = lane < NT / 32 ? s.warp[lane] : 0u;
+            u32 wsc = warp_incl_scan(wt);
+            inc += __shfl_sync(0xffffffffu, wsc - wt, wi);
+            u32 exc = inc - c;
+            if (exc < need && need <= inc) {
+                s.prefix = prefix | (dg << shift);
+                s.need = need - exc;
+                s.whole = need - exc == c;
+            }
+            __syncthreads();
+            prefix = s.prefix;
+            need = s.need;
+            mask |= dm << shift;
+            if (s.whole) break;
+        }
+    }
+    u32 gtm = 0u, eqm = 0u;
+#pragma unroll
+    for (int q = 0; q < ITEMS; q++) {
+        u32 kq = key[q], km = kq & mask;
+        bool valid = kq != 0xffffffffu;
+        gtm |= (u32)(valid && (all || km > prefix)) << q;
+        eqm |= (u32)(valid && !all && km == prefix) << q;
+    }
+    u32 total;
+    u32 off = block_excl_scan<u32>(__popc(gtm) | (__popc(eqm) << 16), &total);
+    if (t == 0) s.total = total;
+    cluster_sync();
+    for (u32 r = 0; r < rank; r++) off += ld_dsmem(&s.total, r);
+    // This block's reads of the others' shared memory are done; it waits for theirs of its
+    // own before it exits.
+    cluster_arrive();
+    u32 gt_before = off & 0xffffu, eq_before = off >> 16;
+    u32 pos = gt_before + min(eq_before, need), eq_seen = eq_before;
+    int* ir = idx + (u64)row * k;
+    float* vr = val + (u64)row * k;
+    float* orow = out + (u64)row * d;
+#pragma unroll
+    for (int q = 0; q < ITEMS; q++) {
+        bool e = (eqm >> q) & 1u;
+        bool keep = ((gtm >> q) & 1u) || (e && eq_seen < need);
+        eq_seen += e;
+        int i = i0 + q;
+        if (mode == 0) {
+            if (keep) {
+                ir[pos] = i;
+                vr[pos] = v[q];
+            }
+            pos += keep;
+        } else if (q < per && i < hi) {
+            orow[i] = keep ? v[q] : 0.f;
+        }
+    }
+    cluster_wait();
+#endif
+}
+
+// Cluster kernels by values per thread (2, 4, 6, 8: d up to TKC * TKC_THREADS * 8 = 16,384),
+// grid (TKC, rows): topk_cluster takes x (mode 1 masks it in place), rmsnorm_topk_cluster
+// normalizes x into out first (mode 1 writes the masked rows there).
+#define TOPK_CLUSTER_KERNELS(N)                                                                \
+    extern "C" __global__ void __launch_bounds__(TKC_THREADS) TKC_DIMS                         \
+        topk_cluster##N(float* x, int d, int k, int* idx, float* val, int mode) {              \
+        PDL_ENTRY;                                                                             \
+        topk_cluster_impl<N, false>(x, nullptr, x, d, 0.f, k, idx, val, mode);                 \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(TKC_THREADS) TKC_DIMS                         \
+        rmsnorm_topk_cluster##N(const float* x, const float* w, float* out, int d, float eps,  \
+                                int k, int* idx, float* val, int mode) {                       \
+        PDL_ENTRY;                                                                             \
+        topk_cluster_impl<N, true>((float*)x, w, out, d, eps, k, idx, val, mode);              \
+    }
+TOPK_CLUSTER_KERNELS(2)
+TOPK_CLUSTER_KERNELS(4)
+TOPK_CLUSTER_KERNELS(6)
+TOPK_CLUSTER_KERNELS(8)
+
 // y = Wt^T · x over the k kept inputs of one token (idx/val from topk): y[o] = sum_j
 // val[j] * Wt[idx[j], o]. Wt is a weight transposed (bf16 [cols, rows]), so a kept input's
 // column is one contiguous row, padded to a multiple of 8 outputs (zeros; row stride

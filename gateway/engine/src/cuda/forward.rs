@@ -567,11 +567,50 @@ fn topk_fits(d: usize) -> Result<()> {
     Ok(())
 }
 
-/// The top-k kernel for rows `d` wide (`rmsnorm_topk*` when `norm`, else `topk*`) and its
-/// block size: the variant with the fewest values per thread that holds
-/// ceil(d / threads).
-fn topk_kernel(g: &Gpu, d: usize, norm: bool) -> Result<(cudarc::driver::sys::CUfunction, u32)> {
+/// Blocks of a top-k cluster and their threads (`TKC`, `TKC_THREADS` in kernels/engine.cu).
+const TKC: u32 = 8;
+const TKC_THREADS: u32 = 256;
+/// Values per thread of the cluster top-k kernel variants (`TOPK_CLUSTER_KERNELS`).
+const TKC_ITEMS: [usize; 4] = [2, 4, 6, 8];
+
+/// A top-k kernel for rows `d` wide and how to launch it.
+struct TopkLaunch {
+    f: cudarc::driver::sys::CUfunction,
+    threads: u32,
+    /// A cluster of TKC blocks per row (grid (TKC, rows)), else one block per row.
+    cluster: bool,
+}
+
+impl TopkLaunch {
+    fn grid(&self, rows: u32) -> (u32, u32, u32) {
+        if self.cluster {
+            (TKC, rows, 1)
+        } else {
+            (rows, 1, 1)
+        }
+    }
+}
+
+/// The top-k kernel for rows `d` wide (`rmsnorm_topk*` when `norm`, else `topk*`): over a
+/// cluster where the device runs them ([`Gpu::topk_cluster`]), else one block per row,
+/// each the variant with the fewest values per thread that holds the row.
+fn topk_kernel(g: &Gpu, d: usize, norm: bool) -> Result<TopkLaunch> {
     topk_fits(d)?;
+    if g.topk_cluster() {
+        let per = d.div_ceil(TKC as usize).div_ceil(TKC_THREADS as usize);
+        if let Some(v) = TKC_ITEMS.iter().position(|&n| n >= per) {
+            let f = if norm {
+                g.k.rmsnorm_topk_cluster[v]
+            } else {
+                g.k.topk_cluster[v]
+            };
+            return Ok(TopkLaunch {
+                f,
+                threads: TKC_THREADS,
+                cluster: true,
+            });
+        }
+    }
     let threads = g.k.topk_threads;
     let per = d.div_ceil(threads as usize);
     let Some(v) = TOPK_ITEMS.iter().position(|&n| n >= per) else {
@@ -580,14 +619,16 @@ fn topk_kernel(g: &Gpu, d: usize, norm: bool) -> Result<(cudarc::driver::sys::CU
             TOPK_ITEMS[TOPK_ITEMS.len() - 1] * threads as usize
         )));
     };
-    Ok((
-        if norm {
-            g.k.rmsnorm_topk[v]
-        } else {
-            g.k.topk[v]
-        },
+    let f = if norm {
+        g.k.rmsnorm_topk[v]
+    } else {
+        g.k.topk[v]
+    };
+    Ok(TopkLaunch {
+        f,
         threads,
-    ))
+        cluster: false,
+    })
 }
 
 /// Threads of an RMSNorm block: one float4 per thread for rows up to 4096 wide.
@@ -1491,22 +1532,22 @@ pub fn topk_secs(gpu: &Arc<Gpu>, d: usize, k: usize, norm: bool, reps: usize) ->
     let idx = gpu.alloc(d * 4)?;
     let val = gpu.alloc(d * 4)?;
     let (di, ki, mode, eps) = (d as i32, k as i32, 0i32, 1e-5f32);
-    let (f, threads) = topk_kernel(gpu, d, norm)?;
+    let tl = topk_kernel(gpu, d, norm)?;
     let run = || -> Result<()> {
         // SAFETY: xd/out hold d f32, idx/val d entries.
         unsafe {
             if norm {
                 gpu.launch(
-                    f,
-                    (1, 1, 1),
-                    threads,
+                    tl.f,
+                    tl.grid(1),
+                    tl.threads,
                     args!(xd.ptr, w.ptr, out.ptr, di, eps, ki, idx.ptr, val.ptr, mode),
                 )
             } else {
                 gpu.launch(
-                    f,
-                    (1, 1, 1),
-                    threads,
+                    tl.f,
+                    tl.grid(1),
+                    tl.threads,
                     args!(xd.ptr, di, ki, idx.ptr, val.ptr, mode),
                 )
             }
@@ -1532,7 +1573,7 @@ pub fn norm_topk(
         )));
     }
     let k = k.clamp(1, x.len());
-    let (f, threads) = topk_kernel(gpu, x.len(), true)?;
+    let tl = topk_kernel(gpu, x.len(), true)?;
     let xd = gpu.upload(x)?;
     let wd = gpu.upload(w)?;
     let out = gpu.alloc(x.len() * 4)?;
@@ -1542,9 +1583,9 @@ pub fn norm_topk(
     // SAFETY: xd/wd/out hold d f32, idx/val k entries.
     unsafe {
         gpu.launch(
-            f,
-            (1, 1, 1),
-            threads,
+            tl.f,
+            tl.grid(1),
+            tl.threads,
             args!(xd.ptr, wd.ptr, out.ptr, d, eps, ki, idx.ptr, val.ptr, mode),
         )?;
     }
@@ -1644,16 +1685,16 @@ impl CudaBackend {
             };
             return Ok(None);
         };
-        let (f, threads) = topk_kernel(g, d, true)?;
+        let tl = topk_kernel(g, d, true)?;
         let use_sparse = self.sparse_pass(p, l, sparse);
         let (ki, mode) = (k as i32, if use_sparse { 0i32 } else { 1 });
         // SAFETY: x/xb hold n rows of d f32 (d <= TOPK_MAX, checked above);
         // sidx/sval hold k entries for one row.
         unsafe {
             g.launch(
-                f,
-                (nu, 1, 1),
-                threads,
+                tl.f,
+                tl.grid(nu),
+                tl.threads,
                 args!(x, w.ptr, xb, di, eps, ki, p.sidx, p.sval, mode),
             )?;
         }
@@ -1669,15 +1710,15 @@ impl CudaBackend {
             return Ok(None);
         };
         let g = &self.dm.gpu;
-        let (f, threads) = topk_kernel(g, d, false)?;
+        let tl = topk_kernel(g, d, false)?;
         let use_sparse = self.sparse_pass(p, l, sparse);
         let (di, ki, mode) = (d as i32, k as i32, if use_sparse { 0i32 } else { 1 });
         // SAFETY: x holds n rows of d f32; sidx/sval hold k entries for one row.
         unsafe {
             g.launch(
-                f,
-                (p.n as u32, 1, 1),
-                threads,
+                tl.f,
+                tl.grid(p.n as u32),
+                tl.threads,
                 args!(x, di, ki, p.sidx, p.sval, mode),
             )?;
         }
@@ -2334,7 +2375,7 @@ pub fn topk_indices(gpu: &Arc<Gpu>, x: &[f32], k: usize) -> Result<Vec<i32>> {
         )));
     }
     let k = k.clamp(1, x.len());
-    let (f, threads) = topk_kernel(gpu, x.len(), false)?;
+    let tl = topk_kernel(gpu, x.len(), false)?;
     let xd = gpu.upload(x)?;
     let idx = gpu.alloc(k * 4)?;
     let val = gpu.alloc(k * 4)?;
@@ -2342,9 +2383,9 @@ pub fn topk_indices(gpu: &Arc<Gpu>, x: &[f32], k: usize) -> Result<Vec<i32>> {
     // SAFETY: xd holds d f32, idx/val k entries.
     unsafe {
         gpu.launch(
-            f,
-            (1, 1, 1),
-            threads,
+            tl.f,
+            tl.grid(1),
+            tl.threads,
             args!(xd.ptr, d, ki, idx.ptr, val.ptr, mode),
         )?;
     }

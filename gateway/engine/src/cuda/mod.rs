@@ -54,6 +54,9 @@ pub(crate) struct Kernels {
     pub rmsnorm_topk: [sys::CUfunction; 6],
     /// Threads per block of the top-k kernels (`TOPK_THREADS`, from their launch bounds).
     pub topk_threads: u32,
+    /// The same top-k over a cluster of blocks (sm_90+), by values per thread: 2, 4, 6, 8.
+    pub topk_cluster: [sys::CUfunction; 4],
+    pub rmsnorm_topk_cluster: [sys::CUfunction; 4],
     /// Sparse products over kept inputs, output tiles of 512 and 1024.
     pub sparse_mm: [sys::CUfunction; 2],
     /// Threads per block of `sparse_mm*` (`SP_THREADS`, read from their launch bounds).
@@ -81,6 +84,10 @@ pub struct Gpu {
     pdl: AtomicBool,
     /// The L2 fetch granularity in bytes: (the driver's default, the one set).
     pub l2_fetch: (usize, usize),
+    /// LaRoSA's top-k selections run over a cluster of blocks (sm_90+, on by default;
+    /// `SWITCHYARD_TOPK_CLUSTER=0` or [`Self::set_topk_cluster`] turns it off): one row's
+    /// keys on 8 SMs instead of one block on one SM.
+    topk_cluster: AtomicBool,
 }
 
 // SAFETY: the handles are plain driver handles; every entry point makes the context current
@@ -289,6 +296,18 @@ impl Gpu {
                 f("rmsnorm_topk32")?,
             ],
             topk_threads: 0,
+            topk_cluster: [
+                f("topk_cluster2")?,
+                f("topk_cluster4")?,
+                f("topk_cluster6")?,
+                f("topk_cluster8")?,
+            ],
+            rmsnorm_topk_cluster: [
+                f("rmsnorm_topk_cluster2")?,
+                f("rmsnorm_topk_cluster4")?,
+                f("rmsnorm_topk_cluster6")?,
+                f("rmsnorm_topk_cluster8")?,
+            ],
             sparse_mm: [f("sparse_mm512")?, f("sparse_mm1024")?],
             sparse_threads: 0,
             transpose_bf16: f("transpose_bf16")?,
@@ -365,8 +384,10 @@ impl Gpu {
             compile_secs,
             l2_fetch,
             pdl: AtomicBool::new(false),
+            topk_cluster: AtomicBool::new(false),
         };
         gpu.set_pdl(std::env::var("SWITCHYARD_PDL").as_deref() != Ok("0"));
+        gpu.set_topk_cluster(std::env::var("SWITCHYARD_TOPK_CLUSTER").as_deref() != Ok("0"));
         Ok(gpu)
     }
 
@@ -446,6 +467,19 @@ impl Gpu {
     /// newer) or off, for side-by-side runs. Graphs captured before keep their launches.
     pub fn set_pdl(&self, on: bool) {
         self.pdl.store(on && self.cc.0 >= 9, Ordering::Relaxed);
+    }
+
+    /// Whether LaRoSA's top-k selections run over a cluster of blocks.
+    pub fn topk_cluster(&self) -> bool {
+        self.topk_cluster.load(Ordering::Relaxed)
+    }
+
+    /// Run the top-k selections over clusters (only where the device has them, sm_90 and
+    /// newer) or one block per row, for side-by-side runs. Graphs captured before keep
+    /// their launches.
+    pub fn set_topk_cluster(&self, on: bool) {
+        self.topk_cluster
+            .store(on && self.cc.0 >= 9, Ordering::Relaxed);
     }
 
     pub fn alloc(self: &Arc<Self>, bytes: usize) -> Result<DevBuf> {
@@ -636,6 +670,8 @@ mod tests {
                         "sample_rows",
                         "topk4",
                         "topk12",
+                        "topk_cluster2",
+                        "rmsnorm_topk_cluster8",
                         "topk32",
                         "rmsnorm_topk8",
                         "rmsnorm_topk32",
