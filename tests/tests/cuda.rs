@@ -565,6 +565,10 @@ fn larosa_topk_matches_a_host_sort() {
     for (d, k) in [
         (4096, 2785),
         (11008, 5723),
+        // Wider FFNs (Qwen2-7B 18,944; Llama-2-70B 28,672): the 12 and 16 values per
+        // thread variants.
+        (18944, 9850),
+        (28672, 14909),
         (576, 400),
         (64, 1),
         (100, 100),
@@ -609,6 +613,7 @@ fn larosa_rmsnorm_topk_matches_the_host() {
         (576, 460),
         (2048, 1),
         (11008, 7485),
+        (18944, 12882),
         (96, 96),
     ] {
         let x: Vec<f32> = (0..d).map(|_| rnd() * 3.0).collect();

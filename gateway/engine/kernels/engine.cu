@@ -1055,7 +1055,8 @@ __device__ __forceinline__ void topk_cluster_impl(float* x, const float* w, floa
 #endif
 }
 
-// Cluster kernels by values per thread (2, 4, 6, 8: d up to TKC * TKC_THREADS * 8 = 16,384),
+// Cluster kernels by values per thread (2, 4, 6, 8, 12, 16: d up to TKC * TKC_THREADS * 16 =
+// 32,768),
 // grid (TKC, rows): topk_cluster takes x (mode 1 masks it in place), rmsnorm_topk_cluster
 // normalizes x into out first (mode 1 writes the masked rows there).
 #define TOPK_CLUSTER_KERNELS(N)                                                                \
@@ -1074,6 +1075,8 @@ TOPK_CLUSTER_KERNELS(2)
 TOPK_CLUSTER_KERNELS(4)
 TOPK_CLUSTER_KERNELS(6)
 TOPK_CLUSTER_KERNELS(8)
+TOPK_CLUSTER_KERNELS(12)
+TOPK_CLUSTER_KERNELS(16)
 
 // y = Wt^T · x over the k kept inputs of one token (idx/val from topk): y[o] = sum_j
 // val[j] * Wt[idx[j], o]. Wt is a weight transposed (bf16 [cols, rows]), so a kept input's
@@ -1087,11 +1090,12 @@ TOPK_CLUSTER_KERNELS(8)
 // of the kept inputs (staged in shared memory, SP_THREADS at a time); the warps across the
 // inputs take every (SP_THREADS/32 / (TILE/256))-th one, SP_U loads in flight per lane.
 // SP_THREADS is a tuning macro (the host reads the block size from the launch bounds);
-// 512 was no faster than 256 on the H200 (bench/results/experiments/README.md). Partial sums meet in shared memory, then (splits > 1) in `part`; the last block
+// 512 was no faster than 256 on the H200, and 4 loads in flight per lane ran batch-1
+// decode about 1 % faster than 8, 3, 6 or 12 (bench/results/experiments/README.md). Partial sums meet in shared memory, then (splits > 1) in `part`; the last block
 // of a tile to finish (a ticket in cnt, zero between calls) adds the splits in order and
 // applies the epilogue: deterministic, and no second kernel.
 #ifndef SP_U
-#define SP_U 8
+#define SP_U 4
 #endif
 #ifndef SP_THREADS
 #define SP_THREADS 256

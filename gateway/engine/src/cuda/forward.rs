@@ -553,7 +553,7 @@ pub(crate) fn attention_mma_smem(hd: usize) -> usize {
 const FM_THREADS: u32 = 128;
 
 /// Widest input the top-k kernels take (LaRoSA on the GPU).
-const TOPK_MAX: usize = 16384;
+const TOPK_MAX: usize = 32768;
 /// Values per thread of the top-k kernel variants (`TOPK_KERNELS` in kernels/engine.cu).
 const TOPK_ITEMS: [usize; 6] = [4, 8, 12, 16, 24, 32];
 
@@ -571,7 +571,7 @@ fn topk_fits(d: usize) -> Result<()> {
 const TKC: u32 = 8;
 const TKC_THREADS: u32 = 256;
 /// Values per thread of the cluster top-k kernel variants (`TOPK_CLUSTER_KERNELS`).
-const TKC_ITEMS: [usize; 4] = [2, 4, 6, 8];
+const TKC_ITEMS: [usize; 6] = [2, 4, 6, 8, 12, 16];
 
 /// A top-k kernel for rows `d` wide and how to launch it.
 struct TopkLaunch {
@@ -784,7 +784,7 @@ pub const GRAPH_CACHE_MAX: usize = 128;
 pub const SPARSE_TILE: usize = 512;
 pub const SPARSE_BLOCKS: usize = 264;
 /// Kept inputs a warp has in flight in the sparse products (`SP_U` in kernels/engine.cu).
-const SPARSE_U: usize = 8;
+const SPARSE_U: usize = 4;
 
 /// What a fused product does with its result.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

@@ -54,9 +54,10 @@ pub(crate) struct Kernels {
     pub rmsnorm_topk: [sys::CUfunction; 6],
     /// Threads per block of the top-k kernels (`TOPK_THREADS`, from their launch bounds).
     pub topk_threads: u32,
-    /// The same top-k over a cluster of blocks (sm_90+), by values per thread: 2, 4, 6, 8.
-    pub topk_cluster: [sys::CUfunction; 4],
-    pub rmsnorm_topk_cluster: [sys::CUfunction; 4],
+    /// The same top-k over a cluster of blocks (sm_90+), by values per thread: 2, 4, 6, 8,
+    /// 12, 16.
+    pub topk_cluster: [sys::CUfunction; 6],
+    pub rmsnorm_topk_cluster: [sys::CUfunction; 6],
     /// Sparse products over kept inputs, output tiles of 512 and 1024.
     pub sparse_mm: [sys::CUfunction; 2],
     /// Threads per block of `sparse_mm*` (`SP_THREADS`, read from their launch bounds).
@@ -301,12 +302,16 @@ impl Gpu {
                 f("topk_cluster4")?,
                 f("topk_cluster6")?,
                 f("topk_cluster8")?,
+                f("topk_cluster12")?,
+                f("topk_cluster16")?,
             ],
             rmsnorm_topk_cluster: [
                 f("rmsnorm_topk_cluster2")?,
                 f("rmsnorm_topk_cluster4")?,
                 f("rmsnorm_topk_cluster6")?,
                 f("rmsnorm_topk_cluster8")?,
+                f("rmsnorm_topk_cluster12")?,
+                f("rmsnorm_topk_cluster16")?,
             ],
             sparse_mm: [f("sparse_mm512")?, f("sparse_mm1024")?],
             sparse_threads: 0,
