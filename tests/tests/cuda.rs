@@ -591,10 +591,11 @@ fn larosa_topk_matches_a_host_sort() {
         let mut want: Vec<i32> = order[..k].iter().map(|&i| i as i32).collect();
         want.sort();
         // Over a cluster of blocks (sm_90+) and one block per row.
+        let was = g.topk_cluster();
         for cluster in [true, false] {
             g.set_topk_cluster(cluster);
             let got = switchyard_engine::cuda::forward::topk_indices(&g, &x, k);
-            g.set_topk_cluster(true);
+            g.set_topk_cluster(was);
             assert_eq!(got.unwrap(), want, "top-{k} of {d} (cluster {cluster})");
         }
     }
@@ -622,10 +623,11 @@ fn larosa_rmsnorm_topk_matches_the_host() {
         let ms = x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / d as f64;
         let inv = 1.0 / (ms + eps as f64).sqrt();
         let want: Vec<f64> = (0..d).map(|i| x[i] as f64 * inv * w[i] as f64).collect();
+        let was = g.topk_cluster();
         for cluster in [true, false] {
             g.set_topk_cluster(cluster);
             let got = norm_topk(&g, &x, &w, eps, k);
-            g.set_topk_cluster(true);
+            g.set_topk_cluster(was);
             check_norm_topk(d, k, &want, got.unwrap(), cluster);
         }
     }

@@ -142,15 +142,16 @@ fn device_model_for(
     if let Some(dm) = hit {
         return Ok(dm);
     }
+    // The top-k kernels bound LaRoSA's widths on the GPU, the masked passes' as well as the
+    // sparse products': refuse the pipeline before uploading anything.
+    if sparse {
+        if let Some(why) = sparse_unfit(&m.cfg) {
+            return Err(EngineError::Invalid(format!("LaRoSA on the GPU: {why}")));
+        }
+    }
     let mut dm = DeviceModel::upload(gpu.clone(), m, progress)?;
     if sparse {
-        match sparse_unfit(&m.cfg) {
-            None => dm.prepare_sparse(&mut |_, _| {})?,
-            Some(why) => eprintln!(
-                "switchyard: LaRoSA on the GPU: {why}; every pass runs the dense products on the \
-                 masked inputs"
-            ),
-        }
+        dm.prepare_sparse(&mut |_, _| {})?;
     }
     let dm = Arc::new(dm);
     cache.push((Arc::downgrade(m), gpu.ordinal, sparse, Arc::downgrade(&dm)));
