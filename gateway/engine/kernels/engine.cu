@@ -745,6 +745,50 @@ __device__ __forceinline__ void radix_add(u32* h, u32 key, bool cand, int shift)
                  : "memory");
 }
 
+// The compaction shared by the top-k kernels. topk_flags: bit q of *gtm / *eqm says key q
+// is above / equal to the threshold (masked by `mask`; an empty slot, 0xffffffff, is
+// neither; `all` keeps every key). topk_write: given `off`, the packed (gt | eq << 16)
+// counts of the keys before this thread's, writes the kept ones in index order (mode 0:
+// indices and values at their positions in idx/val; mode 1: the row [.., end) to out with
+// the dropped values zeroed). Of the keys equal to the threshold the first `need` are kept.
+template <int ITEMS>
+__device__ __forceinline__ void topk_flags(const u32 (&key)[ITEMS], u32 mask, u32 prefix, bool all,
+                                           u32* gtm, u32* eqm) {
+    u32 g = 0u, e = 0u;
+#pragma unroll
+    for (int q = 0; q < ITEMS; q++) {
+        u32 kq = key[q], km = kq & mask;
+        bool valid = kq != 0xffffffffu;
+        g |= (u32)(valid && (all || km > prefix)) << q;
+        e |= (u32)(valid && !all && km == prefix) << q;
+    }
+    *gtm = g;
+    *eqm = e;
+}
+template <int ITEMS>
+__device__ __forceinline__ void topk_write(const float (&v)[ITEMS], u32 gtm, u32 eqm, u32 off,
+                                           u32 need, int i0, int per, int end, int mode,
+                                           int* idx, float* val, float* out) {
+    u32 gt_before = off & 0xffffu, eq_before = off >> 16;
+    u32 pos = gt_before + min(eq_before, need), eq_seen = eq_before;
+#pragma unroll
+    for (int q = 0; q < ITEMS; q++) {
+        bool e = (eqm >> q) & 1u;
+        bool keep = ((gtm >> q) & 1u) || (e && eq_seen < need);
+        eq_seen += e;
+        int i = i0 + q;
+        if (mode == 0) {
+            if (keep) {
+                idx[pos] = i;
+                val[pos] = v[q];
+            }
+            pos += keep;
+        } else if (q < per && i < end) {
+            out[i] = keep ? v[q] : 0.f;
+        }
+    }
+}
+
 // Keep the k largest |v| of a row of d values (ties to the lowest index, the CPU plugin's
 // top_k). Thread t holds the contiguous values [i0, i0 + per) of the row in v (per <=
 // TOPK_ITEMS), TOPK_THREADS threads. Then one block-wide scan of each thread's (above, equal)
@@ -775,40 +819,11 @@ __device__ __forceinline__ void topk_core(const float (&v)[TOPK_ITEMS], int per,
         radix_kth<TOPK_THREADS, true>(s, (u32)k, add, &prefix, &need, &mask);
     }
     // This thread's counts above / equal to the threshold, packed (d < 65536), then one
-    // block-wide exclusive scan.
-    // Branch-free per key: gt / eq flags (an empty slot is neither), then predicated stores.
-    u32 gtm = 0u, eqm = 0u;
-#pragma unroll
-    for (int q = 0; q < TOPK_ITEMS; q++) {
-        u32 kq = key[q], km = kq & mask;
-        bool valid = kq != 0xffffffffu;
-        gtm |= (u32)(valid && (all || km > prefix)) << q;
-        eqm |= (u32)(valid && !all && km == prefix) << q;
-    }
-    u32 gt = __popc(gtm), eq = __popc(eqm);
-    u32 total;
-    u32 off = block_excl_scan<u32>(gt | (eq << 16), &total);
-    u32 gt_before = off & 0xffffu, eq_before = off >> 16;
-    // Kept before this thread: every value above the threshold, plus the equal ones among
-    // the first `need`.
-    u32 pos = gt_before + min(eq_before, need);
-    u32 eq_seen = eq_before;
-#pragma unroll
-    for (int q = 0; q < TOPK_ITEMS; q++) {
-        bool e = (eqm >> q) & 1u;
-        bool keep = ((gtm >> q) & 1u) || (e && eq_seen < need);
-        eq_seen += e;
-        int i = i0 + q;
-        if (mode == 0) {
-            if (keep) {
-                idx[pos] = i;
-                val[pos] = v[q];
-            }
-            pos += keep;
-        } else if (q < per && i < d) {
-            out[i] = keep ? v[q] : 0.f;
-        }
-    }
+    // block-wide exclusive scan places its kept values.
+    u32 gtm, eqm, total;
+    topk_flags(key, mask, prefix, all, &gtm, &eqm);
+    u32 off = block_excl_scan<u32>(__popc(gtm) | (__popc(eqm) << 16), &total);
+    topk_write(v, gtm, eqm, off, need, i0, per, d, mode, idx, val, out);
 }
 
 // Row blockIdx.x of x (d wide) into registers as topk_core takes it; returns per.
@@ -1014,15 +1029,8 @@ __device__ __forceinline__ void topk_cluster_impl(float* x, const float* w, floa
             if (s.whole) break;
         }
     }
-    u32 gtm = 0u, eqm = 0u;
-#pragma unroll
-    for (int q = 0; q < ITEMS; q++) {
-        u32 kq = key[q], km = kq & mask;
-        bool valid = kq != 0xffffffffu;
-        gtm |= (u32)(valid && (all || km > prefix)) << q;
-        eqm |= (u32)(valid && !all && km == prefix) << q;
-    }
-    u32 total;
+    u32 gtm, eqm, total;
+    topk_flags(key, mask, prefix, all, &gtm, &eqm);
     u32 off = block_excl_scan<u32>(__popc(gtm) | (__popc(eqm) << 16), &total);
     if (t == 0) s.total = total;
     cluster_sync();
@@ -1030,27 +1038,8 @@ __device__ __forceinline__ void topk_cluster_impl(float* x, const float* w, floa
     // This block's reads of the others' shared memory are done; it waits for theirs of its
     // own before it exits.
     cluster_arrive();
-    u32 gt_before = off & 0xffffu, eq_before = off >> 16;
-    u32 pos = gt_before + min(eq_before, need), eq_seen = eq_before;
-    int* ir = idx + (u64)row * k;
-    float* vr = val + (u64)row * k;
-    float* orow = out + (u64)row * d;
-#pragma unroll
-    for (int q = 0; q < ITEMS; q++) {
-        bool e = (eqm >> q) & 1u;
-        bool keep = ((gtm >> q) & 1u) || (e && eq_seen < need);
-        eq_seen += e;
-        int i = i0 + q;
-        if (mode == 0) {
-            if (keep) {
-                ir[pos] = i;
-                vr[pos] = v[q];
-            }
-            pos += keep;
-        } else if (q < per && i < hi) {
-            orow[i] = keep ? v[q] : 0.f;
-        }
-    }
+    topk_write(v, gtm, eqm, off, need, i0, per, hi, mode, idx + (u64)row * k,
+               val + (u64)row * k, out + (u64)row * d);
     cluster_wait();
 #endif
 }
