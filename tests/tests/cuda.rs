@@ -333,6 +333,84 @@ fn graph_cache_is_capped_and_replays_the_right_shapes() {
     assert_eq!(with, without, "graph replays give the eager steps' ids");
 }
 
+/// Logits of a fixed run of passes on `dm` (`dummy_cfg` shapes) by a backend that `setup`
+/// adjusts: a prefill of 12 prompts (70, 5 and 1 tokens: tiled and per-row attention,
+/// cuBLAS products), 12 chunks of 3 tokens (36 rows, per-row attention, cuBLAS), then
+/// three rounds of greedy decode steps 1, 4, 8 and 12 sequences wide (GEMV, split-K
+/// products, cuBLAS).
+fn mixed_passes(dm: &Arc<DeviceModel>, setup: impl Fn(&mut CudaBackend)) -> Vec<Vec<f32>> {
+    let mut kv = open_kv(dm, dummy_layout(256, 12), None, KvMode::Sync).unwrap();
+    let mut be = CudaBackend::new(dm.clone());
+    setup(&mut be);
+    let s: Vec<usize> = (0..12).map(|_| kv.acquire().unwrap()).collect();
+    let prompts: Vec<Vec<u32>> = (0..12u32)
+        .map(|i| {
+            (0..[70, 5, 1][i as usize % 3])
+                .map(|j| (i * 31 + j * 7) % 512)
+                .collect()
+        })
+        .collect();
+    let chunks: Vec<SeqChunk> = (0..12)
+        .map(|i| SeqChunk::last_logits(s[i], 0, &prompts[i]))
+        .collect();
+    let mut out = vec![be.forward_logits(&mut kv, &chunks).unwrap().to_vec()];
+    let mut pos: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
+    let threes: Vec<Vec<u32>> = (0..12u32)
+        .map(|i| (0..3).map(|j| (i * 13 + j * 5 + 1) % 512).collect())
+        .collect();
+    let chunks: Vec<SeqChunk> = (0..12)
+        .map(|i| SeqChunk::last_logits(s[i], pos[i], &threes[i]))
+        .collect();
+    out.push(be.forward_logits(&mut kv, &chunks).unwrap().to_vec());
+    for p in pos.iter_mut() {
+        *p += 3;
+    }
+    let mut last: Vec<[u32; 1]> = (0..12u32).map(|i| [i * 41 % 512]).collect();
+    for _round in 0..3 {
+        for w in [1, 4, 8, 12] {
+            let chunks: Vec<SeqChunk> = (0..w)
+                .map(|i| SeqChunk::last_logits(s[i], pos[i], &last[i]))
+                .collect();
+            let logits = be.forward_logits(&mut kv, &chunks).unwrap().to_vec();
+            for i in 0..w {
+                pos[i] += 1;
+                let row = &logits[i * 512..(i + 1) * 512];
+                let best = (0..512).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap();
+                last[i] = [best as u32];
+            }
+            out.push(logits);
+        }
+    }
+    out
+}
+
+/// The kernels before cuBLAS products write their inputs rounded to bf16 (RMSNorm, decode
+/// attention, SiLU·up) instead of a conversion pass, and decode attention may run its
+/// blocks head-fastest: the same roundings of the same values, so every pass's logits must
+/// equal those of the conversion passes and sequence-fastest blocks bit for bit.
+#[test]
+fn bf16_inputs_and_head_major_attention_give_the_same_logits() {
+    let Some(g) = gpu() else { return };
+    let dm = Arc::new(DeviceModel::dummy(g.clone(), dummy_cfg(), 13).unwrap());
+    let run = |bf16_inputs: bool, heads_x: bool| {
+        mixed_passes(&dm, |be| {
+            be.bf16_inputs = bf16_inputs;
+            be.att_heads_x = heads_x;
+        })
+    };
+    let base = run(false, false);
+    for (b16, hx) in [(true, false), (false, true), (true, true)] {
+        let other = run(b16, hx);
+        assert_eq!(base.len(), other.len());
+        for (i, (a, b)) in base.iter().zip(&other).enumerate() {
+            assert!(
+                a == b,
+                "pass {i}: logits differ with bf16 inputs {b16}, head-major attention {hx}"
+            );
+        }
+    }
+}
+
 /// Programmatic dependent launch lets each kernel start (and stream its weights) before the
 /// previous one ends; every kernel waits for its predecessor before touching its data. A
 /// missing or misplaced wait is a race: the logits of prefill chunks (tiled and per-row
@@ -352,38 +430,7 @@ fn programmatic_dependent_launch_gives_the_plain_launches_logits() {
     let run = |pdl: bool| -> Vec<Vec<f32>> {
         g.set_pdl(pdl);
         assert_eq!(g.pdl(), pdl);
-        let mut kv = open_kv(&dm, dummy_layout(256, 12), None, KvMode::Sync).unwrap();
-        let mut be = CudaBackend::new(dm.clone());
-        let s: Vec<usize> = (0..12).map(|_| kv.acquire().unwrap()).collect();
-        let prompts: Vec<Vec<u32>> = (0..12u32)
-            .map(|i| {
-                (0..[70, 5, 1][i as usize % 3])
-                    .map(|j| (i * 31 + j * 7) % 512)
-                    .collect()
-            })
-            .collect();
-        let chunks: Vec<SeqChunk> = (0..12)
-            .map(|i| SeqChunk::last_logits(s[i], 0, &prompts[i]))
-            .collect();
-        let mut out = vec![be.forward_logits(&mut kv, &chunks).unwrap().to_vec()];
-        let mut pos: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
-        let mut last: Vec<[u32; 1]> = (0..12u32).map(|i| [i * 41 % 512]).collect();
-        for _round in 0..3 {
-            for w in [1, 4, 8, 12] {
-                let chunks: Vec<SeqChunk> = (0..w)
-                    .map(|i| SeqChunk::last_logits(s[i], pos[i], &last[i]))
-                    .collect();
-                let logits = be.forward_logits(&mut kv, &chunks).unwrap().to_vec();
-                for i in 0..w {
-                    pos[i] += 1;
-                    let row = &logits[i * 512..(i + 1) * 512];
-                    let best = (0..512).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap();
-                    last[i] = [best as u32];
-                }
-                out.push(logits);
-            }
-        }
-        out
+        mixed_passes(&dm, |_| {})
     };
     let plain = run(false);
     let pdl = run(true);

@@ -261,7 +261,7 @@ mod imp {
             decode.push(json!({
                 "batch": b, "prompt": a.prompt, "gen": a.gen, "cuda_graphs": graphs,
                 "kernels": tune.label, "mm_max_tokens": tune.mm_max, "mm_split": tune.mm_split,
-                "mm_blocks": tune.mm_blocks,
+                "mm_blocks": tune.mm_blocks, "settings": r.settings,
                 "tokens_per_s": tps, "ms_per_step": step * 1e3,
                 "roofline_ms_per_step": t_roof * 1e3,
                 "roofline_bound": if bytes / bw >= flops / peak { "bytes" } else { "flops" },
@@ -421,6 +421,8 @@ mod imp {
         pages_mapped: u64,
         kv_mapped: u64,
         kv_static: u64,
+        /// The backend's kernel settings (from SWITCHYARD_* variables).
+        settings: serde_json::Value,
     }
 
     fn decode_run(
@@ -495,6 +497,10 @@ mod imp {
             pages_mapped: after.pages_mapped,
             kv_mapped: st.mapped_bytes,
             kv_static: full,
+            settings: json!({
+                "bf16_inputs": be.bf16_inputs, "att_heads_x": be.att_heads_x,
+                "mm_waves": be.mm_waves, "attention4": be.attention4,
+            }),
         })
     }
 

@@ -26,6 +26,13 @@ __device__ __forceinline__ bf16 to_bf(float f) {
     return (bf16)(u >> 16);
 }
 
+// Round two floats to a bf16 pair in one instruction (lo in the low half).
+__device__ __forceinline__ u32 cvt_bf2(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
 // Programmatic dependent launch (sm_90+; the host launches with PDL when it can, see
 // `Gpu::launch_smem`): a kernel lets the next one in the stream be scheduled as soon as all
 // its blocks have started (`pdl_trigger`), and waits for the previous one to complete and
@@ -116,13 +123,23 @@ extern "C" __global__ void gather_rows(const float* src, const int* idx, float* 
 }
 
 // out[r] = x[r] / rms(x[r]) * w; grid n, block up to 1024 (one block per row; float4
-// loads when dim % 4 == 0, so a 4096-wide row is one load per thread).
-extern "C" __global__ void rmsnorm(const float* __restrict__ x, const float* __restrict__ w,
-                                   float* __restrict__ out, int dim, float eps) {
-    PDL_ENTRY;
+// loads when dim % 4 == 0, so a 4096-wide row is one load per thread). `rmsnorm16` writes
+// the result rounded to bf16 (the input of a cuBLAS product, with no conversion pass).
+__device__ __forceinline__ void store4(float* o, int i, float a, float b, float c, float d) {
+    ((float4*)o)[i] = make_float4(a, b, c, d);
+}
+__device__ __forceinline__ void store4(bf16* o, int i, float a, float b, float c, float d) {
+    ((uint2*)o)[i] = make_uint2(cvt_bf2(a, b), cvt_bf2(c, d));
+}
+__device__ __forceinline__ void store1(float* o, int i, float a) { o[i] = a; }
+__device__ __forceinline__ void store1(bf16* o, int i, float a) { o[i] = to_bf(a); }
+template <typename T>
+__device__ __forceinline__ void rmsnorm_impl(const float* __restrict__ x,
+                                             const float* __restrict__ w, T* __restrict__ out,
+                                             int dim, float eps) {
     int r = blockIdx.x;
     const float* xr = x + (size_t)r * dim;
-    float* o = out + (size_t)r * dim;
+    T* o = out + (size_t)r * dim;
     float ss = 0.f;
     if ((dim & 3) == 0) {
         const float4* x4 = (const float4*)xr;
@@ -133,17 +150,26 @@ extern "C" __global__ void rmsnorm(const float* __restrict__ x, const float* __r
         ss = block_sum(ss);
         float inv = rsqrtf(ss / (float)dim + eps);
         const float4* w4 = (const float4*)w;
-        float4* o4 = (float4*)o;
         for (int i = threadIdx.x; i < dim / 4; i += blockDim.x) {
             float4 v = x4[i], g = w4[i];
-            o4[i] = make_float4(v.x * inv * g.x, v.y * inv * g.y, v.z * inv * g.z, v.w * inv * g.w);
+            store4(o, i, v.x * inv * g.x, v.y * inv * g.y, v.z * inv * g.z, v.w * inv * g.w);
         }
     } else {
         for (int i = threadIdx.x; i < dim; i += blockDim.x) ss += xr[i] * xr[i];
         ss = block_sum(ss);
         float inv = rsqrtf(ss / (float)dim + eps);
-        for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = xr[i] * inv * w[i];
+        for (int i = threadIdx.x; i < dim; i += blockDim.x) store1(o, i, xr[i] * inv * w[i]);
     }
+}
+extern "C" __global__ void rmsnorm(const float* __restrict__ x, const float* __restrict__ w,
+                                   float* __restrict__ out, int dim, float eps) {
+    PDL_ENTRY;
+    rmsnorm_impl(x, w, out, dim, eps);
+}
+extern "C" __global__ void rmsnorm16(const float* __restrict__ x, const float* __restrict__ w,
+                                     bf16* __restrict__ out, int dim, float eps) {
+    PDL_ENTRY;
+    rmsnorm_impl(x, w, out, dim, eps);
 }
 
 #define ATT_WARPS 8
@@ -158,19 +184,23 @@ __device__ __forceinline__ void bf4(uint2 u, float* f) {
 
 // Causal attention of row r = rows[blockIdx.x]'s query head h over positions 0..pos[r] of
 // its item's cache (decode rows and short chunks; long prefill chunks go to
-// attention_tiles). grid (rows, n_heads), block 32 * ATT_WARPS; head_dim a multiple of 4, at most 256. Each lane
+// attention_tiles). grid (rows, n_heads, splits) or, with heads_x, (n_heads, rows, splits);
+// block 32 * ATT_WARPS; head_dim a multiple of 4, at most 256. Each lane
 // owns 4 consecutive dimensions (8-byte loads) of up to two 128-wide halves; each warp walks
 // every ATT_WARPS-th position, ATT_U positions per iteration (2 in `attention`, 4 in
 // `attention4`) with their K and V loads issued together, with an online softmax; the
-// warps' partial results are merged at the end.
+// warps' partial results are merged at the end. The output goes to `out` (f32), or rounded
+// to bf16 to `out16` when that is not null (the input of a cuBLAS o product).
 template <int ATT_U>
 __device__ void attention_impl(const float* q, const u64* kvp, const int* item, const int* pos,
-                               const int* rows, float* out, int nh, int nkv, int hd,
-                               float scale, float* part, u32* cnt) {
+                               const int* rows, float* out, bf16* out16, int nh, int nkv,
+                               int hd, float scale, float* part, u32* cnt, int heads_x) {
     __shared__ float s_m[ATT_WARPS], s_l[ATT_WARPS];
     __shared__ float s_acc[ATT_WARPS * 256];
     __shared__ u32 s_ticket;
-    int r = rows[blockIdx.x], h = blockIdx.y;
+    // grid (rows, heads, splits), or (heads, rows, splits) with heads_x.
+    int ri = heads_x ? blockIdx.y : blockIdx.x, h = heads_x ? blockIdx.x : blockIdx.y;
+    int r = rows[ri];
     int it = item[r], T = pos[r] + 1;
     // Splits in use: at least ATT_MIN_SPLIT positions each (short contexts skip the merge);
     // the grid's other blocks leave at once. Every block of a (row, head) agrees on S.
@@ -272,15 +302,15 @@ __device__ void attention_impl(const float* q, const u64* kvp, const int* item, 
     // One split (gridDim.z == 1): the output; else (max, sum, unnormalized output) into
     // part, and the last block of the (row, head) to finish (a ticket in cnt, zero between
     // calls) merges the splits in order.
-    float* o = out + ((size_t)r * nh + h) * hd;
-    size_t slot = (size_t)blockIdx.x * nh + h;
+    size_t oi = ((size_t)r * nh + h) * hd;
+    size_t slot = (size_t)ri * nh + h;
     float* pp = part + (slot * gridDim.z + blockIdx.z) * (hd + 2);
     for (int e = threadIdx.x; e < hd; e += blockDim.x) {
         float a = 0.f;
         for (int i = 0; i < ATT_WARPS; i++)
             if (s_l[i] > 0.f) a += s_acc[i * 256 + e] * __expf(s_m[i] - M);
         if (S == 1)
-            o[e] = a / L;
+            out16 ? store1(out16 + oi, e, a / L) : store1(out + oi, e, a / L);
         else
             pp[2 + e] = a;
     }
@@ -309,15 +339,16 @@ __device__ void attention_impl(const float* q, const u64* kvp, const int* item, 
             const float* pi = base + i * (hd + 2);
             if (__ldcg(pi + 1) > 0.f) a += __ldcg(pi + 2 + e) * __expf(__ldcg(pi) - MM);
         }
-        o[e] = a / LL;
+        out16 ? store1(out16 + oi, e, a / LL) : store1(out + oi, e, a / LL);
     }
     if (threadIdx.x == 0) cnt[slot] = 0u;
 }
 
 #define ATT_ARGS                                                                              \
     const float *q, const u64 *kvp, const int *item, const int *pos, const int *rows,         \
-        float *out, int nh, int nkv, int hd, float scale, float *part, u32 *cnt
-#define ATT_PASS q, kvp, item, pos, rows, out, nh, nkv, hd, scale, part, cnt
+        float *out, bf16 *out16, int nh, int nkv, int hd, float scale, float *part, u32 *cnt, \
+        int heads_x
+#define ATT_PASS q, kvp, item, pos, rows, out, out16, nh, nkv, hd, scale, part, cnt, heads_x
 extern "C" __global__ void attention(ATT_ARGS) {
     PDL_ENTRY;
     attention_impl<2>(ATT_PASS);
@@ -451,6 +482,13 @@ extern "C" __global__ void silu_mul(float* g, const float* u, u64 n) {
     PDL_ENTRY;
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
         g[i] = silu_gate(g[i], u[i]);
+}
+
+// y = bf16(silu(g) * u), elementwise (the input of a cuBLAS down product).
+extern "C" __global__ void silu_mul16(const float* g, const float* u, bf16* y, u64 n) {
+    PDL_ENTRY;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        y[i] = to_bf(silu_gate(g[i], u[i]));
 }
 
 extern "C" __global__ void f32_to_bf16(const float* x, bf16* y, u64 n) {
@@ -1282,12 +1320,6 @@ extern "C" __global__ void transpose_bf16(const bf16* in, bf16* out, int rows, i
 // up rows, and y0 = silu(gate·x) * (up·x).
 #define MM_WARPS 8
 
-// Round two floats to a bf16 pair in one instruction (lo in the low half).
-__device__ __forceinline__ u32 cvt_bf2(float lo, float hi) {
-    u32 r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
 
 __device__ __forceinline__ u32 pack_bf2(float a, float b) { return cvt_bf2(a, b); }
 

@@ -460,6 +460,8 @@ struct Pass {
     tmp: u64,
     hb: u64,
     hb2: u64,
+    /// Inputs of cuBLAS products rounded to bf16 (n * the widest input).
+    x16: u64,
     sel: u64,
     logits: u64,
     tok: u64,
@@ -751,6 +753,16 @@ pub struct CudaBackend {
     /// cuBLAS passes run Q/K/V (equal rows) and gate/up as one batched product each
     /// (SWITCHYARD_BLAS_BATCHED=0: one product per matrix).
     pub blas_batched: bool,
+    /// The kernels before cuBLAS products write their inputs rounded to bf16 (RMSNorm,
+    /// decode attention, SiLU·up; see [`Via16`]); off (SWITCHYARD_BF16_INPUTS=0), a
+    /// conversion pass runs before each product.
+    pub bf16_inputs: bool,
+    /// Decode attention's blocks run head-fastest (grid x = heads), so the blocks running
+    /// at once read whole K/V rows of fewer sequences; off (SWITCHYARD_ATT_HEADS_X=0),
+    /// sequence-fastest.
+    pub att_heads_x: bool,
+    /// Most waves of blocks an `mms*` product's split count may give (SWITCHYARD_MM_WAVES).
+    pub mm_waves: usize,
     /// Scratch of the `mms*` products for the current pass (partial sums, tickets).
     mm_scratch: (u64, u64),
     graphs: Vec<((usize, usize, usize, u64), GraphExec)>,
@@ -786,6 +798,18 @@ pub const SPARSE_TILE: usize = 512;
 pub const SPARSE_BLOCKS: usize = 264;
 /// Kept inputs a warp has in flight in the sparse products (`SP_U` in kernels/engine.cu).
 const SPARSE_U: usize = 4;
+
+/// How a cuBLAS product's bf16 input and the gated unit's result travel (Self::proj): the
+/// kernel before a cuBLAS product writes its input rounded to bf16 into the pass's `x16`
+/// itself (RMSNorm, decode attention, SiLU·up), so no conversion pass runs in between.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Via16 {
+    /// `x16` already holds the input rounded to bf16.
+    input: bool,
+    /// The gated unit writes bf16(silu(gate)·up) to `x16` (the down product's input), not
+    /// to y_0.
+    glu_out: bool,
+}
 
 /// What a fused product does with its result.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -834,7 +858,12 @@ enum Fused {
     /// mms8/16/32/64 by token count (split-K, inputs rounded to bf16 in shared memory,
     /// tensor cores): partial sums in `part`, tickets in `cnt` (zeroed), sized by
     /// [`mms_scratch`].
-    Mms { part: u64, cnt: u64, blocks: usize },
+    Mms {
+        part: u64,
+        cnt: u64,
+        blocks: usize,
+        waves: usize,
+    },
 }
 
 /// Shared memory of one `mms*` block at most (its staged inputs): room for two blocks per
@@ -845,6 +874,8 @@ const MS_ROWS: usize = 128;
 /// Blocks an `mms*` launch aims for by default (the inputs are split to get there): two
 /// per SM of an H100/H200.
 pub const MS_BLOCKS_WANTED: usize = 264;
+/// Most waves of blocks the split count of an `mms*` product may give by default.
+pub const MS_WAVES_MAX: usize = 2;
 
 /// The launch shape of one `mms*` product.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -860,7 +891,13 @@ struct MsPlan {
 }
 
 impl MsPlan {
-    fn new(rows: &[usize], cols: usize, n: usize, epi: Epilogue, want_blocks: usize) -> Self {
+    fn new(
+        rows: &[usize],
+        cols: usize,
+        n: usize,
+        epi: Epilogue,
+        (want_blocks, max_waves): (usize, usize),
+    ) -> Self {
         // (kernel, token rows, 32-column blocks a warp has in flight: U in kernels/engine.cu)
         let (kernel, ntok, u) = match n {
             0..=8 => (0, 8, 8),
@@ -879,7 +916,7 @@ impl MsPlan {
         // `want_blocks` is what runs at once (two blocks per SM). Blocks run in waves, so a
         // grid of 1.1 waves takes as long as two: the split count is chosen for the fullest
         // last wave (fewest splits among equals), with at least one batch of loads per warp
-        // and at most 4 waves; the inputs of a split must fit in shared memory.
+        // and at most `max_waves` waves; the inputs of a split must fit in shared memory.
         let least = nkb.div_ceil(kb_fit).max(1);
         let most = (nkb / u).max(least);
         let wave = want_blocks.max(1);
@@ -888,7 +925,7 @@ impl MsPlan {
             let s = nkb.div_ceil(nkb.div_ceil(s0));
             let blocks = tiles * s;
             let waves = blocks.div_ceil(wave);
-            if waves > 4 && s > least {
+            if waves > max_waves.max(1) && s > least {
                 break;
             }
             let full = blocks as f64 / (waves * wave) as f64;
@@ -925,13 +962,16 @@ fn ms_ld(ks: usize) -> usize {
 
 /// Floats of partial sums and tickets the `mms*` products of a layer for `n` tokens over
 /// model `c` need at most.
-fn mms_scratch(c: &Config, n: usize, want_blocks: usize) -> (usize, usize) {
+fn mms_scratch(c: &Config, n: usize, shape: (usize, usize)) -> (usize, usize) {
     let (qd, kvd) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
-    let sets: [(&[usize], usize, Epilogue); 4] = [
+    let sets: [(&[usize], usize, Epilogue); 6] = [
         (&[qd, kvd, kvd], c.dim, Epilogue::Store),
         (&[c.dim], qd, Epilogue::Add),
         (&[c.ffn_dim, c.ffn_dim], c.dim, Epilogue::Glu),
         (&[c.dim], c.ffn_dim, Epilogue::Add),
+        // The LM head and LaRoSA's residual adapters (Self::linear).
+        (&[c.vocab_size], c.dim, Epilogue::Store),
+        (&[c.dim], c.dim, Epilogue::Store),
     ];
     let (mut floats, mut tiles) = (1, 1);
     let mut add = |p: MsPlan| {
@@ -939,7 +979,7 @@ fn mms_scratch(c: &Config, n: usize, want_blocks: usize) -> (usize, usize) {
         tiles = tiles.max(p.tiles);
     };
     for (rows, cols, epi) in sets {
-        add(MsPlan::new(rows, cols, n, epi, want_blocks));
+        add(MsPlan::new(rows, cols, n, epi, shape));
     }
     (floats, tiles)
 }
@@ -954,8 +994,14 @@ fn launch_fused(
     n: usize,
     epi: Epilogue,
 ) -> Result<()> {
-    if let Fused::Mms { part, cnt, blocks } = k {
-        return launch_mms(g, outs, x, n, epi, (part, cnt), blocks);
+    if let Fused::Mms {
+        part,
+        cnt,
+        blocks,
+        waves,
+    } = k
+    {
+        return launch_mms(g, outs, x, n, epi, (part, cnt), (blocks, waves));
     }
     // (kernel, output rows per block, rows per block of the gated unit, threads)
     let (f, rpb, rpb_glu, threads) = match (k, n) {
@@ -995,11 +1041,11 @@ fn launch_mms(
     n: usize,
     epi: Epilogue,
     (part, cnt): (u64, u64),
-    want_blocks: usize,
+    shape: (usize, usize),
 ) -> Result<()> {
     let rows: Vec<usize> = outs.iter().map(|(w, _)| w.rows).collect();
     let cols = outs[0].0.cols;
-    let p = MsPlan::new(&rows, cols, n, epi, want_blocks);
+    let p = MsPlan::new(&rows, cols, n, epi, shape);
     let [(w0, y0, r0), (w1, y1, r1), (w2, y2, r2)] = fused_segments(outs);
     let mode = epi.mode();
     let (ci, ni, ks) = (cols as i32, n as i32, p.ks as i32);
@@ -1245,13 +1291,14 @@ pub fn mm_product(
     let mut scratch = Vec::new();
     let k = match kernel {
         ProductKernel::Mms { .. } => {
-            let plan = MsPlan::new(&rows, cols, n, epi, blocks);
+            let plan = MsPlan::new(&rows, cols, n, epi, (blocks, MS_WAVES_MAX));
             scratch.push(gpu.alloc(plan.part_floats() * 4)?);
             scratch.push(gpu.upload(&vec![0u32; plan.tiles])?);
             Fused::Mms {
                 part: scratch[0].ptr,
                 cnt: scratch[1].ptr,
                 blocks,
+                waves: MS_WAVES_MAX,
             }
         }
         _ => Fused::Mm,
@@ -1458,7 +1505,7 @@ pub fn product_secs(
         ProductKernel::Mms { blocks } => blocks.max(1),
         _ => MS_BLOCKS_WANTED,
     };
-    let plan = MsPlan::new(&[rows], cols, n, Epilogue::Store, blocks);
+    let plan = MsPlan::new(&[rows], cols, n, Epilogue::Store, (blocks, MS_WAVES_MAX));
     let part = gpu.alloc(plan.part_floats() * 4)?;
     let cnt = gpu.upload(&vec![0u32; plan.tiles])?;
     let run = |w: &DevW| -> Result<()> {
@@ -1468,6 +1515,7 @@ pub fn product_secs(
                     part: part.ptr,
                     cnt: cnt.ptr,
                     blocks,
+                    waves: MS_WAVES_MAX,
                 };
                 launch_fused(gpu, k, &[(w, y.ptr)], x.ptr, n, Epilogue::Store)
             }
@@ -1609,6 +1657,12 @@ impl CudaBackend {
             mm_split: true,
             mm_blocks: MS_BLOCKS_WANTED,
             blas_batched: std::env::var("SWITCHYARD_BLAS_BATCHED").map_or(true, |v| v != "0"),
+            bf16_inputs: std::env::var("SWITCHYARD_BF16_INPUTS").map_or(true, |v| v != "0"),
+            att_heads_x: std::env::var("SWITCHYARD_ATT_HEADS_X").map_or(true, |v| v != "0"),
+            mm_waves: std::env::var("SWITCHYARD_MM_WAVES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(MS_WAVES_MAX),
             mm_scratch: (0, 0),
             graphs: Vec::new(),
             seen: Vec::new(),
@@ -1663,22 +1717,29 @@ impl CudaBackend {
     /// side) in the same kernel. Returns `Some(k)` when the single token's `k` kept inputs
     /// are in `sidx`/`sval` for the sparse products (xb is then not written); `None` when
     /// `xb` holds the rows, masked if LaRoSA is on.
-    fn norm(&self, p: &Pass, x: u64, w: &DevBuf, xb: u64, sparse: bool) -> Result<Option<usize>> {
+    ///
+    /// With `to16` (no LaRoSA) the rows go to `p.x16` rounded to bf16 instead of `xb`.
+    fn norm(
+        &self,
+        p: &Pass,
+        x: u64,
+        w: &DevBuf,
+        (xb, to16): (u64, bool),
+        sparse: bool,
+    ) -> Result<Option<usize>> {
         let g = &self.dm.gpu;
         let c = &self.dm.cfg;
         let (d, eps, nu) = (c.dim, c.rms_eps, p.n as u32);
         let di = d as i32;
         let Some((l, k)) = self.kept(false, d) else {
             let threads = norm_threads(d);
-            // SAFETY: x and xb hold n rows of d f32, w d f32.
-            unsafe {
-                g.launch(
-                    g.k.rmsnorm,
-                    (nu, 1, 1),
-                    threads,
-                    args!(x, w.ptr, xb, di, eps),
-                )?
+            let (f, out) = if to16 {
+                (g.k.rmsnorm16, p.x16)
+            } else {
+                (g.k.rmsnorm, xb)
             };
+            // SAFETY: x and xb hold n rows of d f32, x16 n rows of d bf16 at least, w d f32.
+            unsafe { g.launch(f, (nu, 1, 1), threads, args!(x, w.ptr, out, di, eps))? };
             return Ok(None);
         };
         let tl = topk_kernel(g, d, true)?;
@@ -1752,6 +1813,7 @@ impl CudaBackend {
                     part,
                     cnt,
                     blocks: self.mm_blocks.max(1),
+                    waves: self.mm_waves,
                 }
             } else {
                 Fused::Mm
@@ -1775,17 +1837,26 @@ impl CudaBackend {
         n: usize,
         epi: Epilogue,
         batched: Option<u64>,
+        via: Via16,
     ) -> Result<()> {
         let cols = outs[0].0.cols;
         debug_assert!(outs.iter().all(|(w, _)| w.cols == cols) && outs.len() <= 3);
         let gpu = self.dm.gpu.clone();
         let g = &gpu;
         if let Some(k) = self.fused_kernel(n, cols) {
+            if via.input || via.glu_out {
+                return Err(EngineError::Invalid(
+                    "CUDA: a fused product was handed a bf16 input".into(),
+                ));
+            }
             return launch_fused(g, k, outs, x, n, epi);
         }
-        // cuBLAS: the input rounded to bf16 once for all the matrices.
+        // cuBLAS: the input rounded to bf16 once for all the matrices (unless the kernel
+        // before wrote it so).
         let x16 = self.bufs.get(g, X16, n * cols * 2)?;
-        to_bf16(g, x, x16, n * cols)?;
+        if !via.input {
+            to_bf16(g, x, x16, n * cols)?;
+        }
         match (epi, batched) {
             (Epilogue::Store, Some(arrays)) if outs.len() > 1 => {
                 gemm_bf16_batched(g, outs[0].0, arrays, outs.len(), n)?;
@@ -1809,28 +1880,31 @@ impl CudaBackend {
                     }
                 }
                 let m = (n * wg.rows) as u64;
-                // SAFETY: yg and yu hold n*rows f32.
+                let grid = (blocks(n * wg.rows, 256).min(4096), 1, 1);
+                // SAFETY: yg and yu hold n*rows f32; x16 n*rows bf16 (sized for the widest
+                // input of the pass).
                 unsafe {
-                    g.launch(
-                        g.k.silu_mul,
-                        (blocks(n * wg.rows, 256).min(4096), 1, 1),
-                        256,
-                        args!(yg, yu, m),
-                    )?
+                    if via.glu_out {
+                        g.launch(g.k.silu_mul16, grid, 256, args!(yg, yu, x16, m))?
+                    } else {
+                        g.launch(g.k.silu_mul, grid, 256, args!(yg, yu, m))?
+                    }
                 };
             }
         }
         Ok(())
     }
 
-    /// y[n, w.rows] = x[n, w.cols] · wᵀ.
-    fn linear(&mut self, w: &DevW, x: u64, n: usize, y: u64) -> Result<()> {
-        let gpu = self.dm.gpu.clone();
-        if n <= 8 {
-            return launch_gemv(&gpu, w, x, n, y);
-        }
-        let x16 = self.bufs.get(&gpu, X16, n * w.cols * 2)?;
-        launch_cublas(&gpu, w, x, x16, n, y)
+    /// y[n, w.rows] = x[n, w.cols] · wᵀ (with `via.input`, cuBLAS reads `x16` as it is).
+    fn linear(&mut self, w: &DevW, x: u64, n: usize, y: u64, via: Via16) -> Result<()> {
+        self.proj(&[(w, y)], x, n, Epilogue::Store, None, via)
+    }
+
+    /// Whether the kernel that makes the input of an `n`-token product `cols` wide should
+    /// write it rounded to bf16 into `x16` (the product runs on cuBLAS and LaRoSA, whose
+    /// selections read the f32 rows, is off).
+    fn writes16(&self, n: usize, cols: usize) -> bool {
+        self.bf16_inputs && self.larosa.is_none() && self.fused_kernel(n, cols).is_none()
     }
 
     /// Enqueue the whole pass; returns (rows with logits, device pointer to the logits).
@@ -1884,6 +1958,11 @@ impl CudaBackend {
         // Passes whose products go to cuBLAS (more tokens than the fused kernels take).
         let blas = self.blas_batched && self.fused_kernel(n, dim).is_none();
         let g = &gpu;
+        let (mm_split, mm_tokens, mm_shape) = (
+            self.mm_split,
+            self.mm_tokens.clone(),
+            (self.mm_blocks.max(1), self.mm_waves),
+        );
         let b = &mut self.bufs;
         let x = b.get(g, X, n * dim * 4)?;
         let xb = b.get(g, XB, n * dim * 4)?;
@@ -1929,8 +2008,16 @@ impl CudaBackend {
             }
             self.bptr_sent = (b.generation, bptr);
         }
-        self.mm_scratch = if self.mm_split && self.mm_tokens.contains(&n) && n <= 64 {
-            let (floats, tiles) = mms_scratch(c, n, self.mm_blocks.max(1));
+        // The split-K products' scratch, for the pass's products and for the LM head's
+        // rows (which can take the split-K kernel when the pass itself does not).
+        let mms_for = |m: usize| mm_split && mm_tokens.contains(&m) && m <= 64;
+        self.mm_scratch = if mms_for(n) || mms_for(n_sel) {
+            let (mut floats, mut tiles) = (0, 0);
+            for m in [n, n_sel].into_iter().filter(|&m| mms_for(m)) {
+                let (f2, t2) = mms_scratch(c, m, mm_shape);
+                floats = floats.max(f2);
+                tiles = tiles.max(t2);
+            }
             (
                 b.get(g, MPART, floats * 4)?,
                 b.get_zeroed(g, MCNT, tiles * 4)?,
@@ -1983,6 +2070,7 @@ impl CudaBackend {
             tmp,
             hb,
             hb2,
+            x16,
             sel,
             logits,
             tok,
@@ -2093,6 +2181,7 @@ impl CudaBackend {
             tmp,
             hb,
             hb2,
+            x16,
             sel,
             logits,
             tok,
@@ -2127,7 +2216,7 @@ impl CudaBackend {
             for (li, l) in dm.layers.iter().enumerate() {
                 if let Some(a) = &l.adapter {
                     // The rotated residual stream moves into this layer's basis.
-                    self.linear(a, x, n, tmp)?;
+                    self.linear(a, x, n, tmp, Via16::default())?;
                     cudarc::driver::result::memcpy_dtod_async(x, tmp, n * dim * 4, g.stream)
                         .map_err(|e| EngineError::Invalid(format!("CUDA: copy: {e:?}")))?;
                 }
@@ -2136,7 +2225,14 @@ impl CudaBackend {
                 // top-k sparsified first (in the RMSNorm kernel on the input side), and a
                 // single token's products read only the kept inputs' weight columns.
                 let sp = l.sparse.as_ref();
-                let kq = self.norm(p, x, &l.attn_norm, xb, sp.is_some())?;
+                // cuBLAS products read bf16 inputs that the kernels before them write.
+                let (qkv16, o16, ffn16, down16) = (
+                    self.writes16(n, dim),
+                    self.writes16(n, qd) && n_tiles == 0,
+                    self.writes16(n, dim),
+                    self.writes16(n, f),
+                );
+                let kq = self.norm(p, x, &l.attn_norm, (xb, qkv16), sp.is_some())?;
                 match (kq, sp) {
                     (Some(kk), Some(s)) => self.sparse_proj(
                         p,
@@ -2150,6 +2246,10 @@ impl CudaBackend {
                         n,
                         Epilogue::Store,
                         (bptr != 0 && qd == kvd).then_some(bptr + (li * BPTR_LAYER * 8) as u64),
+                        Via16 {
+                            input: qkv16,
+                            glu_out: false,
+                        },
                     )?,
                 }
                 let (cos, sin) = (dm.cos.ptr, dm.sin.ptr);
@@ -2162,13 +2262,22 @@ impl CudaBackend {
                     args!(q, k, v, pos, cos, sin, kvl, item, nh_i, nkv_i, hd_i, inter),
                 )?;
                 if n_arows > 0 {
+                    let att16 = if o16 { x16 } else { 0 };
+                    // (grid y is at most 65535)
+                    let heads_x = self.att_heads_x && n_arows <= 65535;
+                    let hx = heads_x as i32;
+                    let grid = if heads_x {
+                        (nh as u32, n_arows as u32, att_splits as u32)
+                    } else {
+                        (n_arows as u32, nh as u32, att_splits as u32)
+                    };
                     g.launch(
                         kk.attention[self.attention4 as usize],
-                        (n_arows as u32, nh as u32, att_splits as u32),
+                        grid,
                         256,
                         args!(
-                            q, kvl, item, pos, arows, att, nh_i, nkv_i, hd_i, scale, att_part,
-                            att_cnt
+                            q, kvl, item, pos, arows, att, att16, nh_i, nkv_i, hd_i, scale,
+                            att_part, att_cnt, hx
                         ),
                     )?;
                 }
@@ -2194,9 +2303,19 @@ impl CudaBackend {
                     (Some(kk), Some(s)) => {
                         self.sparse_proj(p, &[(&s.wo, dim, x)], kk, Epilogue::Add)?
                     }
-                    _ => self.proj(&[(&l.wo, x)], att, n, Epilogue::Add, None)?,
+                    _ => self.proj(
+                        &[(&l.wo, x)],
+                        att,
+                        n,
+                        Epilogue::Add,
+                        None,
+                        Via16 {
+                            input: o16,
+                            glu_out: false,
+                        },
+                    )?,
                 }
-                match (self.norm(p, x, &l.ffn_norm, xb, sp.is_some())?, sp) {
+                match (self.norm(p, x, &l.ffn_norm, (xb, ffn16), sp.is_some())?, sp) {
                     (Some(kk), Some(s)) => self.sparse_proj(
                         p,
                         &[(&s.gate, f, hb), (&s.up, f, hb2)],
@@ -2209,13 +2328,27 @@ impl CudaBackend {
                         n,
                         Epilogue::Glu,
                         (bptr != 0).then_some(bptr + ((li * BPTR_LAYER + 9) * 8) as u64),
+                        Via16 {
+                            input: ffn16,
+                            glu_out: down16,
+                        },
                     )?,
                 }
                 match (self.sparsify(p, hb, f, sp.is_some())?, sp) {
                     (Some(kk), Some(s)) => {
                         self.sparse_proj(p, &[(&s.down, dim, x)], kk, Epilogue::Add)?
                     }
-                    _ => self.proj(&[(&l.down, x)], hb, n, Epilogue::Add, None)?,
+                    _ => self.proj(
+                        &[(&l.down, x)],
+                        hb,
+                        n,
+                        Epilogue::Add,
+                        None,
+                        Via16 {
+                            input: down16,
+                            glu_out: false,
+                        },
+                    )?,
                 }
             }
             if n_sel > 0 {
@@ -2225,13 +2358,24 @@ impl CudaBackend {
                     256,
                     args!(x, selidx, sel, dim_i),
                 )?;
+                // The head's input rounded to bf16 by the RMSNorm when cuBLAS takes it.
+                let head16 = self.writes16(n_sel, dim);
+                let (f, out) = if head16 {
+                    (kk.rmsnorm16, x16)
+                } else {
+                    (kk.rmsnorm, xb)
+                };
                 g.launch(
-                    kk.rmsnorm,
+                    f,
                     (n_sel as u32, 1, 1),
                     norm_threads,
-                    args!(sel, dm.norm.ptr, xb, dim_i, eps),
+                    args!(sel, dm.norm.ptr, out, dim_i, eps),
                 )?;
-                self.linear(dm.head(), xb, n_sel, logits)?;
+                let via = Via16 {
+                    input: head16,
+                    glu_out: false,
+                };
+                self.linear(dm.head(), xb, n_sel, logits, via)?;
             }
         }
         Ok(())
@@ -2449,12 +2593,16 @@ mod plan_tests {
             (&[11008, 11008], 4096, Epilogue::Glu),
             (&[4096], 11008, Epilogue::Add),
         ] {
-            for n in [3usize, 8, 16, 32, 64] {
-                let p = MsPlan::new(rows, cols, n, epi, 264);
+            // (wave cap, least fill of the last wave): two waves leave less room to fill.
+            for ((waves, least), n) in [(2, 0.8), (4, 0.9)]
+                .into_iter()
+                .flat_map(|c| [3usize, 8, 16, 32, 64].map(|n| (c, n)))
+            {
+                let p = MsPlan::new(rows, cols, n, epi, (264, waves));
                 let blocks = p.tiles * p.splits;
                 let fill = blocks as f64 / (blocks.div_ceil(264) * 264) as f64;
-                eprintln!("{rows:?}x{cols} n={n}: {p:?}, {blocks} blocks");
-                assert!(fill > 0.9, "{rows:?}x{cols} n={n}: {p:?} fills {fill:.2}");
+                eprintln!("{rows:?}x{cols} n={n} waves<={waves}: {p:?}, {blocks} blocks");
+                assert!(fill > least, "{rows:?}x{cols} n={n}: {p:?} fills {fill:.2}");
                 assert!(
                     p.ks.is_multiple_of(32)
                         && p.ks * p.splits >= cols

@@ -31,12 +31,14 @@ pub(crate) struct Kernels {
     pub embed: sys::CUfunction,
     pub gather_rows: sys::CUfunction,
     pub rmsnorm: sys::CUfunction,
+    pub rmsnorm16: sys::CUfunction,
     /// Decode attention with 2 and 4 positions per warp iteration.
     pub attention: [sys::CUfunction; 2],
     pub attention_tiles: sys::CUfunction,
     /// Prefill attention on tensor cores, head size 64 and 128.
     pub attention_mma: [sys::CUfunction; 2],
     pub silu_mul: sys::CUfunction,
+    pub silu_mul16: sys::CUfunction,
     pub f32_to_bf16: sys::CUfunction,
     /// gemv for up to 1, 2, 4, 8 tokens.
     pub gemv: [sys::CUfunction; 4],
@@ -269,10 +271,12 @@ impl Gpu {
             embed: f("embed")?,
             gather_rows: f("gather_rows")?,
             rmsnorm: f("rmsnorm")?,
+            rmsnorm16: f("rmsnorm16")?,
             attention: [f("attention")?, f("attention4")?],
             attention_tiles: f("attention_tiles")?,
             attention_mma: [f("attention_mma64")?, f("attention_mma128")?],
             silu_mul: f("silu_mul")?,
+            silu_mul16: f("silu_mul16")?,
             f32_to_bf16: f("f32_to_bf16")?,
             gemv: [f("gemv1")?, f("gemv2")?, f("gemv4")?, f("gemv8")?],
             mm: [f("mm8")?, f("mm16")?, f("mm32")?],
