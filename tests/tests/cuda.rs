@@ -385,27 +385,35 @@ fn mixed_passes(dm: &Arc<DeviceModel>, setup: impl Fn(&mut CudaBackend)) -> Vec<
 }
 
 /// The kernels before cuBLAS products write their inputs rounded to bf16 (RMSNorm, decode
-/// attention, SiLU·up) instead of a conversion pass, and decode attention may run its
-/// blocks head-fastest: the same roundings of the same values, so every pass's logits must
-/// equal those of the conversion passes and sequence-fastest blocks bit for bit.
+/// attention, SiLU·up) instead of a conversion pass; decode attention may run its blocks
+/// head-fastest, and heads up to 128 wide take the kernels made for them (one half per
+/// lane, next positions prefetched): the same roundings of the same values in the same
+/// order, so every pass's logits must equal those of the conversion passes,
+/// sequence-fastest blocks and the 256-wide kernels bit for bit.
 #[test]
-fn bf16_inputs_and_head_major_attention_give_the_same_logits() {
+fn bf16_inputs_and_attention_variants_give_the_same_logits() {
     let Some(g) = gpu() else { return };
     let dm = Arc::new(DeviceModel::dummy(g.clone(), dummy_cfg(), 13).unwrap());
-    let run = |bf16_inputs: bool, heads_x: bool| {
+    let run = |(bf16_inputs, heads_x, half): (bool, bool, bool)| {
         mixed_passes(&dm, |be| {
             be.bf16_inputs = bf16_inputs;
             be.att_heads_x = heads_x;
+            be.att_half = half;
         })
     };
-    let base = run(false, false);
-    for (b16, hx) in [(true, false), (false, true), (true, true)] {
-        let other = run(b16, hx);
+    let base = run((false, false, false));
+    for v in [
+        (true, false, false),
+        (false, true, false),
+        (false, false, true),
+        (true, true, true),
+    ] {
+        let other = run(v);
         assert_eq!(base.len(), other.len());
         for (i, (a, b)) in base.iter().zip(&other).enumerate() {
             assert!(
                 a == b,
-                "pass {i}: logits differ with bf16 inputs {b16}, head-major attention {hx}"
+                "pass {i}: logits differ with (bf16 inputs, head-major, half-width) {v:?}"
             );
         }
     }

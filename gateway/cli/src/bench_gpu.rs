@@ -499,7 +499,7 @@ mod imp {
             kv_static: full,
             settings: json!({
                 "bf16_inputs": be.bf16_inputs, "att_heads_x": be.att_heads_x,
-                "mm_waves": be.mm_waves, "attention4": be.attention4,
+                "mm_waves": be.mm_waves, "attention4": be.attention4, "att_half": be.att_half,
             }),
         })
     }

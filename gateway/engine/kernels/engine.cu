@@ -191,7 +191,32 @@ __device__ __forceinline__ void bf4(uint2 u, float* f) {
 // `attention4`) with their K and V loads issued together, with an online softmax; the
 // warps' partial results are merged at the end. The output goes to `out` (f32), or rounded
 // to bf16 to `out16` when that is not null (the input of a cuBLAS o product).
-template <int ATT_U>
+// K and V of positions t0, t0 + GW, .. (ATT_U of them; zeros past T) for this lane's
+// dimensions of C 128-wide halves.
+template <int ATT_U, int C>
+__device__ __forceinline__ void att_load(uint2 (&kk)[ATT_U][C], uint2 (&vv)[ATT_U][C],
+                                         const bf16* K, const bf16* V, int kvd, int lane,
+                                         const bool (&ok)[C], int t0, int GW, int T) {
+#pragma unroll
+    for (int u = 0; u < ATT_U; u++) {
+        size_t t = (size_t)(t0 + u * GW);
+        bool have = t0 + u * GW < T;
+#pragma unroll
+        for (int c = 0; c < C; c++) {
+            if (have && ok[c]) {
+                kk[u][c] = *(const uint2*)(K + t * kvd + 4 * lane + 128 * c);
+                vv[u][c] = *(const uint2*)(V + t * kvd + 4 * lane + 128 * c);
+            } else {
+                kk[u][c] = make_uint2(0u, 0u);
+                vv[u][c] = make_uint2(0u, 0u);
+            }
+        }
+    }
+}
+
+// C: 128-wide halves of the head a lane covers (1: head_dim <= 128, 2: up to 256). PF: the
+// next iteration's K/V loads go out before this iteration's arithmetic.
+template <int ATT_U, int C, bool PF>
 __device__ void attention_impl(const float* q, const u64* kvp, const int* item, const int* pos,
                                const int* rows, float* out, bf16* out16, int nh, int nkv,
                                int hd, float scale, float* part, u32* cnt, int heads_x) {
@@ -212,10 +237,10 @@ __device__ void attention_impl(const float* q, const u64* kvp, const int* item, 
     const bf16* K = (const bf16*)kvp[2 * it] + kh * hd;
     const bf16* V = (const bf16*)kvp[2 * it + 1] + kh * hd;
     const float* qr = q + ((size_t)r * nh + h) * hd;
-    bool ok[2];
-    float qv[2][4], acc[2][4];
+    bool ok[C];
+    float qv[C][4], acc[C][4];
 #pragma unroll
-    for (int c = 0; c < 2; c++) {
+    for (int c = 0; c < C; c++) {
         int e = 4 * lane + 128 * c;
         ok[c] = e < hd;
 #pragma unroll
@@ -227,30 +252,23 @@ __device__ void attention_impl(const float* q, const u64* kvp, const int* item, 
     float m = NEG_INF, l = 0.f;
     // ATT_U positions per iteration: their K and V loads go out together, their scores are
     // reduced together (independent shuffles) and folded into the softmax in one update.
+    uint2 kk[ATT_U][C], vv[ATT_U][C];
+    if (PF) att_load<ATT_U, C>(kk, vv, K, V, kvd, lane, ok, gw, GW, T);
     for (int t0 = gw; t0 < T; t0 += ATT_U * GW) {
-        uint2 kk[ATT_U][2], vv[ATT_U][2];
+        uint2 nk[ATT_U][C], nv[ATT_U][C];
+        if (PF)
+            att_load<ATT_U, C>(nk, nv, K, V, kvd, lane, ok, t0 + ATT_U * GW, GW, T);
+        else
+            att_load<ATT_U, C>(kk, vv, K, V, kvd, lane, ok, t0, GW, T);
         bool have[ATT_U];
 #pragma unroll
-        for (int u = 0; u < ATT_U; u++) {
-            size_t t = (size_t)(t0 + u * GW);
-            have[u] = t0 + u * GW < T;
-#pragma unroll
-            for (int c = 0; c < 2; c++) {
-                if (have[u] && ok[c]) {
-                    kk[u][c] = *(const uint2*)(K + t * kvd + 4 * lane + 128 * c);
-                    vv[u][c] = *(const uint2*)(V + t * kvd + 4 * lane + 128 * c);
-                } else {
-                    kk[u][c] = make_uint2(0u, 0u);
-                    vv[u][c] = make_uint2(0u, 0u);
-                }
-            }
-        }
+        for (int u = 0; u < ATT_U; u++) have[u] = t0 + u * GW < T;
         float sc[ATT_U];
 #pragma unroll
         for (int u = 0; u < ATT_U; u++) {
             float s = 0.f, kf[4];
 #pragma unroll
-            for (int c = 0; c < 2; c++) {
+            for (int c = 0; c < C; c++) {
                 bf4(kk[u][c], kf);
 #pragma unroll
                 for (int i = 0; i < 4; i++) s = fmaf(qv[c][i], kf[i], s);
@@ -266,7 +284,7 @@ __device__ void attention_impl(const float* q, const u64* kvp, const int* item, 
         float corr = __expf(m - mn);
         l *= corr;
 #pragma unroll
-        for (int c = 0; c < 2; c++)
+        for (int c = 0; c < C; c++)
 #pragma unroll
             for (int i = 0; i < 4; i++) acc[c][i] *= corr;
 #pragma unroll
@@ -275,7 +293,7 @@ __device__ void attention_impl(const float* q, const u64* kvp, const int* item, 
             float pe = __expf(sc[u] - mn);
             l += pe;
 #pragma unroll
-            for (int c = 0; c < 2; c++) {
+            for (int c = 0; c < C; c++) {
                 float vf[4];
                 bf4(vv[u][c], vf);
 #pragma unroll
@@ -283,13 +301,22 @@ __device__ void attention_impl(const float* q, const u64* kvp, const int* item, 
             }
         }
         m = mn;
+        if (PF) {
+#pragma unroll
+            for (int u = 0; u < ATT_U; u++)
+#pragma unroll
+                for (int c = 0; c < C; c++) {
+                    kk[u][c] = nk[u][c];
+                    vv[u][c] = nv[u][c];
+                }
+        }
     }
     if (lane == 0) {
         s_m[w] = m;
         s_l[w] = l;
     }
 #pragma unroll
-    for (int c = 0; c < 2; c++)
+    for (int c = 0; c < C; c++)
         if (ok[c])
 #pragma unroll
             for (int i = 0; i < 4; i++) s_acc[w * 256 + 4 * lane + 128 * c + i] = acc[c][i];
@@ -349,13 +376,26 @@ __device__ void attention_impl(const float* q, const u64* kvp, const int* item, 
         float *out, bf16 *out16, int nh, int nkv, int hd, float scale, float *part, u32 *cnt, \
         int heads_x
 #define ATT_PASS q, kvp, item, pos, rows, out, out16, nh, nkv, hd, scale, part, cnt, heads_x
+// Prefetching the next positions' K/V in the head_dim <= 128 variants (ATT_PF, on by
+// default): 0 turns it off for side-by-side runs.
+#ifndef ATT_PF
+#define ATT_PF 1
+#endif
 extern "C" __global__ void attention(ATT_ARGS) {
     PDL_ENTRY;
-    attention_impl<2>(ATT_PASS);
+    attention_impl<2, 2, false>(ATT_PASS);
 }
 extern "C" __global__ void attention4(ATT_ARGS) {
     PDL_ENTRY;
-    attention_impl<4>(ATT_PASS);
+    attention_impl<4, 2, false>(ATT_PASS);
+}
+extern "C" __global__ void attention_h(ATT_ARGS) {
+    PDL_ENTRY;
+    attention_impl<2, 1, ATT_PF>(ATT_PASS);
+}
+extern "C" __global__ void attention4_h(ATT_ARGS) {
+    PDL_ENTRY;
+    attention_impl<4, 1, ATT_PF>(ATT_PASS);
 }
 
 __device__ __forceinline__ float warp_max(float v) {

@@ -761,6 +761,10 @@ pub struct CudaBackend {
     /// at once read whole K/V rows of fewer sequences; off (SWITCHYARD_ATT_HEADS_X=0),
     /// sequence-fastest.
     pub att_heads_x: bool,
+    /// Heads up to 128 wide take the decode attention kernels made for them (one 128-wide
+    /// half per lane, the next positions' K/V prefetched); off (SWITCHYARD_ATT_HALF=0), the
+    /// kernels for heads up to 256 wide.
+    pub att_half: bool,
     /// Most waves of blocks an `mms*` product's split count may give (SWITCHYARD_MM_WAVES).
     pub mm_waves: usize,
     /// Scratch of the `mms*` products for the current pass (partial sums, tickets).
@@ -1659,6 +1663,7 @@ impl CudaBackend {
             blas_batched: std::env::var("SWITCHYARD_BLAS_BATCHED").map_or(true, |v| v != "0"),
             bf16_inputs: std::env::var("SWITCHYARD_BF16_INPUTS").map_or(true, |v| v != "0"),
             att_heads_x: std::env::var("SWITCHYARD_ATT_HEADS_X").map_or(true, |v| v != "0"),
+            att_half: std::env::var("SWITCHYARD_ATT_HALF").map_or(true, |v| v != "0"),
             mm_waves: std::env::var("SWITCHYARD_MM_WAVES")
                 .ok()
                 .and_then(|v| v.parse().ok())
@@ -2271,8 +2276,9 @@ impl CudaBackend {
                     } else {
                         (n_arows as u32, nh as u32, att_splits as u32)
                     };
+                    let half = self.att_half && hd <= 128;
                     g.launch(
-                        kk.attention[self.attention4 as usize],
+                        kk.attention[self.attention4 as usize + 2 * half as usize],
                         grid,
                         256,
                         args!(

@@ -32,8 +32,9 @@ pub(crate) struct Kernels {
     pub gather_rows: sys::CUfunction,
     pub rmsnorm: sys::CUfunction,
     pub rmsnorm16: sys::CUfunction,
-    /// Decode attention with 2 and 4 positions per warp iteration.
-    pub attention: [sys::CUfunction; 2],
+    /// Decode attention with 2 and 4 positions per warp iteration, for heads up to 256 wide,
+    /// then the same for heads up to 128 wide (next positions prefetched).
+    pub attention: [sys::CUfunction; 4],
     pub attention_tiles: sys::CUfunction,
     /// Prefill attention on tensor cores, head size 64 and 128.
     pub attention_mma: [sys::CUfunction; 2],
@@ -272,7 +273,12 @@ impl Gpu {
             gather_rows: f("gather_rows")?,
             rmsnorm: f("rmsnorm")?,
             rmsnorm16: f("rmsnorm16")?,
-            attention: [f("attention")?, f("attention4")?],
+            attention: [
+                f("attention")?,
+                f("attention4")?,
+                f("attention_h")?,
+                f("attention4_h")?,
+            ],
             attention_tiles: f("attention_tiles")?,
             attention_mma: [f("attention_mma64")?, f("attention_mma128")?],
             silu_mul: f("silu_mul")?,
