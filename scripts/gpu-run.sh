@@ -41,9 +41,11 @@ if [[ $STEPS == *bench* ]]; then
   echo "== Llama-2-7B shapes, dummy bf16 weights"
   "$BIN" bench gpu --dummy llama2-7b --batch ${BATCH:-1,8,32,64} --prompt 128 --gen ${GEN:-128} \
     --prefill 512,2048 --baseline --products --json > "$OUT/gpu-llama2-7b.json"
-  echo "== the same at batch 4 and 8 with the previous tensor-core products (mm*, not split-K)"
+  echo "== the same at batch 4 and 8 with our tensor-core products (split-K mms*, then mm*)"
   "$BIN" bench gpu --dummy llama2-7b --batch 4,8 --prompt 128 --gen ${GEN:-128} --prefill 512 \
-    --no-mm-split --json > "$OUT/gpu-llama2-7b-mm.json"
+    --mm-max 8 --json > "$OUT/gpu-llama2-7b-mms.json"
+  "$BIN" bench gpu --dummy llama2-7b --batch 4,8 --prompt 128 --gen ${GEN:-128} --prefill 512 \
+    --mm-max 8 --no-mm-split --json > "$OUT/gpu-llama2-7b-mm.json"
   echo "== decode without programmatic dependent launch (each kernel waits for the last to end)"
   SWITCHYARD_PDL=0 "$BIN" bench gpu --dummy llama2-7b --batch ${BATCH:-1,8,32,64} --prompt 128 \
     --gen ${GEN:-128} --prefill 512 --json > "$OUT/gpu-llama2-7b-nopdl.json"

@@ -336,8 +336,8 @@ fn graph_cache_is_capped_and_replays_the_right_shapes() {
 /// Logits of a fixed run of passes on `dm` (`dummy_cfg` shapes) by a backend that `setup`
 /// adjusts: a prefill of 12 prompts (70, 5 and 1 tokens: tiled and per-row attention,
 /// cuBLAS products), 12 chunks of 3 tokens (36 rows, per-row attention, cuBLAS), then
-/// three rounds of greedy decode steps 1, 4, 8 and 12 sequences wide (GEMV, split-K
-/// products, cuBLAS).
+/// three rounds of greedy decode steps 1, 4, 8 and 12 sequences wide (GEMV, then cuBLAS or
+/// the split-K products where `setup` turns them on).
 fn mixed_passes(dm: &Arc<DeviceModel>, setup: impl Fn(&mut CudaBackend)) -> Vec<Vec<f32>> {
     let mut kv = open_kv(dm, dummy_layout(256, 12), None, KvMode::Sync).unwrap();
     let mut be = CudaBackend::new(dm.clone());
@@ -422,8 +422,9 @@ fn bf16_inputs_and_attention_variants_give_the_same_logits() {
 /// Programmatic dependent launch lets each kernel start (and stream its weights) before the
 /// previous one ends; every kernel waits for its predecessor before touching its data. A
 /// missing or misplaced wait is a race: the logits of prefill chunks (tiled and per-row
-/// attention), split-K products (4 and 8 tokens), the GEMV (1) and cuBLAS (12), eager and as
-/// graph replays, must equal those of plain launches bit for bit.
+/// attention), the GEMV (1), cuBLAS (4, 8, 12; its inputs written as bf16 by the kernels
+/// before it) and the split-K products (4 and 8 tokens when turned on), eager and as graph
+/// replays, must equal those of plain launches bit for bit.
 #[test]
 fn programmatic_dependent_launch_gives_the_plain_launches_logits() {
     let Some(g) = gpu() else { return };
@@ -435,20 +436,27 @@ fn programmatic_dependent_launch_gives_the_plain_launches_logits() {
         return;
     }
     let dm = Arc::new(DeviceModel::dummy(g.clone(), dummy_cfg(), 11).unwrap());
-    let run = |pdl: bool| -> Vec<Vec<f32>> {
-        g.set_pdl(pdl);
-        assert_eq!(g.pdl(), pdl);
-        mixed_passes(&dm, |_| {})
-    };
-    let plain = run(false);
-    let pdl = run(true);
-    g.set_pdl(true);
-    assert_eq!(plain.len(), pdl.len());
-    for (i, (a, b)) in plain.iter().zip(&pdl).enumerate() {
-        assert!(
-            a == b,
-            "pass {i}: logits differ with programmatic dependent launch"
-        );
+    // The default products (GEMV, cuBLAS), then the split-K kernels at 3-8 tokens.
+    for split_k in [false, true] {
+        let run = |pdl: bool| -> Vec<Vec<f32>> {
+            g.set_pdl(pdl);
+            assert_eq!(g.pdl(), pdl);
+            mixed_passes(&dm, |be| {
+                if split_k {
+                    be.mm_tokens = 3..=8;
+                }
+            })
+        };
+        let plain = run(false);
+        let pdl = run(true);
+        g.set_pdl(true);
+        assert_eq!(plain.len(), pdl.len());
+        for (i, (a, b)) in plain.iter().zip(&pdl).enumerate() {
+            assert!(
+                a == b,
+                "pass {i} (split-K {split_k}): logits differ with programmatic dependent launch"
+            );
+        }
     }
 }
 

@@ -56,10 +56,13 @@ pub struct GpuBenchArgs {
     /// LaRoSA's sparse products: blocks a launch aims for.
     #[arg(long, default_value_t = 264)]
     pub sparse_blocks: usize,
-    /// Largest token count of the tensor-core products (from 3 tokens; 0: GEMV and cuBLAS
-    /// only).
-    #[arg(long, default_value_t = 8)]
+    /// Largest token count of the split-K tensor-core products (from 3 tokens; 0, the
+    /// default: GEMV and cuBLAS only).
+    #[arg(long, default_value_t = 0)]
     pub mm_max: usize,
+    /// Largest token count of the GEMV kernels (at most 8; cuBLAS above, outside --mm-max).
+    #[arg(long, default_value_t = switchyard_engine::cuda::forward::GEMV_MAX)]
+    pub gemv_max: usize,
     /// The tensor-core products with the previous kernels (`mm*`, whole inputs per warp)
     /// instead of the split-K ones (`mms*`, inputs staged in shared memory).
     #[arg(long)]
@@ -328,6 +331,7 @@ mod imp {
     #[derive(Clone, Copy)]
     struct Tune {
         mm_max: usize,
+        gemv_max: usize,
         mm_split: bool,
         mm_blocks: usize,
         graph_max: usize,
@@ -340,6 +344,7 @@ mod imp {
         fn of(a: &GpuBenchArgs) -> Tune {
             Tune {
                 mm_max: a.mm_max,
+                gemv_max: a.gemv_max,
                 mm_split: !a.no_mm_split,
                 mm_blocks: a.mm_blocks,
                 graph_max: a.graph_max,
@@ -352,6 +357,7 @@ mod imp {
         /// up to 8 tokens, then cuBLAS; graphs up to 8 sequences.
         const PREVIOUS: Tune = Tune {
             mm_max: 0,
+            gemv_max: 8,
             mm_split: false,
             mm_blocks: switchyard_engine::cuda::forward::MS_BLOCKS_WANTED,
             graph_max: 8,
@@ -441,6 +447,7 @@ mod imp {
         be.graphs_enabled = tune.graph_max > 0;
         be.graph_max_tokens = tune.graph_max;
         be.mm_tokens = 3..=tune.mm_max;
+        be.gemv_max = tune.gemv_max;
         be.mm_split = tune.mm_split;
         be.mm_blocks = tune.mm_blocks;
         be.sparse_tile = tune.sparse_tile;
@@ -499,7 +506,8 @@ mod imp {
             kv_static: full,
             settings: json!({
                 "bf16_inputs": be.bf16_inputs, "att_heads_x": be.att_heads_x,
-                "mm_waves": be.mm_waves, "attention4": be.attention4, "att_half": be.att_half,
+                "mm_waves": be.mm_waves, "gemv_max": be.gemv_max,
+                "attention4": be.attention4, "att_half": be.att_half,
             }),
         })
     }

@@ -725,8 +725,9 @@ pub struct CudaBackend {
     /// Replay decode steps from CUDA graphs (SWITCHYARD_CUDA_GRAPHS=0 turns it off).
     pub graphs_enabled: bool,
     larosa: Option<Larosa>,
-    /// Token counts that use the tensor-core products (`mm*` kernels); outside it the GEMV
-    /// kernels (up to 8 tokens) or cuBLAS.
+    /// Token counts that use the tensor-core products (`mms*`, or `mm*` without `mm_split`;
+    /// none by default, see [`MM_TOKENS`]); outside it the GEMV kernels (up to `gemv_max`
+    /// tokens) or cuBLAS.
     pub mm_tokens: std::ops::RangeInclusive<usize>,
     /// Decode steps of up to this many tokens replay CUDA graphs.
     pub graph_max_tokens: usize,
@@ -765,6 +766,9 @@ pub struct CudaBackend {
     /// half per lane, the next positions' K/V prefetched); off (SWITCHYARD_ATT_HALF=0), the
     /// kernels for heads up to 256 wide.
     pub att_half: bool,
+    /// Token counts outside `mm_tokens` up to this (at most 8) take the GEMV kernels, more
+    /// take cuBLAS (SWITCHYARD_GEMV_MAX, default [`GEMV_MAX`]).
+    pub gemv_max: usize,
     /// Most waves of blocks an `mms*` product's split count may give (SWITCHYARD_MM_WAVES).
     pub mm_waves: usize,
     /// Scratch of the `mms*` products for the current pass (partial sums, tickets).
@@ -786,9 +790,15 @@ pub struct CudaBackend {
     bptr_sent: (u64, u64),
 }
 
-/// Default token range of the tensor-core products (from `bench gpu`'s product sweep on the
-/// H200: the GEMV is faster at 1-2 tokens, cuBLAS on large matrices above 8).
-pub const MM_TOKENS: std::ops::RangeInclusive<usize> = 3..=8;
+/// Default token range of the split-K tensor-core products: none. Since the kernels before
+/// cuBLAS write its inputs as bf16 (no conversion passes), cuBLAS decodes batch 8 faster
+/// than these kernels at 3-8 tokens (H200, one call: 1,789 / 1,801 vs 1,666 / 1,687 tok/s,
+/// batch 4 883 / 890 vs 875 / 882; `bench/results/experiments/dense-2026-11-30e-*`);
+/// `bench gpu --mm-max 8` or [`CudaBackend::mm_tokens`] turn them on.
+pub const MM_TOKENS: std::ops::RangeInclusive<usize> = 3..=2;
+/// Default largest token count of the GEMV kernels (faster than cuBLAS at 1-2 tokens in
+/// the product sweep: gate/up 22.4 / 24.2 µs vs 27.3 / 27.4 µs).
+pub const GEMV_MAX: usize = 2;
 /// Default largest decode step replayed from a CUDA graph.
 pub const GRAPH_MAX_TOKENS: usize = 64;
 /// Captured decode graphs kept per backend (least recently used dropped first): a shape is
@@ -1664,6 +1674,10 @@ impl CudaBackend {
             bf16_inputs: std::env::var("SWITCHYARD_BF16_INPUTS").map_or(true, |v| v != "0"),
             att_heads_x: std::env::var("SWITCHYARD_ATT_HEADS_X").map_or(true, |v| v != "0"),
             att_half: std::env::var("SWITCHYARD_ATT_HALF").map_or(true, |v| v != "0"),
+            gemv_max: std::env::var("SWITCHYARD_GEMV_MAX")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(GEMV_MAX),
             mm_waves: std::env::var("SWITCHYARD_MM_WAVES")
                 .ok()
                 .and_then(|v| v.parse().ok())
@@ -1809,7 +1823,7 @@ impl CudaBackend {
 
     /// The fused kernel that takes `n` tokens of inputs `cols` wide, if one does: the
     /// tensor-core products inside [`Self::mm_tokens`] (inputs 32-aligned), else the GEMV up
-    /// to 8 tokens; above that cuBLAS, unfused.
+    /// to [`Self::gemv_max`] tokens; above that cuBLAS, unfused.
     fn fused_kernel(&self, n: usize, cols: usize) -> Option<Fused> {
         if self.mm_tokens.contains(&n) && cols.is_multiple_of(32) {
             Some(if self.mm_split && n <= 64 {
@@ -1823,7 +1837,7 @@ impl CudaBackend {
             } else {
                 Fused::Mm
             })
-        } else if n <= 8 {
+        } else if n <= self.gemv_max.min(8) {
             Some(Fused::Gemv)
         } else {
             None
