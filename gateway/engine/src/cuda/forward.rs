@@ -795,6 +795,8 @@ pub struct CudaBackend {
 /// than these kernels at 3-8 tokens (H200, one call: 1,789 / 1,801 vs 1,666 / 1,687 tok/s,
 /// batch 4 883 / 890 vs 875 / 882; `bench/results/experiments/dense-2026-11-30e-*`);
 /// `bench gpu --mm-max 8` or [`CudaBackend::mm_tokens`] turn them on.
+/// (Empty on purpose: `3..=2` holds no token count.)
+#[allow(clippy::reversed_empty_ranges)]
 pub const MM_TOKENS: std::ops::RangeInclusive<usize> = 3..=2;
 /// Default largest token count of the GEMV kernels (faster than cuBLAS at 1-2 tokens in
 /// the product sweep: gate/up 22.4 / 24.2 µs vs 27.3 / 27.4 µs).
