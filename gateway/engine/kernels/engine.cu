@@ -381,22 +381,16 @@ __device__ void attention_impl(const float* q, const u64* kvp, const int* item, 
 #ifndef ATT_PF
 #define ATT_PF 1
 #endif
-extern "C" __global__ void attention(ATT_ARGS) {
-    PDL_ENTRY;
-    attention_impl<2, 2, false>(ATT_PASS);
-}
-extern "C" __global__ void attention4(ATT_ARGS) {
-    PDL_ENTRY;
-    attention_impl<4, 2, false>(ATT_PASS);
-}
-extern "C" __global__ void attention_h(ATT_ARGS) {
-    PDL_ENTRY;
-    attention_impl<2, 1, ATT_PF>(ATT_PASS);
-}
-extern "C" __global__ void attention4_h(ATT_ARGS) {
-    PDL_ENTRY;
-    attention_impl<4, 1, ATT_PF>(ATT_PASS);
-}
+// (name, positions per warp iteration, 128-wide halves per lane, prefetch)
+#define ATT_KERNEL(NAME, U, C, PF)                                                            \
+    extern "C" __global__ void NAME(ATT_ARGS) {                                               \
+        PDL_ENTRY;                                                                            \
+        attention_impl<U, C, PF>(ATT_PASS);                                                   \
+    }
+ATT_KERNEL(attention, 2, 2, false)
+ATT_KERNEL(attention4, 4, 2, false)
+ATT_KERNEL(attention_h, 2, 1, ATT_PF)
+ATT_KERNEL(attention4_h, 4, 1, ATT_PF)
 
 __device__ __forceinline__ float warp_max(float v) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));

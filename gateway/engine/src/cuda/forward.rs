@@ -827,6 +827,40 @@ pub(crate) struct Via16 {
     glu_out: bool,
 }
 
+impl Via16 {
+    /// The input in `x16` already (`ready`), or to be converted; no bf16 gated output.
+    fn input(ready: bool) -> Self {
+        Self {
+            input: ready,
+            glu_out: false,
+        }
+    }
+}
+
+/// RMSNorm of `rows` rows of `x` (width `d`) with weight `w`: into `out` as f32, or rounded
+/// to bf16 when `to16` (the input of a cuBLAS product).
+fn launch_rmsnorm(
+    g: &Gpu,
+    x: u64,
+    w: u64,
+    (out, to16): (u64, bool),
+    rows: usize,
+    d: usize,
+    eps: f32,
+) -> Result<()> {
+    let f = if to16 { g.k.rmsnorm16 } else { g.k.rmsnorm };
+    let di = d as i32;
+    // SAFETY: x holds rows*d f32, w d f32, out rows*d f32 (bf16 with to16).
+    unsafe {
+        g.launch(
+            f,
+            (rows as u32, 1, 1),
+            norm_threads(d),
+            args!(x, w, out, di, eps),
+        )
+    }
+}
+
 /// What a fused product does with its result.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Epilogue {
@@ -1753,14 +1787,8 @@ impl CudaBackend {
         let (d, eps, nu) = (c.dim, c.rms_eps, p.n as u32);
         let di = d as i32;
         let Some((l, k)) = self.kept(false, d) else {
-            let threads = norm_threads(d);
-            let (f, out) = if to16 {
-                (g.k.rmsnorm16, p.x16)
-            } else {
-                (g.k.rmsnorm, xb)
-            };
-            // SAFETY: x and xb hold n rows of d f32, x16 n rows of d bf16 at least, w d f32.
-            unsafe { g.launch(f, (nu, 1, 1), threads, args!(x, w.ptr, out, di, eps))? };
+            let out = if to16 { p.x16 } else { xb };
+            launch_rmsnorm(g, x, w.ptr, (out, to16), p.n, d, eps)?;
             return Ok(None);
         };
         let tl = topk_kernel(g, d, true)?;
@@ -2225,7 +2253,6 @@ impl CudaBackend {
         let scale = 1.0 / (hd as f32).sqrt();
         let nu = n as u32;
         let kk = &g.k;
-        let norm_threads = norm_threads(dim);
         // SAFETY: every buffer was sized above for this batch; kernels index within them.
         unsafe {
             g.launch(
@@ -2234,6 +2261,13 @@ impl CudaBackend {
                 256,
                 args!(dm.embd.buf.ptr, tok, x, dim_i),
             )?;
+            // cuBLAS products read bf16 inputs that the kernels before them write (the
+            // RMSNorms' for Q/K/V and gate/up, attention's for o, SiLU·up's for down).
+            let (norm16, o16, down16) = (
+                self.writes16(n, dim),
+                self.writes16(n, qd) && n_tiles == 0,
+                self.writes16(n, f),
+            );
             for (li, l) in dm.layers.iter().enumerate() {
                 if let Some(a) = &l.adapter {
                     // The rotated residual stream moves into this layer's basis.
@@ -2246,14 +2280,7 @@ impl CudaBackend {
                 // top-k sparsified first (in the RMSNorm kernel on the input side), and a
                 // single token's products read only the kept inputs' weight columns.
                 let sp = l.sparse.as_ref();
-                // cuBLAS products read bf16 inputs that the kernels before them write.
-                let (qkv16, o16, ffn16, down16) = (
-                    self.writes16(n, dim),
-                    self.writes16(n, qd) && n_tiles == 0,
-                    self.writes16(n, dim),
-                    self.writes16(n, f),
-                );
-                let kq = self.norm(p, x, &l.attn_norm, (xb, qkv16), sp.is_some())?;
+                let kq = self.norm(p, x, &l.attn_norm, (xb, norm16), sp.is_some())?;
                 match (kq, sp) {
                     (Some(kk), Some(s)) => self.sparse_proj(
                         p,
@@ -2267,10 +2294,7 @@ impl CudaBackend {
                         n,
                         Epilogue::Store,
                         (bptr != 0 && qd == kvd).then_some(bptr + (li * BPTR_LAYER * 8) as u64),
-                        Via16 {
-                            input: qkv16,
-                            glu_out: false,
-                        },
+                        Via16::input(norm16),
                     )?,
                 }
                 let (cos, sin) = (dm.cos.ptr, dm.sin.ptr);
@@ -2331,13 +2355,13 @@ impl CudaBackend {
                         n,
                         Epilogue::Add,
                         None,
-                        Via16 {
-                            input: o16,
-                            glu_out: false,
-                        },
+                        Via16::input(o16),
                     )?,
                 }
-                match (self.norm(p, x, &l.ffn_norm, (xb, ffn16), sp.is_some())?, sp) {
+                match (
+                    self.norm(p, x, &l.ffn_norm, (xb, norm16), sp.is_some())?,
+                    sp,
+                ) {
                     (Some(kk), Some(s)) => self.sparse_proj(
                         p,
                         &[(&s.gate, f, hb), (&s.up, f, hb2)],
@@ -2351,7 +2375,7 @@ impl CudaBackend {
                         Epilogue::Glu,
                         (bptr != 0).then_some(bptr + ((li * BPTR_LAYER + 9) * 8) as u64),
                         Via16 {
-                            input: ffn16,
+                            input: norm16,
                             glu_out: down16,
                         },
                     )?,
@@ -2366,10 +2390,7 @@ impl CudaBackend {
                         n,
                         Epilogue::Add,
                         None,
-                        Via16 {
-                            input: down16,
-                            glu_out: false,
-                        },
+                        Via16::input(down16),
                     )?,
                 }
             }
@@ -2382,22 +2403,9 @@ impl CudaBackend {
                 )?;
                 // The head's input rounded to bf16 by the RMSNorm when cuBLAS takes it.
                 let head16 = self.writes16(n_sel, dim);
-                let (f, out) = if head16 {
-                    (kk.rmsnorm16, x16)
-                } else {
-                    (kk.rmsnorm, xb)
-                };
-                g.launch(
-                    f,
-                    (n_sel as u32, 1, 1),
-                    norm_threads,
-                    args!(sel, dm.norm.ptr, out, dim_i, eps),
-                )?;
-                let via = Via16 {
-                    input: head16,
-                    glu_out: false,
-                };
-                self.linear(dm.head(), xb, n_sel, logits, via)?;
+                let out = if head16 { x16 } else { xb };
+                launch_rmsnorm(g, sel, dm.norm.ptr, (out, head16), n_sel, dim, eps)?;
+                self.linear(dm.head(), xb, n_sel, logits, Via16::input(head16))?;
             }
         }
         Ok(())
