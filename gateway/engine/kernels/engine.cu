@@ -598,11 +598,39 @@ __device__ __forceinline__ void gemv_load(uint4 (&a)[R], uint4 (&b2)[R], const b
     }
 }
 
-template <int N, int R>
+// x's 8 values at chunk i scaled by the RMSNorm weight when NORM (nw: the weight, ss: the
+// token's running sum of squares of the raw values), as dot8 reads them.
+template <bool NORM>
+__device__ __forceinline__ void gemv_x8(const float* xr, const float* nw, float* ss, float4* o) {
+    float4 x0 = *(const float4*)xr, x1 = *(const float4*)(xr + 4);
+    if (NORM) {
+        float4 g0 = *(const float4*)nw, g1 = *(const float4*)(nw + 4);
+        *ss = fmaf(x0.x, x0.x, *ss);
+        *ss = fmaf(x0.y, x0.y, *ss);
+        *ss = fmaf(x0.z, x0.z, *ss);
+        *ss = fmaf(x0.w, x0.w, *ss);
+        *ss = fmaf(x1.x, x1.x, *ss);
+        *ss = fmaf(x1.y, x1.y, *ss);
+        *ss = fmaf(x1.z, x1.z, *ss);
+        *ss = fmaf(x1.w, x1.w, *ss);
+        x0 = make_float4(x0.x * g0.x, x0.y * g0.y, x0.z * g0.z, x0.w * g0.w);
+        x1 = make_float4(x1.x * g1.x, x1.y * g1.y, x1.z * g1.z, x1.w * g1.w);
+    }
+    o[0] = x0;
+    o[1] = x1;
+}
+
+// NORM: x holds the raw residual rows and the product is of their RMSNorm (weight nw, eps):
+// each lane multiplies its x chunks by the weight and sums their squares on the way (every
+// column is read by exactly one lane of the block), and the block's sums are scaled by
+// 1/rms at the end, so no RMSNorm kernel runs before the product (same value as `rmsnorm`
+// then the product, up to f32 rounding).
+template <int N, int R, bool NORM>
 __device__ void gemv_impl(const bf16* W0, const bf16* W1, const bf16* W2, float* y0, float* y1,
                           float* y2, int r0, int r1, int r2, const float* x, int cols, int n,
-                          int mode) {
+                          int mode, const float* nw, float eps) {
     __shared__ float red[GEMV_WARPS][R][N];
+    __shared__ float red_ss[GEMV_WARPS][N];
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     int b = blockIdx.x;
     bool glu = mode == 2;
@@ -622,11 +650,13 @@ __device__ void gemv_impl(const bf16* W0, const bf16* W1, const bf16* W2, float*
             wrow[r] = W + (size_t)min(row0 + r, rows - 1) * cols;
         }
     }
-    float acc[R][N];
+    float acc[R][N], ss[N];
 #pragma unroll
-    for (int r = 0; r < R; r++)
+    for (int j = 0; j < N; j++) {
+        ss[j] = 0.f;
 #pragma unroll
-        for (int j = 0; j < N; j++) acc[r][j] = 0.f;
+        for (int r = 0; r < R; r++) acc[r][j] = 0.f;
+    }
     pdl_trigger();
     if ((cols & 7) == 0) {
         int nv = cols >> 3;
@@ -643,9 +673,12 @@ __device__ void gemv_impl(const bf16* W0, const bf16* W1, const bf16* W2, float*
             for (int j = 0; j < N; j++) {
                 if (j < n) {
                     const float* xr = x + (size_t)j * cols + 8 * i;
+                    float4 xa[2], xb[2];
+                    gemv_x8<NORM>(xr, nw + 8 * i, &ss[j], xa);
+                    gemv_x8<NORM>(xr + 8 * step, nw + 8 * (i + step), &ss[j], xb);
 #pragma unroll
                     for (int r = 0; r < R; r++)
-                        acc[r][j] += dot8(a[r], xr) + dot8(b2[r], xr + 8 * step);
+                        acc[r][j] += dot8(a[r], (const float*)xa) + dot8(b2[r], (const float*)xb);
                 }
             }
             i += 2 * step;
@@ -659,19 +692,28 @@ __device__ void gemv_impl(const bf16* W0, const bf16* W1, const bf16* W2, float*
 #pragma unroll
             for (int j = 0; j < N; j++)
                 if (j < n) {
+                    float4 xa[2];
+                    gemv_x8<NORM>(x + (size_t)j * cols + 8 * i, nw + 8 * i, &ss[j], xa);
 #pragma unroll
-                    for (int r = 0; r < R; r++) acc[r][j] += dot8(a[r], x + (size_t)j * cols + 8 * i);
+                    for (int r = 0; r < R; r++) acc[r][j] += dot8(a[r], (const float*)xa);
                 }
         }
     } else {
         pdl_wait();
         for (int i = w * 32 + lane; i < cols; i += 32 * GEMV_WARPS) {
+            float g = NORM ? nw[i] : 1.f;
+#pragma unroll
+            for (int j = 0; j < N; j++)
+                if (j < n && NORM) {
+                    float xv = x[(size_t)j * cols + i];
+                    ss[j] = fmaf(xv, xv, ss[j]);
+                }
 #pragma unroll
             for (int r = 0; r < R; r++) {
                 float wv = bf(wrow[r][i]);
 #pragma unroll
                 for (int j = 0; j < N; j++)
-                    if (j < n) acc[r][j] = fmaf(wv, x[(size_t)j * cols + i], acc[r][j]);
+                    if (j < n) acc[r][j] = fmaf(wv, x[(size_t)j * cols + i] * g, acc[r][j]);
             }
         }
     }
@@ -682,10 +724,24 @@ __device__ void gemv_impl(const bf16* W0, const bf16* W1, const bf16* W2, float*
             float s = warp_sum(acc[r][j]);
             if (lane == 0) red[w][r][j] = s;
         }
+    if (NORM) {
+#pragma unroll
+        for (int j = 0; j < N; j++) {
+            float s = warp_sum(ss[j]);
+            if (lane == 0) red_ss[w][j] = s;
+        }
+    }
     __syncthreads();
     for (int t = threadIdx.x; t < R * N; t += blockDim.x) {
         int r = t / N, j = t % N;
         if (j >= n) continue;
+        float inv = 1.f;
+        if (NORM) {
+            float q = 0.f;
+#pragma unroll
+            for (int k = 0; k < GEMV_WARPS; k++) q += red_ss[k][j];
+            inv = rsqrtf(q / (float)cols + eps);
+        }
         if (glu) {
             if (r >= R / 2 || row0 + r >= rows) continue;
             float g = 0.f, u = 0.f;
@@ -693,11 +749,12 @@ __device__ void gemv_impl(const bf16* W0, const bf16* W1, const bf16* W2, float*
             for (int k = 0; k < GEMV_WARPS; k++) g += red[k][r][j];
 #pragma unroll
             for (int k = 0; k < GEMV_WARPS; k++) u += red[k][r + R / 2][j];
-            y[(size_t)j * rows + row0 + r] = silu_gate(g, u);
+            y[(size_t)j * rows + row0 + r] = silu_gate(g * inv, u * inv);
         } else if (row0 + r < rows) {
             float s = 0.f;
 #pragma unroll
             for (int k = 0; k < GEMV_WARPS; k++) s += red[k][r][j];
+            s *= inv;
             size_t o = (size_t)j * rows + row0 + r;
             y[o] = mode == 1 ? y[o] + s : s;
         }
@@ -715,10 +772,18 @@ __device__ void gemv_impl(const bf16* W0, const bf16* W1, const bf16* W2, float*
 #define GEMV_R2 4
 #define GEMV_R4 2
 #define GEMV_R8 2
-extern "C" __global__ void gemv1(MM_ARGS) { gemv_impl<1, GEMV_R1>(MM_PASS); }
-extern "C" __global__ void gemv2(MM_ARGS) { gemv_impl<2, GEMV_R2>(MM_PASS); }
-extern "C" __global__ void gemv4(MM_ARGS) { gemv_impl<4, GEMV_R4>(MM_PASS); }
-extern "C" __global__ void gemv8(MM_ARGS) { gemv_impl<8, GEMV_R8>(MM_PASS); }
+// gemvN: the product of x as it is; gemvN_norm: of RMSNorm(x) with weight nw (eps).
+#define GEMV_KERNELS(N)                                                                       \
+    extern "C" __global__ void gemv##N(MM_ARGS) {                                             \
+        gemv_impl<N, GEMV_R##N, false>(MM_PASS, nullptr, 0.f);                                \
+    }                                                                                         \
+    extern "C" __global__ void gemv##N##_norm(MM_ARGS, const float* nw, float eps) {          \
+        gemv_impl<N, GEMV_R##N, true>(MM_PASS, nw, eps);                                      \
+    }
+GEMV_KERNELS(1)
+GEMV_KERNELS(2)
+GEMV_KERNELS(4)
+GEMV_KERNELS(8)
 
 // Deterministic pseudo-random bf16 in [-scale, scale) (dummy weights for benchmarks).
 extern "C" __global__ void fill_random(bf16* w, u64 n, u32 seed, float scale) {

@@ -771,6 +771,11 @@ pub struct CudaBackend {
     pub gemv_max: usize,
     /// Most waves of blocks an `mms*` product's split count may give (SWITCHYARD_MM_WAVES).
     pub mm_waves: usize,
+    /// GEMV products take RMSNorm'd inputs as the raw residual and normalize them on the
+    /// way (`gemv*_norm`), so no RMSNorm kernel runs before Q/K/V, gate/up or the head of
+    /// one token (see [`Self::fuses_norm`]); off (SWITCHYARD_NORM_GEMV=0), the RMSNorm
+    /// kernel writes them first.
+    pub norm_gemv: bool,
     /// Scratch of the `mms*` products for the current pass (partial sums, tickets).
     mm_scratch: (u64, u64),
     graphs: Vec<((usize, usize, usize, u64), GraphExec)>,
@@ -825,6 +830,9 @@ pub(crate) struct Via16 {
     /// The gated unit writes bf16(silu(gate)·up) to `x16` (the down product's input), not
     /// to y_0.
     glu_out: bool,
+    /// The input is the raw residual: the GEMV takes its RMSNorm with this weight (and the
+    /// model's eps) on the way, so no RMSNorm kernel runs before it (`gemv*_norm`).
+    norm: Option<u64>,
 }
 
 impl Via16 {
@@ -833,6 +841,15 @@ impl Via16 {
         Self {
             input: ready,
             glu_out: false,
+            norm: None,
+        }
+    }
+
+    /// The raw residual, normalized by the GEMV with RMSNorm weight `w`.
+    fn normed(w: u64) -> Self {
+        Self {
+            norm: Some(w),
+            ..Self::default()
         }
     }
 }
@@ -895,7 +912,7 @@ fn fused_segments(outs: &[(&DevW, u64)]) -> [(u64, u64, i32); 3] {
 
 /// The engine's GEMV kernel for up to 8 tokens: y[n, rows] = x[n, cols] · wᵀ.
 fn launch_gemv(g: &Gpu, w: &DevW, x: u64, n: usize, y: u64) -> Result<()> {
-    launch_fused(g, Fused::Gemv, &[(w, y)], x, n, Epilogue::Store)
+    launch_fused(g, Fused::Gemv, &[(w, y)], x, n, Epilogue::Store, None)
 }
 
 /// A product kernel with the fused interface (`MM_ARGS` in kernels/engine.cu).
@@ -1036,6 +1053,9 @@ fn mms_scratch(c: &Config, n: usize, shape: (usize, usize)) -> (usize, usize) {
 
 /// One launch of up to three products of `x` (`n` tokens) with matrices of equal width and
 /// the epilogue `epi`.
+///
+/// `norm` (`(weight, eps)`, GEMV only): `x` holds raw rows and the product is of their
+/// RMSNorm (`gemv*_norm`).
 fn launch_fused(
     g: &Gpu,
     k: Fused,
@@ -1043,7 +1063,13 @@ fn launch_fused(
     x: u64,
     n: usize,
     epi: Epilogue,
+    norm: Option<(u64, f32)>,
 ) -> Result<()> {
+    if norm.is_some() && !matches!(k, Fused::Gemv) {
+        return Err(EngineError::Invalid(format!(
+            "CUDA: only the GEMV takes a normalized input, not {k:?}"
+        )));
+    }
     if let Fused::Mms {
         part,
         cnt,
@@ -1072,14 +1098,27 @@ fn launch_fused(
     };
     let mode = epi.mode();
     let (ci, ni) = (outs[0].0.cols as i32, n as i32);
-    // SAFETY: x holds n*cols f32; each y_i n*rows_i f32; each W_i rows_i*cols bf16.
+    let grid = (grid as u32, 1, 1);
+    // SAFETY: x holds n*cols f32; each y_i n*rows_i f32; each W_i rows_i*cols bf16; the
+    // norm weight cols f32.
     unsafe {
-        g.launch(
-            f,
-            (grid as u32, 1, 1),
-            threads,
-            args!(w0, w1, w2, y0, y1, y2, r0, r1, r2, x, ci, ni, mode),
-        )
+        match norm {
+            None => g.launch(
+                f,
+                grid,
+                threads,
+                args!(w0, w1, w2, y0, y1, y2, r0, r1, r2, x, ci, ni, mode),
+            ),
+            Some((nw, eps)) => {
+                let slot = g.k.gemv.iter().position(|&h| h == f).unwrap_or(0);
+                g.launch(
+                    g.k.gemv_norm[slot],
+                    grid,
+                    threads,
+                    args!(w0, w1, w2, y0, y1, y2, r0, r1, r2, x, ci, ni, mode, nw, eps),
+                )
+            }
+        }
     }
 }
 
@@ -1353,10 +1392,10 @@ pub fn mm_product(
         }
         _ => Fused::Mm,
     };
-    launch_fused(gpu, k, &outs, xb.ptr, n, epi)?;
+    launch_fused(gpu, k, &outs, xb.ptr, n, epi, None)?;
     // Twice: the tickets must be back at zero for the second launch to finish right.
     if let (ProductKernel::Mms { .. }, Epilogue::Store | Epilogue::Glu) = (kernel, epi) {
-        launch_fused(gpu, k, &outs, xb.ptr, n, epi)?;
+        launch_fused(gpu, k, &outs, xb.ptr, n, epi, None)?;
     }
     ys.iter()
         .zip(mats)
@@ -1567,12 +1606,18 @@ pub fn product_secs(
                     blocks,
                     waves: MS_WAVES_MAX,
                 };
-                launch_fused(gpu, k, &[(w, y.ptr)], x.ptr, n, Epilogue::Store)
+                launch_fused(gpu, k, &[(w, y.ptr)], x.ptr, n, Epilogue::Store, None)
             }
             ProductKernel::Gemv => launch_gemv(gpu, w, x.ptr, n, y.ptr),
-            ProductKernel::Mm => {
-                launch_fused(gpu, Fused::Mm, &[(w, y.ptr)], x.ptr, n, Epilogue::Store)
-            }
+            ProductKernel::Mm => launch_fused(
+                gpu,
+                Fused::Mm,
+                &[(w, y.ptr)],
+                x.ptr,
+                n,
+                Epilogue::Store,
+                None,
+            ),
             ProductKernel::Cublas => launch_cublas(gpu, w, x.ptr, x16.ptr, n, y.ptr),
         }
     };
@@ -1718,6 +1763,7 @@ impl CudaBackend {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(MS_WAVES_MAX),
+            norm_gemv: std::env::var("SWITCHYARD_NORM_GEMV").map_or(true, |v| v != "0"),
             mm_scratch: (0, 0),
             graphs: Vec::new(),
             seen: Vec::new(),
@@ -1892,13 +1938,19 @@ impl CudaBackend {
         debug_assert!(outs.iter().all(|(w, _)| w.cols == cols) && outs.len() <= 3);
         let gpu = self.dm.gpu.clone();
         let g = &gpu;
+        let norm = via.norm.map(|w| (w, self.dm.cfg.rms_eps));
         if let Some(k) = self.fused_kernel(n, cols) {
             if via.input || via.glu_out {
                 return Err(EngineError::Invalid(
                     "CUDA: a fused product was handed a bf16 input".into(),
                 ));
             }
-            return launch_fused(g, k, outs, x, n, epi);
+            return launch_fused(g, k, outs, x, n, epi, norm);
+        }
+        if norm.is_some() {
+            return Err(EngineError::Invalid(
+                "CUDA: cuBLAS was handed an input to normalize".into(),
+            ));
         }
         // cuBLAS: the input rounded to bf16 once for all the matrices (unless the kernel
         // before wrote it so).
@@ -1954,6 +2006,17 @@ impl CudaBackend {
     /// selections read the f32 rows, is off).
     fn writes16(&self, n: usize, cols: usize) -> bool {
         self.bf16_inputs && self.larosa.is_none() && self.fused_kernel(n, cols).is_none()
+    }
+
+    /// Whether the products of `n` tokens of RMSNorm'd rows `cols` wide take the raw rows
+    /// and normalize them themselves: one token on the GEMV, and no LaRoSA selection on
+    /// the normalized rows (sparsity 0 keeps every input, like dense). At 2 tokens the
+    /// fused kernel measured slower than the RMSNorm kernel and the plain GEMV.
+    fn fuses_norm(&self, n: usize, cols: usize) -> bool {
+        self.norm_gemv
+            && n == 1
+            && self.kept(false, cols).is_none()
+            && matches!(self.fused_kernel(n, cols), Some(Fused::Gemv))
     }
 
     /// Enqueue the whole pass; returns (rows with logits, device pointer to the logits).
@@ -2268,6 +2331,15 @@ impl CudaBackend {
                 self.writes16(n, qd) && n_tiles == 0,
                 self.writes16(n, f),
             );
+            // At 1-2 tokens the GEMVs normalize the residual themselves (no RMSNorm kernel).
+            let fuse_norm = self.fuses_norm(n, dim);
+            let normed = |w: &DevBuf| {
+                if fuse_norm {
+                    (x, Via16::normed(w.ptr))
+                } else {
+                    (xb, Via16::input(norm16))
+                }
+            };
             for (li, l) in dm.layers.iter().enumerate() {
                 if let Some(a) = &l.adapter {
                     // The rotated residual stream moves into this layer's basis.
@@ -2280,7 +2352,10 @@ impl CudaBackend {
                 // top-k sparsified first (in the RMSNorm kernel on the input side), and a
                 // single token's products read only the kept inputs' weight columns.
                 let sp = l.sparse.as_ref();
-                let kq = self.norm(p, x, &l.attn_norm, (xb, norm16), sp.is_some())?;
+                let kq = match fuse_norm {
+                    true => None,
+                    false => self.norm(p, x, &l.attn_norm, (xb, norm16), sp.is_some())?,
+                };
                 match (kq, sp) {
                     (Some(kk), Some(s)) => self.sparse_proj(
                         p,
@@ -2288,14 +2363,17 @@ impl CudaBackend {
                         kk,
                         Epilogue::Store,
                     )?,
-                    _ => self.proj(
-                        &[(&l.wq, q), (&l.wk, k), (&l.wv, v)],
-                        xb,
-                        n,
-                        Epilogue::Store,
-                        (bptr != 0 && qd == kvd).then_some(bptr + (li * BPTR_LAYER * 8) as u64),
-                        Via16::input(norm16),
-                    )?,
+                    _ => {
+                        let (input, via) = normed(&l.attn_norm);
+                        self.proj(
+                            &[(&l.wq, q), (&l.wk, k), (&l.wv, v)],
+                            input,
+                            n,
+                            Epilogue::Store,
+                            (bptr != 0 && qd == kvd).then_some(bptr + (li * BPTR_LAYER * 8) as u64),
+                            via,
+                        )?
+                    }
                 }
                 let (cos, sin) = (dm.cos.ptr, dm.sin.ptr);
                 let kvl = kvp + (li * items * 2 * 8) as u64;
@@ -2358,27 +2436,31 @@ impl CudaBackend {
                         Via16::input(o16),
                     )?,
                 }
-                match (
-                    self.norm(p, x, &l.ffn_norm, (xb, norm16), sp.is_some())?,
-                    sp,
-                ) {
+                let kf = match fuse_norm {
+                    true => None,
+                    false => self.norm(p, x, &l.ffn_norm, (xb, norm16), sp.is_some())?,
+                };
+                match (kf, sp) {
                     (Some(kk), Some(s)) => self.sparse_proj(
                         p,
                         &[(&s.gate, f, hb), (&s.up, f, hb2)],
                         kk,
                         Epilogue::Glu,
                     )?,
-                    _ => self.proj(
-                        &[(&l.gate, hb), (&l.up, hb2)],
-                        xb,
-                        n,
-                        Epilogue::Glu,
-                        (bptr != 0).then_some(bptr + ((li * BPTR_LAYER + 9) * 8) as u64),
-                        Via16 {
-                            input: norm16,
-                            glu_out: down16,
-                        },
-                    )?,
+                    _ => {
+                        let (input, via) = normed(&l.ffn_norm);
+                        self.proj(
+                            &[(&l.gate, hb), (&l.up, hb2)],
+                            input,
+                            n,
+                            Epilogue::Glu,
+                            (bptr != 0).then_some(bptr + ((li * BPTR_LAYER + 9) * 8) as u64),
+                            Via16 {
+                                glu_out: down16,
+                                ..via
+                            },
+                        )?
+                    }
                 }
                 match (self.sparsify(p, hb, f, sp.is_some())?, sp) {
                     (Some(kk), Some(s)) => {
@@ -2401,11 +2483,16 @@ impl CudaBackend {
                     256,
                     args!(x, selidx, sel, dim_i),
                 )?;
-                // The head's input rounded to bf16 by the RMSNorm when cuBLAS takes it.
-                let head16 = self.writes16(n_sel, dim);
-                let out = if head16 { x16 } else { xb };
-                launch_rmsnorm(g, sel, dm.norm.ptr, (out, head16), n_sel, dim, eps)?;
-                self.linear(dm.head(), xb, n_sel, logits, Via16::input(head16))?;
+                // The head's input rounded to bf16 by the RMSNorm when cuBLAS takes it, or
+                // normalized by the GEMV itself.
+                if self.fuses_norm(n_sel, dim) {
+                    self.linear(dm.head(), sel, n_sel, logits, Via16::normed(dm.norm.ptr))?;
+                } else {
+                    let head16 = self.writes16(n_sel, dim);
+                    let out = if head16 { x16 } else { xb };
+                    launch_rmsnorm(g, sel, dm.norm.ptr, (out, head16), n_sel, dim, eps)?;
+                    self.linear(dm.head(), xb, n_sel, logits, Via16::input(head16))?;
+                }
             }
         }
         Ok(())

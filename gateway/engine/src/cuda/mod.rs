@@ -43,6 +43,8 @@ pub(crate) struct Kernels {
     pub f32_to_bf16: sys::CUfunction,
     /// gemv for up to 1, 2, 4, 8 tokens.
     pub gemv: [sys::CUfunction; 4],
+    /// The same products of the inputs' RMSNorm (`gemv*_norm`: no RMSNorm kernel before).
+    pub gemv_norm: [sys::CUfunction; 4],
     /// Tensor-core products for up to 8, 16, 32 tokens (fused Q/K/V, residual add, gated unit).
     pub mm: [sys::CUfunction; 3],
     /// Split-K tensor-core products for up to 8, 16, 32, 64 tokens (inputs staged in
@@ -285,6 +287,12 @@ impl Gpu {
             silu_mul16: f("silu_mul16")?,
             f32_to_bf16: f("f32_to_bf16")?,
             gemv: [f("gemv1")?, f("gemv2")?, f("gemv4")?, f("gemv8")?],
+            gemv_norm: [
+                f("gemv1_norm")?,
+                f("gemv2_norm")?,
+                f("gemv4_norm")?,
+                f("gemv8_norm")?,
+            ],
             mm: [f("mm8")?, f("mm16")?, f("mm32")?],
             mms: [f("mms8")?, f("mms16")?, f("mms32")?, f("mms64")?],
             rope_kv: f("rope_kv")?,
@@ -682,6 +690,7 @@ mod tests {
                         "attention",
                         "attention_tiles",
                         "gemv8",
+                        "gemv1_norm",
                         "sample_rows",
                         "topk4",
                         "topk12",
