@@ -562,7 +562,8 @@ mod imp {
             );
         }
         Ok(json!({"batch": 1, "dense_tokens_per_s": dense_tps,
-            "topk_cluster": dm.gpu.topk_cluster(),
+            "topk_cluster": dm.gpu.topk_cluster(), "pdl": dm.gpu.pdl(),
+            "selection_pdl": switchyard_engine::cuda::forward::selection_pdl_default(),
             "rotated_dense_tokens_per_s": rot_tps, "dummy_adapters": adapters, "runs": runs,
             "sparse_tile": a.sparse_tile, "sparse_blocks": a.sparse_blocks, "kernels": kernels}))
     }

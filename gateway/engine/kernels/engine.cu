@@ -768,10 +768,16 @@ __device__ void gemv_impl(const bf16* W0, const bf16* W1, const bf16* W2, float*
 
 // Rows per block for up to N tokens (fewer rows as the per-row work grows; even, for the
 // gated unit's gate/up halves).
+// (GEMV_R4 and GEMV_R8 are tuning macros; the host reads them from SWITCHYARD_KERNEL_DEFINES
+// as well, see gemv_rows in src/cuda/forward.rs.)
 #define GEMV_R1 4
 #define GEMV_R2 4
+#ifndef GEMV_R4
 #define GEMV_R4 2
+#endif
+#ifndef GEMV_R8
 #define GEMV_R8 2
+#endif
 // gemvN: the product of x as it is; gemvN_norm: of RMSNorm(x) with weight nw (eps).
 #define GEMV_KERNELS(N)                                                                       \
     extern "C" __global__ void gemv##N(MM_ARGS) {                                             \
@@ -1011,16 +1017,27 @@ __device__ __forceinline__ void rmsnorm_topk_impl(const float* x, const float* w
 
 // Kernels by values per thread (4, 8, 12, 16, 24, 32: the smallest that holds
 // ceil(d / TOPK_THREADS), so that no thread walks empty slots).
+// SEL_LATE (a tuning macro, with SWITCHYARD_SELECTION_PDL=1): the selections let the next
+// kernel (the sparse product) launch only when their blocks exit, not at entry, so its
+// blocks do not sit on the SMs while the kernel before the selection still runs.
+#ifndef SEL_LATE
+#define SEL_LATE 0
+#endif
+#if SEL_LATE
+#define SEL_ENTRY pdl_wait()
+#else
+#define SEL_ENTRY PDL_ENTRY
+#endif
 #define TOPK_KERNELS(N)                                                                       \
     extern "C" __global__ void __launch_bounds__(TOPK_THREADS)                                \
         topk##N(float* x, int d, int k, int* idx, float* val, int mode) {                     \
-        PDL_ENTRY;                                                                            \
+        SEL_ENTRY;                                                                            \
         topk_impl<N>(x, d, k, idx, val, mode);                                                \
     }                                                                                         \
     extern "C" __global__ void __launch_bounds__(TOPK_THREADS)                                \
         rmsnorm_topk##N(const float* x, const float* w, float* out, int d, float eps, int k,  \
                         int* idx, float* val, int mode) {                                     \
-        PDL_ENTRY;                                                                            \
+        SEL_ENTRY;                                                                            \
         rmsnorm_topk_impl<N>(x, w, out, d, eps, k, idx, val, mode);                           \
     }
 TOPK_KERNELS(4)
@@ -1188,13 +1205,13 @@ __device__ __forceinline__ void topk_cluster_impl(float* x, const float* w, floa
 #define TOPK_CLUSTER_KERNELS(N)                                                                \
     extern "C" __global__ void __launch_bounds__(TKC_THREADS) TKC_DIMS                         \
         topk_cluster##N(float* x, int d, int k, int* idx, float* val, int mode) {              \
-        PDL_ENTRY;                                                                             \
+        SEL_ENTRY;                                                                             \
         topk_cluster_impl<N, false>(x, nullptr, x, d, 0.f, k, idx, val, mode);                 \
     }                                                                                          \
     extern "C" __global__ void __launch_bounds__(TKC_THREADS) TKC_DIMS                         \
         rmsnorm_topk_cluster##N(const float* x, const float* w, float* out, int d, float eps,  \
                                 int k, int* idx, float* val, int mode) {                       \
-        PDL_ENTRY;                                                                             \
+        SEL_ENTRY;                                                                             \
         topk_cluster_impl<N, true>((float*)x, w, out, d, eps, k, idx, val, mode);              \
     }
 TOPK_CLUSTER_KERNELS(2)

@@ -776,6 +776,12 @@ pub struct CudaBackend {
     /// one token (see [`Self::fuses_norm`]); off (SWITCHYARD_NORM_GEMV=0), the RMSNorm
     /// kernel writes them first.
     pub norm_gemv: bool,
+    /// LaRoSA's selections are launched with programmatic dependent launch like the other
+    /// kernels (SWITCHYARD_SELECTION_PDL=1). Off by default: each selection starts once the
+    /// kernel before it has ended, so neither it nor the sparse product after it is let in
+    /// early to wait on SMs whose previous kernel is still running (see
+    /// bench/results/experiments/README.md).
+    pub selection_pdl: bool,
     /// Scratch of the `mms*` products for the current pass (partial sums, tickets).
     mm_scratch: (u64, u64),
     graphs: Vec<((usize, usize, usize, u64), GraphExec)>,
@@ -1080,11 +1086,12 @@ fn launch_fused(
         return launch_mms(g, outs, x, n, epi, (part, cnt), (blocks, waves));
     }
     // (kernel, output rows per block, rows per block of the gated unit, threads)
+    let (r4, r8) = gemv_rows();
     let (f, rpb, rpb_glu, threads) = match (k, n) {
         (Fused::Gemv, 1) => (g.k.gemv[0], 4, 2, 128),
         (Fused::Gemv, 2) => (g.k.gemv[1], 4, 2, 128),
-        (Fused::Gemv, 3..=4) => (g.k.gemv[2], 2, 1, 128),
-        (Fused::Gemv, _) => (g.k.gemv[3], 2, 1, 128),
+        (Fused::Gemv, 3..=4) => (g.k.gemv[2], r4, r4 / 2, 128),
+        (Fused::Gemv, _) => (g.k.gemv[3], r8, r8 / 2, 128),
         (Fused::Mm, 0..=8) => (g.k.mm[0], 16, 16, 256),
         (Fused::Mm, 9..=16) => (g.k.mm[1], 16, 16, 256),
         (Fused::Mm, _) => (g.k.mm[2], 16, 16, 256),
@@ -1120,6 +1127,22 @@ fn launch_fused(
             }
         }
     }
+}
+
+/// Rows per block of `gemv4` and `gemv8` (GEMV_R4 / GEMV_R8 in kernels/engine.cu: 2
+/// unless SWITCHYARD_KERNEL_DEFINES sets them, which the kernels were compiled with).
+fn gemv_rows() -> (usize, usize) {
+    static ROWS: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
+    *ROWS.get_or_init(|| {
+        let defs = super::kernel_defines();
+        let get = |name: &str| {
+            defs.iter()
+                .find_map(|d| d.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+                .filter(|&r: &usize| r >= 2 && r % 2 == 0)
+                .unwrap_or(2)
+        };
+        (get("GEMV_R4"), get("GEMV_R8"))
+    })
 }
 
 /// One `mms*` launch (see [`Fused::Mms`]).
@@ -1731,6 +1754,12 @@ pub fn norm_topk(
     Ok((idx.read::<i32>(k)?, val.read::<f32>(k)?))
 }
 
+/// Whether new backends launch LaRoSA's selections with programmatic dependent launch
+/// (SWITCHYARD_SELECTION_PDL=1; see [`CudaBackend::selection_pdl`]).
+pub fn selection_pdl_default() -> bool {
+    std::env::var("SWITCHYARD_SELECTION_PDL").is_ok_and(|v| v == "1")
+}
+
 fn blocks(n: usize, per: usize) -> u32 {
     n.div_ceil(per).clamp(1, 65535) as u32
 }
@@ -1764,6 +1793,7 @@ impl CudaBackend {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(MS_WAVES_MAX),
             norm_gemv: std::env::var("SWITCHYARD_NORM_GEMV").map_or(true, |v| v != "0"),
+            selection_pdl: selection_pdl_default(),
             mm_scratch: (0, 0),
             graphs: Vec::new(),
             seen: Vec::new(),
@@ -1843,7 +1873,7 @@ impl CudaBackend {
         // SAFETY: x/xb hold n rows of d f32 (d <= TOPK_MAX, checked above);
         // sidx/sval hold k entries for one row.
         unsafe {
-            g.launch(
+            self.launch_selection(
                 tl.f,
                 tl.grid(nu),
                 tl.threads,
@@ -1851,6 +1881,29 @@ impl CudaBackend {
             )?;
         }
         Ok(use_sparse.then_some(k))
+    }
+
+    /// Launch a LaRoSA selection: plainly (it starts once the kernel before it has ended)
+    /// unless [`Self::selection_pdl`].
+    ///
+    /// # Safety
+    /// As for [`Gpu::launch`].
+    unsafe fn launch_selection(
+        &self,
+        f: cudarc::driver::sys::CUfunction,
+        grid: (u32, u32, u32),
+        threads: u32,
+        args: &mut [*mut std::ffi::c_void],
+    ) -> Result<()> {
+        let g = &self.dm.gpu;
+        // SAFETY: upheld by the caller.
+        unsafe {
+            if self.selection_pdl {
+                g.launch(f, grid, threads, args)
+            } else {
+                g.launch_serial(f, grid, threads, args)
+            }
+        }
     }
 
     /// LaRoSA's top-k on the `n` rows of `x` (width `d`, output side: the o_proj and
@@ -1867,7 +1920,7 @@ impl CudaBackend {
         let (di, ki, mode) = (d as i32, k as i32, if use_sparse { 0i32 } else { 1 });
         // SAFETY: x holds n rows of d f32; sidx/sval hold k entries for one row.
         unsafe {
-            g.launch(
+            self.launch_selection(
                 tl.f,
                 tl.grid(p.n as u32),
                 tl.threads,
@@ -2333,19 +2386,21 @@ impl CudaBackend {
             );
             // At 1-2 tokens the GEMVs normalize the residual themselves (no RMSNorm kernel).
             let fuse_norm = self.fuses_norm(n, dim);
-            let normed = |w: &DevBuf| {
+            let normed = |x: u64, w: &DevBuf| {
                 if fuse_norm {
                     (x, Via16::normed(w.ptr))
                 } else {
                     (xb, Via16::input(norm16))
                 }
             };
+            // The residual stream: `x`, or `tmp` after an odd number of LaRoSA adapters (each
+            // writes the other buffer, so no copy runs between kernels).
+            let (mut x, mut spare) = (x, tmp);
             for (li, l) in dm.layers.iter().enumerate() {
                 if let Some(a) = &l.adapter {
                     // The rotated residual stream moves into this layer's basis.
-                    self.linear(a, x, n, tmp, Via16::default())?;
-                    cudarc::driver::result::memcpy_dtod_async(x, tmp, n * dim * 4, g.stream)
-                        .map_err(|e| EngineError::Invalid(format!("CUDA: copy: {e:?}")))?;
+                    self.linear(a, x, n, spare, Via16::default())?;
+                    std::mem::swap(&mut x, &mut spare);
                 }
                 // Q/K/V in one launch, the residual adds ride on the output products and
                 // SiLU·up on the gate/up product (Self::proj); with LaRoSA the inputs are
@@ -2364,7 +2419,7 @@ impl CudaBackend {
                         Epilogue::Store,
                     )?,
                     _ => {
-                        let (input, via) = normed(&l.attn_norm);
+                        let (input, via) = normed(x, &l.attn_norm);
                         self.proj(
                             &[(&l.wq, q), (&l.wk, k), (&l.wv, v)],
                             input,
@@ -2448,7 +2503,7 @@ impl CudaBackend {
                         Epilogue::Glu,
                     )?,
                     _ => {
-                        let (input, via) = normed(&l.ffn_norm);
+                        let (input, via) = normed(x, &l.ffn_norm);
                         self.proj(
                             &[(&l.gate, hb), (&l.up, hb2)],
                             input,

@@ -441,6 +441,25 @@ impl Gpu {
         unsafe { self.launch_smem(f, grid, block, 0, args) }
     }
 
+    /// [`Self::launch`] without programmatic dependent launch even when it is on: the
+    /// kernel starts only once the previous one has ended, and so do the kernels after it
+    /// (nothing is let in early, whose blocks would wait on the SMs that the previous
+    /// kernel's blocks still need).
+    ///
+    /// # Safety
+    /// As for [`Self::launch`].
+    pub(crate) unsafe fn launch_serial(
+        &self,
+        f: sys::CUfunction,
+        grid: (u32, u32, u32),
+        block: u32,
+        args: &mut [*mut c_void],
+    ) -> Result<()> {
+        // SAFETY: upheld by the caller.
+        unsafe { cu::launch_kernel(f, grid, (block, 1, 1), 0, self.stream, args) }
+            .map_err(|e| err("kernel launch", e))
+    }
+
     /// [`Self::launch`] with `smem` bytes of dynamic shared memory.
     ///
     /// # Safety
