@@ -1017,11 +1017,13 @@ __device__ __forceinline__ void rmsnorm_topk_impl(const float* x, const float* w
 
 // Kernels by values per thread (4, 8, 12, 16, 24, 32: the smallest that holds
 // ceil(d / TOPK_THREADS), so that no thread walks empty slots).
-// SEL_LATE (a tuning macro, with SWITCHYARD_SELECTION_PDL=1): the selections let the next
-// kernel (the sparse product) launch only when their blocks exit, not at entry, so its
-// blocks do not sit on the SMs while the kernel before the selection still runs.
+// SEL_LATE (a tuning macro, default 1): the selections let the next kernel (the sparse
+// product) launch only when their blocks exit, not at entry. At entry, the sparse product's
+// 264 blocks were let in while the kernel before the selection still ran and sat waiting on
+// its SMs (half their registers), and batch-1 LaRoSA decode fell from 251 to 197 tok/s on
+// the H200 (bench/results/experiments/README.md).
 #ifndef SEL_LATE
-#define SEL_LATE 0
+#define SEL_LATE 1
 #endif
 #if SEL_LATE
 #define SEL_ENTRY pdl_wait()

@@ -777,9 +777,9 @@ pub struct CudaBackend {
     /// kernel writes them first.
     pub norm_gemv: bool,
     /// LaRoSA's selections are launched with programmatic dependent launch like the other
-    /// kernels (SWITCHYARD_SELECTION_PDL=1). Off by default: each selection starts once the
-    /// kernel before it has ended, so neither it nor the sparse product after it is let in
-    /// early to wait on SMs whose previous kernel is still running (see
+    /// kernels (they let the sparse product after them in only when they exit, SEL_LATE in
+    /// kernels/engine.cu); off (SWITCHYARD_SELECTION_PDL=0), each selection starts once the
+    /// kernel before it has ended (about 1 % slower on the H200, see
     /// bench/results/experiments/README.md).
     pub selection_pdl: bool,
     /// Scratch of the `mms*` products for the current pass (partial sums, tickets).
@@ -1755,9 +1755,9 @@ pub fn norm_topk(
 }
 
 /// Whether new backends launch LaRoSA's selections with programmatic dependent launch
-/// (SWITCHYARD_SELECTION_PDL=1; see [`CudaBackend::selection_pdl`]).
+/// (unless SWITCHYARD_SELECTION_PDL=0; see [`CudaBackend::selection_pdl`]).
 pub fn selection_pdl_default() -> bool {
-    std::env::var("SWITCHYARD_SELECTION_PDL").is_ok_and(|v| v == "1")
+    std::env::var("SWITCHYARD_SELECTION_PDL").map_or(true, |v| v != "0")
 }
 
 fn blocks(n: usize, per: usize) -> u32 {
