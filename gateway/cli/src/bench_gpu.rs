@@ -61,8 +61,9 @@ pub struct GpuBenchArgs {
     #[arg(long, default_value_t = 0)]
     pub mm_max: usize,
     /// Largest token count of the GEMV kernels (at most 8; cuBLAS above, outside --mm-max).
-    #[arg(long, default_value_t = switchyard_engine::cuda::forward::GEMV_MAX)]
-    pub gemv_max: usize,
+    /// Default: the backend's (SWITCHYARD_GEMV_MAX, else 2).
+    #[arg(long)]
+    pub gemv_max: Option<usize>,
     /// The tensor-core products with the previous kernels (`mm*`, whole inputs per warp)
     /// instead of the split-K ones (`mms*`, inputs staged in shared memory).
     #[arg(long)]
@@ -331,7 +332,7 @@ mod imp {
     #[derive(Clone, Copy)]
     struct Tune {
         mm_max: usize,
-        gemv_max: usize,
+        gemv_max: Option<usize>,
         mm_split: bool,
         mm_blocks: usize,
         graph_max: usize,
@@ -357,7 +358,7 @@ mod imp {
         /// up to 8 tokens, then cuBLAS; graphs up to 8 sequences.
         const PREVIOUS: Tune = Tune {
             mm_max: 0,
-            gemv_max: 8,
+            gemv_max: Some(8),
             mm_split: false,
             mm_blocks: switchyard_engine::cuda::forward::MS_BLOCKS_WANTED,
             graph_max: 8,
@@ -447,7 +448,9 @@ mod imp {
         be.graphs_enabled = tune.graph_max > 0;
         be.graph_max_tokens = tune.graph_max;
         be.mm_tokens = 3..=tune.mm_max;
-        be.gemv_max = tune.gemv_max;
+        if let Some(g) = tune.gemv_max {
+            be.gemv_max = g;
+        }
         be.mm_split = tune.mm_split;
         be.mm_blocks = tune.mm_blocks;
         be.sparse_tile = tune.sparse_tile;

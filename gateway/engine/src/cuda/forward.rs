@@ -1087,11 +1087,19 @@ fn launch_fused(
     }
     // (kernel, output rows per block, rows per block of the gated unit, threads)
     let (r4, r8) = gemv_rows();
+    // The GEMV by token count, normalizing its input or not.
+    let gemv = |i: usize| {
+        if norm.is_some() {
+            g.k.gemv_norm[i]
+        } else {
+            g.k.gemv[i]
+        }
+    };
     let (f, rpb, rpb_glu, threads) = match (k, n) {
-        (Fused::Gemv, 1) => (g.k.gemv[0], 4, 2, 128),
-        (Fused::Gemv, 2) => (g.k.gemv[1], 4, 2, 128),
-        (Fused::Gemv, 3..=4) => (g.k.gemv[2], r4, r4 / 2, 128),
-        (Fused::Gemv, _) => (g.k.gemv[3], r8, r8 / 2, 128),
+        (Fused::Gemv, 1) => (gemv(0), 4, 2, 128),
+        (Fused::Gemv, 2) => (gemv(1), 4, 2, 128),
+        (Fused::Gemv, 3..=4) => (gemv(2), r4, r4 / 2, 128),
+        (Fused::Gemv, _) => (gemv(3), r8, r8 / 2, 128),
         (Fused::Mm, 0..=8) => (g.k.mm[0], 16, 16, 256),
         (Fused::Mm, 9..=16) => (g.k.mm[1], 16, 16, 256),
         (Fused::Mm, _) => (g.k.mm[2], 16, 16, 256),
@@ -1116,15 +1124,12 @@ fn launch_fused(
                 threads,
                 args!(w0, w1, w2, y0, y1, y2, r0, r1, r2, x, ci, ni, mode),
             ),
-            Some((nw, eps)) => {
-                let slot = g.k.gemv.iter().position(|&h| h == f).unwrap_or(0);
-                g.launch(
-                    g.k.gemv_norm[slot],
-                    grid,
-                    threads,
-                    args!(w0, w1, w2, y0, y1, y2, r0, r1, r2, x, ci, ni, mode, nw, eps),
-                )
-            }
+            Some((nw, eps)) => g.launch(
+                f,
+                grid,
+                threads,
+                args!(w0, w1, w2, y0, y1, y2, r0, r1, r2, x, ci, ni, mode, nw, eps),
+            ),
         }
     }
 }
@@ -2384,7 +2389,7 @@ impl CudaBackend {
                 self.writes16(n, qd) && n_tiles == 0,
                 self.writes16(n, f),
             );
-            // At 1-2 tokens the GEMVs normalize the residual themselves (no RMSNorm kernel).
+            // At one token the GEMVs normalize the residual themselves (no RMSNorm kernel).
             let fuse_norm = self.fuses_norm(n, dim);
             let normed = |x: u64, w: &DevBuf| {
                 if fuse_norm {
@@ -2407,9 +2412,10 @@ impl CudaBackend {
                 // top-k sparsified first (in the RMSNorm kernel on the input side), and a
                 // single token's products read only the kept inputs' weight columns.
                 let sp = l.sparse.as_ref();
-                let kq = match fuse_norm {
-                    true => None,
-                    false => self.norm(p, x, &l.attn_norm, (xb, norm16), sp.is_some())?,
+                let kq = if fuse_norm {
+                    None
+                } else {
+                    self.norm(p, x, &l.attn_norm, (xb, norm16), sp.is_some())?
                 };
                 match (kq, sp) {
                     (Some(kk), Some(s)) => self.sparse_proj(
@@ -2491,9 +2497,10 @@ impl CudaBackend {
                         Via16::input(o16),
                     )?,
                 }
-                let kf = match fuse_norm {
-                    true => None,
-                    false => self.norm(p, x, &l.ffn_norm, (xb, norm16), sp.is_some())?,
+                let kf = if fuse_norm {
+                    None
+                } else {
+                    self.norm(p, x, &l.ffn_norm, (xb, norm16), sp.is_some())?
                 };
                 match (kf, sp) {
                     (Some(kk), Some(s)) => self.sparse_proj(
