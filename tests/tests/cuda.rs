@@ -420,34 +420,43 @@ fn bf16_inputs_and_attention_variants_give_the_same_logits() {
 }
 
 /// At one token the GEMVs take the raw residual and apply RMSNorm themselves (sum of
-/// squares on the way, weight on the inputs, 1/rms on the sums): the same values as the
-/// RMSNorm kernel followed by the product, up to f32 rounding (the sums are formed in
-/// another order). K/V are stored as bf16, so a rounding difference can move a cached
-/// value by one bf16 step and later passes see it: the logits of every pass must agree
-/// within 5e-3 of the largest logit (bf16 tolerance, 1.8e-3 measured on the H200), and
-/// the greedy tokens chosen between passes must be the same (else the passes diverge).
+/// squares on the way, weight on the inputs, 1/rms on the sums), and the Q/K/V GEMV also
+/// applies RoPE and writes K/V to the cache (its blocks take the two rotated pairs of one
+/// head's frequencies): the same values as the RMSNorm kernel, the product and `rope_kv`,
+/// up to f32 rounding (the sums are formed in another order). K/V are stored as bf16, so a
+/// rounding difference can move a cached value by one bf16 step and later passes see it:
+/// the logits of every pass must agree within 5e-3 of the largest logit (bf16 tolerance,
+/// 2.2e-3 measured on the H200), and the greedy tokens chosen between passes must be the
+/// same (else the passes diverge). A row or cache slot written wrong fails it by far.
 #[test]
-fn rmsnorm_in_the_gemv_matches_the_rmsnorm_kernel() {
+fn rmsnorm_and_rope_in_the_gemv_match_the_kernels() {
     let Some(g) = gpu() else { return };
     let dm = Arc::new(DeviceModel::dummy(g.clone(), dummy_cfg(), 17).unwrap());
-    let fused = mixed_passes(&dm, |be| be.norm_gemv = true);
     let plain = mixed_passes(&dm, |be| be.norm_gemv = false);
-    assert_eq!(fused.len(), plain.len());
-    let mut worst = 0f32;
-    for (i, (a, b)) in fused.iter().zip(&plain).enumerate() {
-        assert_eq!(a.len(), b.len());
-        let scale = b.iter().fold(0f32, |s, x| s.max(x.abs()));
-        let d = a.iter().zip(b).fold(0f32, |s, (x, y)| s.max((x - y).abs()));
-        worst = worst.max(d / scale);
-        assert!(
-            d <= 5e-3 * scale,
-            "pass {i}: fused-RMSNorm GEMV logits differ by {d} (largest logit {scale})"
+    for (norm, rope) in [(true, true), (true, false)] {
+        let fused = mixed_passes(&dm, |be| {
+            be.norm_gemv = norm;
+            be.rope_gemv = rope;
+        });
+        assert_eq!(fused.len(), plain.len());
+        let mut worst = 0f32;
+        for (i, (a, b)) in fused.iter().zip(&plain).enumerate() {
+            assert_eq!(a.len(), b.len());
+            let scale = b.iter().fold(0f32, |s, x| s.max(x.abs()));
+            let d = a.iter().zip(b).fold(0f32, |s, (x, y)| s.max((x - y).abs()));
+            worst = worst.max(d / scale);
+            assert!(
+                d <= 5e-3 * scale,
+                "pass {i}, RoPE in the GEMV {rope}: logits differ by {d} (largest logit {scale})"
+            );
+        }
+        // The one-sequence decode passes went through the fused kernels: their logits are
+        // not bit-identical (else the test would not see the fused path at all).
+        assert!(fused != plain, "no pass took the fused GEMV (RoPE {rope})");
+        eprintln!(
+            "fused RMSNorm (RoPE {rope}) vs the kernels: max |diff| / max |logit| = {worst:.2e}"
         );
     }
-    // The decode passes of one sequence went through the fused kernels: their logits are
-    // not bit-identical (else the test would not see the fused path at all).
-    assert!(fused != plain, "no pass took the fused RMSNorm GEMV");
-    eprintln!("fused vs kernel RMSNorm: max |diff| / max |logit| = {worst:.2e}");
 }
 
 /// Programmatic dependent launch lets each kernel start (and stream its weights) before the

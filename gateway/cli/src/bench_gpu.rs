@@ -511,7 +511,7 @@ mod imp {
                 "bf16_inputs": be.bf16_inputs, "att_heads_x": be.att_heads_x,
                 "mm_waves": be.mm_waves, "gemv_max": be.gemv_max,
                 "attention4": be.attention4, "att_half": be.att_half,
-                "norm_gemv": be.norm_gemv,
+                "norm_gemv": be.norm_gemv, "rope_gemv": be.rope_gemv,
             }),
         })
     }

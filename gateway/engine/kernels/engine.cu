@@ -625,10 +625,30 @@ __device__ __forceinline__ void gemv_x8(const float* xr, const float* nw, float*
 // column is read by exactly one lane of the block), and the block's sums are scaled by
 // 1/rms at the end, so no RMSNorm kernel runs before the product (same value as `rmsnorm`
 // then the product, up to f32 rounding).
-template <int N, int R, bool NORM>
+// ROPE (gemv1_qkv_rope): the one-token Q/K/V product (W0/W1/W2 = q/k/v, store) ends with
+// rope_kv's work: q rotated into y0, K rotated and V written as bf16 at pos[0] of item[0]'s
+// cache (kvp: the layer's K/V pointers per item), so no RoPE kernel runs. A block's 4 rows
+// are the two rotated pairs of frequencies 2j and 2j+1 of one head (j = the block's index
+// within the head): rows 4j..4j+3 (interleaved pairs) or 2j, 2j+1, 2j+half, 2j+1+half.
+struct RopeArgs {
+    const int* pos;
+    const int* item;
+    const float* cos_t;
+    const float* sin_t;
+    const u64* kvp;
+    int hd, inter;
+};
+// Row k (0..3) of a ROPE block b (within its segment).
+__device__ __forceinline__ int rope_row(const RopeArgs& ra, int b, int k) {
+    int bph = ra.hd / 4, h = b / bph, j = b % bph;
+    return h * ra.hd + (ra.inter ? 4 * j + k : 2 * j + (k & 1) + (k >> 1) * (ra.hd / 2));
+}
+
+template <int N, int R, bool NORM, bool ROPE = false>
 __device__ void gemv_impl(const bf16* W0, const bf16* W1, const bf16* W2, float* y0, float* y1,
                           float* y2, int r0, int r1, int r2, const float* x, int cols, int n,
-                          int mode, const float* nw, float eps) {
+                          int mode, const float* nw, float eps, RopeArgs ra = RopeArgs{}) {
+    static_assert(!ROPE || (N == 1 && R == 4), "RoPE rides on the one-token, 4-row GEMV");
     __shared__ float red[GEMV_WARPS][R][N];
     __shared__ float red_ss[GEMV_WARPS][N];
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
@@ -643,7 +663,9 @@ __device__ void gemv_impl(const bf16* W0, const bf16* W1, const bf16* W2, float*
     const bf16* wrow[R];
 #pragma unroll
     for (int r = 0; r < R; r++) {
-        if (glu) {
+        if (ROPE) {
+            wrow[r] = W + (size_t)rope_row(ra, b, r) * cols;
+        } else if (glu) {
             int o = min(row0 + (r % (R / 2)), rows - 1);
             wrow[r] = (r < R / 2 ? W0 : W1) + (size_t)o * cols;
         } else {
@@ -732,6 +754,47 @@ __device__ void gemv_impl(const bf16* W0, const bf16* W1, const bf16* W2, float*
         }
     }
     __syncthreads();
+    if (ROPE) {
+        // Thread p < 2: pair p, rows (a, c) of the block; frequency 2j + p.
+        int p = threadIdx.x;
+        if (p >= 2) return;
+        float inv = 1.f;
+        if (NORM) {
+            float q = 0.f;
+#pragma unroll
+            for (int k = 0; k < GEMV_WARPS; k++) q += red_ss[k][0];
+            inv = rsqrtf(q / (float)cols + eps);
+        }
+        int ka = ra.inter ? 2 * p : p, kc = ra.inter ? 2 * p + 1 : p + 2;
+        float sa = 0.f, sc = 0.f;
+#pragma unroll
+        for (int k = 0; k < GEMV_WARPS; k++) {
+            sa += red[k][ka][0];
+            sc += red[k][kc][0];
+        }
+        sa *= inv;
+        sc *= inv;
+        int ra_ = rope_row(ra, b, ka), rc = rope_row(ra, b, kc);
+        int pos = ra.pos[0], it = ra.item[0], half = ra.hd / 2;
+        int i = 2 * (b % (ra.hd / 4)) + p;
+        if (sg.W == W2) {
+            bf16* V = (bf16*)ra.kvp[2 * it + 1] + (size_t)pos * r2;
+            V[ra_] = to_bf(sa);
+            V[rc] = to_bf(sc);
+            return;
+        }
+        float c = ra.cos_t[(size_t)pos * half + i], sn = ra.sin_t[(size_t)pos * half + i];
+        float o0 = sa * c - sc * sn, o1 = sa * sn + sc * c;
+        if (sg.W == W0) {
+            y0[ra_] = o0;
+            y0[rc] = o1;
+        } else {
+            bf16* K = (bf16*)ra.kvp[2 * it] + (size_t)pos * r1;
+            K[ra_] = to_bf(o0);
+            K[rc] = to_bf(o1);
+        }
+        return;
+    }
     for (int t = threadIdx.x; t < R * N; t += blockDim.x) {
         int r = t / N, j = t % N;
         if (j >= n) continue;
@@ -790,6 +853,14 @@ GEMV_KERNELS(1)
 GEMV_KERNELS(2)
 GEMV_KERNELS(4)
 GEMV_KERNELS(8)
+// One token's Q/K/V of RMSNorm(x) with RoPE and the K/V cache write (see RopeArgs).
+extern "C" __global__ void gemv1_qkv_rope(MM_ARGS, const float* nw, float eps, const int* pos,
+                                          const int* item, const float* cos_t,
+                                          const float* sin_t, const u64* kvp, int hd,
+                                          int inter) {
+    gemv_impl<1, 4, true, true>(MM_PASS, nw, eps,
+                                RopeArgs{pos, item, cos_t, sin_t, kvp, hd, inter});
+}
 
 // Deterministic pseudo-random bf16 in [-scale, scale) (dummy weights for benchmarks).
 extern "C" __global__ void fill_random(bf16* w, u64 n, u32 seed, float scale) {

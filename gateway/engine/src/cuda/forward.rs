@@ -776,6 +776,10 @@ pub struct CudaBackend {
     /// one token (see [`Self::fuses_norm`]); off (SWITCHYARD_NORM_GEMV=0), the RMSNorm
     /// kernel writes them first.
     pub norm_gemv: bool,
+    /// With `norm_gemv`, one token's Q/K/V GEMV also applies RoPE and writes K/V to the
+    /// cache (`gemv1_qkv_rope`), so no RoPE kernel runs; off (SWITCHYARD_ROPE_GEMV=0),
+    /// `rope_kv` does.
+    pub rope_gemv: bool,
     /// LaRoSA's selections are launched with programmatic dependent launch like the other
     /// kernels (they let the sparse product after them in only when they exit, SEL_LATE in
     /// kernels/engine.cu); off (SWITCHYARD_SELECTION_PDL=0), each selection starts once the
@@ -1798,6 +1802,7 @@ impl CudaBackend {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(MS_WAVES_MAX),
             norm_gemv: std::env::var("SWITCHYARD_NORM_GEMV").map_or(true, |v| v != "0"),
+            rope_gemv: std::env::var("SWITCHYARD_ROPE_GEMV").map_or(true, |v| v != "0"),
             selection_pdl: selection_pdl_default(),
             mm_scratch: (0, 0),
             graphs: Vec::new(),
@@ -2398,6 +2403,9 @@ impl CudaBackend {
                     (xb, Via16::input(norm16))
                 }
             };
+            // ... and apply RoPE and write K/V in the Q/K/V product (no rope_kv launch).
+            let fuse_rope = fuse_norm && self.rope_gemv && hd.is_multiple_of(4);
+            let (cos, sin) = (dm.cos.ptr, dm.sin.ptr);
             // The residual stream: `x`, or `tmp` after an odd number of LaRoSA adapters (each
             // writes the other buffer, so no copy runs between kernels).
             let (mut x, mut spare) = (x, tmp);
@@ -2412,6 +2420,7 @@ impl CudaBackend {
                 // top-k sparsified first (in the RMSNorm kernel on the input side), and a
                 // single token's products read only the kept inputs' weight columns.
                 let sp = l.sparse.as_ref();
+                let kvl = kvp + (li * items * 2 * 8) as u64;
                 let kq = if fuse_norm {
                     None
                 } else {
@@ -2424,6 +2433,21 @@ impl CudaBackend {
                         kk,
                         Epilogue::Store,
                     )?,
+                    _ if fuse_rope => {
+                        let outs = [(&l.wq, q), (&l.wk, k), (&l.wv, v)];
+                        let [(w0, y0, r0), (w1, y1, r1), (w2, y2, r2)] = fused_segments(&outs);
+                        let grid = (qd + 2 * kvd).div_ceil(4) as u32;
+                        let (nw, mode) = (l.attn_norm.ptr, Epilogue::Store.mode());
+                        g.launch(
+                            kk.gemv1_qkv_rope,
+                            (grid, 1, 1),
+                            128,
+                            args!(
+                                w0, w1, w2, y0, y1, y2, r0, r1, r2, x, dim_i, 1i32, mode, nw, eps,
+                                pos, item, cos, sin, kvl, hd_i, inter
+                            ),
+                        )?;
+                    }
                     _ => {
                         let (input, via) = normed(x, &l.attn_norm);
                         self.proj(
@@ -2436,15 +2460,15 @@ impl CudaBackend {
                         )?
                     }
                 }
-                let (cos, sin) = (dm.cos.ptr, dm.sin.ptr);
-                let kvl = kvp + (li * items * 2 * 8) as u64;
-                let rk_items = (nh + nkv) * hd / 2 + nkv * hd;
-                g.launch(
-                    kk.rope_kv,
-                    (nu, blocks(rk_items, 256), 1),
-                    256,
-                    args!(q, k, v, pos, cos, sin, kvl, item, nh_i, nkv_i, hd_i, inter),
-                )?;
+                if !fuse_rope {
+                    let rk_items = (nh + nkv) * hd / 2 + nkv * hd;
+                    g.launch(
+                        kk.rope_kv,
+                        (nu, blocks(rk_items, 256), 1),
+                        256,
+                        args!(q, k, v, pos, cos, sin, kvl, item, nh_i, nkv_i, hd_i, inter),
+                    )?;
+                }
                 if n_arows > 0 {
                     let att16 = if o16 { x16 } else { 0 };
                     // (grid y is at most 65535)

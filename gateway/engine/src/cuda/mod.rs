@@ -45,6 +45,8 @@ pub(crate) struct Kernels {
     pub gemv: [sys::CUfunction; 4],
     /// The same products of the inputs' RMSNorm (`gemv*_norm`: no RMSNorm kernel before).
     pub gemv_norm: [sys::CUfunction; 4],
+    /// One token's Q/K/V of RMSNorm(x) with RoPE and the K/V cache write (no rope_kv).
+    pub gemv1_qkv_rope: sys::CUfunction,
     /// Tensor-core products for up to 8, 16, 32 tokens (fused Q/K/V, residual add, gated unit).
     pub mm: [sys::CUfunction; 3],
     /// Split-K tensor-core products for up to 8, 16, 32, 64 tokens (inputs staged in
@@ -293,6 +295,7 @@ impl Gpu {
                 f("gemv4_norm")?,
                 f("gemv8_norm")?,
             ],
+            gemv1_qkv_rope: f("gemv1_qkv_rope")?,
             mm: [f("mm8")?, f("mm16")?, f("mm32")?],
             mms: [f("mms8")?, f("mms16")?, f("mms32")?, f("mms64")?],
             rope_kv: f("rope_kv")?,
@@ -710,6 +713,7 @@ mod tests {
                         "attention_tiles",
                         "gemv8",
                         "gemv1_norm",
+                        "gemv1_qkv_rope",
                         "sample_rows",
                         "topk4",
                         "topk12",
