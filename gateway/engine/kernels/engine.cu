@@ -644,6 +644,16 @@ __device__ __forceinline__ int rope_row(const RopeArgs& ra, int b, int k) {
     return h * ra.hd + (ra.inter ? 4 * j + k : 2 * j + (k & 1) + (k >> 1) * (ra.hd / 2));
 }
 
+// 1/rms of token j from the warps' sums of squares (gemv_impl's red_ss).
+template <int N>
+__device__ __forceinline__ float gemv_inv_rms(const float (&red_ss)[GEMV_WARPS][N], int j,
+                                              int cols, float eps) {
+    float q = 0.f;
+#pragma unroll
+    for (int k = 0; k < GEMV_WARPS; k++) q += red_ss[k][j];
+    return rsqrtf(q / (float)cols + eps);
+}
+
 template <int N, int R, bool NORM, bool ROPE = false>
 __device__ void gemv_impl(const bf16* W0, const bf16* W1, const bf16* W2, float* y0, float* y1,
                           float* y2, int r0, int r1, int r2, const float* x, int cols, int n,
@@ -723,19 +733,20 @@ __device__ void gemv_impl(const bf16* W0, const bf16* W1, const bf16* W2, float*
     } else {
         pdl_wait();
         for (int i = w * 32 + lane; i < cols; i += 32 * GEMV_WARPS) {
-            float g = NORM ? nw[i] : 1.f;
+            // Each token's input at column i (scaled by the norm weight when NORM).
+            float xg[N];
 #pragma unroll
-            for (int j = 0; j < N; j++)
-                if (j < n && NORM) {
-                    float xv = x[(size_t)j * cols + i];
-                    ss[j] = fmaf(xv, xv, ss[j]);
-                }
+            for (int j = 0; j < N; j++) {
+                float xv = j < n ? x[(size_t)j * cols + i] : 0.f;
+                if (NORM) ss[j] = fmaf(xv, xv, ss[j]);
+                xg[j] = NORM ? xv * nw[i] : xv;
+            }
 #pragma unroll
             for (int r = 0; r < R; r++) {
                 float wv = bf(wrow[r][i]);
 #pragma unroll
                 for (int j = 0; j < N; j++)
-                    if (j < n) acc[r][j] = fmaf(wv, x[(size_t)j * cols + i] * g, acc[r][j]);
+                    if (j < n) acc[r][j] = fmaf(wv, xg[j], acc[r][j]);
             }
         }
     }
@@ -758,13 +769,7 @@ __device__ void gemv_impl(const bf16* W0, const bf16* W1, const bf16* W2, float*
         // Thread p < 2: pair p, rows (a, c) of the block; frequency 2j + p.
         int p = threadIdx.x;
         if (p >= 2) return;
-        float inv = 1.f;
-        if (NORM) {
-            float q = 0.f;
-#pragma unroll
-            for (int k = 0; k < GEMV_WARPS; k++) q += red_ss[k][0];
-            inv = rsqrtf(q / (float)cols + eps);
-        }
+        float inv = NORM ? gemv_inv_rms(red_ss, 0, cols, eps) : 1.f;
         int ka = ra.inter ? 2 * p : p, kc = ra.inter ? 2 * p + 1 : p + 2;
         float sa = 0.f, sc = 0.f;
 #pragma unroll
@@ -798,13 +803,7 @@ __device__ void gemv_impl(const bf16* W0, const bf16* W1, const bf16* W2, float*
     for (int t = threadIdx.x; t < R * N; t += blockDim.x) {
         int r = t / N, j = t % N;
         if (j >= n) continue;
-        float inv = 1.f;
-        if (NORM) {
-            float q = 0.f;
-#pragma unroll
-            for (int k = 0; k < GEMV_WARPS; k++) q += red_ss[k][j];
-            inv = rsqrtf(q / (float)cols + eps);
-        }
+        float inv = NORM ? gemv_inv_rms(red_ss, j, cols, eps) : 1.f;
         if (glu) {
             if (r >= R / 2 || row0 + r >= rows) continue;
             float g = 0.f, u = 0.f;

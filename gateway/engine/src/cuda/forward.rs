@@ -840,9 +840,36 @@ pub(crate) struct Via16 {
     /// The gated unit writes bf16(silu(gate)·up) to `x16` (the down product's input), not
     /// to y_0.
     glu_out: bool,
-    /// The input is the raw residual: the GEMV takes its RMSNorm with this weight (and the
-    /// model's eps) on the way, so no RMSNorm kernel runs before it (`gemv*_norm`).
-    norm: Option<u64>,
+    /// What the GEMV does with its input besides the product (RMSNorm on the way, RoPE
+    /// after; see [`GemvIn`]).
+    gemv: GemvIn,
+}
+
+/// What a GEMV does with its input `x` besides the product.
+#[derive(Clone, Copy, Debug, Default)]
+enum GemvIn {
+    /// The product of x as it is.
+    #[default]
+    Plain,
+    /// x is the raw residual: the product of its RMSNorm (weight, eps), taken on the way, so
+    /// no RMSNorm kernel runs before it (`gemv*_norm`).
+    Norm(u64, f32),
+    /// The same for one token's Q/K/V (the three matrices, store), which also apply RoPE and
+    /// write K/V to the cache (`gemv1_qkv_rope`), so no `rope_kv` runs after.
+    NormRope(u64, f32, RopeIn),
+}
+
+/// The RoPE and cache arguments of `gemv1_qkv_rope` (those of `rope_kv` for one token).
+#[derive(Clone, Copy, Debug)]
+struct RopeIn {
+    pos: u64,
+    item: u64,
+    cos: u64,
+    sin: u64,
+    /// The layer's K/V pointers per item.
+    kvl: u64,
+    hd: i32,
+    inter: i32,
 }
 
 impl Via16 {
@@ -851,14 +878,14 @@ impl Via16 {
         Self {
             input: ready,
             glu_out: false,
-            norm: None,
+            gemv: GemvIn::Plain,
         }
     }
 
-    /// The raw residual, normalized by the GEMV with RMSNorm weight `w`.
-    fn normed(w: u64) -> Self {
+    /// The raw residual, for a GEMV that applies its RMSNorm (and maybe RoPE, see [`GemvIn`]).
+    fn gemv(gemv: GemvIn) -> Self {
         Self {
-            norm: Some(w),
+            gemv,
             ..Self::default()
         }
     }
@@ -922,7 +949,15 @@ fn fused_segments(outs: &[(&DevW, u64)]) -> [(u64, u64, i32); 3] {
 
 /// The engine's GEMV kernel for up to 8 tokens: y[n, rows] = x[n, cols] · wᵀ.
 fn launch_gemv(g: &Gpu, w: &DevW, x: u64, n: usize, y: u64) -> Result<()> {
-    launch_fused(g, Fused::Gemv, &[(w, y)], x, n, Epilogue::Store, None)
+    launch_fused(
+        g,
+        Fused::Gemv,
+        &[(w, y)],
+        x,
+        n,
+        Epilogue::Store,
+        GemvIn::Plain,
+    )
 }
 
 /// A product kernel with the fused interface (`MM_ARGS` in kernels/engine.cu).
@@ -1064,8 +1099,8 @@ fn mms_scratch(c: &Config, n: usize, shape: (usize, usize)) -> (usize, usize) {
 /// One launch of up to three products of `x` (`n` tokens) with matrices of equal width and
 /// the epilogue `epi`.
 ///
-/// `norm` (`(weight, eps)`, GEMV only): `x` holds raw rows and the product is of their
-/// RMSNorm (`gemv*_norm`).
+/// `input` (GEMV only, else [`GemvIn::Plain`]): what the GEMV does with `x` besides the
+/// product.
 fn launch_fused(
     g: &Gpu,
     k: Fused,
@@ -1073,11 +1108,20 @@ fn launch_fused(
     x: u64,
     n: usize,
     epi: Epilogue,
-    norm: Option<(u64, f32)>,
+    input: GemvIn,
 ) -> Result<()> {
-    if norm.is_some() && !matches!(k, Fused::Gemv) {
+    let plain = matches!(input, GemvIn::Plain);
+    if !plain && !matches!(k, Fused::Gemv) {
         return Err(EngineError::Invalid(format!(
-            "CUDA: only the GEMV takes a normalized input, not {k:?}"
+            "CUDA: only the GEMV takes {input:?}, not {k:?}"
+        )));
+    }
+    if matches!(input, GemvIn::NormRope(..))
+        && (n != 1 || epi != Epilogue::Store || outs.len() != 3)
+    {
+        return Err(EngineError::Invalid(format!(
+            "CUDA: RoPE rides on one token's Q/K/V product, not {n} tokens of {} matrices ({epi:?})",
+            outs.len()
         )));
     }
     if let Fused::Mms {
@@ -1091,13 +1135,11 @@ fn launch_fused(
     }
     // (kernel, output rows per block, rows per block of the gated unit, threads)
     let (r4, r8) = gemv_rows();
-    // The GEMV by token count, normalizing its input or not.
-    let gemv = |i: usize| {
-        if norm.is_some() {
-            g.k.gemv_norm[i]
-        } else {
-            g.k.gemv[i]
-        }
+    // The GEMV by token count and what it does with its input.
+    let gemv = |i: usize| match input {
+        GemvIn::Plain => g.k.gemv[i],
+        GemvIn::Norm(..) => g.k.gemv_norm[i],
+        GemvIn::NormRope(..) => g.k.gemv1_qkv_rope,
     };
     let (f, rpb, rpb_glu, threads) = match (k, n) {
         (Fused::Gemv, 1) => (gemv(0), 4, 2, 128),
@@ -1119,20 +1161,29 @@ fn launch_fused(
     let (ci, ni) = (outs[0].0.cols as i32, n as i32);
     let grid = (grid as u32, 1, 1);
     // SAFETY: x holds n*cols f32; each y_i n*rows_i f32; each W_i rows_i*cols bf16; the
-    // norm weight cols f32.
+    // norm weight cols f32; RoPE's arguments are those rope_kv takes for the pass.
     unsafe {
-        match norm {
-            None => g.launch(
+        match input {
+            GemvIn::Plain => g.launch(
                 f,
                 grid,
                 threads,
                 args!(w0, w1, w2, y0, y1, y2, r0, r1, r2, x, ci, ni, mode),
             ),
-            Some((nw, eps)) => g.launch(
+            GemvIn::Norm(nw, eps) => g.launch(
                 f,
                 grid,
                 threads,
                 args!(w0, w1, w2, y0, y1, y2, r0, r1, r2, x, ci, ni, mode, nw, eps),
+            ),
+            GemvIn::NormRope(nw, eps, r) => g.launch(
+                f,
+                grid,
+                threads,
+                args!(
+                    w0, w1, w2, y0, y1, y2, r0, r1, r2, x, ci, ni, mode, nw, eps, r.pos, r.item,
+                    r.cos, r.sin, r.kvl, r.hd, r.inter
+                ),
             ),
         }
     }
@@ -1424,10 +1475,10 @@ pub fn mm_product(
         }
         _ => Fused::Mm,
     };
-    launch_fused(gpu, k, &outs, xb.ptr, n, epi, None)?;
+    launch_fused(gpu, k, &outs, xb.ptr, n, epi, GemvIn::Plain)?;
     // Twice: the tickets must be back at zero for the second launch to finish right.
     if let (ProductKernel::Mms { .. }, Epilogue::Store | Epilogue::Glu) = (kernel, epi) {
-        launch_fused(gpu, k, &outs, xb.ptr, n, epi, None)?;
+        launch_fused(gpu, k, &outs, xb.ptr, n, epi, GemvIn::Plain)?;
     }
     ys.iter()
         .zip(mats)
@@ -1638,7 +1689,15 @@ pub fn product_secs(
                     blocks,
                     waves: MS_WAVES_MAX,
                 };
-                launch_fused(gpu, k, &[(w, y.ptr)], x.ptr, n, Epilogue::Store, None)
+                launch_fused(
+                    gpu,
+                    k,
+                    &[(w, y.ptr)],
+                    x.ptr,
+                    n,
+                    Epilogue::Store,
+                    GemvIn::Plain,
+                )
             }
             ProductKernel::Gemv => launch_gemv(gpu, w, x.ptr, n, y.ptr),
             ProductKernel::Mm => launch_fused(
@@ -1648,7 +1707,7 @@ pub fn product_secs(
                 x.ptr,
                 n,
                 Epilogue::Store,
-                None,
+                GemvIn::Plain,
             ),
             ProductKernel::Cublas => launch_cublas(gpu, w, x.ptr, x16.ptr, n, y.ptr),
         }
@@ -1763,10 +1822,15 @@ pub fn norm_topk(
     Ok((idx.read::<i32>(k)?, val.read::<f32>(k)?))
 }
 
+/// A switch that is on unless the variable `name` is "0".
+fn env_on(name: &str) -> bool {
+    std::env::var(name).map_or(true, |v| v != "0")
+}
+
 /// Whether new backends launch LaRoSA's selections with programmatic dependent launch
 /// (unless SWITCHYARD_SELECTION_PDL=0; see [`CudaBackend::selection_pdl`]).
 pub fn selection_pdl_default() -> bool {
-    std::env::var("SWITCHYARD_SELECTION_PDL").map_or(true, |v| v != "0")
+    env_on("SWITCHYARD_SELECTION_PDL")
 }
 
 fn blocks(n: usize, per: usize) -> u32 {
@@ -1777,22 +1841,22 @@ impl CudaBackend {
     pub fn new(dm: Arc<DeviceModel>) -> Self {
         Self {
             dm,
-            graphs_enabled: std::env::var("SWITCHYARD_CUDA_GRAPHS").map_or(true, |v| v != "0"),
+            graphs_enabled: env_on("SWITCHYARD_CUDA_GRAPHS"),
             larosa: None,
             mm_tokens: MM_TOKENS,
             graph_max_tokens: GRAPH_MAX_TOKENS,
             graph_cache_max: GRAPH_CACHE_MAX,
             sparse_tile: SPARSE_TILE,
             sparse_blocks: SPARSE_BLOCKS,
-            device_sampling: std::env::var("SWITCHYARD_DEVICE_SAMPLING").map_or(true, |v| v != "0"),
-            mma_attention: std::env::var("SWITCHYARD_MMA_ATTENTION").map_or(true, |v| v != "0"),
+            device_sampling: env_on("SWITCHYARD_DEVICE_SAMPLING"),
+            mma_attention: env_on("SWITCHYARD_MMA_ATTENTION"),
             attention4: std::env::var("SWITCHYARD_ATT_U").map_or(true, |v| v != "2"),
             mm_split: true,
             mm_blocks: MS_BLOCKS_WANTED,
-            blas_batched: std::env::var("SWITCHYARD_BLAS_BATCHED").map_or(true, |v| v != "0"),
-            bf16_inputs: std::env::var("SWITCHYARD_BF16_INPUTS").map_or(true, |v| v != "0"),
-            att_heads_x: std::env::var("SWITCHYARD_ATT_HEADS_X").map_or(true, |v| v != "0"),
-            att_half: std::env::var("SWITCHYARD_ATT_HALF").map_or(true, |v| v != "0"),
+            blas_batched: env_on("SWITCHYARD_BLAS_BATCHED"),
+            bf16_inputs: env_on("SWITCHYARD_BF16_INPUTS"),
+            att_heads_x: env_on("SWITCHYARD_ATT_HEADS_X"),
+            att_half: env_on("SWITCHYARD_ATT_HALF"),
             gemv_max: std::env::var("SWITCHYARD_GEMV_MAX")
                 .ok()
                 .and_then(|v| v.parse().ok())
@@ -1801,8 +1865,8 @@ impl CudaBackend {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(MS_WAVES_MAX),
-            norm_gemv: std::env::var("SWITCHYARD_NORM_GEMV").map_or(true, |v| v != "0"),
-            rope_gemv: std::env::var("SWITCHYARD_ROPE_GEMV").map_or(true, |v| v != "0"),
+            norm_gemv: env_on("SWITCHYARD_NORM_GEMV"),
+            rope_gemv: env_on("SWITCHYARD_ROPE_GEMV"),
             selection_pdl: selection_pdl_default(),
             mm_scratch: (0, 0),
             graphs: Vec::new(),
@@ -2001,19 +2065,19 @@ impl CudaBackend {
         debug_assert!(outs.iter().all(|(w, _)| w.cols == cols) && outs.len() <= 3);
         let gpu = self.dm.gpu.clone();
         let g = &gpu;
-        let norm = via.norm.map(|w| (w, self.dm.cfg.rms_eps));
         if let Some(k) = self.fused_kernel(n, cols) {
             if via.input || via.glu_out {
                 return Err(EngineError::Invalid(
                     "CUDA: a fused product was handed a bf16 input".into(),
                 ));
             }
-            return launch_fused(g, k, outs, x, n, epi, norm);
+            return launch_fused(g, k, outs, x, n, epi, via.gemv);
         }
-        if norm.is_some() {
-            return Err(EngineError::Invalid(
-                "CUDA: cuBLAS was handed an input to normalize".into(),
-            ));
+        if !matches!(via.gemv, GemvIn::Plain) {
+            return Err(EngineError::Invalid(format!(
+                "CUDA: cuBLAS was handed {:?}",
+                via.gemv
+            )));
         }
         // cuBLAS: the input rounded to bf16 once for all the matrices (unless the kernel
         // before wrote it so).
@@ -2398,7 +2462,7 @@ impl CudaBackend {
             let fuse_norm = self.fuses_norm(n, dim);
             let normed = |x: u64, w: &DevBuf| {
                 if fuse_norm {
-                    (x, Via16::normed(w.ptr))
+                    (x, Via16::gemv(GemvIn::Norm(w.ptr, eps)))
                 } else {
                     (xb, Via16::input(norm16))
                 }
@@ -2433,23 +2497,20 @@ impl CudaBackend {
                         kk,
                         Epilogue::Store,
                     )?,
-                    _ if fuse_rope => {
-                        let outs = [(&l.wq, q), (&l.wk, k), (&l.wv, v)];
-                        let [(w0, y0, r0), (w1, y1, r1), (w2, y2, r2)] = fused_segments(&outs);
-                        let grid = (qd + 2 * kvd).div_ceil(4) as u32;
-                        let (nw, mode) = (l.attn_norm.ptr, Epilogue::Store.mode());
-                        g.launch(
-                            kk.gemv1_qkv_rope,
-                            (grid, 1, 1),
-                            128,
-                            args!(
-                                w0, w1, w2, y0, y1, y2, r0, r1, r2, x, dim_i, 1i32, mode, nw, eps,
-                                pos, item, cos, sin, kvl, hd_i, inter
-                            ),
-                        )?;
-                    }
                     _ => {
-                        let (input, via) = normed(x, &l.attn_norm);
+                        let (input, mut via) = normed(x, &l.attn_norm);
+                        if fuse_rope {
+                            let rope = RopeIn {
+                                pos,
+                                item,
+                                cos,
+                                sin,
+                                kvl,
+                                hd: hd_i,
+                                inter,
+                            };
+                            via.gemv = GemvIn::NormRope(l.attn_norm.ptr, eps, rope);
+                        }
                         self.proj(
                             &[(&l.wq, q), (&l.wk, k), (&l.wv, v)],
                             input,
@@ -2572,7 +2633,8 @@ impl CudaBackend {
                 // The head's input rounded to bf16 by the RMSNorm when cuBLAS takes it, or
                 // normalized by the GEMV itself.
                 if self.fuses_norm(n_sel, dim) {
-                    self.linear(dm.head(), sel, n_sel, logits, Via16::normed(dm.norm.ptr))?;
+                    let via = Via16::gemv(GemvIn::Norm(dm.norm.ptr, eps));
+                    self.linear(dm.head(), sel, n_sel, logits, via)?;
                 } else {
                     let head16 = self.writes16(n_sel, dim);
                     let out = if head16 { x16 } else { xb };

@@ -459,8 +459,7 @@ impl Gpu {
         args: &mut [*mut c_void],
     ) -> Result<()> {
         // SAFETY: upheld by the caller.
-        unsafe { cu::launch_kernel(f, grid, (block, 1, 1), 0, self.stream, args) }
-            .map_err(|e| err("kernel launch", e))
+        unsafe { self.launch_with(f, (grid, block, 0), false, args) }
     }
 
     /// [`Self::launch`] with `smem` bytes of dynamic shared memory.
@@ -475,7 +474,23 @@ impl Gpu {
         smem: u32,
         args: &mut [*mut c_void],
     ) -> Result<()> {
-        if !self.pdl() {
+        // SAFETY: upheld by the caller.
+        unsafe { self.launch_with(f, (grid, block, smem), self.pdl(), args) }
+    }
+
+    /// One launch of `f` (grid, block, dynamic shared memory), with programmatic dependent
+    /// launch when `pdl`.
+    ///
+    /// # Safety
+    /// As for [`Self::launch`].
+    unsafe fn launch_with(
+        &self,
+        f: sys::CUfunction,
+        (grid, block, smem): ((u32, u32, u32), u32, u32),
+        pdl: bool,
+        args: &mut [*mut c_void],
+    ) -> Result<()> {
+        if !pdl {
             // SAFETY: upheld by the caller.
             return unsafe { cu::launch_kernel(f, grid, (block, 1, 1), smem, self.stream, args) }
                 .map_err(|e| err("kernel launch", e));
