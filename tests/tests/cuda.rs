@@ -1094,6 +1094,11 @@ fn tensor_core_products_match_a_host_reference() {
                 ProductKernel::Mm,
                 ProductKernel::Mms { blocks: 264 },
                 ProductKernel::Mms { blocks: 1 },
+                // Stream-K: the device's grid, one block (every tile whole), and seven
+                // blocks (tiles cut across blocks: partial sums added by the last).
+                ProductKernel::Sk { blocks: 0 },
+                ProductKernel::Sk { blocks: 1 },
+                ProductKernel::Sk { blocks: 7 },
             ] {
                 if kernel == ProductKernel::Mm && n > 32 {
                     // mm* stops at 32 tokens: refused.
@@ -1124,6 +1129,16 @@ fn tensor_core_products_match_a_host_reference() {
                 close(&got[0], &want, &format!("{k} residual add"));
                 let got = mm_product(&g, kernel, &pair, cols, &x, n, Epilogue::Glu, None).unwrap();
                 close(&got[0], &glu, &format!("{k} gated unit"));
+                if let ProductKernel::Sk { .. } = kernel {
+                    // The bf16 output for the down product: within bf16 rounding.
+                    let scale = glu.iter().fold(1e-3f32, |s, v| s.max(v.abs()));
+                    for (i, (a, b)) in got[1].iter().zip(&glu).enumerate() {
+                        assert!(
+                            (a - b).abs() <= b.abs() / 128.0 + 2e-4 * scale,
+                            "{k} bf16 gated unit cols {cols} n {n} [{i}]: {a} vs {b}"
+                        );
+                    }
+                }
             }
         }
     }

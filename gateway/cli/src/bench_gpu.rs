@@ -383,19 +383,22 @@ mod imp {
         let mut out = Vec::new();
         for (name, rows, cols) in shapes {
             for n in [1usize, 2, 4, 8, 16, 32, 64] {
+                // The kernels a pass can take at n tokens (the GEMV, the split-K kernels that
+                // `--mm-max` turns on, cuBLAS and the stream-K kernels on bf16 inputs as the
+                // pass hands them over) and the variants with the rounding pass.
                 for k in [
                     ProductKernel::Gemv,
-                    ProductKernel::Mm,
-                    ProductKernel::Mms { blocks: 132 },
                     ProductKernel::Mms { blocks: 264 },
-                    ProductKernel::Mms { blocks: 528 },
-                    ProductKernel::Cublas,
+                    ProductKernel::Cublas16,
+                    ProductKernel::Sk16,
                 ] {
                     let ok = match k {
-                        ProductKernel::Gemv => n <= 8,
+                        ProductKernel::Gemv => n <= 2,
                         ProductKernel::Mm => n <= 32 && cols % 32 == 0,
-                        ProductKernel::Mms { .. } => n <= 64 && cols % 32 == 0,
-                        ProductKernel::Cublas => true,
+                        ProductKernel::Mms { .. }
+                        | ProductKernel::Sk { .. }
+                        | ProductKernel::Sk16 => n <= 64 && cols % 32 == 0,
+                        ProductKernel::Cublas | ProductKernel::Cublas16 => true,
                     };
                     if !ok {
                         continue;
@@ -512,6 +515,7 @@ mod imp {
                 "mm_waves": be.mm_waves, "gemv_max": be.gemv_max,
                 "attention4": be.attention4, "att_half": be.att_half,
                 "norm_gemv": be.norm_gemv, "rope_gemv": be.rope_gemv,
+                "sk_tokens": format!("{:?}", be.sk_tokens),
             }),
         })
     }

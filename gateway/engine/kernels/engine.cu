@@ -1994,6 +1994,283 @@ extern "C" __global__ void __launch_bounds__(32 * FM_WARPS) attention_mma128(ATT
     attention_mma_impl<128>(q, kvp, item, pos, tiles, out, nh, nkv, scale);
 }
 
+// ---- Stream-K tensor-core products for 3 .. 64 tokens over bf16 inputs ----
+//
+// y = W · x for the decode batches between the GEMV (1-2 tokens) and prefill (cuBLAS), with
+// the interface of cuBLAS in the pass (inputs already rounded to bf16 by the kernel
+// before: RMSNorm, decode attention, SiLU·up) and the epilogues of the fused products: up
+// to three matrices of equal width in one launch (Q, K and V), the residual add, and the
+// gated unit, whose result goes out as f32 (mode 2) or, for the down product, as bf16 into
+// y16 (mode 3).
+//
+// The work is a list of units, one per (128-row tile, 128-column step): tile-major, steps
+// fastest. A persistent grid (two blocks per SM) splits the list into equal contiguous
+// ranges, so every block streams the same number of weight bytes whatever the shape: no
+// waves and no tail. Warp w of a block owns 16 rows of the tile (the gated unit: warps 0-3
+// gate rows, 4-7 the same up rows) and keeps its accumulators across the steps of a tile.
+// Weights go straight to registers (16-byte loads, each lane row g and g + 8 of its 16,
+// the next step's loads issued before this step's products; the first before the PDL
+// wait); the step's inputs are copied to shared memory with cp.async one step ahead (two
+// buffers, rows padded so the B reads are conflict-free). The 32 inputs of a 32-column
+// block are permuted alike in the A and B fragments, as in `mm*`.
+//
+// A tile inside one block's range is finished there (epilogue from registers); a tile cut
+// by range ends leaves partial sums in `part` ([tiles][slots][NTOK][128], slot = the
+// block's rank among the tile's blocks), and the last of its blocks to arrive (a ticket in
+// cnt, zero between calls) adds them in slot order and applies the epilogue:
+// deterministic. `total` = tiles * steps per tile; `slots` >= the most blocks on a tile
+// (SkPlan in forward.rs). Dynamic shared memory sk_smem(NTOK) bytes.
+#define SK_ROWS 128
+// 32-column blocks per step (U) and blocks per SM of sk64 (128 registers at two blocks
+// spill with U = 4): tuning macros.
+#ifndef SK64_U
+#define SK64_U 4
+#endif
+#ifndef SK64_BLOCKS
+#define SK64_BLOCKS 1
+#endif
+
+#define SK_ARGS                                                                               \
+    const bf16 *W0, const bf16 *W1, const bf16 *W2, float *y0, float *y1, float *y2, int r0,  \
+        int r1, int r2, const bf16 *__restrict__ x, int cols, int n, int mode, bf16 *y16,     \
+        float *part, u32 *cnt, int total, int slots
+#define SK_PASS W0, W1, W2, y0, y1, y2, r0, r1, r2, x, cols, n, mode, y16, part, cnt, total, slots
+
+// The block whose range holds unit u (ranges [b * total / G, (b + 1) * total / G)).
+__device__ __forceinline__ int sk_block(int u, int G, int total) {
+    return (int)((((u64)u + 1) * (u64)G - 1) / (u64)total);
+}
+
+// Tile T's matrix, output and first row, and warp w's row pointers into it.
+struct SkTile {
+    const uint4* ra;
+    const uint4* rb;
+    float* y;
+    int rows, row0, wrow;
+    bool live;
+};
+
+__device__ __forceinline__ SkTile sk_tile(int T, bool glu, int w, int g, int t, int cols,
+                                          const bf16* W0, const bf16* W1, const bf16* W2,
+                                          float* y0, float* y1, float* y2, int r0, int r1,
+                                          int r2) {
+    const bf16* W;
+    SkTile k;
+    if (glu) {
+        W = w < 4 ? W0 : W1;
+        k.y = y0;
+        k.rows = r0;
+        k.row0 = T * (SK_ROWS / 2);
+    } else {
+        int n0 = (r0 + SK_ROWS - 1) / SK_ROWS, n1 = (r1 + SK_ROWS - 1) / SK_ROWS;
+        if (T >= n0 + n1) {
+            W = W2, k.y = y2, k.rows = r2, k.row0 = (T - n0 - n1) * SK_ROWS;
+        } else if (T >= n0) {
+            W = W1, k.y = y1, k.rows = r1, k.row0 = (T - n0) * SK_ROWS;
+        } else {
+            W = W0, k.y = y0, k.rows = r0, k.row0 = T * SK_ROWS;
+        }
+    }
+    k.wrow = k.row0 + 16 * (glu ? (w & 3) : w);
+    k.live = k.wrow < k.rows;
+    k.ra = (const uint4*)(W + (size_t)min(k.wrow + g, k.rows - 1) * cols) + t;
+    k.rb = (const uint4*)(W + (size_t)min(k.wrow + g + 8, k.rows - 1) * cols) + t;
+    return k;
+}
+
+// Step s of the tile into (lo, hi): 32-column blocks s*U .. s*U+U-1 of rows g and g + 8
+// (zeros past the width, or for a dead warp: nkb 0).
+template <int U>
+__device__ __forceinline__ void sk_load(uint4 (&lo)[U], uint4 (&hi)[U], const SkTile& k,
+                                        int s, int nkb) {
+#pragma unroll
+    for (int i = 0; i < U; i++) {
+        int kb = s * U + i;
+        bool ok = kb < nkb;
+        lo[i] = ok ? ld_stream(k.ra + 4 * kb) : make_uint4(0u, 0u, 0u, 0u);
+        hi[i] = ok ? ld_stream(k.rb + 4 * kb) : make_uint4(0u, 0u, 0u, 0u);
+    }
+}
+
+// Copy step s's inputs (NTOK token rows of U*32 bf16; zeros past n and past the width)
+// into the staging buffer xb, asynchronously (one commit group).
+template <int NTOK, int U>
+__device__ __forceinline__ void sk_stage(bf16* xb, const bf16* __restrict__ x, int s, int n,
+                                         int cols) {
+    constexpr int PER_ROW = U * 4;   // 16-byte pieces per token row
+    for (int e = threadIdx.x; e < NTOK * PER_ROW; e += blockDim.x) {
+        int j = e / PER_ROW, c = e % PER_ROW;
+        int col = s * U * 32 + 8 * c;
+        bool ok = j < n && col < cols;
+        const bf16* src = ok ? x + (size_t)j * cols + col : x;
+        cp_async16(smem_u32(xb + j * (U * 32 + 8) + 8 * c), src, ok ? 16u : 0u);
+    }
+    asm volatile("cp.async.commit_group;");
+}
+
+__device__ __forceinline__ void sk_out(float* y, bf16* y16, int mode, size_t o, float v) {
+    if (mode == 3)
+        y16[o] = to_bf(v);
+    else if (mode == 1)
+        y[o] += v;
+    else
+        y[o] = v;
+}
+
+template <int NT, int U>
+__device__ void sk_impl(SK_ARGS) {
+    constexpr int NTOK = 8 * NT;
+    extern __shared__ __align__(16) unsigned char smraw[];
+    bf16* xs = (bf16*)smraw;                                 // [2][NTOK][(U * 32 + 8)]
+    float* gx = (float*)(smraw + 2 * NTOK * (U * 32 + 8) * 2);     // [64][NTOK + 1] gate sums
+    __shared__ u32 s_ticket;
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    int g = lane >> 2, t = lane & 3;
+    bool glu = mode >= 2;
+    int nkb = cols >> 5, spt = (nkb + U - 1) / U;
+    int G = gridDim.x, b = blockIdx.x;
+    int u0 = (int)((u64)b * total / G), u1 = (int)((u64)(b + 1) * total / G);
+    pdl_trigger();
+    if (u0 >= u1) return;
+    int T = u0 / spt, s = u0 % spt;
+    SkTile k = sk_tile(T, glu, w, g, t, cols, W0, W1, W2, y0, y1, y2, r0, r1, r2);
+    uint4 lo[U], hi[U];
+    sk_load<U>(lo, hi, k, s, k.live ? nkb : 0);   // constant: before the wait (PDL)
+    pdl_wait();
+    sk_stage<NTOK, U>(xs, x, s, n, cols);
+    float acc[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) acc[nt][i] = 0.f;
+    int seg0 = u0;   // first unit of the tile's part in this range
+    for (int u = u0; u < u1; u++) {
+        int nT = T, ns = s + 1;
+        if (ns == spt) nT = T + 1, ns = 0;
+        bool more = u + 1 < u1;
+        int buf = (u - u0) & 1;
+        // This step's inputs have landed, and every warp is done with the other buffer.
+        asm volatile("cp.async.wait_group 0;" ::: "memory");
+        __syncthreads();
+        if (more) sk_stage<NTOK, U>(xs + (buf ^ 1) * NTOK * (U * 32 + 8), x, ns, n, cols);
+        SkTile nk = k;
+        if (nT != T) nk = sk_tile(nT, glu, w, g, t, cols, W0, W1, W2, y0, y1, y2, r0, r1, r2);
+        uint4 nlo[U], nhi[U];
+        sk_load<U>(nlo, nhi, nk, ns, more && nk.live ? nkb : 0);
+        const bf16* xl = xs + buf * NTOK * (U * 32 + 8) + g * (U * 32 + 8) + 8 * t;
+#pragma unroll
+        for (int i = 0; i < U; i++) {
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++) {
+                uint4 bx = *(const uint4*)(xl + nt * 8 * (U * 32 + 8) + 32 * i);
+                mma_bf16(acc[nt], lo[i].x, hi[i].x, lo[i].y, hi[i].y, bx.x, bx.y);
+                mma_bf16(acc[nt], lo[i].z, hi[i].z, lo[i].w, hi[i].w, bx.z, bx.w);
+            }
+        }
+        if (!more || nT != T) {
+            // The end of this range's part of tile T.
+            int first = T * spt;
+            if (seg0 == first && u == first + spt - 1) {
+                // The whole tile here: the epilogue from the registers.
+                if (!glu) {
+                    if (k.live) {
+#pragma unroll
+                        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                            for (int q = 0; q < 4; q++) {
+                                int j = nt * 8 + 2 * t + (q & 1), r = k.wrow + g + 8 * (q >> 1);
+                                if (j < n && r < k.rows)
+                                    sk_out(k.y, y16, mode, (size_t)j * k.rows + r, acc[nt][q]);
+                            }
+                    }
+                } else {
+                    if (w < 4) {
+#pragma unroll
+                        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                            for (int q = 0; q < 4; q++)
+                                gx[(16 * w + g + 8 * (q >> 1)) * (NTOK + 1) + nt * 8 + 2 * t +
+                                   (q & 1)] = acc[nt][q];
+                    }
+                    __syncthreads();
+                    if (w >= 4 && k.live) {
+#pragma unroll
+                        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                            for (int q = 0; q < 4; q++) {
+                                int j = nt * 8 + 2 * t + (q & 1), rr = 16 * (w - 4) + g + 8 * (q >> 1);
+                                int r = k.row0 + rr;
+                                if (j < n && r < k.rows) {
+                                    float gs = gx[rr * (NTOK + 1) + j];
+                                    sk_out(k.y, y16, mode, (size_t)j * k.rows + r,
+                                           silu_gate(gs, acc[nt][q]));
+                                }
+                            }
+                    }
+                }
+            } else {
+                int fb = sk_block(first, G, total);
+                int nb = sk_block(first + spt - 1, G, total) - fb + 1;
+                size_t tile_f = (size_t)NTOK * SK_ROWS;
+                float* pt = part + (size_t)T * slots * tile_f;
+                float* pp = pt + (size_t)(b - fb) * tile_f;
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                    for (int q = 0; q < 4; q++) {
+                        int j = nt * 8 + 2 * t + (q & 1), r = 16 * w + g + 8 * (q >> 1);
+                        __stcg(pp + j * SK_ROWS + r, acc[nt][q]);
+                    }
+                __threadfence();
+                __syncthreads();
+                if (threadIdx.x == 0) s_ticket = atomicAdd(&cnt[T], 1u);
+                __syncthreads();
+                if (s_ticket == (u32)(nb - 1)) {
+                    __threadfence();
+                    if (glu) {
+                        for (int e = threadIdx.x; e < NTOK * (SK_ROWS / 2); e += blockDim.x) {
+                            int j = e / (SK_ROWS / 2), r = e % (SK_ROWS / 2);
+                            if (j >= n || k.row0 + r >= k.rows) continue;
+                            float gs = ms_sum(pt + j * SK_ROWS + r, tile_f, nb);
+                            float us = ms_sum(pt + j * SK_ROWS + r + SK_ROWS / 2, tile_f, nb);
+                            sk_out(k.y, y16, mode, (size_t)j * k.rows + k.row0 + r,
+                                   silu_gate(gs, us));
+                        }
+                    } else {
+                        for (int e = threadIdx.x; e < NTOK * SK_ROWS; e += blockDim.x) {
+                            int j = e / SK_ROWS, r = e % SK_ROWS;
+                            if (j >= n || k.row0 + r >= k.rows) continue;
+                            float v = ms_sum(pt + j * SK_ROWS + r, tile_f, nb);
+                            sk_out(k.y, y16, mode, (size_t)j * k.rows + k.row0 + r, v);
+                        }
+                    }
+                    if (threadIdx.x == 0) cnt[T] = 0;
+                }
+            }
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                for (int i = 0; i < 4; i++) acc[nt][i] = 0.f;
+            seg0 = u + 1;
+        }
+        T = nT;
+        s = ns;
+        k = nk;
+#pragma unroll
+        for (int i = 0; i < U; i++) {
+            lo[i] = nlo[i];
+            hi[i] = nhi[i];
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2) sk8(SK_ARGS) { sk_impl<1, 4>(SK_PASS); }
+extern "C" __global__ void __launch_bounds__(256, 2) sk16(SK_ARGS) { sk_impl<2, 4>(SK_PASS); }
+extern "C" __global__ void __launch_bounds__(256, 2) sk32(SK_ARGS) { sk_impl<4, 4>(SK_PASS); }
+extern "C" __global__ void __launch_bounds__(256, SK64_BLOCKS) sk64(SK_ARGS) {
+    sk_impl<8, SK64_U>(SK_PASS);
+}
+
 // Rotary embedding of row r's query and key heads, then K and V stored at pos[r] of its
 // item's cache (rope and kv_write in one launch); grid (n, ceil(((nh + nkv) * hd/2 + kvd) /
 // blockDim)): one rotated pair or one V element per thread.

@@ -462,6 +462,7 @@ struct Pass {
     hb2: u64,
     /// Inputs of cuBLAS products rounded to bf16 (n * the widest input).
     x16: u64,
+    x16b: u64,
     sel: u64,
     logits: u64,
     tok: u64,
@@ -529,7 +530,10 @@ const ATTC: usize = 27;
 const MPART: usize = 28;
 const MCNT: usize = 29;
 const BPTR: usize = 30;
-const NBUF: usize = 31;
+const X16B: usize = 31;
+const SKP: usize = 32;
+const SKC: usize = 33;
+const NBUF: usize = 34;
 /// Pointers per layer in the batched cuBLAS arrays: Q/K/V (3 matrices, 3 inputs, 3
 /// outputs), then gate/up (2 + 2 + 2).
 const BPTR_LAYER: usize = 15;
@@ -788,6 +792,11 @@ pub struct CudaBackend {
     pub selection_pdl: bool,
     /// Scratch of the `mms*` products for the current pass (partial sums, tickets).
     mm_scratch: (u64, u64),
+    /// Token counts whose products above the GEMV run the stream-K tensor-core kernels
+    /// (`sk*`) instead of cuBLAS (default [`SK_TOKENS`]; SWITCHYARD_SK=0: none).
+    pub sk_tokens: std::ops::RangeInclusive<usize>,
+    /// Scratch of the `sk*` products for the current pass (partial sums, tickets).
+    sk_scratch: (u64, u64),
     graphs: Vec<((usize, usize, usize, u64), GraphExec)>,
     /// Shapes run once eagerly (captured when they come again).
     seen: Vec<(usize, usize, usize, u64)>,
@@ -813,6 +822,11 @@ pub struct CudaBackend {
 /// (Empty on purpose: `3..=2` holds no token count.)
 #[allow(clippy::reversed_empty_ranges)]
 pub const MM_TOKENS: std::ops::RangeInclusive<usize> = 3..=2;
+/// Default token range of the stream-K products (`sk*`, in place of cuBLAS above the GEMV).
+pub const SK_TOKENS: std::ops::RangeInclusive<usize> = 1..=64;
+/// No token count.
+#[allow(clippy::reversed_empty_ranges)]
+pub const NO_TOKENS: std::ops::RangeInclusive<usize> = 1..=0;
 /// Default largest token count of the GEMV kernels (faster than cuBLAS at 1-2 tokens in
 /// the product sweep: gate/up 22.4 / 24.2 µs vs 27.3 / 27.4 µs).
 pub const GEMV_MAX: usize = 2;
@@ -830,15 +844,17 @@ pub const SPARSE_BLOCKS: usize = 264;
 /// Kept inputs a warp has in flight in the sparse products (`SP_U` in kernels/engine.cu).
 const SPARSE_U: usize = 4;
 
-/// How a cuBLAS product's bf16 input and the gated unit's result travel (Self::proj): the
-/// kernel before a cuBLAS product writes its input rounded to bf16 into the pass's `x16`
-/// itself (RMSNorm, decode attention, SiLU·up), so no conversion pass runs in between.
+/// How a bf16-input product's input and the gated unit's result travel (Self::proj): the
+/// kernel before a cuBLAS or stream-K (`sk*`) product writes its input rounded to bf16
+/// itself (RMSNorm and decode attention into the pass's `x16`, SiLU·up into `x16b`), so no
+/// conversion pass runs in between.
 #[derive(Clone, Copy, Default)]
 pub(crate) struct Via16 {
-    /// `x16` already holds the input rounded to bf16.
+    /// The input is already rounded to bf16: in `src16`, or in `x16` when that is 0.
     input: bool,
-    /// The gated unit writes bf16(silu(gate)·up) to `x16` (the down product's input), not
-    /// to y_0.
+    src16: u64,
+    /// The gated unit writes bf16(silu(gate)·up) to the pass's `x16b` (the down product's
+    /// input), not to y_0.
     glu_out: bool,
     /// What the GEMV does with its input besides the product (RMSNorm on the way, RoPE
     /// after; see [`GemvIn`]).
@@ -877,8 +893,17 @@ impl Via16 {
     fn input(ready: bool) -> Self {
         Self {
             input: ready,
+            src16: 0,
             glu_out: false,
             gemv: GemvIn::Plain,
+        }
+    }
+
+    /// The input in bf16 in `buf` already (`ready`), or to be converted.
+    fn input_at(ready: bool, buf: u64) -> Self {
+        Self {
+            src16: buf,
+            ..Self::input(ready)
         }
     }
 
@@ -1234,6 +1259,151 @@ fn launch_mms(
     }
 }
 
+/// Threads of an `sk*` block (8 warps of 16 rows: SK_ROWS in kernels/engine.cu).
+pub(crate) const SK_THREADS: usize = 256;
+/// Matrix rows per `sk*` tile.
+const SK_ROWS: usize = 128;
+
+/// 32-column blocks per step of `sk*` kernel `i` (8, 16, 32, 64 tokens): 4, and SK64_U
+/// for sk64 when SWITCHYARD_KERNEL_DEFINES sets it (the kernels were compiled with it).
+fn sk_u(i: usize) -> usize {
+    static U64: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    if i < 3 {
+        return 4;
+    }
+    *U64.get_or_init(|| {
+        super::kernel_defines()
+            .iter()
+            .find_map(|d| d.strip_prefix("SK64_U=")?.parse().ok())
+            .filter(|&u: &usize| (1..=8).contains(&u))
+            .unwrap_or(4)
+    })
+}
+
+/// Dynamic shared memory of `sk*` kernel `i`: two staging buffers of 8 << i token rows of
+/// U*32 + 8 bf16, and the gated unit's 64 gate rows of sums (8 << i) + 1 wide.
+pub(crate) fn sk_smem(i: usize) -> usize {
+    let ntok = 8 << i;
+    2 * ntok * (sk_u(i) * 32 + 8) * 2 + 64 * (ntok + 1) * 4
+}
+
+/// The launch shape of one `sk*` product (see the kernels' comment in kernels/engine.cu).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct SkPlan {
+    /// Kernel index (8, 16, 32, 64 tokens) and the token rows it computes.
+    kernel: usize,
+    ntok: usize,
+    /// Row tiles, 128-column steps per tile, units (tiles * steps), blocks, and the most
+    /// blocks that share one tile (partial-sum slots per tile).
+    tiles: usize,
+    steps: usize,
+    total: usize,
+    grid: usize,
+    slots: usize,
+}
+
+impl SkPlan {
+    fn new(rows: &[usize], cols: usize, n: usize, epi: Epilogue, grids: [u32; 4]) -> Self {
+        let kernel = match n {
+            0..=8 => 0,
+            9..=16 => 1,
+            17..=32 => 2,
+            _ => 3,
+        };
+        let tiles = if epi == Epilogue::Glu {
+            rows[0].div_ceil(SK_ROWS / 2)
+        } else {
+            rows.iter().map(|r| r.div_ceil(SK_ROWS)).sum()
+        };
+        let steps = (cols / 32).div_ceil(sk_u(kernel)).max(1);
+        let total = tiles * steps;
+        let grid = (grids[kernel] as usize).clamp(1, total);
+        // The block holding unit u (as sk_block in the kernel).
+        let block = |u: usize| ((u + 1) * grid - 1) / total;
+        let slots = (0..tiles)
+            .map(|t| block(t * steps + steps - 1) - block(t * steps) + 1)
+            .max()
+            .unwrap_or(1);
+        Self {
+            kernel,
+            ntok: 8 << kernel,
+            tiles,
+            steps,
+            total,
+            grid,
+            slots,
+        }
+    }
+
+    fn part_floats(&self) -> usize {
+        self.tiles * self.slots * self.ntok * SK_ROWS
+    }
+}
+
+/// Floats of partial sums and tickets the `sk*` products of a pass of `n` tokens over
+/// model `c` need at most.
+fn sk_scratch(c: &Config, n: usize, grids: [u32; 4]) -> (usize, usize) {
+    let (qd, kvd) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+    let sets: [(&[usize], usize, Epilogue); 6] = [
+        (&[qd, kvd, kvd], c.dim, Epilogue::Store),
+        (&[c.dim], qd, Epilogue::Add),
+        (&[c.ffn_dim, c.ffn_dim], c.dim, Epilogue::Glu),
+        (&[c.dim], c.ffn_dim, Epilogue::Add),
+        (&[c.vocab_size], c.dim, Epilogue::Store),
+        (&[c.dim], c.dim, Epilogue::Store),
+    ];
+    sets.iter().fold((1, 1), |(f, t), (rows, cols, epi)| {
+        let p = SkPlan::new(rows, *cols, n, *epi, grids);
+        (f.max(p.part_floats()), t.max(p.tiles))
+    })
+}
+
+/// One `sk*` launch: the products of the bf16 input `x16` (`n` tokens) with up to three
+/// matrices of equal width, the epilogue `epi`; the gated unit writes bf16 into `y16`
+/// when it is not 0, else f32 into y_0. `(part, cnt)` sized by [`sk_scratch`] (cnt zero
+/// between launches); `grids`: the blocks of each kernel (the device's resident blocks,
+/// `Kernels::sk_grid`, or fewer for tests).
+#[allow(clippy::too_many_arguments)]
+fn launch_sk(
+    g: &Gpu,
+    outs: &[(&DevW, u64)],
+    x16: u64,
+    n: usize,
+    epi: Epilogue,
+    y16: u64,
+    (part, cnt): (u64, u64),
+    grids: [u32; 4],
+) -> Result<()> {
+    let rows: Vec<usize> = outs.iter().map(|(w, _)| w.rows).collect();
+    let cols = outs[0].0.cols;
+    if n == 0 || n > 64 || !cols.is_multiple_of(32) {
+        return Err(EngineError::Invalid(format!(
+            "CUDA: the stream-K product takes 1-64 tokens of a width divisible by 32, not {n} of {cols}"
+        )));
+    }
+    let p = SkPlan::new(&rows, cols, n, epi, grids);
+    let [(w0, y0, r0), (w1, y1, r1), (w2, y2, r2)] = fused_segments(outs);
+    let mode = match epi {
+        Epilogue::Glu if y16 != 0 => 3,
+        e => e.mode(),
+    };
+    let (ci, ni) = (cols as i32, n as i32);
+    let (total, slots) = (p.total as i32, p.slots as i32);
+    // SAFETY: x16 holds n*cols bf16; each y_i n*rows_i f32 (y16 n*rows_0 bf16); each W_i
+    // rows_i*cols bf16; part and cnt were sized by sk_scratch (cnt zero between launches).
+    unsafe {
+        g.launch_smem(
+            g.k.sk[p.kernel],
+            (p.grid as u32, 1, 1),
+            SK_THREADS as u32,
+            sk_smem(p.kernel) as u32,
+            args!(
+                w0, w1, w2, y0, y1, y2, r0, r1, r2, x16, ci, ni, mode, y16, part, cnt, total, slots
+            ),
+        )
+    }
+}
+
 /// Output tiles of one sparse product launch (the gated unit's tiles hold half gate, half up).
 fn sparse_tiles(tile: usize, rows: &[usize], epi: Epilogue) -> usize {
     if epi == Epilogue::Glu {
@@ -1411,7 +1581,9 @@ fn gemm_bf16(g: &Gpu, w: &DevW, x16: u64, n: usize, y: u64, add: bool) -> Result
 /// One tensor-core product on the device, for tests: `mats` are bf16 `[rows_i, cols]`
 /// matrices, `x` is `[n, cols]`; returns each y_i (`[n, rows_i]`). With [`Epilogue::Add`]
 /// y_0 starts as `y0`; with [`Epilogue::Glu`] only y_0 is meaningful. `kernel`:
-/// [`ProductKernel::Mm`] (up to 32 tokens) or [`ProductKernel::Mms`] (up to 64).
+/// [`ProductKernel::Mm`] (up to 32 tokens), [`ProductKernel::Mms`] or
+/// [`ProductKernel::Sk`] (up to 64; x rounded to bf16 first). With `Sk` and
+/// [`Epilogue::Glu`], y_1 holds the gated unit's bf16 output (mode 3), widened to f32.
 #[allow(clippy::too_many_arguments)]
 pub fn mm_product(
     gpu: &Arc<Gpu>,
@@ -1426,6 +1598,7 @@ pub fn mm_product(
     let (most, blocks) = match kernel {
         ProductKernel::Mm => (32, MS_BLOCKS_WANTED),
         ProductKernel::Mms { blocks } => (64, blocks.max(1)),
+        ProductKernel::Sk { blocks } => (64, blocks),
         _ => (0, MS_BLOCKS_WANTED),
     };
     if n == 0 || n > most || !cols.is_multiple_of(32) || mats.is_empty() || mats.len() > 3 {
@@ -1459,6 +1632,39 @@ pub fn mm_product(
     let xb = gpu.upload(x)?;
     let outs: Vec<(&DevW, u64)> = ws.iter().zip(&ys).map(|(w, y)| (w, y.ptr)).collect();
     let rows: Vec<usize> = mats.iter().map(|(_, r)| *r).collect();
+    if let ProductKernel::Sk { blocks } = kernel {
+        let grids = if blocks == 0 {
+            gpu.k.sk_grid
+        } else {
+            [blocks as u32; 4]
+        };
+        let x16 = gpu.alloc(n * cols * 2)?;
+        to_bf16(gpu, xb.ptr, x16.ptr, n * cols)?;
+        let plan = SkPlan::new(&rows, cols, n, epi, grids);
+        let part = gpu.alloc(plan.part_floats() * 4)?;
+        let cnt = gpu.upload(&vec![0u32; plan.tiles])?;
+        let sc = (part.ptr, cnt.ptr);
+        let y16 = gpu.alloc(n * rows[0] * 2)?;
+        launch_sk(gpu, &outs, x16.ptr, n, epi, 0, sc, grids)?;
+        if epi != Epilogue::Add {
+            // Again: the tickets must be back at zero for the second launch to finish right.
+            launch_sk(gpu, &outs, x16.ptr, n, epi, 0, sc, grids)?;
+        }
+        let mut got = ys
+            .iter()
+            .zip(mats)
+            .map(|(y, (_, rows))| y.read::<f32>(n * rows))
+            .collect::<Result<Vec<_>>>()?;
+        if epi == Epilogue::Glu {
+            launch_sk(gpu, &outs, x16.ptr, n, epi, y16.ptr, sc, grids)?;
+            got[1] = y16
+                .read::<u16>(n * rows[0])?
+                .into_iter()
+                .map(|h| f32::from_bits((h as u32) << 16))
+                .collect();
+        }
+        return Ok(got);
+    }
     // Partial sums and tickets for the split-K kernel (held until the launches are done).
     let mut scratch = Vec::new();
     let k = match kernel {
@@ -1641,6 +1847,14 @@ pub enum ProductKernel {
     Mms { blocks: usize },
     /// cuBLAS GemmEx with the bf16 rounding of the input.
     Cublas,
+    /// The stream-K tensor-core `sk*` kernels (up to 64 tokens, bf16 inputs 32-aligned) on
+    /// `blocks` blocks (0: the device's persistent grid), with the bf16 rounding of the input.
+    Sk { blocks: usize },
+    /// cuBLAS GemmEx on an input already in bf16 (what the pass runs: the kernel before
+    /// writes it), to set beside [`ProductKernel::Sk`] without the rounding pass.
+    Cublas16,
+    /// [`ProductKernel::Sk`] on an input already in bf16.
+    Sk16,
 }
 
 /// Random bf16 weight buffers of `bytes` each (seeds from `seed`), enough of them to
@@ -1680,6 +1894,14 @@ pub fn product_secs(
     let plan = MsPlan::new(&[rows], cols, n, Epilogue::Store, (blocks, MS_WAVES_MAX));
     let part = gpu.alloc(plan.part_floats() * 4)?;
     let cnt = gpu.upload(&vec![0u32; plan.tiles])?;
+    let sk_grids = match kernel {
+        ProductKernel::Sk { blocks } if blocks > 0 => [blocks as u32; 4],
+        _ => gpu.k.sk_grid,
+    };
+    let skp = SkPlan::new(&[rows], cols, n.clamp(1, 64), Epilogue::Store, sk_grids);
+    let sk_part = gpu.alloc(skp.part_floats() * 4)?;
+    let sk_cnt = gpu.upload(&vec![0u32; skp.tiles])?;
+    let sk_sc = (sk_part.ptr, sk_cnt.ptr);
     let run = |w: &DevW| -> Result<()> {
         match kernel {
             ProductKernel::Mms { .. } => {
@@ -1710,6 +1932,16 @@ pub fn product_secs(
                 GemvIn::Plain,
             ),
             ProductKernel::Cublas => launch_cublas(gpu, w, x.ptr, x16.ptr, n, y.ptr),
+            ProductKernel::Cublas16 => gemm_bf16(gpu, w, x16.ptr, n, y.ptr, false),
+            ProductKernel::Sk { .. } => {
+                to_bf16(gpu, x.ptr, x16.ptr, n * cols)?;
+                let outs = [(w, y.ptr)];
+                launch_sk(gpu, &outs, x16.ptr, n, Epilogue::Store, 0, sk_sc, sk_grids)
+            }
+            ProductKernel::Sk16 => {
+                let outs = [(w, y.ptr)];
+                launch_sk(gpu, &outs, x16.ptr, n, Epilogue::Store, 0, sk_sc, sk_grids)
+            }
         }
     };
     gpu.mean_secs(ws.len(), reps, |i| run(&ws[i % ws.len()]))
@@ -1869,6 +2101,12 @@ impl CudaBackend {
             rope_gemv: env_on("SWITCHYARD_ROPE_GEMV"),
             selection_pdl: selection_pdl_default(),
             mm_scratch: (0, 0),
+            sk_tokens: if env_on("SWITCHYARD_SK") {
+                SK_TOKENS
+            } else {
+                NO_TOKENS
+            },
+            sk_scratch: (0, 0),
             graphs: Vec::new(),
             seen: Vec::new(),
             bufs: Bufs::default(),
@@ -2047,6 +2285,12 @@ impl CudaBackend {
         }
     }
 
+    /// Whether products of `n` tokens `cols` wide that the fused kernels do not take run
+    /// the stream-K kernels (`sk*`) rather than cuBLAS.
+    fn sk_for(&self, n: usize, cols: usize) -> bool {
+        self.sk_tokens.contains(&n) && n <= 64 && cols.is_multiple_of(32)
+    }
+
     /// Products of one input `x` (`n` tokens) with up to three matrices of equal width, and
     /// the epilogue: one launch when [`Self::fused_kernel`] has a kernel, else cuBLAS (one
     /// batched call when `batched` holds this group's pointer arrays, see
@@ -2079,11 +2323,23 @@ impl CudaBackend {
                 via.gemv
             )));
         }
-        // cuBLAS: the input rounded to bf16 once for all the matrices (unless the kernel
-        // before wrote it so).
-        let x16 = self.bufs.get(g, X16, n * cols * 2)?;
+        // cuBLAS or the stream-K kernels: the input rounded to bf16 once for all the
+        // matrices (unless the kernel before wrote it so).
+        let x16 = if via.input && via.src16 != 0 {
+            via.src16
+        } else {
+            self.bufs.get(g, X16, n * cols * 2)?
+        };
         if !via.input {
             to_bf16(g, x, x16, n * cols)?;
+        }
+        let out16 = if via.glu_out && epi == Epilogue::Glu {
+            self.bufs.get(g, X16B, n * outs[0].0.rows * 2)?
+        } else {
+            0
+        };
+        if self.sk_for(n, cols) {
+            return launch_sk(g, outs, x16, n, epi, out16, self.sk_scratch, g.k.sk_grid);
         }
         match (epi, batched) {
             (Epilogue::Store, Some(arrays)) if outs.len() > 1 => {
@@ -2113,7 +2369,7 @@ impl CudaBackend {
                 // input of the pass).
                 unsafe {
                     if via.glu_out {
-                        g.launch(g.k.silu_mul16, grid, 256, args!(yg, yu, x16, m))?
+                        g.launch(g.k.silu_mul16, grid, 256, args!(yg, yu, out16, m))?
                     } else {
                         g.launch(g.k.silu_mul, grid, 256, args!(yg, yu, m))?
                     }
@@ -2195,7 +2451,7 @@ impl CudaBackend {
             }
         }
         // Passes whose products go to cuBLAS (more tokens than the fused kernels take).
-        let blas = self.blas_batched && self.fused_kernel(n, dim).is_none();
+        let blas = self.blas_batched && self.fused_kernel(n, dim).is_none() && !self.sk_for(n, dim);
         let g = &gpu;
         let (mm_split, mm_tokens, mm_shape) = (
             self.mm_split,
@@ -2229,6 +2485,8 @@ impl CudaBackend {
         // The bf16 inputs of cuBLAS, sized for the widest product up front so its address
         // holds for the whole pass (the batched products' pointer arrays name it).
         let x16 = b.get(g, X16, n * dim.max(f).max(qd) * 2)?;
+        // The gated unit's bf16 result (the down product's input; its own input is x16).
+        let x16b = b.get(g, X16B, n * f * 2)?;
         let bptr = if blas {
             b.get(g, BPTR, dm.layers.len() * BPTR_LAYER * 8)?
         } else {
@@ -2263,6 +2521,25 @@ impl CudaBackend {
             )
         } else {
             (0, 0)
+        };
+        // The stream-K products' scratch, for the pass's tokens and the LM head's rows.
+        let sk_rows: Vec<usize> = [n, n_sel]
+            .into_iter()
+            .filter(|&m| {
+                self.fused_kernel(m, dim).is_none() && self.sk_tokens.contains(&m) && m <= 64
+            })
+            .collect();
+        let b = &mut self.bufs;
+        self.sk_scratch = if sk_rows.is_empty() {
+            (0, 0)
+        } else {
+            let (mut floats, mut tiles) = (0, 0);
+            for &m in &sk_rows {
+                let (f2, t2) = sk_scratch(c, m, g.k.sk_grid);
+                floats = floats.max(f2);
+                tiles = tiles.max(t2);
+            }
+            (b.get(g, SKP, floats * 4)?, b.get_zeroed(g, SKC, tiles * 4)?)
         };
         let (sidx, sval, part, cnt) = if self.larosa.is_some() {
             let wide = dim.max(f).max(qd);
@@ -2310,6 +2587,7 @@ impl CudaBackend {
             hb,
             hb2,
             x16,
+            x16b,
             sel,
             logits,
             tok,
@@ -2421,6 +2699,7 @@ impl CudaBackend {
             hb,
             hb2,
             x16,
+            x16b,
             sel,
             logits,
             tok,
@@ -2619,7 +2898,7 @@ impl CudaBackend {
                         n,
                         Epilogue::Add,
                         None,
-                        Via16::input(down16),
+                        Via16::input_at(down16, x16b),
                     )?,
                 }
             }

@@ -52,6 +52,10 @@ pub(crate) struct Kernels {
     /// Split-K tensor-core products for up to 8, 16, 32, 64 tokens (inputs staged in
     /// shared memory).
     pub mms: [sys::CUfunction; 4],
+    /// Stream-K tensor-core products over bf16 inputs for up to 8, 16, 32, 64 tokens.
+    pub sk: [sys::CUfunction; 4],
+    /// Their persistent grids: the blocks of each that fit on the device at once.
+    pub sk_grid: [u32; 4],
     pub rope_kv: sys::CUfunction,
     pub sample_rows: sys::CUfunction,
     pub fill_random: sys::CUfunction,
@@ -78,6 +82,8 @@ pub struct Gpu {
     pub name: String,
     pub cc: (i32, i32),
     pub total_mem: usize,
+    /// Streaming multiprocessors.
+    pub sms: usize,
     pub dev: sys::CUdevice,
     ctx: sys::CUcontext,
     pub(crate) stream: sys::CUstream,
@@ -298,6 +304,8 @@ impl Gpu {
             gemv1_qkv_rope: f("gemv1_qkv_rope")?,
             mm: [f("mm8")?, f("mm16")?, f("mm32")?],
             mms: [f("mms8")?, f("mms16")?, f("mms32")?, f("mms64")?],
+            sk: [f("sk8")?, f("sk16")?, f("sk32")?, f("sk64")?],
+            sk_grid: [0; 4],
             rope_kv: f("rope_kv")?,
             sample_rows: f("sample_rows")?,
             fill_random: f("fill_random")?,
@@ -364,6 +372,10 @@ impl Gpu {
             (k.mms[1], forward::MS_SMEM_MAX),
             (k.mms[2], forward::MS_SMEM_MAX),
             (k.mms[3], forward::MS_SMEM_MAX),
+            (k.sk[0], forward::sk_smem(0)),
+            (k.sk[1], forward::sk_smem(1)),
+            (k.sk[2], forward::sk_smem(2)),
+            (k.sk[3], forward::sk_smem(3)),
         ] {
             // SAFETY: a function of the loaded module.
             unsafe {
@@ -374,6 +386,27 @@ impl Gpu {
                 )
             }
             .map_err(|e| err("kernel shared memory", e))?;
+        }
+        // The stream-K products run a persistent grid: as many blocks as are resident at once.
+        // SAFETY: dev is a valid device handle, the functions are of the loaded module.
+        let sms = unsafe {
+            cu::device::get_attribute(
+                dev,
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+        }
+        .map_err(|e| err("attribute", e))? as u32;
+        for i in 0..4 {
+            // SAFETY: as above.
+            let per = unsafe {
+                cu::occupancy::max_active_block_per_multiprocessor(
+                    k.sk[i],
+                    forward::SK_THREADS as i32,
+                    forward::sk_smem(i),
+                )
+            }
+            .map_err(|e| err("occupancy", e))?;
+            k.sk_grid[i] = sms * per.max(1) as u32;
         }
         let present =
             std::panic::catch_unwind(|| unsafe { blas_sys::is_culib_present() }).unwrap_or(false);
@@ -402,6 +435,7 @@ impl Gpu {
             name,
             cc,
             total_mem,
+            sms: sms as usize,
             dev,
             ctx,
             stream,
