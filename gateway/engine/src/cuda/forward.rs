@@ -793,7 +793,8 @@ pub struct CudaBackend {
     /// Scratch of the `mms*` products for the current pass (partial sums, tickets).
     mm_scratch: (u64, u64),
     /// Token counts whose products above the GEMV run the stream-K tensor-core kernels
-    /// (`sk*`) instead of cuBLAS (default [`SK_TOKENS`]; SWITCHYARD_SK=0: none).
+    /// (`sk*`) instead of cuBLAS: none unless SWITCHYARD_SK=1 (then [`SK_TOKENS`]); not
+    /// yet measured on a GPU, so cuBLAS stays the default.
     pub sk_tokens: std::ops::RangeInclusive<usize>,
     /// Scratch of the `sk*` products for the current pass (partial sums, tickets).
     sk_scratch: (u64, u64),
@@ -2101,7 +2102,7 @@ impl CudaBackend {
             rope_gemv: env_on("SWITCHYARD_ROPE_GEMV"),
             selection_pdl: selection_pdl_default(),
             mm_scratch: (0, 0),
-            sk_tokens: if env_on("SWITCHYARD_SK") {
+            sk_tokens: if std::env::var("SWITCHYARD_SK").is_ok_and(|v| v == "1") {
                 SK_TOKENS
             } else {
                 NO_TOKENS
