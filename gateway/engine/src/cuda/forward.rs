@@ -793,8 +793,9 @@ pub struct CudaBackend {
     /// Scratch of the `mms*` products for the current pass (partial sums, tickets).
     mm_scratch: (u64, u64),
     /// Token counts whose products above the GEMV run the stream-K tensor-core kernels
-    /// (`sk*`) instead of cuBLAS: none unless SWITCHYARD_SK=1 (then [`SK_TOKENS`]); not
-    /// yet measured on a GPU, so cuBLAS stays the default.
+    /// (`sk*`) instead of cuBLAS: none unless SWITCHYARD_SK=1 (then [`SK_TOKENS`]). Off by
+    /// default: on an H100 they won only at batch 4 and lost from 16 up (batch 64: 4,956
+    /// vs 7,708 tok/s; bench/results/experiments/sk-2026-12-07-h100-*).
     pub sk_tokens: std::ops::RangeInclusive<usize>,
     /// Scratch of the `sk*` products for the current pass (partial sums, tickets).
     sk_scratch: (u64, u64),
@@ -1101,25 +1102,27 @@ fn ms_ld(ks: usize) -> usize {
 /// Floats of partial sums and tickets the `mms*` products of a layer for `n` tokens over
 /// model `c` need at most.
 fn mms_scratch(c: &Config, n: usize, shape: (usize, usize)) -> (usize, usize) {
+    pass_products(c)
+        .iter()
+        .fold((1, 1), |(f, t), (rows, cols, epi)| {
+            let p = MsPlan::new(rows, *cols, n, *epi, shape);
+            (f.max(p.part_floats()), t.max(p.tiles))
+        })
+}
+
+/// The products a pass over model `c` launches (output rows of each matrix, width,
+/// epilogue): Q/K/V, o, gate/up, down, the LM head and LaRoSA's residual adapters
+/// (Self::linear). The split-K and stream-K scratch is sized over these.
+fn pass_products(c: &Config) -> [(Vec<usize>, usize, Epilogue); 6] {
     let (qd, kvd) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
-    let sets: [(&[usize], usize, Epilogue); 6] = [
-        (&[qd, kvd, kvd], c.dim, Epilogue::Store),
-        (&[c.dim], qd, Epilogue::Add),
-        (&[c.ffn_dim, c.ffn_dim], c.dim, Epilogue::Glu),
-        (&[c.dim], c.ffn_dim, Epilogue::Add),
-        // The LM head and LaRoSA's residual adapters (Self::linear).
-        (&[c.vocab_size], c.dim, Epilogue::Store),
-        (&[c.dim], c.dim, Epilogue::Store),
-    ];
-    let (mut floats, mut tiles) = (1, 1);
-    let mut add = |p: MsPlan| {
-        floats = floats.max(p.part_floats());
-        tiles = tiles.max(p.tiles);
-    };
-    for (rows, cols, epi) in sets {
-        add(MsPlan::new(rows, cols, n, epi, shape));
-    }
-    (floats, tiles)
+    [
+        (vec![qd, kvd, kvd], c.dim, Epilogue::Store),
+        (vec![c.dim], qd, Epilogue::Add),
+        (vec![c.ffn_dim, c.ffn_dim], c.dim, Epilogue::Glu),
+        (vec![c.dim], c.ffn_dim, Epilogue::Add),
+        (vec![c.vocab_size], c.dim, Epilogue::Store),
+        (vec![c.dim], c.dim, Epilogue::Store),
+    ]
 }
 
 /// One launch of up to three products of `x` (`n` tokens) with matrices of equal width and
@@ -1344,19 +1347,12 @@ impl SkPlan {
 /// Floats of partial sums and tickets the `sk*` products of a pass of `n` tokens over
 /// model `c` need at most.
 fn sk_scratch(c: &Config, n: usize, grids: [u32; 4]) -> (usize, usize) {
-    let (qd, kvd) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
-    let sets: [(&[usize], usize, Epilogue); 6] = [
-        (&[qd, kvd, kvd], c.dim, Epilogue::Store),
-        (&[c.dim], qd, Epilogue::Add),
-        (&[c.ffn_dim, c.ffn_dim], c.dim, Epilogue::Glu),
-        (&[c.dim], c.ffn_dim, Epilogue::Add),
-        (&[c.vocab_size], c.dim, Epilogue::Store),
-        (&[c.dim], c.dim, Epilogue::Store),
-    ];
-    sets.iter().fold((1, 1), |(f, t), (rows, cols, epi)| {
-        let p = SkPlan::new(rows, *cols, n, *epi, grids);
-        (f.max(p.part_floats()), t.max(p.tiles))
-    })
+    pass_products(c)
+        .iter()
+        .fold((1, 1), |(f, t), (rows, cols, epi)| {
+            let p = SkPlan::new(rows, *cols, n, *epi, grids);
+            (f.max(p.part_floats()), t.max(p.tiles))
+        })
 }
 
 /// One `sk*` launch: the products of the bf16 input `x16` (`n` tokens) with up to three
