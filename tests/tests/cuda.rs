@@ -1036,6 +1036,7 @@ fn tensor_core_products_match_a_host_reference() {
     for (cols, rows) in [
         (64usize, [48usize, 24, 24]),
         (96, [200, 40, 8]),
+        (96, [208, 48, 16]),
         (4096, [4096, 1024, 1024]),
     ] {
         let mats: Vec<Vec<u16>> = rows
@@ -1099,7 +1100,20 @@ fn tensor_core_products_match_a_host_reference() {
                 ProductKernel::Sk { blocks: 0 },
                 ProductKernel::Sk { blocks: 1 },
                 ProductKernel::Sk { blocks: 7 },
+                // The same over the weights' fragment-layout copies (rows in 16s).
+                ProductKernel::SkTiled { blocks: 0 },
+                ProductKernel::SkTiled { blocks: 1 },
+                ProductKernel::SkTiled { blocks: 7 },
             ] {
+                if matches!(kernel, ProductKernel::SkTiled { .. })
+                    && rows.iter().any(|r| r % 16 != 0)
+                {
+                    // The layout takes rows in 16s only: refused, not read row-major.
+                    assert!(
+                        mm_product(&g, kernel, &three, cols, &x, n, Epilogue::Store, None).is_err()
+                    );
+                    continue;
+                }
                 if kernel == ProductKernel::Mm && n > 32 {
                     // mm* stops at 32 tokens: refused.
                     assert!(
@@ -1129,7 +1143,7 @@ fn tensor_core_products_match_a_host_reference() {
                 close(&got[0], &want, &format!("{k} residual add"));
                 let got = mm_product(&g, kernel, &pair, cols, &x, n, Epilogue::Glu, None).unwrap();
                 close(&got[0], &glu, &format!("{k} gated unit"));
-                if let ProductKernel::Sk { .. } = kernel {
+                if let ProductKernel::Sk { .. } | ProductKernel::SkTiled { .. } = kernel {
                     // The bf16 output for the down product: within bf16 rounding.
                     let scale = glu.iter().fold(1e-3f32, |s, v| s.max(v.abs()));
                     for (i, (a, b)) in got[1].iter().zip(&glu).enumerate() {

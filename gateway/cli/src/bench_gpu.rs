@@ -103,12 +103,24 @@ mod imp {
     use serde_json::json;
     use std::sync::Arc;
     use std::time::Instant;
+
     use switchyard_engine::cuda::forward::{CudaBackend, DeviceModel, Larosa};
     use switchyard_engine::cuda::kv::KvMode;
     use switchyard_engine::cuda::{open_kv, Gpu};
     use switchyard_engine::forward::SeqChunk;
     use switchyard_engine::kv::{KvAllocator, KvLayout};
     use switchyard_engine::model::{Config, RopeStyle};
+
+    /// The fragment-layout weight copies for the stream-K products when SWITCHYARD_SK_TILED=1
+    /// (see [`DeviceModel::prepare_tiled`]).
+    fn tile_if_wanted(dm: &mut DeviceModel) -> Result<()> {
+        if switchyard_engine::cuda::forward::tiled_wanted() {
+            let t = Instant::now();
+            dm.prepare_tiled(&mut |i, n| eprint!("\rfragment layout: layer {i}/{n}"))?;
+            eprintln!(" in {:.2} s", t.elapsed().as_secs_f64());
+        }
+        Ok(())
+    }
 
     fn dummy_config(name: &str) -> Result<Config> {
         let (dim, n_layers, n_heads, n_kv_heads, ffn_dim, vocab_size, ctx) = match name {
@@ -171,10 +183,11 @@ mod imp {
                 let (m, _src) = switchyard_engine::model::Model::load(p, &mut |_, _| {})
                     .with_context(|| format!("loading {}", p.display()))?;
                 let t = Instant::now();
-                let dm = DeviceModel::upload(gpu.clone(), &m, &mut |i, n| {
+                let mut dm = DeviceModel::upload(gpu.clone(), &m, &mut |i, n| {
                     eprint!("\ruploading layer {i}/{n}");
                 })?;
                 eprintln!(" in {:.2} s", t.elapsed().as_secs_f64());
+                tile_if_wanted(&mut dm)?;
                 let dm = Arc::new(dm);
                 if a.check_tokens > 0 {
                     check = check_logits(&dm, &m, a.check_tokens)?;
@@ -200,6 +213,8 @@ mod imp {
                     );
                     return Ok(());
                 }
+                let mut dm = dm;
+                tile_if_wanted(&mut dm)?;
                 (Arc::new(dm), format!("dummy:{d}"))
             }
             (None, None) => bail!("give --model PATH or --dummy SHAPE"),
@@ -391,13 +406,16 @@ mod imp {
                     ProductKernel::Mms { blocks: 264 },
                     ProductKernel::Cublas16,
                     ProductKernel::Sk16,
+                    ProductKernel::SkTiled16,
                 ] {
                     let ok = match k {
                         ProductKernel::Gemv => n <= 2,
                         ProductKernel::Mm => n <= 32 && cols % 32 == 0,
                         ProductKernel::Mms { .. }
                         | ProductKernel::Sk { .. }
-                        | ProductKernel::Sk16 => n <= 64 && cols % 32 == 0,
+                        | ProductKernel::Sk16
+                        | ProductKernel::SkTiled { .. }
+                        | ProductKernel::SkTiled16 => n <= 64 && cols % 32 == 0,
                         ProductKernel::Cublas | ProductKernel::Cublas16 => true,
                     };
                     if !ok {

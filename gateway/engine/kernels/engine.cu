@@ -2033,8 +2033,9 @@ extern "C" __global__ void __launch_bounds__(32 * FM_WARPS) attention_mma128(ATT
 #define SK_ARGS                                                                               \
     const bf16 *W0, const bf16 *W1, const bf16 *W2, float *y0, float *y1, float *y2, int r0,  \
         int r1, int r2, const bf16 *__restrict__ x, int cols, int n, int mode, bf16 *y16,     \
-        float *part, u32 *cnt, int total, int slots
-#define SK_PASS W0, W1, W2, y0, y1, y2, r0, r1, r2, x, cols, n, mode, y16, part, cnt, total, slots
+        float *part, u32 *cnt, int total, int slots, int tiled
+#define SK_PASS                                                                               \
+    W0, W1, W2, y0, y1, y2, r0, r1, r2, x, cols, n, mode, y16, part, cnt, total, slots, tiled
 
 // The block whose range holds unit u (ranges [b * total / G, (b + 1) * total / G)).
 __device__ __forceinline__ int sk_block(int u, int G, int total) {
@@ -2047,13 +2048,14 @@ struct SkTile {
     const uint4* rb;
     float* y;
     int rows, row0, wrow;
+    int ks;   // uint4 between one 32-column block and the next
     bool live;
 };
 
 __device__ __forceinline__ SkTile sk_tile(int T, bool glu, int w, int g, int t, int cols,
                                           const bf16* W0, const bf16* W1, const bf16* W2,
                                           float* y0, float* y1, float* y2, int r0, int r1,
-                                          int r2) {
+                                          int r2, int tiled) {
     const bf16* W;
     SkTile k;
     if (glu) {
@@ -2073,8 +2075,18 @@ __device__ __forceinline__ SkTile sk_tile(int T, bool glu, int w, int g, int t, 
     }
     k.wrow = k.row0 + 16 * (glu ? (w & 3) : w);
     k.live = k.wrow < k.rows;
-    k.ra = (const uint4*)(W + (size_t)min(k.wrow + g, k.rows - 1) * cols) + t;
-    k.rb = (const uint4*)(W + (size_t)min(k.wrow + g + 8, k.rows - 1) * cols) + t;
+    if (tiled) {
+        // The fragment layout (tile_w16): the 16-row group's 32-column blocks one after
+        // another, 1 KiB each, lane-ordered, rows g then rows g + 8.
+        k.ra = (const uint4*)W + (size_t)(min(k.wrow, k.rows - 16) >> 4) * (cols >> 5) * 64 +
+               4 * g + t;
+        k.rb = k.ra + 32;
+        k.ks = 64;
+    } else {
+        k.ra = (const uint4*)(W + (size_t)min(k.wrow + g, k.rows - 1) * cols) + t;
+        k.rb = (const uint4*)(W + (size_t)min(k.wrow + g + 8, k.rows - 1) * cols) + t;
+        k.ks = 4;
+    }
     return k;
 }
 
@@ -2087,8 +2099,8 @@ __device__ __forceinline__ void sk_load(uint4 (&lo)[U], uint4 (&hi)[U], const Sk
     for (int i = 0; i < U; i++) {
         int kb = s * U + i;
         bool ok = kb < nkb;
-        lo[i] = ok ? ld_stream(k.ra + 4 * kb) : make_uint4(0u, 0u, 0u, 0u);
-        hi[i] = ok ? ld_stream(k.rb + 4 * kb) : make_uint4(0u, 0u, 0u, 0u);
+        lo[i] = ok ? ld_stream(k.ra + k.ks * kb) : make_uint4(0u, 0u, 0u, 0u);
+        hi[i] = ok ? ld_stream(k.rb + k.ks * kb) : make_uint4(0u, 0u, 0u, 0u);
     }
 }
 
@@ -2133,7 +2145,7 @@ __device__ void sk_impl(SK_ARGS) {
     pdl_trigger();
     if (u0 >= u1) return;
     int T = u0 / spt, s = u0 % spt;
-    SkTile k = sk_tile(T, glu, w, g, t, cols, W0, W1, W2, y0, y1, y2, r0, r1, r2);
+    SkTile k = sk_tile(T, glu, w, g, t, cols, W0, W1, W2, y0, y1, y2, r0, r1, r2, tiled);
     uint4 lo[U], hi[U];
     sk_load<U>(lo, hi, k, s, k.live ? nkb : 0);   // constant: before the wait (PDL)
     pdl_wait();
@@ -2154,7 +2166,7 @@ __device__ void sk_impl(SK_ARGS) {
         __syncthreads();
         if (more) sk_stage<NTOK, U>(xs + (buf ^ 1) * NTOK * (U * 32 + 8), x, ns, n, cols);
         SkTile nk = k;
-        if (nT != T) nk = sk_tile(nT, glu, w, g, t, cols, W0, W1, W2, y0, y1, y2, r0, r1, r2);
+        if (nT != T) nk = sk_tile(nT, glu, w, g, t, cols, W0, W1, W2, y0, y1, y2, r0, r1, r2, tiled);
         uint4 nlo[U], nhi[U];
         sk_load<U>(nlo, nhi, nk, ns, more && nk.live ? nkb : 0);
         const bf16* xl = xs + buf * NTOK * (U * 32 + 8) + g * (U * 32 + 8) + 8 * t;
@@ -2269,6 +2281,23 @@ extern "C" __global__ void __launch_bounds__(256, 2) sk16(SK_ARGS) { sk_impl<2, 
 extern "C" __global__ void __launch_bounds__(256, 2) sk32(SK_ARGS) { sk_impl<4, 4>(SK_PASS); }
 extern "C" __global__ void __launch_bounds__(256, SK64_BLOCKS) sk64(SK_ARGS) {
     sk_impl<8, SK64_U>(SK_PASS);
+}
+
+// A [rows, cols] bf16 matrix (rows % 16 == 0, cols % 32 == 0) into the fragment layout the
+// sk* kernels read with `tiled`: for each 16-row group, its 32-column blocks in order, each
+// 1 KiB: 32 lanes' 16 bytes of row g = lane / 4, columns 8 * (lane % 4) .. + 8, then the
+// same of row g + 8. A warp's step is then one contiguous run of U KiB, and a row group
+// one contiguous run of 32 * cols bytes (as a GEMV's rows), not 16 rows' short pieces.
+// One uint4 of the output per thread.
+extern "C" __global__ void tile_w16(const uint4* __restrict__ in, uint4* __restrict__ out,
+                                    int rows, int cols) {
+    u64 o = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    u64 nkb = cols >> 5;
+    if (o >= (u64)rows * cols / 8) return;
+    int lane = o & 31, half = (o >> 5) & 1;
+    u64 kb = (o >> 6) % nkb, grp = (o >> 6) / nkb;
+    u64 row = grp * 16 + (lane >> 2) + 8 * half;
+    out[o] = in[row * (cols >> 3) + kb * 4 + (lane & 3)];
 }
 
 // Rotary embedding of row r's query and key heads, then K and V stored at pos[r] of its

@@ -30,6 +30,47 @@ pub struct DevW {
     pub buf: DevBuf,
     pub rows: usize,
     pub cols: usize,
+    /// The same matrix in the `sk*` kernels' fragment layout (`tile_w16`), when built
+    /// ([`DeviceModel::prepare_tiled`]); the stream-K products then read it.
+    pub tiled: Option<DevBuf>,
+}
+
+impl DevW {
+    pub fn new(buf: DevBuf, rows: usize, cols: usize) -> Self {
+        Self {
+            buf,
+            rows,
+            cols,
+            tiled: None,
+        }
+    }
+
+    /// Whether [`tile_copy`] takes this matrix's shape.
+    pub fn tiles(&self) -> bool {
+        self.rows >= 16 && self.rows.is_multiple_of(16) && self.cols.is_multiple_of(32)
+    }
+}
+
+/// `w` in the fragment layout of the `sk*` kernels (see `tile_w16` in kernels/engine.cu).
+pub fn tile_copy(gpu: &Arc<Gpu>, w: &DevW) -> Result<DevBuf> {
+    if !w.tiles() {
+        return Err(EngineError::Invalid(format!(
+            "CUDA: the fragment layout takes rows in 16s and columns in 32s, not {}x{}",
+            w.rows, w.cols
+        )));
+    }
+    let out = gpu.alloc(w.rows * w.cols * 2)?;
+    let (r, c) = (w.rows as i32, w.cols as i32);
+    // SAFETY: both buffers hold rows*cols bf16; one thread per 16 bytes of out.
+    unsafe {
+        gpu.launch(
+            gpu.k.tile_w16,
+            (blocks(w.rows * w.cols / 8, 256), 1, 1),
+            256,
+            args!(w.buf.ptr, out.ptr, r, c),
+        )?;
+    }
+    Ok(out)
 }
 
 /// LaRoSA's transposed copies of a layer's projections (`[in, out]`: a kept input's
@@ -84,11 +125,7 @@ fn upload_w(gpu: &Arc<Gpu>, w: &Weight) -> Result<DevW> {
         w.dequantize_row(r, &mut row);
         out.extend(row.iter().map(|&x| half::bf16::from_f32(x).to_bits()));
     }
-    Ok(DevW {
-        buf: gpu.upload(&out)?,
-        rows: w.rows,
-        cols: w.cols,
-    })
+    Ok(DevW::new(gpu.upload(&out)?, w.rows, w.cols))
 }
 
 fn check_cfg(cfg: &Config) -> Result<()> {
@@ -150,6 +187,9 @@ fn device_model_for(
         }
     }
     let mut dm = DeviceModel::upload(gpu.clone(), m, progress)?;
+    if tiled_wanted() {
+        dm.prepare_tiled(&mut |_, _| {})?;
+    }
     if sparse {
         dm.prepare_sparse(&mut |_, _| {})?;
     }
@@ -211,7 +251,7 @@ impl DeviceModel {
             let buf = gpu.alloc(rows * cols * 2)?;
             n = n.wrapping_add(1);
             gpu.fill_random_bf16(&buf, n, 1.0 / (cols as f32).sqrt())?;
-            Ok(DevW { buf, rows, cols })
+            Ok(DevW::new(buf, rows, cols))
         };
         let (d, hd) = (cfg.dim, cfg.head_dim);
         let mut layers = Vec::with_capacity(cfg.n_layers);
@@ -258,11 +298,7 @@ impl DeviceModel {
                 seed.wrapping_add(i as u32),
                 1.0 / (d as f32).sqrt(),
             )?;
-            l.adapter = Some(DevW {
-                buf,
-                rows: d,
-                cols: d,
-            });
+            l.adapter = Some(DevW::new(buf, d, d));
         }
         self.gpu.sync()
     }
@@ -307,6 +343,41 @@ impl DeviceModel {
             progress(i + 1, n);
         }
         Ok(())
+    }
+
+    /// Build every product matrix's copy in the `sk*` kernels' fragment layout
+    /// ([`tile_copy`]; one more copy of the weights), so that the stream-K products read
+    /// each warp's weights as one contiguous run. Matrices of other shapes keep the
+    /// row-major reads. `progress` gets (layers done, layers).
+    pub fn prepare_tiled(&mut self, progress: &mut dyn FnMut(usize, usize)) -> Result<()> {
+        let gpu = self.gpu.clone();
+        let tile = |w: &mut DevW| -> Result<()> {
+            if w.tiles() && w.tiled.is_none() {
+                w.tiled = Some(tile_copy(&gpu, w)?);
+            }
+            Ok(())
+        };
+        let n = self.layers.len();
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            for w in [
+                &mut l.wq,
+                &mut l.wk,
+                &mut l.wv,
+                &mut l.wo,
+                &mut l.gate,
+                &mut l.up,
+                &mut l.down,
+            ] {
+                tile(w)?;
+            }
+            if let Some(a) = l.adapter.as_mut() {
+                tile(a)?;
+            }
+            gpu.sync()?;
+            progress(i + 1, n);
+        }
+        tile(self.head.as_mut().unwrap_or(&mut self.embd))?;
+        gpu.sync()
     }
 
     fn head(&self) -> &DevW {
@@ -1379,7 +1450,18 @@ fn launch_sk(
         )));
     }
     let p = SkPlan::new(&rows, cols, n, epi, grids);
-    let [(w0, y0, r0), (w1, y1, r1), (w2, y2, r2)] = fused_segments(outs);
+    let [(mut w0, y0, r0), (mut w1, y1, r1), (mut w2, y2, r2)] = fused_segments(outs);
+    // The fragment-layout copies when every matrix has one.
+    let tiled = outs.iter().all(|(w, _)| w.tiled.is_some());
+    if tiled {
+        let t = |i: usize| {
+            outs.get(i)
+                .and_then(|(w, _)| w.tiled.as_ref())
+                .map_or(0, |b| b.ptr)
+        };
+        (w0, w1, w2) = (t(0), t(1), t(2));
+    }
+    let ti = tiled as i32;
     let mode = match epi {
         Epilogue::Glu if y16 != 0 => 3,
         e => e.mode(),
@@ -1395,7 +1477,8 @@ fn launch_sk(
             SK_THREADS as u32,
             sk_smem(p.kernel) as u32,
             args!(
-                w0, w1, w2, y0, y1, y2, r0, r1, r2, x16, ci, ni, mode, y16, part, cnt, total, slots
+                w0, w1, w2, y0, y1, y2, r0, r1, r2, x16, ci, ni, mode, y16, part, cnt, total,
+                slots, ti
             ),
         )
     }
@@ -1595,7 +1678,7 @@ pub fn mm_product(
     let (most, blocks) = match kernel {
         ProductKernel::Mm => (32, MS_BLOCKS_WANTED),
         ProductKernel::Mms { blocks } => (64, blocks.max(1)),
-        ProductKernel::Sk { blocks } => (64, blocks),
+        ProductKernel::Sk { blocks } | ProductKernel::SkTiled { blocks } => (64, blocks),
         _ => (0, MS_BLOCKS_WANTED),
     };
     if n == 0 || n > most || !cols.is_multiple_of(32) || mats.is_empty() || mats.len() > 3 {
@@ -1609,14 +1692,16 @@ pub fn mm_product(
             "tensor-core product: a gated unit takes two matrices of equal rows".into(),
         ));
     }
+    let tiled = matches!(kernel, ProductKernel::SkTiled { .. });
     let ws = mats
         .iter()
         .map(|(w, rows)| -> Result<DevW> {
-            Ok(DevW {
-                buf: gpu.upload(w)?,
-                rows: *rows,
-                cols,
-            })
+            let mut d = DevW::new(gpu.upload(w)?, *rows, cols);
+            if tiled {
+                // (refused for shapes the layout does not take: no silent row-major reads)
+                d.tiled = Some(tile_copy(gpu, &d)?);
+            }
+            Ok(d)
         })
         .collect::<Result<Vec<_>>>()?;
     let ys = mats
@@ -1629,7 +1714,7 @@ pub fn mm_product(
     let xb = gpu.upload(x)?;
     let outs: Vec<(&DevW, u64)> = ws.iter().zip(&ys).map(|(w, y)| (w, y.ptr)).collect();
     let rows: Vec<usize> = mats.iter().map(|(_, r)| *r).collect();
-    if let ProductKernel::Sk { blocks } = kernel {
+    if let ProductKernel::Sk { blocks } | ProductKernel::SkTiled { blocks } = kernel {
         let grids = if blocks == 0 {
             gpu.k.sk_grid
         } else {
@@ -1852,6 +1937,10 @@ pub enum ProductKernel {
     Cublas16,
     /// [`ProductKernel::Sk`] on an input already in bf16.
     Sk16,
+    /// [`ProductKernel::Sk`] over the weights' fragment-layout copies ([`tile_copy`]).
+    SkTiled { blocks: usize },
+    /// [`ProductKernel::Sk16`] over the weights' fragment-layout copies.
+    SkTiled16,
 }
 
 /// Random bf16 weight buffers of `bytes` each (seeds from `seed`), enough of them to
@@ -1876,10 +1965,20 @@ pub fn product_secs(
     kernel: ProductKernel,
     reps: usize,
 ) -> Result<f64> {
+    let tiled = matches!(
+        kernel,
+        ProductKernel::SkTiled { .. } | ProductKernel::SkTiled16
+    );
     let ws: Vec<DevW> = weight_copies(gpu, rows * cols * 2, 7)?
         .into_iter()
-        .map(|buf| DevW { buf, rows, cols })
-        .collect();
+        .map(|buf| {
+            let mut w = DevW::new(buf, rows, cols);
+            if tiled {
+                w.tiled = Some(tile_copy(gpu, &w)?);
+            }
+            Ok(w)
+        })
+        .collect::<Result<_>>()?;
     let x = gpu.alloc(n * cols * 4)?;
     let x16 = gpu.alloc(n * cols * 2)?;
     let y = gpu.alloc(n * rows * 4)?;
@@ -1892,7 +1991,9 @@ pub fn product_secs(
     let part = gpu.alloc(plan.part_floats() * 4)?;
     let cnt = gpu.upload(&vec![0u32; plan.tiles])?;
     let sk_grids = match kernel {
-        ProductKernel::Sk { blocks } if blocks > 0 => [blocks as u32; 4],
+        ProductKernel::Sk { blocks } | ProductKernel::SkTiled { blocks } if blocks > 0 => {
+            [blocks as u32; 4]
+        }
         _ => gpu.k.sk_grid,
     };
     let skp = SkPlan::new(&[rows], cols, n.clamp(1, 64), Epilogue::Store, sk_grids);
@@ -1930,12 +2031,12 @@ pub fn product_secs(
             ),
             ProductKernel::Cublas => launch_cublas(gpu, w, x.ptr, x16.ptr, n, y.ptr),
             ProductKernel::Cublas16 => gemm_bf16(gpu, w, x16.ptr, n, y.ptr, false),
-            ProductKernel::Sk { .. } => {
+            ProductKernel::Sk { .. } | ProductKernel::SkTiled { .. } => {
                 to_bf16(gpu, x.ptr, x16.ptr, n * cols)?;
                 let outs = [(w, y.ptr)];
                 launch_sk(gpu, &outs, x16.ptr, n, Epilogue::Store, 0, sk_sc, sk_grids)
             }
-            ProductKernel::Sk16 => {
+            ProductKernel::Sk16 | ProductKernel::SkTiled16 => {
                 let outs = [(w, y.ptr)];
                 launch_sk(gpu, &outs, x16.ptr, n, Epilogue::Store, 0, sk_sc, sk_grids)
             }
@@ -2052,6 +2153,12 @@ pub fn norm_topk(
 }
 
 /// A switch that is on unless the variable `name` is "0".
+/// Whether models get the stream-K products' fragment-layout weight copies
+/// (SWITCHYARD_SK_TILED=1; one more copy of the weights on the device).
+pub fn tiled_wanted() -> bool {
+    std::env::var("SWITCHYARD_SK_TILED").is_ok_and(|v| v == "1")
+}
+
 fn env_on(name: &str) -> bool {
     std::env::var(name).map_or(true, |v| v != "0")
 }

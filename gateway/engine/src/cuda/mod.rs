@@ -74,6 +74,8 @@ pub(crate) struct Kernels {
     /// Threads per block of `sparse_mm*` (`SP_THREADS`, read from their launch bounds).
     pub sparse_threads: u32,
     pub transpose_bf16: sys::CUfunction,
+    /// A matrix into the `sk*` kernels' fragment layout.
+    pub tile_w16: sys::CUfunction,
 }
 
 /// One CUDA device with a stream, the engine's kernels and cuBLAS.
@@ -345,6 +347,7 @@ impl Gpu {
             sparse_mm: [f("sparse_mm512")?, f("sparse_mm1024")?],
             sparse_threads: 0,
             transpose_bf16: f("transpose_bf16")?,
+            tile_w16: f("tile_w16")?,
         };
         // `__launch_bounds__(N, ..)` makes a kernel's largest block N: the block sizes of the
         // sparse products and the top-k kernels are tuning macros (SP_THREADS, TOPK_THREADS),
