@@ -197,7 +197,7 @@ mod imp {
             }
             (None, Some(d)) => {
                 let t = Instant::now();
-                let dm = DeviceModel::dummy(gpu.clone(), dummy_config(d)?, 1)?;
+                let mut dm = DeviceModel::dummy(gpu.clone(), dummy_config(d)?, 1)?;
                 eprintln!(
                     "dummy {d} weights built on the device in {:.2} s ({:.2} GB)",
                     t.elapsed().as_secs_f64(),
@@ -213,7 +213,6 @@ mod imp {
                     );
                     return Ok(());
                 }
-                let mut dm = dm;
                 tile_if_wanted(&mut dm)?;
                 (Arc::new(dm), format!("dummy:{d}"))
             }

@@ -45,6 +45,14 @@ impl DevW {
         }
     }
 
+    /// This matrix with its fragment-layout copy ([`tile_copy`]) when `tiled`.
+    fn tiled_if(mut self, gpu: &Arc<Gpu>, tiled: bool) -> Result<Self> {
+        if tiled {
+            self.tiled = Some(tile_copy(gpu, &self)?);
+        }
+        Ok(self)
+    }
+
     /// Whether [`tile_copy`] takes this matrix's shape.
     pub fn tiles(&self) -> bool {
         self.rows >= 16 && self.rows.is_multiple_of(16) && self.cols.is_multiple_of(32)
@@ -1037,10 +1045,14 @@ impl Epilogue {
 
 /// (weights, output, rows) of each of the up to three matrices of a fused launch; absent
 /// ones are zeros.
-fn fused_segments(outs: &[(&DevW, u64)]) -> [(u64, u64, i32); 3] {
+fn fused_segments(outs: &[(&DevW, u64)], tiled: bool) -> [(u64, u64, i32); 3] {
+    let ptr = |w: &DevW| match (&w.tiled, tiled) {
+        (Some(b), true) => b.ptr,
+        _ => w.buf.ptr,
+    };
     let seg = |i: usize| {
         outs.get(i)
-            .map_or((0u64, 0u64, 0i32), |(w, y)| (w.buf.ptr, *y, w.rows as i32))
+            .map_or((0u64, 0u64, 0i32), |(w, y)| (ptr(w), *y, w.rows as i32))
     };
     [seg(0), seg(1), seg(2)]
 }
@@ -1251,7 +1263,7 @@ fn launch_fused(
         (Fused::Mm, _) => (g.k.mm[2], 16, 16, 256),
         (Fused::Mms { .. }, _) => unreachable!("launched above"),
     };
-    let [(w0, y0, r0), (w1, y1, r1), (w2, y2, r2)] = fused_segments(outs);
+    let [(w0, y0, r0), (w1, y1, r1), (w2, y2, r2)] = fused_segments(outs, false);
     let grid: usize = if epi == Epilogue::Glu {
         outs[0].0.rows.div_ceil(rpb_glu)
     } else {
@@ -1318,7 +1330,7 @@ fn launch_mms(
     let rows: Vec<usize> = outs.iter().map(|(w, _)| w.rows).collect();
     let cols = outs[0].0.cols;
     let p = MsPlan::new(&rows, cols, n, epi, shape);
-    let [(w0, y0, r0), (w1, y1, r1), (w2, y2, r2)] = fused_segments(outs);
+    let [(w0, y0, r0), (w1, y1, r1), (w2, y2, r2)] = fused_segments(outs, false);
     let mode = epi.mode();
     let (ci, ni, ks) = (cols as i32, n as i32, p.ks as i32);
     // SAFETY: x holds n*cols f32; each y_i n*rows_i f32; each W_i rows_i*cols bf16; part and
@@ -1450,17 +1462,9 @@ fn launch_sk(
         )));
     }
     let p = SkPlan::new(&rows, cols, n, epi, grids);
-    let [(mut w0, y0, r0), (mut w1, y1, r1), (mut w2, y2, r2)] = fused_segments(outs);
     // The fragment-layout copies when every matrix has one.
     let tiled = outs.iter().all(|(w, _)| w.tiled.is_some());
-    if tiled {
-        let t = |i: usize| {
-            outs.get(i)
-                .and_then(|(w, _)| w.tiled.as_ref())
-                .map_or(0, |b| b.ptr)
-        };
-        (w0, w1, w2) = (t(0), t(1), t(2));
-    }
+    let [(w0, y0, r0), (w1, y1, r1), (w2, y2, r2)] = fused_segments(outs, tiled);
     let ti = tiled as i32;
     let mode = match epi {
         Epilogue::Glu if y16 != 0 => 3,
@@ -1696,12 +1700,8 @@ pub fn mm_product(
     let ws = mats
         .iter()
         .map(|(w, rows)| -> Result<DevW> {
-            let mut d = DevW::new(gpu.upload(w)?, *rows, cols);
-            if tiled {
-                // (refused for shapes the layout does not take: no silent row-major reads)
-                d.tiled = Some(tile_copy(gpu, &d)?);
-            }
-            Ok(d)
+            // (refused for shapes the layout does not take: no silent row-major reads)
+            DevW::new(gpu.upload(w)?, *rows, cols).tiled_if(gpu, tiled)
         })
         .collect::<Result<Vec<_>>>()?;
     let ys = mats
@@ -1971,13 +1971,7 @@ pub fn product_secs(
     );
     let ws: Vec<DevW> = weight_copies(gpu, rows * cols * 2, 7)?
         .into_iter()
-        .map(|buf| {
-            let mut w = DevW::new(buf, rows, cols);
-            if tiled {
-                w.tiled = Some(tile_copy(gpu, &w)?);
-            }
-            Ok(w)
-        })
+        .map(|buf| DevW::new(buf, rows, cols).tiled_if(gpu, tiled))
         .collect::<Result<_>>()?;
     let x = gpu.alloc(n * cols * 4)?;
     let x16 = gpu.alloc(n * cols * 2)?;
@@ -2152,13 +2146,13 @@ pub fn norm_topk(
     Ok((idx.read::<i32>(k)?, val.read::<f32>(k)?))
 }
 
-/// A switch that is on unless the variable `name` is "0".
 /// Whether models get the stream-K products' fragment-layout weight copies
 /// (SWITCHYARD_SK_TILED=1; one more copy of the weights on the device).
 pub fn tiled_wanted() -> bool {
     std::env::var("SWITCHYARD_SK_TILED").is_ok_and(|v| v == "1")
 }
 
+/// A switch that is on unless the variable `name` is "0".
 fn env_on(name: &str) -> bool {
     std::env::var(name).map_or(true, |v| v != "0")
 }
