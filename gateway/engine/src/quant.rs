@@ -309,16 +309,18 @@ pub fn dot_row(ty: GgmlType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if simd::available() {
         // SAFETY: the required CPU features were detected at run time.
+        // Types without an AVX2 kernel (the split layouts on a machine without AVX-512)
+        // fall through to the scalar path, which dequantizes.
         unsafe {
-            return match ty {
-                GgmlType::F32 => simd::dot_f32_bytes(row, x),
-                GgmlType::F16 => simd::dot_f16(row, x),
-                GgmlType::BF16 => simd::dot_bf16(row, x),
-                GgmlType::Q8_0 => simd::dot_q8_0(row, x),
-                GgmlType::Q4_0 => simd::dot_q4_0(row, x, xsum),
-                GgmlType::Q4_1 => simd::dot_q4_1(row, x, xsum),
-                _ => unreachable!("no fused dot for {ty:?}"),
-            };
+            match ty {
+                GgmlType::F32 => return simd::dot_f32_bytes(row, x),
+                GgmlType::F16 => return simd::dot_f16(row, x),
+                GgmlType::BF16 => return simd::dot_bf16(row, x),
+                GgmlType::Q8_0 => return simd::dot_q8_0(row, x),
+                GgmlType::Q4_0 => return simd::dot_q4_0(row, x, xsum),
+                GgmlType::Q4_1 => return simd::dot_q4_1(row, x, xsum),
+                _ => {}
+            }
         }
     }
     dot_row_scalar(ty, row, x, xsum)
