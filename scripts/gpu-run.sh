@@ -41,9 +41,12 @@ if [[ $STEPS == *bench* ]]; then
   echo "== Llama-2-7B shapes, dummy bf16 weights"
   "$BIN" bench gpu --dummy llama2-7b --batch ${BATCH:-1,8,32,64} --prompt 128 --gen ${GEN:-128} \
     --prefill 512,2048 --baseline --products --json > "$OUT/gpu-llama2-7b.json"
-  echo "== the same with the stream-K sk* kernels for the products of 3-64 tokens (not cuBLAS)"
-  SWITCHYARD_SK=1 "$BIN" bench gpu --dummy llama2-7b --batch 4,8,16,32,64 --prompt 128 \
-    --gen ${GEN:-128} --prefill 512 --json > "$OUT/gpu-llama2-7b-sk.json"
+  echo "== batches 4 and 8 with cuBLAS, not the default stream-K sk* products (SWITCHYARD_SK=0)"
+  SWITCHYARD_SK=0 "$BIN" bench gpu --dummy llama2-7b --batch 4,8 --prompt 128 \
+    --gen ${GEN:-128} --prefill 512 --json > "$OUT/gpu-llama2-7b-cublas.json"
+  echo "== the stream-K sk* products at every batch 4-64 (SWITCHYARD_SK=1, fragment layout)"
+  SWITCHYARD_SK=1 SWITCHYARD_SK_TILED=1 "$BIN" bench gpu --dummy llama2-7b --batch 4,8,16,32,64 \
+    --prompt 128 --gen ${GEN:-128} --prefill 512 --json > "$OUT/gpu-llama2-7b-sk.json"
   echo "== the same at batch 4 and 8 with our tensor-core products (split-K mms*, then mm*)"
   "$BIN" bench gpu --dummy llama2-7b --batch 4,8 --prompt 128 --gen ${GEN:-128} --prefill 512 \
     --mm-max 8 --json > "$OUT/gpu-llama2-7b-mms.json"

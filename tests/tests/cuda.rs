@@ -459,6 +459,40 @@ fn rmsnorm_and_rope_in_the_gemv_match_the_kernels() {
     }
 }
 
+/// The default products at 3-8 tokens: the stream-K kernels over the fragment-layout
+/// weight copies, when the model has them. Against cuBLAS on the same passes (decode steps
+/// 4 and 8 wide take them; the sums are formed in another order): every pass's logits
+/// within 5e-3 of its largest logit, and not bit-identical (else sk never ran).
+#[test]
+fn stream_k_products_by_default_match_cublas() {
+    use switchyard_engine::cuda::forward::{NO_TOKENS, SK_AUTO_TOKENS};
+    let Some(g) = gpu() else { return };
+    let mut dm = DeviceModel::dummy(g.clone(), dummy_cfg(), 19).unwrap();
+    assert!(!dm.has_tiled());
+    dm.prepare_tiled(&mut |_, _| {}).unwrap();
+    assert!(dm.has_tiled());
+    let dm = Arc::new(dm);
+    if std::env::var_os("SWITCHYARD_SK").is_none() {
+        assert_eq!(CudaBackend::new(dm.clone()).sk_tokens, SK_AUTO_TOKENS);
+    }
+    let blas = mixed_passes(&dm, |be| be.sk_tokens = NO_TOKENS);
+    let sk = mixed_passes(&dm, |be| be.sk_tokens = SK_AUTO_TOKENS);
+    assert_eq!(sk.len(), blas.len());
+    let mut worst = 0f32;
+    for (i, (a, b)) in sk.iter().zip(&blas).enumerate() {
+        assert_eq!(a.len(), b.len());
+        let scale = b.iter().fold(0f32, |s, x| s.max(x.abs()));
+        let d = a.iter().zip(b).fold(0f32, |s, (x, y)| s.max((x - y).abs()));
+        worst = worst.max(d / scale);
+        assert!(
+            d <= 5e-3 * scale,
+            "pass {i}: stream-K logits differ from cuBLAS's by {d} (largest logit {scale})"
+        );
+    }
+    assert!(sk != blas, "no pass took the stream-K products");
+    eprintln!("stream-K vs cuBLAS: max |diff| / max |logit| = {worst:.2e}");
+}
+
 /// Programmatic dependent launch lets each kernel start (and stream its weights) before the
 /// previous one ends; every kernel waits for its predecessor before touching its data. A
 /// missing or misplaced wait is a race: the logits of prefill chunks (tiled and per-row
@@ -1168,6 +1202,61 @@ fn tensor_core_products_match_a_host_reference() {
         None
     )
     .is_err());
+}
+
+/// The stream-K products are deterministic by design (partial sums added in slot order), so
+/// the same launch repeated must give the same bits; a race in the split-tile reduction
+/// shows up here as a difference. `SWITCHYARD_SK_REPEATS` sets the repeats (default 6).
+#[test]
+fn stream_k_products_repeat_bit_for_bit() {
+    use switchyard_engine::cuda::forward::{mm_product, Epilogue, ProductKernel};
+    let Some(g) = gpu() else { return };
+    let repeats: usize = std::env::var("SWITCHYARD_SK_REPEATS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(6);
+    let bf = |v: f32| half::bf16::from_f32(v).to_bits();
+    let mut rnd = signed_uniform(5);
+    let (cols, rows) = (4096usize, [1024usize, 1024, 512]);
+    let mats: Vec<Vec<u16>> = rows
+        .iter()
+        .map(|&r| (0..r * cols).map(|_| bf(rnd() * 0.1)).collect())
+        .collect();
+    let three: Vec<(&[u16], usize)> = mats.iter().zip(rows).map(|(m, r)| (&m[..], r)).collect();
+    let mut bad = Vec::new();
+    for n in [8usize, 32, 64] {
+        let x: Vec<f32> = (0..n * cols).map(|_| rnd()).collect();
+        for kernel in [
+            ProductKernel::Sk { blocks: 0 },
+            ProductKernel::Sk { blocks: 7 },
+            ProductKernel::SkTiled { blocks: 0 },
+        ] {
+            for (epi, ms) in [(Epilogue::Glu, &three[..2]), (Epilogue::Store, &three[..])] {
+                let first = mm_product(&g, kernel, ms, cols, &x, n, epi, None).unwrap();
+                for rep in 1..repeats {
+                    let got = mm_product(&g, kernel, ms, cols, &x, n, epi, None).unwrap();
+                    for (m, (a, b)) in got.iter().zip(&first).enumerate() {
+                        let r = ms[m].1;
+                        let diff: Vec<String> = a
+                            .iter()
+                            .zip(b)
+                            .enumerate()
+                            .filter(|(_, (p, q))| p.to_bits() != q.to_bits())
+                            .map(|(i, (p, q))| format!("(t{} r{}: {p} vs {q})", i / r, i % r))
+                            .collect();
+                        if !diff.is_empty() {
+                            bad.push(format!(
+                                "{kernel:?} {epi:?} n {n} output {m} repeat {rep}: {} differ, {}",
+                                diff.len(),
+                                diff[..diff.len().min(6)].join(" ")
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
 }
 
 /// Prefill attention over 64-row tiles, on tensor cores (`attention_mma*`) and in f32

@@ -111,13 +111,14 @@ mod imp {
     use switchyard_engine::kv::{KvAllocator, KvLayout};
     use switchyard_engine::model::{Config, RopeStyle};
 
-    /// The fragment-layout weight copies for the stream-K products when SWITCHYARD_SK_TILED=1
-    /// (see [`DeviceModel::prepare_tiled`]).
+    /// The fragment-layout weight copies for the stream-K products as SWITCHYARD_SK and
+    /// SWITCHYARD_SK_TILED say (see [`DeviceModel::prepare_tiled_by_policy`]).
     fn tile_if_wanted(dm: &mut DeviceModel) -> Result<()> {
-        if switchyard_engine::cuda::forward::tiled_wanted() {
-            let t = Instant::now();
-            dm.prepare_tiled(&mut |i, n| eprint!("\rfragment layout: layer {i}/{n}"))?;
-            eprintln!(" in {:.2} s", t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        let line =
+            dm.prepare_tiled_by_policy(&mut |i, n| eprint!("\rfragment layout: layer {i}/{n}"))?;
+        if let Some(line) = line {
+            eprintln!("\n{line} ({:.2} s)", t.elapsed().as_secs_f64());
         }
         Ok(())
     }

@@ -195,8 +195,8 @@ fn device_model_for(
         }
     }
     let mut dm = DeviceModel::upload(gpu.clone(), m, progress)?;
-    if tiled_wanted() {
-        dm.prepare_tiled(&mut |_, _| {})?;
+    if let Some(line) = dm.prepare_tiled_by_policy(&mut |_, _| {})? {
+        eprintln!("switchyard: {line}");
     }
     if sparse {
         dm.prepare_sparse(&mut |_, _| {})?;
@@ -386,6 +386,68 @@ impl DeviceModel {
         }
         tile(self.head.as_mut().unwrap_or(&mut self.embd))?;
         gpu.sync()
+    }
+
+    /// Bytes of the fragment-layout copies [`Self::prepare_tiled`] would build.
+    pub fn tiled_bytes(&self) -> usize {
+        let b = |w: &DevW| if w.tiles() { w.rows * w.cols * 2 } else { 0 };
+        let l: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down]
+                    .into_iter()
+                    .chain(l.adapter.as_ref())
+                    .map(b)
+                    .sum::<usize>()
+            })
+            .sum();
+        l + b(self.head())
+    }
+
+    /// Whether every layer's products have their fragment-layout copies.
+    pub fn has_tiled(&self) -> bool {
+        !self.layers.is_empty()
+            && self.layers.iter().all(|l| {
+                [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down]
+                    .into_iter()
+                    .all(|w| !w.tiles() || w.tiled.is_some())
+            })
+    }
+
+    /// Build the fragment-layout copies as [`tiled_wanted`] says: when it leaves the choice,
+    /// only if they take at most half the device's free memory. Returns a line for the
+    /// log saying what was done (None when nothing was asked for).
+    pub fn prepare_tiled_by_policy(
+        &mut self,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Option<String>> {
+        let bytes = self.tiled_bytes();
+        let gb = bytes as f64 / 1e9;
+        match tiled_wanted() {
+            Some(false) => return Ok(None),
+            Some(true) => {}
+            None => {
+                self.gpu.bind()?;
+                let (free, _) = crate::cuda::mem_info()?;
+                if bytes > free / 2 {
+                    return Ok(Some(format!(
+                        "stream-K products off: their weight copies ({gb:.2} GB) would take \
+                         more than half the free device memory ({:.2} GB); cuBLAS runs instead",
+                        free as f64 / 1e9
+                    )));
+                }
+            }
+        }
+        self.prepare_tiled(progress)?;
+        let tokens = match sk_policy() {
+            SkPolicy::All => SK_TOKENS,
+            _ => SK_AUTO_TOKENS,
+        };
+        Ok(Some(format!(
+            "stream-K products on at {tokens:?} tokens, over fragment-layout weight copies \
+             ({gb:.2} GB; SWITCHYARD_SK=0 turns them off)"
+        )))
     }
 
     fn head(&self) -> &DevW {
@@ -872,9 +934,10 @@ pub struct CudaBackend {
     /// Scratch of the `mms*` products for the current pass (partial sums, tickets).
     mm_scratch: (u64, u64),
     /// Token counts whose products above the GEMV run the stream-K tensor-core kernels
-    /// (`sk*`) instead of cuBLAS: none unless SWITCHYARD_SK=1 (then [`SK_TOKENS`]). Off by
-    /// default: on an H100 they won only at batch 4 and lost from 16 up (batch 64: 4,956
-    /// vs 7,708 tok/s; bench/results/experiments/sk-2026-12-07-h100-*).
+    /// (`sk*`) instead of cuBLAS ([`SkPolicy`]): by default [`SK_AUTO_TOKENS`] when the
+    /// model has its fragment-layout copies, else none; [`SK_TOKENS`] with SWITCHYARD_SK=1.
+    /// Row-major, they lost to cuBLAS from 16 tokens up on an H100 (batch 64: 4,956 vs
+    /// 7,708 tok/s; bench/results/experiments/sk-2026-12-07-h100-*).
     pub sk_tokens: std::ops::RangeInclusive<usize>,
     /// Scratch of the `sk*` products for the current pass (partial sums, tickets).
     sk_scratch: (u64, u64),
@@ -903,8 +966,13 @@ pub struct CudaBackend {
 /// (Empty on purpose: `3..=2` holds no token count.)
 #[allow(clippy::reversed_empty_ranges)]
 pub const MM_TOKENS: std::ops::RangeInclusive<usize> = 3..=2;
-/// Default token range of the stream-K products (`sk*`, in place of cuBLAS above the GEMV).
+/// Token range of the stream-K products (`sk*`, in place of cuBLAS above the GEMV) with
+/// SWITCHYARD_SK=1.
 pub const SK_TOKENS: std::ops::RangeInclusive<usize> = 1..=64;
+/// Token range of the stream-K products by default ([`SkPolicy::Auto`], over the
+/// fragment-layout copies): where they beat cuBLAS on an H100 (decode batch 4: 721 vs
+/// 681 tok/s, batch 8: 1,381 vs 1,358; bench/results/experiments/tiled-2026-12-07-h100).
+pub const SK_AUTO_TOKENS: std::ops::RangeInclusive<usize> = 3..=8;
 /// No token count.
 #[allow(clippy::reversed_empty_ranges)]
 pub const NO_TOKENS: std::ops::RangeInclusive<usize> = 1..=0;
@@ -2146,10 +2214,41 @@ pub fn norm_topk(
     Ok((idx.read::<i32>(k)?, val.read::<f32>(k)?))
 }
 
-/// Whether models get the stream-K products' fragment-layout weight copies
-/// (SWITCHYARD_SK_TILED=1; one more copy of the weights on the device).
-pub fn tiled_wanted() -> bool {
-    std::env::var("SWITCHYARD_SK_TILED").is_ok_and(|v| v == "1")
+/// How the stream-K tensor-core products (`sk*`) are used, from SWITCHYARD_SK.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SkPolicy {
+    /// Unset or "auto": at [`SK_AUTO_TOKENS`] tokens, over the weights' fragment-layout
+    /// copies, which are built when they take at most half the device's free memory after
+    /// the upload (else no `sk*` at all); cuBLAS above.
+    Auto,
+    /// "0": never (cuBLAS above the GEMV), and no copies.
+    Off,
+    /// "1": at every count in [`SK_TOKENS`], row-major unless SWITCHYARD_SK_TILED=1
+    /// (an experiment: they lose to cuBLAS from 16 tokens up).
+    All,
+}
+
+/// [`SkPolicy`] from SWITCHYARD_SK.
+pub fn sk_policy() -> SkPolicy {
+    match std::env::var("SWITCHYARD_SK").as_deref() {
+        Ok("0") => SkPolicy::Off,
+        Ok("1") => SkPolicy::All,
+        _ => SkPolicy::Auto,
+    }
+}
+
+/// Whether models get the stream-K products' fragment-layout weight copies: `Some(true)`
+/// always (SWITCHYARD_SK_TILED=1 with the products on), `Some(false)` never
+/// (SWITCHYARD_SK=0, SWITCHYARD_SK_TILED=0, or SWITCHYARD_SK=1 without
+/// SWITCHYARD_SK_TILED=1), `None` when they fit ([`DeviceModel::prepare_tiled_by_policy`]).
+pub fn tiled_wanted() -> Option<bool> {
+    let env = std::env::var("SWITCHYARD_SK_TILED");
+    match (sk_policy(), env.as_deref()) {
+        (SkPolicy::Off, _) | (_, Ok("0")) => Some(false),
+        (_, Ok("1")) => Some(true),
+        (SkPolicy::All, _) => Some(false),
+        (SkPolicy::Auto, _) => None,
+    }
 }
 
 /// A switch that is on unless the variable `name` is "0".
@@ -2169,6 +2268,7 @@ fn blocks(n: usize, per: usize) -> u32 {
 
 impl CudaBackend {
     pub fn new(dm: Arc<DeviceModel>) -> Self {
+        let tiled = dm.has_tiled();
         Self {
             dm,
             graphs_enabled: env_on("SWITCHYARD_CUDA_GRAPHS"),
@@ -2199,10 +2299,10 @@ impl CudaBackend {
             rope_gemv: env_on("SWITCHYARD_ROPE_GEMV"),
             selection_pdl: selection_pdl_default(),
             mm_scratch: (0, 0),
-            sk_tokens: if std::env::var("SWITCHYARD_SK").is_ok_and(|v| v == "1") {
-                SK_TOKENS
-            } else {
-                NO_TOKENS
+            sk_tokens: match sk_policy() {
+                SkPolicy::All => SK_TOKENS,
+                SkPolicy::Auto if tiled => SK_AUTO_TOKENS,
+                _ => NO_TOKENS,
             },
             sk_scratch: (0, 0),
             graphs: Vec::new(),

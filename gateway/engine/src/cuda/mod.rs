@@ -714,6 +714,11 @@ impl Drop for DevBuf {
     }
 }
 
+/// (free, total) bytes of the current context's device.
+pub fn mem_info() -> Result<(usize, usize)> {
+    cu::mem_get_info().map_err(|e| err("memory info", e))
+}
+
 /// The device KV allocator for `dm`'s shapes: vAttention (pages on demand) or static.
 /// `budget` caps the physical bytes (default: 90 % of the device memory free now).
 pub fn open_kv(
@@ -726,7 +731,7 @@ pub fn open_kv(
     let budget = match budget {
         Some(b) => b,
         None => {
-            let (free, _) = cu::mem_get_info().map_err(|e| err("memory info", e))?;
+            let (free, _) = mem_info()?;
             free / 10 * 9
         }
     };
