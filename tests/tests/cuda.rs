@@ -339,6 +339,17 @@ fn graph_cache_is_capped_and_replays_the_right_shapes() {
 /// three rounds of greedy decode steps 1, 4, 8 and 12 sequences wide (GEMV, then cuBLAS or
 /// the split-K products where `setup` turns them on).
 fn mixed_passes(dm: &Arc<DeviceModel>, setup: impl Fn(&mut CudaBackend)) -> Vec<Vec<f32>> {
+    mixed_passes_fed(dm, setup, true)
+}
+
+/// [`mixed_passes`], each decode step fed its own argmax (`greedy`) or tokens fixed in
+/// advance: paths whose sums are formed in another order compare logits on the same
+/// tokens (random weights give near-ties, and one flipped argmax sends the sequences apart).
+fn mixed_passes_fed(
+    dm: &Arc<DeviceModel>,
+    setup: impl Fn(&mut CudaBackend),
+    greedy: bool,
+) -> Vec<Vec<f32>> {
     let mut kv = open_kv(dm, dummy_layout(256, 12), None, KvMode::Sync).unwrap();
     let mut be = CudaBackend::new(dm.clone());
     setup(&mut be);
@@ -366,7 +377,7 @@ fn mixed_passes(dm: &Arc<DeviceModel>, setup: impl Fn(&mut CudaBackend)) -> Vec<
         *p += 3;
     }
     let mut last: Vec<[u32; 1]> = (0..12u32).map(|i| [i * 41 % 512]).collect();
-    for _round in 0..3 {
+    for round in 0..3u32 {
         for w in [1, 4, 8, 12] {
             let chunks: Vec<SeqChunk> = (0..w)
                 .map(|i| SeqChunk::last_logits(s[i], pos[i], &last[i]))
@@ -376,7 +387,11 @@ fn mixed_passes(dm: &Arc<DeviceModel>, setup: impl Fn(&mut CudaBackend)) -> Vec<
                 pos[i] += 1;
                 let row = &logits[i * 512..(i + 1) * 512];
                 let best = (0..512).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap();
-                last[i] = [best as u32];
+                last[i] = if greedy {
+                    [best as u32]
+                } else {
+                    [(i as u32 * 17 + round * 29 + w as u32 * 3 + 5) % 512]
+                };
             }
             out.push(logits);
         }
@@ -434,10 +449,14 @@ fn rmsnorm_and_rope_in_the_gemv_match_the_kernels() {
     let dm = Arc::new(DeviceModel::dummy(g.clone(), dummy_cfg(), 17).unwrap());
     let plain = mixed_passes(&dm, |be| be.norm_gemv = false);
     for (norm, rope) in [(true, true), (true, false)] {
-        let fused = mixed_passes(&dm, |be| {
-            be.norm_gemv = norm;
-            be.rope_gemv = rope;
-        });
+        let fused = mixed_passes_fed(
+            &dm,
+            |be| {
+                be.norm_gemv = norm;
+                be.rope_gemv = rope;
+            },
+            false,
+        );
         assert_eq!(fused.len(), plain.len());
         let mut worst = 0f32;
         for (i, (a, b)) in fused.iter().zip(&plain).enumerate() {
@@ -475,8 +494,8 @@ fn stream_k_products_at_3_to_8_tokens_match_cublas() {
     if std::env::var("SWITCHYARD_SK").is_ok_and(|v| v == "auto") {
         assert_eq!(CudaBackend::new(dm.clone()).sk_tokens, SK_AUTO_TOKENS);
     }
-    let blas = mixed_passes(&dm, |be| be.sk_tokens = NO_TOKENS);
-    let sk = mixed_passes(&dm, |be| be.sk_tokens = SK_AUTO_TOKENS);
+    let blas = mixed_passes_fed(&dm, |be| be.sk_tokens = NO_TOKENS, false);
+    let sk = mixed_passes_fed(&dm, |be| be.sk_tokens = SK_AUTO_TOKENS, false);
     assert_eq!(sk.len(), blas.len());
     let mut worst = 0f32;
     for (i, (a, b)) in sk.iter().zip(&blas).enumerate() {

@@ -336,6 +336,7 @@ mod imp {
             "l2_fetch_bytes": {"driver_default": gpu.l2_fetch.0, "set": gpu.l2_fetch.1},
             "products": products, "decode": decode, "prefill": prefill, "kv_fit": fit, "logits_check": check,
             "larosa": larosa,
+            "blaslt_tuned": gpu.blaslt_tuned(),
         });
         if a.json {
             println!("{}", serde_json::to_string_pretty(&out)?);
@@ -534,6 +535,7 @@ mod imp {
                 "attention4": be.attention4, "att_half": be.att_half,
                 "norm_gemv": be.norm_gemv, "rope_gemv": be.rope_gemv,
                 "sk_tokens": format!("{:?}", be.sk_tokens),
+                "blaslt": be.dm.gpu.blaslt_tuned().is_some(),
             }),
         })
     }

@@ -1702,6 +1702,9 @@ fn to_bf16(g: &Gpu, x: u64, x16: u64, len: usize) -> Result<()> {
 /// y[n, w.rows] = x16[n, w.cols] · wᵀ on cuBLAS (bf16 in, f32 out and accumulation); with
 /// `add`, y += the product (cuBLAS's beta = 1: no separate add kernel).
 fn gemm_bf16(g: &Gpu, w: &DevW, x16: u64, n: usize, y: u64, add: bool) -> Result<()> {
+    if let Some(lt) = &g.lt {
+        return lt.gemm(g.stream, w.buf.ptr, w.rows, w.cols, x16, n, y, add);
+    }
     let (rows, cols) = (w.rows as i32, w.cols as i32);
     // SAFETY: x16 holds n*cols bf16, y n*rows f32, w rows*cols bf16.
     unsafe {

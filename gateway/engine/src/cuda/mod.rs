@@ -10,6 +10,7 @@
 
 pub mod forward;
 pub mod kv;
+pub mod lt;
 
 use std::ffi::{c_void, CString};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -91,6 +92,9 @@ pub struct Gpu {
     pub(crate) stream: sys::CUstream,
     pub(crate) k: Kernels,
     pub(crate) blas: blas_sys::cublasHandle_t,
+    /// cuBLASLt with per-shape timed algorithms for the cuBLAS products
+    /// (`SWITCHYARD_BLASLT=1`; None: cuBLAS `GemmEx` picks).
+    pub(crate) lt: Option<lt::Lt>,
     /// Seconds NVRTC took (0 when the PTX came from the cache).
     pub compile_secs: f64,
     /// Launch kernels with programmatic dependent launch (sm_90 and newer, on by default;
@@ -427,12 +431,18 @@ impl Gpu {
         // context (the Gpu is never torn down before exit).
         const BLAS_WORKSPACE: usize = 32 << 20;
         // SAFETY: plain allocation on the current context; the handle is valid.
-        unsafe {
+        let ws = unsafe {
             let ws = cu::malloc_sync(BLAS_WORKSPACE).map_err(|e| err("cuBLAS workspace", e))?;
             blas_sys::cublasSetWorkspace_v2(handle, ws as *mut c_void, BLAS_WORKSPACE)
                 .result()
                 .map_err(|e| err("cuBLAS workspace", e))?;
-        }
+            ws
+        };
+        let lt = if lt::wanted() {
+            lt::Lt::new(ws, BLAS_WORKSPACE)?
+        } else {
+            None
+        };
         let gpu = Gpu {
             ordinal,
             name,
@@ -444,6 +454,7 @@ impl Gpu {
             stream,
             k,
             blas: handle,
+            lt,
             compile_secs,
             l2_fetch,
             pdl: AtomicBool::new(false),
@@ -452,6 +463,11 @@ impl Gpu {
         gpu.set_pdl(std::env::var("SWITCHYARD_PDL").as_deref() != Ok("0"));
         gpu.set_topk_cluster(std::env::var("SWITCHYARD_TOPK_CLUSTER").as_deref() != Ok("0"));
         Ok(gpu)
+    }
+
+    /// The cuBLASLt shapes timed so far (None: the products are on cuBLAS `GemmEx`).
+    pub fn blaslt_tuned(&self) -> Option<Vec<lt::Tuned>> {
+        self.lt.as_ref().map(|l| l.tuned())
     }
 
     /// Make this device's context current on the calling thread.
@@ -690,8 +706,14 @@ impl DevBuf {
     pub fn write<T: Copy>(&self, data: &[T]) -> Result<()> {
         assert!(std::mem::size_of_val(data) <= self.bytes);
         self.gpu.bind()?;
-        // SAFETY: the buffer holds at least data's bytes.
-        unsafe { cu::memcpy_htod_sync(self.ptr, data) }.map_err(|e| err("upload", e))
+        // On the engine's stream, then waited for. A synchronous cuMemcpyHtoD from pageable
+        // memory may return before its DMA lands, and it is not ordered before the kernels
+        // of our non-blocking stream: a kernel launched right after could read part of the
+        // buffer's old contents (the stream-K repeat test caught the tail of an input so).
+        // SAFETY: the buffer holds at least data's bytes; data outlives the copy (synced).
+        unsafe { cu::memcpy_htod_async(self.ptr, data, self.gpu.stream) }
+            .map_err(|e| err("upload", e))?;
+        self.gpu.sync()
     }
     pub fn read<T: Copy + Default>(&self, n: usize) -> Result<Vec<T>> {
         let mut v = vec![T::default(); n];

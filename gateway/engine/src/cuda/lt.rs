@@ -1,0 +1,442 @@
+//! The cuBLAS products through cuBLASLt with the algorithm measured fastest for each shape
+//! (`SWITCHYARD_BLASLT=1`), instead of the one cuBLAS's `GemmEx` picks by its heuristic.
+//!
+//! The first time a shape (rows, cols, tokens, add) runs outside a graph capture, up to
+//! [`CANDIDATES`] algorithms from `cublasLtMatmulAlgoGetHeuristic` are each timed on the
+//! real weights with CUDA events, L2 flushed before every run (in decode the weights never
+//! sit in L2), and the fastest is kept for the process. During a capture an untimed shape
+//! takes the heuristic's first algorithm without timing it (nothing can synchronize then);
+//! the decode step runs once eagerly before it is captured, so its shapes are timed first.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::Mutex;
+
+use cudarc::cublaslt::sys as lt;
+use cudarc::driver::{result as cu, sys};
+
+use crate::error::{EngineError, Result};
+
+/// Algorithms asked of the heuristic and timed per shape.
+pub const CANDIDATES: usize = 12;
+/// Timed runs of each candidate (after one untimed run).
+const RUNS: usize = 6;
+/// Bytes written before each timed run to push the weights out of L2 (L2 is 50 MiB on an
+/// H100, 60 MiB on an H200).
+const FLUSH_BYTES: usize = 160 << 20;
+
+#[derive(Clone, Copy, Hash, PartialEq, Eq, Debug)]
+struct Key {
+    rows: usize,
+    cols: usize,
+    n: usize,
+    add: bool,
+}
+
+struct Plan {
+    desc: lt::cublasLtMatmulDesc_t,
+    a: lt::cublasLtMatrixLayout_t,
+    b: lt::cublasLtMatrixLayout_t,
+    c: lt::cublasLtMatrixLayout_t,
+    algo: lt::cublasLtMatmulAlgo_t,
+    timed: bool,
+}
+
+/// One shape's timing, for logs and benchmark reports.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Tuned {
+    pub rows: usize,
+    pub cols: usize,
+    pub tokens: usize,
+    pub add: bool,
+    pub candidates: usize,
+    /// Index of the kept algorithm in the heuristic's order (0: the heuristic's own pick).
+    pub chosen: usize,
+    pub chosen_us: f64,
+    pub heuristic_first_us: f64,
+}
+
+pub(crate) struct Lt {
+    handle: lt::cublasLtHandle_t,
+    ws: u64,
+    ws_size: usize,
+    plans: Mutex<HashMap<Key, Plan>>,
+    tuned: Mutex<Vec<Tuned>>,
+}
+
+fn err(what: &str, e: impl std::fmt::Debug) -> EngineError {
+    EngineError::Invalid(format!("CUDA: cuBLASLt {what}: {e:?}"))
+}
+
+fn ok(s: lt::cublasStatus_t, what: &str) -> Result<()> {
+    if s == lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+        Ok(())
+    } else {
+        Err(err(what, s))
+    }
+}
+
+/// Whether `SWITCHYARD_BLASLT` asks for the tuned cuBLASLt products (off unless "1").
+pub fn wanted() -> bool {
+    std::env::var("SWITCHYARD_BLASLT").as_deref() == Ok("1")
+}
+
+impl Lt {
+    /// A cuBLASLt handle sharing cuBLAS's workspace (`ws`, `ws_size` bytes; every product
+    /// runs on the one stream, so they never use it at the same time). None when
+    /// libcublasLt cannot be loaded.
+    pub(crate) fn new(ws: u64, ws_size: usize) -> Result<Option<Lt>> {
+        let present =
+            std::panic::catch_unwind(|| unsafe { lt::is_culib_present() }).unwrap_or(false);
+        if !present {
+            eprintln!(
+                "switchyard: CUDA: libcublasLt was not found; the products stay on cuBLAS GemmEx"
+            );
+            return Ok(None);
+        }
+        let handle = cudarc::cublaslt::result::create_handle().map_err(|e| err("create", e))?;
+        Ok(Some(Lt {
+            handle,
+            ws,
+            ws_size,
+            plans: Mutex::new(HashMap::new()),
+            tuned: Mutex::new(Vec::new()),
+        }))
+    }
+
+    /// The shapes timed so far.
+    pub fn tuned(&self) -> Vec<Tuned> {
+        self.tuned.lock().map(|t| t.clone()).unwrap_or_default()
+    }
+
+    /// y[n, rows] (f32) = x16[n, cols] (bf16) · wᵀ, w bf16 [rows, cols]; with `add`,
+    /// y += the product. Same layout as cuBLAS `GemmEx` in forward.rs.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn gemm(
+        &self,
+        stream: sys::CUstream,
+        w: u64,
+        rows: usize,
+        cols: usize,
+        x16: u64,
+        n: usize,
+        y: u64,
+        add: bool,
+    ) -> Result<()> {
+        let key = Key { rows, cols, n, add };
+        let mut plans = self.plans.lock().map_err(|_| err("plans", "poisoned"))?;
+        let capturing = is_capturing(stream)?;
+        let plan = match plans.entry(key) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => v.insert(self.plan(key)?),
+        };
+        if !plan.timed && !capturing {
+            self.time(stream, key, plan, w, x16)?;
+        }
+        self.run(stream, plan, w, x16, y, add)
+    }
+
+    fn run(
+        &self,
+        stream: sys::CUstream,
+        p: &Plan,
+        w: u64,
+        x16: u64,
+        y: u64,
+        add: bool,
+    ) -> Result<()> {
+        self.run_algo(stream, p, &p.algo, w, x16, y, add)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_algo(
+        &self,
+        stream: sys::CUstream,
+        p: &Plan,
+        algo: &lt::cublasLtMatmulAlgo_t,
+        w: u64,
+        x16: u64,
+        y: u64,
+        add: bool,
+    ) -> Result<()> {
+        let (alpha, beta) = (1f32, if add { 1f32 } else { 0f32 });
+        // SAFETY: the layouts describe w (rows x cols bf16), x16 (n x cols bf16) and y
+        // (n x rows f32) as the caller holds them; the workspace is ws_size bytes.
+        unsafe {
+            ok(
+                lt::cublasLtMatmul(
+                    self.handle,
+                    p.desc,
+                    &alpha as *const f32 as *const c_void,
+                    w as *const c_void,
+                    p.a,
+                    x16 as *const c_void,
+                    p.b,
+                    &beta as *const f32 as *const c_void,
+                    y as *const c_void,
+                    p.c,
+                    y as *mut c_void,
+                    p.c,
+                    algo,
+                    self.ws as *mut c_void,
+                    self.ws_size,
+                    stream as lt::cudaStream_t,
+                ),
+                "matmul",
+            )
+        }
+    }
+
+    /// Descriptors for one shape with the heuristic's first algorithm.
+    fn plan(&self, k: Key) -> Result<Plan> {
+        use cudarc::cublaslt::result as r;
+        let bf = lt::cudaDataType::CUDA_R_16BF;
+        let desc = r::create_matmul_desc(
+            lt::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            lt::cudaDataType::CUDA_R_32F,
+        )
+        .map_err(|e| err("desc", e))?;
+        let t = cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T;
+        // SAFETY: desc is live; the attribute is a cublasOperation_t.
+        unsafe {
+            r::set_matmul_desc_attribute(
+                desc,
+                lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+                &t as *const _ as *const c_void,
+                std::mem::size_of_val(&t),
+            )
+            .map_err(|e| err("transa", e))?;
+        }
+        // Column-major as cuBLAS sees them: A is w stored (cols x rows, ld cols) and used
+        // transposed, B is x16 (cols x n), C/D is y (rows x n).
+        let a = r::create_matrix_layout(bf, k.cols as u64, k.rows as u64, k.cols as i64)
+            .map_err(|e| err("layout", e))?;
+        let b = r::create_matrix_layout(bf, k.cols as u64, k.n as u64, k.cols as i64)
+            .map_err(|e| err("layout", e))?;
+        let c = r::create_matrix_layout(
+            lt::cudaDataType::CUDA_R_32F,
+            k.rows as u64,
+            k.n as u64,
+            k.rows as i64,
+        )
+        .map_err(|e| err("layout", e))?;
+        let mut p = Plan {
+            desc,
+            a,
+            b,
+            c,
+            algo: lt::cublasLtMatmulAlgo_t { data: [0; 8] },
+            timed: false,
+        };
+        let cands = self.candidates(&p, 1)?;
+        p.algo = cands[0];
+        Ok(p)
+    }
+
+    /// Up to `count` algorithms for the plan's shape, best first by the heuristic.
+    fn candidates(&self, p: &Plan, count: usize) -> Result<Vec<lt::cublasLtMatmulAlgo_t>> {
+        use cudarc::cublaslt::result as r;
+        let pref = r::create_matmul_pref().map_err(|e| err("preference", e))?;
+        let ws = self.ws_size as u64;
+        let mut out = vec![
+            lt::cublasLtMatmulHeuristicResult_t {
+                algo: lt::cublasLtMatmulAlgo_t { data: [0; 8] },
+                workspaceSize: 0,
+                state: lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS,
+                wavesCount: 0.0,
+                reserved: [0; 4],
+            };
+            count
+        ];
+        let mut got = 0i32;
+        // SAFETY: pref, desc and layouts are live; out has room for count results.
+        let res = unsafe {
+            r::set_matmul_pref_attribute(
+                pref,
+                lt::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                &ws as *const u64 as *const c_void,
+                8,
+            )
+            .map_err(|e| err("preference", e))
+            .and_then(|_| {
+                ok(
+                    lt::cublasLtMatmulAlgoGetHeuristic(
+                        self.handle,
+                        p.desc,
+                        p.a,
+                        p.b,
+                        p.c,
+                        p.c,
+                        pref,
+                        count as i32,
+                        out.as_mut_ptr(),
+                        &mut got,
+                    ),
+                    "heuristic",
+                )
+            })
+        };
+        // SAFETY: created above.
+        unsafe {
+            let _ = r::destroy_matmul_pref(pref);
+        }
+        res?;
+        let algos: Vec<_> = out[..got.max(0) as usize]
+            .iter()
+            .filter(|h| {
+                h.state == lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+                    && h.workspaceSize <= self.ws_size
+            })
+            .map(|h| h.algo)
+            .collect();
+        if algos.is_empty() {
+            return Err(err("heuristic", "no algorithm for the shape"));
+        }
+        Ok(algos)
+    }
+
+    /// Time the heuristic's candidates for the plan's shape and keep the fastest.
+    fn time(&self, stream: sys::CUstream, k: Key, p: &mut Plan, w: u64, x16: u64) -> Result<()> {
+        let algos = self.candidates(p, CANDIDATES)?;
+        let out_bytes = k.n * k.rows * 4;
+        let e = |what: &str, x: cu::DriverError| err(what, x);
+        // SAFETY: scratch allocations on the current context, freed before returning; the
+        // products write only into `scratch`.
+        unsafe {
+            let scratch = cu::malloc_sync(out_bytes).map_err(|x| e("scratch", x))?;
+            let flush = match cu::malloc_sync(FLUSH_BYTES) {
+                Ok(f) => f,
+                Err(x) => {
+                    let _ = cu::free_sync(scratch);
+                    return Err(e("flush buffer", x));
+                }
+            };
+            let r = self.time_all(stream, p, &algos, w, x16, scratch, flush, k.add);
+            cu::stream::synchronize(stream).map_err(|x| e("synchronize", x))?;
+            let _ = cu::free_sync(flush);
+            let _ = cu::free_sync(scratch);
+            let secs = r?;
+            let (best, best_s) = secs
+                .iter()
+                .copied()
+                .enumerate()
+                .min_by(|a, b| a.1.total_cmp(&b.1))
+                .expect("at least one candidate");
+            p.algo = algos[best];
+            p.timed = true;
+            let t = Tuned {
+                rows: k.rows,
+                cols: k.cols,
+                tokens: k.n,
+                add: k.add,
+                candidates: algos.len(),
+                chosen: best,
+                chosen_us: best_s * 1e6,
+                heuristic_first_us: secs[0] * 1e6,
+            };
+            eprintln!(
+                "switchyard: cuBLASLt {}x{} at {} tokens{}: algorithm {} of {} ({:.1} us; the heuristic's first {:.1} us)",
+                t.rows,
+                t.cols,
+                t.tokens,
+                if t.add { " (add)" } else { "" },
+                t.chosen,
+                t.candidates,
+                t.chosen_us,
+                t.heuristic_first_us
+            );
+            if let Ok(mut v) = self.tuned.lock() {
+                v.push(t);
+            }
+        }
+        Ok(())
+    }
+
+    /// Mean seconds of each algorithm over RUNS runs, L2 flushed before each (scratch:
+    /// the product's output, flush: FLUSH_BYTES of device memory).
+    #[allow(clippy::too_many_arguments)]
+    fn time_all(
+        &self,
+        stream: sys::CUstream,
+        p: &Plan,
+        algos: &[lt::cublasLtMatmulAlgo_t],
+        w: u64,
+        x16: u64,
+        scratch: u64,
+        flush: u64,
+        add: bool,
+    ) -> Result<Vec<f64>> {
+        let e = |what: &str, x: cu::DriverError| err(what, x);
+        let flags = sys::CUevent_flags::CU_EVENT_DEFAULT;
+        let mut evs = Vec::with_capacity(2 * RUNS);
+        let mut res = Ok(());
+        for _ in 0..2 * RUNS {
+            match cu::event::create(flags) {
+                Ok(ev) => evs.push(ev),
+                Err(x) => {
+                    res = Err(e("event", x));
+                    break;
+                }
+            }
+        }
+        let mut secs = Vec::with_capacity(algos.len());
+        // SAFETY: the events are live (created above), the buffers are the caller's live
+        // allocations of the sizes the plan describes.
+        unsafe {
+            'outer: for a in algos {
+                if res.is_err() {
+                    break;
+                }
+                // One untimed run (first-launch costs), then RUNS timed ones.
+                if let Err(x) = self.run_algo(stream, p, a, w, x16, scratch, add) {
+                    res = Err(x);
+                    break;
+                }
+                for i in 0..RUNS {
+                    let steps = cu::memset_d8_async(flush, (i & 0xff) as u8, FLUSH_BYTES, stream)
+                        .map_err(|x| e("flush", x))
+                        .and_then(|_| {
+                            cu::event::record(evs[2 * i], stream).map_err(|x| e("record", x))
+                        })
+                        .and_then(|_| self.run_algo(stream, p, a, w, x16, scratch, add))
+                        .and_then(|_| {
+                            cu::event::record(evs[2 * i + 1], stream).map_err(|x| e("record", x))
+                        });
+                    if let Err(x) = steps {
+                        res = Err(x);
+                        break 'outer;
+                    }
+                }
+                if let Err(x) = cu::stream::synchronize(stream) {
+                    res = Err(e("synchronize", x));
+                    break;
+                }
+                let mut total = 0.0;
+                for i in 0..RUNS {
+                    match cu::event::elapsed(evs[2 * i], evs[2 * i + 1]) {
+                        Ok(ms) => total += ms as f64 * 1e-3,
+                        Err(x) => {
+                            res = Err(e("elapsed", x));
+                            break 'outer;
+                        }
+                    }
+                }
+                secs.push(total / RUNS as f64);
+            }
+            for ev in evs {
+                let _ = cu::event::destroy(ev);
+            }
+        }
+        res.map(|_| secs)
+    }
+}
+
+/// Whether the stream is recording a graph now.
+fn is_capturing(stream: sys::CUstream) -> Result<bool> {
+    let mut st = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+    // SAFETY: valid stream, st a valid out pointer.
+    unsafe { sys::cuStreamIsCapturing(stream, &mut st) }
+        .result()
+        .map_err(|e| err("capture status", e))?;
+    Ok(st != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+}
