@@ -1702,7 +1702,7 @@ fn to_bf16(g: &Gpu, x: u64, x16: u64, len: usize) -> Result<()> {
 /// y[n, w.rows] = x16[n, w.cols] · wᵀ on cuBLAS (bf16 in, f32 out and accumulation); with
 /// `add`, y += the product (cuBLAS's beta = 1: no separate add kernel).
 fn gemm_bf16(g: &Gpu, w: &DevW, x16: u64, n: usize, y: u64, add: bool) -> Result<()> {
-    if let Some(lt) = &g.lt {
+    if let Some(lt) = g.lt.as_ref().filter(|l| l.tokens.contains(&n)) {
         return lt.gemm(g.stream, w.buf.ptr, w.rows, w.cols, x16, n, y, add);
     }
     let (rows, cols) = (w.rows as i32, w.cols as i32);
@@ -2223,10 +2223,9 @@ pub fn norm_topk(
 pub enum SkPolicy {
     /// "auto": at [`SK_AUTO_TOKENS`] tokens, over the weights' fragment-layout copies,
     /// which are built when they take at most half the device's free memory after the
-    /// upload (else no `sk*` at all); cuBLAS above. Not yet the default: this path has not
-    /// run on a GPU as a whole (see issue 10's notes).
+    /// upload (else no `sk*` at all); cuBLAS above. The default (unset).
     Auto,
-    /// Unset or "0": never (cuBLAS above the GEMV), and no copies.
+    /// "0": never (cuBLAS above the GEMV), and no copies.
     Off,
     /// "1": at every count in [`SK_TOKENS`], row-major unless SWITCHYARD_SK_TILED=1
     /// (an experiment: they lose to cuBLAS from 16 tokens up).
@@ -2238,7 +2237,8 @@ pub fn sk_policy() -> SkPolicy {
     match std::env::var("SWITCHYARD_SK").as_deref() {
         Ok("auto") => SkPolicy::Auto,
         Ok("1") => SkPolicy::All,
-        _ => SkPolicy::Off,
+        Ok("0") => SkPolicy::Off,
+        _ => SkPolicy::Auto,
     }
 }
 

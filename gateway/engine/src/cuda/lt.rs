@@ -1,5 +1,7 @@
-//! The cuBLAS products through cuBLASLt with the algorithm measured fastest for each shape
-//! (`SWITCHYARD_BLASLT=1`), instead of the one cuBLAS's `GemmEx` picks by its heuristic.
+//! The cuBLAS products through cuBLASLt with the algorithm measured fastest for each shape,
+//! instead of the one cuBLAS's `GemmEx` picks by its heuristic: at 9-16 tokens by default
+//! ([`LT_DEFAULT_TOKENS`]), at every count with `SWITCHYARD_BLASLT=1`, never with `=0`.
+//! The batched products (Q/K/V, gate/up in one `GemmBatchedEx`) stay on cuBLAS.
 //!
 //! The first time a shape (rows, cols, tokens, add) runs outside a graph capture, up to
 //! [`CANDIDATES`] algorithms from `cublasLtMatmulAlgoGetHeuristic` are each timed on the
@@ -58,6 +60,8 @@ pub struct Tuned {
 
 pub(crate) struct Lt {
     handle: lt::cublasLtHandle_t,
+    /// The token counts whose products go through cuBLASLt.
+    pub(crate) tokens: std::ops::RangeInclusive<usize>,
     ws: u64,
     ws_size: usize,
     plans: Mutex<HashMap<Key, Plan>>,
@@ -76,16 +80,30 @@ fn ok(s: lt::cublasStatus_t, what: &str) -> Result<()> {
     }
 }
 
-/// Whether `SWITCHYARD_BLASLT` asks for the tuned cuBLASLt products (off unless "1").
-pub fn wanted() -> bool {
-    std::env::var("SWITCHYARD_BLASLT").as_deref() == Ok("1")
+/// Token counts the tuned cuBLASLt products take by default: on the H100 (2026-12-07, two
+/// pairs of runs in one call) batch-16 decode gained 1.6 % with them, while batches 32 and
+/// 64 lost 1-4 % although each product alone timed faster.
+pub const LT_DEFAULT_TOKENS: std::ops::RangeInclusive<usize> = 9..=16;
+
+/// The token counts `SWITCHYARD_BLASLT` gives the tuned cuBLASLt products: unset,
+/// [`LT_DEFAULT_TOKENS`]; "0", none (cuBLAS `GemmEx` everywhere); "1", every count.
+pub fn wanted() -> Option<std::ops::RangeInclusive<usize>> {
+    match std::env::var("SWITCHYARD_BLASLT").as_deref() {
+        Ok("0") => None,
+        Ok("1") => Some(1..=usize::MAX),
+        _ => Some(LT_DEFAULT_TOKENS),
+    }
 }
 
 impl Lt {
     /// A cuBLASLt handle sharing cuBLAS's workspace (`ws`, `ws_size` bytes; every product
     /// runs on the one stream, so they never use it at the same time). None when
     /// libcublasLt cannot be loaded.
-    pub(crate) fn new(ws: u64, ws_size: usize) -> Result<Option<Lt>> {
+    pub(crate) fn new(
+        ws: u64,
+        ws_size: usize,
+        tokens: std::ops::RangeInclusive<usize>,
+    ) -> Result<Option<Lt>> {
         let present =
             std::panic::catch_unwind(|| unsafe { lt::is_culib_present() }).unwrap_or(false);
         if !present {
@@ -97,6 +115,7 @@ impl Lt {
         let handle = cudarc::cublaslt::result::create_handle().map_err(|e| err("create", e))?;
         Ok(Some(Lt {
             handle,
+            tokens,
             ws,
             ws_size,
             plans: Mutex::new(HashMap::new()),

@@ -92,8 +92,8 @@ pub struct Gpu {
     pub(crate) stream: sys::CUstream,
     pub(crate) k: Kernels,
     pub(crate) blas: blas_sys::cublasHandle_t,
-    /// cuBLASLt with per-shape timed algorithms for the cuBLAS products
-    /// (`SWITCHYARD_BLASLT=1`; None: cuBLAS `GemmEx` picks).
+    /// cuBLASLt with per-shape timed algorithms for the cuBLAS products at its token counts
+    /// (see `lt`; None with `SWITCHYARD_BLASLT=0` or without libcublasLt).
     pub(crate) lt: Option<lt::Lt>,
     /// Seconds NVRTC took (0 when the PTX came from the cache).
     pub compile_secs: f64,
@@ -438,10 +438,9 @@ impl Gpu {
                 .map_err(|e| err("cuBLAS workspace", e))?;
             ws
         };
-        let lt = if lt::wanted() {
-            lt::Lt::new(ws, BLAS_WORKSPACE)?
-        } else {
-            None
+        let lt = match lt::wanted() {
+            Some(tokens) => lt::Lt::new(ws, BLAS_WORKSPACE, tokens)?,
+            None => None,
         };
         let gpu = Gpu {
             ordinal,
