@@ -41,9 +41,9 @@ if [[ $STEPS == *bench* ]]; then
   echo "== Llama-2-7B shapes, dummy bf16 weights"
   "$BIN" bench gpu --dummy llama2-7b --batch ${BATCH:-1,8,32,64} --prompt 128 --gen ${GEN:-128} \
     --prefill 512,2048 --baseline --products --json > "$OUT/gpu-llama2-7b.json"
-  echo "== batches 4 and 8 with the stream-K sk* products over fragment-layout copies (SWITCHYARD_SK=auto)"
-  SWITCHYARD_SK=auto "$BIN" bench gpu --dummy llama2-7b --batch 4,8 --prompt 128 \
-    --gen ${GEN:-128} --prefill 512 --json > "$OUT/gpu-llama2-7b-sk-auto.json"
+  echo "== batches 4-64 on cuBLAS GemmEx alone (no stream-K at 3-8, no cuBLASLt at 9-16)"
+  SWITCHYARD_SK=0 SWITCHYARD_BLASLT=0 "$BIN" bench gpu --dummy llama2-7b --batch 4,8,16,32,64 \
+    --prompt 128 --gen ${GEN:-128} --prefill 512 --json > "$OUT/gpu-llama2-7b-gemmex.json"
   echo "== the stream-K sk* products at every batch 4-64 (SWITCHYARD_SK=1, fragment layout)"
   SWITCHYARD_SK=1 SWITCHYARD_SK_TILED=1 "$BIN" bench gpu --dummy llama2-7b --batch 4,8,16,32,64 \
     --prompt 128 --gen ${GEN:-128} --prefill 512 --json > "$OUT/gpu-llama2-7b-sk.json"
