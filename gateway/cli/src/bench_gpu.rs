@@ -535,7 +535,7 @@ mod imp {
                 "attention4": be.attention4, "att_half": be.att_half,
                 "norm_gemv": be.norm_gemv, "rope_gemv": be.rope_gemv,
                 "sk_tokens": format!("{:?}", be.sk_tokens),
-                "blaslt": be.dm.gpu.blaslt_tuned().is_some(),
+                "blaslt_tokens": be.dm.gpu.blaslt_tokens().map(|r| format!("{r:?}")),
             }),
         })
     }

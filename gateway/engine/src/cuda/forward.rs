@@ -934,9 +934,9 @@ pub struct CudaBackend {
     /// Scratch of the `mms*` products for the current pass (partial sums, tickets).
     mm_scratch: (u64, u64),
     /// Token counts whose products above the GEMV run the stream-K tensor-core kernels
-    /// (`sk*`) instead of cuBLAS ([`SkPolicy`]): none by default; with SWITCHYARD_SK=auto
-    /// [`SK_AUTO_TOKENS`] when the model has its fragment-layout copies; [`SK_TOKENS`] with
-    /// SWITCHYARD_SK=1.
+    /// (`sk*`) instead of cuBLAS ([`SkPolicy`]): by default [`SK_AUTO_TOKENS`] when the
+    /// model has its fragment-layout copies, else none; none with SWITCHYARD_SK=0;
+    /// [`SK_TOKENS`] with SWITCHYARD_SK=1.
     /// Row-major, they lost to cuBLAS from 16 tokens up on an H100 (batch 64: 4,956 vs
     /// 7,708 tok/s; bench/results/experiments/sk-2026-12-07-h100-*).
     pub sk_tokens: std::ops::RangeInclusive<usize>,
@@ -970,7 +970,7 @@ pub const MM_TOKENS: std::ops::RangeInclusive<usize> = 3..=2;
 /// Token range of the stream-K products (`sk*`, in place of cuBLAS above the GEMV) with
 /// SWITCHYARD_SK=1.
 pub const SK_TOKENS: std::ops::RangeInclusive<usize> = 1..=64;
-/// Token range of the stream-K products with SWITCHYARD_SK=auto ([`SkPolicy::Auto`], over the
+/// Token range of the stream-K products by default ([`SkPolicy::Auto`], over the
 /// fragment-layout copies): where they beat cuBLAS on an H100 (decode batch 4: 721 vs
 /// 681 tok/s, batch 8: 1,381 vs 1,358; bench/results/experiments/tiled-2026-12-07-h100).
 pub const SK_AUTO_TOKENS: std::ops::RangeInclusive<usize> = 3..=8;
@@ -2221,9 +2221,9 @@ pub fn norm_topk(
 /// How the stream-K tensor-core products (`sk*`) are used, from SWITCHYARD_SK.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SkPolicy {
-    /// "auto": at [`SK_AUTO_TOKENS`] tokens, over the weights' fragment-layout copies,
-    /// which are built when they take at most half the device's free memory after the
-    /// upload (else no `sk*` at all); cuBLAS above. The default (unset).
+    /// Unset or "auto": at [`SK_AUTO_TOKENS`] tokens, over the weights' fragment-layout
+    /// copies, which are built when they take at most half the device's free memory after
+    /// the upload (else no `sk*` at all); cuBLAS above.
     Auto,
     /// "0": never (cuBLAS above the GEMV), and no copies.
     Off,
@@ -2235,7 +2235,6 @@ pub enum SkPolicy {
 /// [`SkPolicy`] from SWITCHYARD_SK.
 pub fn sk_policy() -> SkPolicy {
     match std::env::var("SWITCHYARD_SK").as_deref() {
-        Ok("auto") => SkPolicy::Auto,
         Ok("1") => SkPolicy::All,
         Ok("0") => SkPolicy::Off,
         _ => SkPolicy::Auto,

@@ -40,8 +40,11 @@ struct Plan {
     a: lt::cublasLtMatrixLayout_t,
     b: lt::cublasLtMatrixLayout_t,
     c: lt::cublasLtMatrixLayout_t,
+    /// The heuristic's candidates, best first by its estimate; `algo` is one of them.
+    algos: Vec<lt::cublasLtMatmulAlgo_t>,
     algo: lt::cublasLtMatmulAlgo_t,
-    timed: bool,
+    /// Set once the candidates have been timed (or timing failed: the heuristic's first).
+    tuned: Option<Tuned>,
 }
 
 /// One shape's timing, for logs and benchmark reports.
@@ -65,7 +68,6 @@ pub(crate) struct Lt {
     ws: u64,
     ws_size: usize,
     plans: Mutex<HashMap<Key, Plan>>,
-    tuned: Mutex<Vec<Tuned>>,
 }
 
 fn err(what: &str, e: impl std::fmt::Debug) -> EngineError {
@@ -119,13 +121,18 @@ impl Lt {
             ws,
             ws_size,
             plans: Mutex::new(HashMap::new()),
-            tuned: Mutex::new(Vec::new()),
         }))
     }
 
-    /// The shapes timed so far.
+    /// The shapes timed so far, by rows, columns, tokens.
     pub fn tuned(&self) -> Vec<Tuned> {
-        self.tuned.lock().map(|t| t.clone()).unwrap_or_default()
+        let mut v: Vec<Tuned> = self
+            .plans
+            .lock()
+            .map(|p| p.values().filter_map(|p| p.tuned.clone()).collect())
+            .unwrap_or_default();
+        v.sort_by_key(|t| (t.rows, t.cols, t.tokens, t.add));
+        v
     }
 
     /// y[n, rows] (f32) = x16[n, cols] (bf16) · wᵀ, w bf16 [rows, cols]; with `add`,
@@ -144,27 +151,15 @@ impl Lt {
     ) -> Result<()> {
         let key = Key { rows, cols, n, add };
         let mut plans = self.plans.lock().map_err(|_| err("plans", "poisoned"))?;
-        let capturing = is_capturing(stream)?;
         let plan = match plans.entry(key) {
             std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
             std::collections::hash_map::Entry::Vacant(v) => v.insert(self.plan(key)?),
         };
-        if !plan.timed && !capturing {
-            self.time(stream, key, plan, w, x16)?;
+        // (the capture status is asked only while the shape is untimed)
+        if plan.tuned.is_none() && !is_capturing(stream)? {
+            self.time(stream, key, plan, w, x16);
         }
-        self.run(stream, plan, w, x16, y, add)
-    }
-
-    fn run(
-        &self,
-        stream: sys::CUstream,
-        p: &Plan,
-        w: u64,
-        x16: u64,
-        y: u64,
-        add: bool,
-    ) -> Result<()> {
-        self.run_algo(stream, p, &p.algo, w, x16, y, add)
+        self.run_algo(stream, plan, &plan.algo, w, x16, y, add)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -244,11 +239,12 @@ impl Lt {
             a,
             b,
             c,
+            algos: Vec::new(),
             algo: lt::cublasLtMatmulAlgo_t { data: [0; 8] },
-            timed: false,
+            tuned: None,
         };
-        let cands = self.candidates(&p, 1)?;
-        p.algo = cands[0];
+        p.algos = self.candidates(&p, CANDIDATES)?;
+        p.algo = p.algos[0];
         Ok(p)
     }
 
@@ -314,45 +310,38 @@ impl Lt {
         Ok(algos)
     }
 
-    /// Time the heuristic's candidates for the plan's shape and keep the fastest.
-    fn time(&self, stream: sys::CUstream, k: Key, p: &mut Plan, w: u64, x16: u64) -> Result<()> {
-        let algos = self.candidates(p, CANDIDATES)?;
-        let out_bytes = k.n * k.rows * 4;
-        let e = |what: &str, x: cu::DriverError| err(what, x);
-        // SAFETY: scratch allocations on the current context, freed before returning; the
-        // products write only into `scratch`.
-        unsafe {
-            let scratch = cu::malloc_sync(out_bytes).map_err(|x| e("scratch", x))?;
-            let flush = match cu::malloc_sync(FLUSH_BYTES) {
-                Ok(f) => f,
-                Err(x) => {
-                    let _ = cu::free_sync(scratch);
-                    return Err(e("flush buffer", x));
-                }
-            };
-            let r = self.time_all(stream, p, &algos, w, x16, scratch, flush, k.add);
-            cu::stream::synchronize(stream).map_err(|x| e("synchronize", x))?;
-            let _ = cu::free_sync(flush);
-            let _ = cu::free_sync(scratch);
-            let secs = r?;
-            let (best, best_s) = secs
-                .iter()
-                .copied()
-                .enumerate()
-                .min_by(|a, b| a.1.total_cmp(&b.1))
-                .expect("at least one candidate");
-            p.algo = algos[best];
-            p.timed = true;
-            let t = Tuned {
-                rows: k.rows,
-                cols: k.cols,
-                tokens: k.n,
-                add: k.add,
-                candidates: algos.len(),
-                chosen: best,
-                chosen_us: best_s * 1e6,
-                heuristic_first_us: secs[0] * 1e6,
-            };
+    /// Time the plan's candidates and keep the fastest. A failure (e.g. no room for the
+    /// flush buffer once the KV cache holds the memory) keeps the heuristic's first
+    /// algorithm and is logged: it never fails the product itself.
+    fn time(&self, stream: sys::CUstream, k: Key, p: &mut Plan, w: u64, x16: u64) {
+        let secs = match self.time_in_scratch(stream, k, p, w, x16) {
+            Ok(secs) => secs,
+            Err(e) => {
+                eprintln!(
+                    "switchyard: cuBLASLt {}x{} at {} tokens: not timed ({e}); the heuristic's first algorithm",
+                    k.rows, k.cols, k.n
+                );
+                vec![f64::NAN; 1]
+            }
+        };
+        let (best, best_s) = secs
+            .iter()
+            .copied()
+            .enumerate()
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .unwrap_or((0, f64::NAN));
+        p.algo = p.algos[best];
+        let t = Tuned {
+            rows: k.rows,
+            cols: k.cols,
+            tokens: k.n,
+            add: k.add,
+            candidates: p.algos.len(),
+            chosen: best,
+            chosen_us: best_s * 1e6,
+            heuristic_first_us: secs[0] * 1e6,
+        };
+        if best_s.is_finite() {
             eprintln!(
                 "switchyard: cuBLASLt {}x{} at {} tokens{}: algorithm {} of {} ({:.1} us; the heuristic's first {:.1} us)",
                 t.rows,
@@ -364,11 +353,36 @@ impl Lt {
                 t.chosen_us,
                 t.heuristic_first_us
             );
-            if let Ok(mut v) = self.tuned.lock() {
-                v.push(t);
-            }
         }
-        Ok(())
+        p.tuned = Some(t);
+    }
+
+    /// [`Self::time_all`] over an output scratch and a flush buffer allocated for it.
+    fn time_in_scratch(
+        &self,
+        stream: sys::CUstream,
+        k: Key,
+        p: &Plan,
+        w: u64,
+        x16: u64,
+    ) -> Result<Vec<f64>> {
+        // SAFETY: scratch allocations on the current context, freed before returning (after
+        // the stream is done with them); the products write only into `scratch`.
+        unsafe {
+            let scratch = cu::malloc_sync(k.n * k.rows * 4).map_err(|x| err("scratch", x))?;
+            let flush = match cu::malloc_sync(FLUSH_BYTES) {
+                Ok(f) => f,
+                Err(x) => {
+                    let _ = cu::free_sync(scratch);
+                    return Err(err("flush buffer", x));
+                }
+            };
+            let r = self.time_all(stream, p, w, x16, scratch, flush, k.add);
+            let synced = cu::stream::synchronize(stream).map_err(|x| err("synchronize", x));
+            let _ = cu::free_sync(flush);
+            let _ = cu::free_sync(scratch);
+            synced.and(r)
+        }
     }
 
     /// Mean seconds of each algorithm over RUNS runs, L2 flushed before each (scratch:
@@ -378,14 +392,12 @@ impl Lt {
         &self,
         stream: sys::CUstream,
         p: &Plan,
-        algos: &[lt::cublasLtMatmulAlgo_t],
         w: u64,
         x16: u64,
         scratch: u64,
         flush: u64,
         add: bool,
     ) -> Result<Vec<f64>> {
-        let e = |what: &str, x: cu::DriverError| err(what, x);
         let flags = sys::CUevent_flags::CU_EVENT_DEFAULT;
         let mut evs = Vec::with_capacity(2 * RUNS);
         let mut res = Ok(());
@@ -393,16 +405,16 @@ impl Lt {
             match cu::event::create(flags) {
                 Ok(ev) => evs.push(ev),
                 Err(x) => {
-                    res = Err(e("event", x));
+                    res = Err(err("event", x));
                     break;
                 }
             }
         }
-        let mut secs = Vec::with_capacity(algos.len());
+        let mut secs = Vec::with_capacity(p.algos.len());
         // SAFETY: the events are live (created above), the buffers are the caller's live
         // allocations of the sizes the plan describes.
         unsafe {
-            'outer: for a in algos {
+            'outer: for a in &p.algos {
                 if res.is_err() {
                     break;
                 }
@@ -413,13 +425,13 @@ impl Lt {
                 }
                 for i in 0..RUNS {
                     let steps = cu::memset_d8_async(flush, (i & 0xff) as u8, FLUSH_BYTES, stream)
-                        .map_err(|x| e("flush", x))
+                        .map_err(|x| err("flush", x))
                         .and_then(|_| {
-                            cu::event::record(evs[2 * i], stream).map_err(|x| e("record", x))
+                            cu::event::record(evs[2 * i], stream).map_err(|x| err("record", x))
                         })
                         .and_then(|_| self.run_algo(stream, p, a, w, x16, scratch, add))
                         .and_then(|_| {
-                            cu::event::record(evs[2 * i + 1], stream).map_err(|x| e("record", x))
+                            cu::event::record(evs[2 * i + 1], stream).map_err(|x| err("record", x))
                         });
                     if let Err(x) = steps {
                         res = Err(x);
@@ -427,7 +439,7 @@ impl Lt {
                     }
                 }
                 if let Err(x) = cu::stream::synchronize(stream) {
-                    res = Err(e("synchronize", x));
+                    res = Err(err("synchronize", x));
                     break;
                 }
                 let mut total = 0.0;
@@ -435,7 +447,7 @@ impl Lt {
                     match cu::event::elapsed(evs[2 * i], evs[2 * i + 1]) {
                         Ok(ms) => total += ms as f64 * 1e-3,
                         Err(x) => {
-                            res = Err(e("elapsed", x));
+                            res = Err(err("elapsed", x));
                             break 'outer;
                         }
                     }

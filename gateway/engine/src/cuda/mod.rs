@@ -464,6 +464,11 @@ impl Gpu {
         Ok(gpu)
     }
 
+    /// The token counts whose single products go through cuBLASLt (None: all on `GemmEx`).
+    pub fn blaslt_tokens(&self) -> Option<std::ops::RangeInclusive<usize>> {
+        self.lt.as_ref().map(|l| l.tokens.clone())
+    }
+
     /// The cuBLASLt shapes timed so far (None: the products are on cuBLAS `GemmEx`).
     pub fn blaslt_tuned(&self) -> Option<Vec<lt::Tuned>> {
         self.lt.as_ref().map(|l| l.tuned())
