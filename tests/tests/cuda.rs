@@ -411,6 +411,8 @@ fn bf16_inputs_and_attention_variants_give_the_same_logits() {
     let dm = Arc::new(DeviceModel::dummy(g.clone(), dummy_cfg(), 13).unwrap());
     let run = |(bf16_inputs, heads_x, half): (bool, bool, bool)| {
         mixed_passes(&dm, |be| {
+            // Without bf16 inputs gate and up run as a pair: compare like with like.
+            be.glu_tokens = switchyard_engine::cuda::forward::NO_TOKENS;
             be.bf16_inputs = bf16_inputs;
             be.att_heads_x = heads_x;
             be.att_half = half;
@@ -511,6 +513,35 @@ fn stream_k_products_at_3_to_8_tokens_match_cublas() {
     }
     assert!(sk != blas, "no pass took the stream-K products");
     eprintln!("stream-K vs cuBLAS: max |diff| / max |logit| = {worst:.2e}");
+}
+
+/// Gate and up live side by side in one allocation on the device (`join_glu`), so cuBLAS
+/// can run a gated unit as one product twice as wide, SiLU·up reading its two halves.
+/// Every cuBLAS pass of the mixed passes (304 and 36 tokens, decode steps 4, 8 and 12)
+/// taking it must give the logits of the batched pair within 5e-3 of the largest logit
+/// (cuBLAS may sum in another order for the wider shape); a half read from the wrong place
+/// misses by far.
+#[test]
+fn joined_gate_up_product_matches_the_pair() {
+    use switchyard_engine::cuda::forward::NO_TOKENS;
+    let Some(g) = gpu() else { return };
+    let dm = Arc::new(DeviceModel::dummy(g.clone(), dummy_cfg(), 23).unwrap());
+    assert!(dm.glu_joined(), "gate and up were not joined on upload");
+    let pair = mixed_passes_fed(&dm, |be| be.glu_tokens = NO_TOKENS, false);
+    let one = mixed_passes_fed(&dm, |be| be.glu_tokens = 1..=4096, false);
+    assert_eq!(one.len(), pair.len());
+    let mut worst = 0f32;
+    for (i, (a, b)) in one.iter().zip(&pair).enumerate() {
+        assert_eq!(a.len(), b.len());
+        let scale = b.iter().fold(0f32, |s, x| s.max(x.abs()));
+        let d = a.iter().zip(b).fold(0f32, |s, (x, y)| s.max((x - y).abs()));
+        worst = worst.max(d / scale);
+        assert!(
+            d <= 5e-3 * scale,
+            "pass {i}: the joined gate|up product's logits differ by {d} (largest logit {scale})"
+        );
+    }
+    eprintln!("joined gate|up vs the pair: max |diff| / max |logit| = {worst:.2e}");
 }
 
 /// Programmatic dependent launch lets each kernel start (and stream its weights) before the

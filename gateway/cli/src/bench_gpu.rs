@@ -535,6 +535,7 @@ mod imp {
                 "attention4": be.attention4, "att_half": be.att_half,
                 "norm_gemv": be.norm_gemv, "rope_gemv": be.rope_gemv,
                 "sk_tokens": format!("{:?}", be.sk_tokens),
+                "glu_one_tokens": format!("{:?}", be.glu_tokens),
                 "blaslt_tokens": be.dm.gpu.blaslt_tokens().map(|r| format!("{r:?}")),
             }),
         })

@@ -525,6 +525,17 @@ extern "C" __global__ void silu_mul16(const float* g, const float* u, bf16* y, u
         y[i] = to_bf(silu_gate(g[i], u[i]));
 }
 
+// y = bf16(silu(gate) * up) from one product over the joined gate|up matrix: row t of gu is
+// f gate outputs, then f up outputs (2f apart); y is [n, f].
+extern "C" __global__ void silu_mul16_cat(const float* gu, bf16* y, u64 f, u64 n) {
+    PDL_ENTRY;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        u64 t = i / f, j = i - t * f;
+        const float* r = gu + t * 2 * f;
+        y[i] = to_bf(silu_gate(r[j], r[f + j]));
+    }
+}
+
 extern "C" __global__ void f32_to_bf16(const float* x, bf16* y, u64 n) {
     PDL_ENTRY;
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)

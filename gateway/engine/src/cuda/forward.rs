@@ -81,6 +81,28 @@ pub fn tile_copy(gpu: &Arc<Gpu>, w: &DevW) -> Result<DevBuf> {
     Ok(out)
 }
 
+/// Move a layer's gate and up matrices into one allocation, gate first (`l.glu`), and make
+/// `l.gate` and `l.up` views of its halves: one cuBLAS product then reads both (one wide
+/// matrix ran faster than the batched pair at 16 and 32 tokens on an H100,
+/// bench/results/h100/gemm-shapes.json). The memory stays the same (the old buffers go).
+fn join_glu(gpu: &Arc<Gpu>, l: &mut DevLayer) -> Result<()> {
+    if l.glu.is_some() || l.gate.rows != l.up.rows || l.gate.cols != l.up.cols {
+        return Ok(());
+    }
+    let half = l.gate.rows * l.gate.cols * 2;
+    let both = gpu.alloc(2 * half)?;
+    gpu.copy(&both, 0, &l.gate.buf, half)?;
+    gpu.copy(&both, half, &l.up.buf, half)?;
+    // SAFETY: the views live in the same layer as `both` (l.glu), which is dropped with
+    // them; nothing else keeps a DevW's buffer.
+    unsafe {
+        l.gate.buf = both.view(0, half);
+        l.up.buf = both.view(half, half);
+    }
+    l.glu = Some(both);
+    Ok(())
+}
+
 /// LaRoSA's transposed copies of a layer's projections (`[in, out]`: a kept input's
 /// weight column is one contiguous row).
 pub struct SparseLayer {
@@ -106,6 +128,9 @@ pub struct DevLayer {
     gate: DevW,
     up: DevW,
     down: DevW,
+    /// Gate and up side by side (`[2 * ffn_dim, dim]`, [`DeviceModel::join_glu`]); `gate`
+    /// and `up` are views of its halves, so cuBLAS can run both as one product.
+    glu: Option<DevBuf>,
 }
 
 /// A model's weights on the device (shared by the pipeline generations of one model).
@@ -232,7 +257,9 @@ impl DeviceModel {
                 gate: upload_w(&gpu, &l.w_gate)?,
                 up: upload_w(&gpu, &l.w_up)?,
                 down: upload_w(&gpu, &l.w_down)?,
+                glu: None,
             });
+            join_glu(&gpu, layers.last_mut().unwrap())?;
             progress(i + 1, m.layers.len());
         }
         Ok(Self {
@@ -277,7 +304,9 @@ impl DeviceModel {
                 gate: mat(cfg.ffn_dim, d)?,
                 up: mat(cfg.ffn_dim, d)?,
                 down: mat(d, cfg.ffn_dim)?,
+                glu: None,
             });
+            join_glu(&gpu, layers.last_mut().unwrap())?;
         }
         let embd = mat(cfg.vocab_size, d)?;
         let head = Some(mat(cfg.vocab_size, d)?);
@@ -403,6 +432,14 @@ impl DeviceModel {
             })
             .sum();
         l + b(self.head())
+    }
+
+    /// Whether every layer's gate and up are the halves of one allocation ([`join_glu`]).
+    pub fn glu_joined(&self) -> bool {
+        self.layers.iter().all(|l| {
+            l.glu.is_some()
+                && l.up.buf.ptr == l.gate.buf.ptr + (l.gate.rows * l.gate.cols * 2) as u64
+        })
     }
 
     /// Whether every layer's products have their fragment-layout copies.
@@ -942,6 +979,10 @@ pub struct CudaBackend {
     pub sk_tokens: std::ops::RangeInclusive<usize>,
     /// Scratch of the `sk*` products for the current pass (partial sums, tickets).
     sk_scratch: (u64, u64),
+    /// Token counts whose gated units run on cuBLAS as one product over the joined
+    /// gate|up matrix ([`join_glu`]) instead of a batched pair ([`GLU_TOKENS`];
+    /// SWITCHYARD_GLU_ONE=0: none, `A-B`: A..=B).
+    pub glu_tokens: std::ops::RangeInclusive<usize>,
     graphs: Vec<((usize, usize, usize, u64), GraphExec)>,
     /// Shapes run once eagerly (captured when they come again).
     seen: Vec<(usize, usize, usize, u64)>,
@@ -974,6 +1015,29 @@ pub const SK_TOKENS: std::ops::RangeInclusive<usize> = 1..=64;
 /// fragment-layout copies): where they beat cuBLAS on an H100 (decode batch 4: 721 vs
 /// 681 tok/s, batch 8: 1,381 vs 1,358; bench/results/experiments/tiled-2026-12-07-h100).
 pub const SK_AUTO_TOKENS: std::ops::RangeInclusive<usize> = 3..=8;
+/// Token range of the one-product gated unit by default (cuBLAS through PyTorch on an
+/// H100, L2 flushed: gate|up of 16 and 32 tokens as one 22,016-row matrix 73.7 / 74.7 µs
+/// against 79.2 / 78.6 µs batched; at 64, 77.8 against 75.9;
+/// bench/results/h100/gemm-shapes.json).
+pub const GLU_TOKENS: std::ops::RangeInclusive<usize> = 9..=32;
+
+/// [`GLU_TOKENS`], or what SWITCHYARD_GLU_ONE says: `0` none, `A-B` the range A..=B.
+fn glu_tokens_env() -> std::ops::RangeInclusive<usize> {
+    match std::env::var("SWITCHYARD_GLU_ONE").ok().as_deref() {
+        None | Some("") | Some("1") => GLU_TOKENS,
+        Some("0") => NO_TOKENS,
+        Some(v) => match v.split_once('-').map(|(a, b)| (a.parse(), b.parse())) {
+            Some((Ok(a), Ok(b))) => a..=b,
+            _ => {
+                eprintln!(
+                    "switchyard: SWITCHYARD_GLU_ONE={v:?}: want 0, 1 or A-B; using the default"
+                );
+                GLU_TOKENS
+            }
+        },
+    }
+}
+
 /// No token count.
 #[allow(clippy::reversed_empty_ranges)]
 pub const NO_TOKENS: std::ops::RangeInclusive<usize> = 1..=0;
@@ -1702,11 +1766,30 @@ fn to_bf16(g: &Gpu, x: u64, x16: u64, len: usize) -> Result<()> {
 /// y[n, w.rows] = x16[n, w.cols] · wᵀ on cuBLAS (bf16 in, f32 out and accumulation); with
 /// `add`, y += the product (cuBLAS's beta = 1: no separate add kernel).
 fn gemm_bf16(g: &Gpu, w: &DevW, x16: u64, n: usize, y: u64, add: bool) -> Result<()> {
+    // SAFETY: w's buffer holds rows*cols bf16; the caller's x16 and y are sized as asked.
+    unsafe { gemm_bf16_raw(g, w.buf.ptr, w.rows, w.cols, x16, n, y, add) }
+}
+
+/// [`gemm_bf16`] over a matrix given by address (`rows × cols` bf16 at `w`).
+///
+/// # Safety
+/// `w` holds rows*cols bf16, `x16` n*cols bf16 and `y` n*rows f32.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_bf16_raw(
+    g: &Gpu,
+    w: u64,
+    rows: usize,
+    cols: usize,
+    x16: u64,
+    n: usize,
+    y: u64,
+    add: bool,
+) -> Result<()> {
     if let Some(lt) = g.lt.as_ref().filter(|l| l.tokens.contains(&n)) {
-        return lt.gemm(g.stream, w.buf.ptr, w.rows, w.cols, x16, n, y, add);
+        return lt.gemm(g.stream, w, rows, cols, x16, n, y, add);
     }
-    let (rows, cols) = (w.rows as i32, w.cols as i32);
-    // SAFETY: x16 holds n*cols bf16, y n*rows f32, w rows*cols bf16.
+    let (rows, cols) = (rows as i32, cols as i32);
+    // SAFETY: as the caller promised.
     unsafe {
         let (alpha, beta) = (1f32, if add { 1f32 } else { 0f32 });
         blas::gemm_ex(
@@ -1717,7 +1800,7 @@ fn gemm_bf16(g: &Gpu, w: &DevW, x16: u64, n: usize, y: u64, add: bool) -> Result
             n as i32,
             cols,
             &alpha as *const f32 as *const c_void,
-            w.buf.ptr as *const c_void,
+            w as *const c_void,
             bsys::cudaDataType::CUDA_R_16BF,
             cols,
             x16 as *const c_void,
@@ -2309,6 +2392,7 @@ impl CudaBackend {
                 _ => NO_TOKENS,
             },
             sk_scratch: (0, 0),
+            glu_tokens: glu_tokens_env(),
             graphs: Vec::new(),
             seen: Vec::new(),
             bufs: Bufs::default(),
@@ -2487,6 +2571,16 @@ impl CudaBackend {
         }
     }
 
+    /// Whether cuBLAS runs a gated unit's gate and up of `n` tokens as one product over the
+    /// joined matrix ([`join_glu`]: `wu` right after `wg`), with the gate's output buffer
+    /// sized for both halves ([`Self::run`]).
+    fn glu_one(&self, n: usize, wg: &DevW, wu: &DevW) -> bool {
+        self.glu_tokens.contains(&n)
+            && wg.rows == wu.rows
+            && wg.cols == wu.cols
+            && wu.buf.ptr == wg.buf.ptr + (wg.rows * wg.cols * 2) as u64
+    }
+
     /// Whether products of `n` tokens `cols` wide that the fused kernels do not take run
     /// the stream-K kernels (`sk*`) rather than cuBLAS.
     fn sk_for(&self, n: usize, cols: usize) -> bool {
@@ -2555,6 +2649,18 @@ impl CudaBackend {
             (Epilogue::Add, _) => {
                 let (w, y) = outs[0];
                 gemm_bf16(g, w, x16, n, y, true)?;
+            }
+            (Epilogue::Glu, _) if via.glu_out && self.glu_one(n, outs[0].0, outs[1].0) => {
+                // Gate and up side by side: one product 2 * rows wide into yg (sized so by
+                // Self::run), then SiLU·up from its two halves.
+                let (wg, yg) = outs[0];
+                // SAFETY: wg's buffer is the first half of the joined gate|up allocation
+                // (glu_one), so 2 * rows * cols bf16 from it; yg holds n * 2 * rows f32.
+                unsafe { gemm_bf16_raw(g, wg.buf.ptr, 2 * wg.rows, wg.cols, x16, n, yg, false)? };
+                let (f, m) = (wg.rows as u64, (n * wg.rows) as u64);
+                let grid = (blocks(n * wg.rows, 256).min(4096), 1, 1);
+                // SAFETY: yg holds n * 2f f32, out16 n * f bf16.
+                unsafe { g.launch(g.k.silu_mul16_cat, grid, 256, args!(yg, out16, f, m))? };
             }
             (Epilogue::Glu, _) => {
                 let ((wg, yg), (wu, yu)) = (outs[0], outs[1]);
@@ -2660,6 +2766,7 @@ impl CudaBackend {
             self.mm_tokens.clone(),
             (self.mm_blocks.max(1), self.mm_waves),
         );
+        let glu_tokens = self.glu_tokens.clone();
         let b = &mut self.bufs;
         let x = b.get(g, X, n * dim * 4)?;
         let xb = b.get(g, XB, n * dim * 4)?;
@@ -2668,7 +2775,12 @@ impl CudaBackend {
         let v = b.get(g, V, n * kvd * 4)?;
         let att = b.get(g, ATT, n * qd * 4)?;
         let tmp = b.get(g, TMP, n * dim * 4)?;
-        let hb = b.get(g, HB, n * f * 4)?;
+        // Room for gate and up side by side when cuBLAS runs them as one product.
+        let hb = b.get(
+            g,
+            HB,
+            n * f * 4 * if glu_tokens.contains(&n) { 2 } else { 1 },
+        )?;
         let hb2 = b.get(g, HB2, n * f * 4)?;
         let sel = b.get(g, SEL, n_sel.max(1) * dim * 4)?;
         let logits = b.get(g, LOGITS, n_sel.max(1) * c.vocab_size * 4)?;

@@ -41,6 +41,7 @@ pub(crate) struct Kernels {
     pub attention_mma: [sys::CUfunction; 2],
     pub silu_mul: sys::CUfunction,
     pub silu_mul16: sys::CUfunction,
+    pub silu_mul16_cat: sys::CUfunction,
     pub f32_to_bf16: sys::CUfunction,
     /// gemv for up to 1, 2, 4, 8 tokens.
     pub gemv: [sys::CUfunction; 4],
@@ -299,6 +300,7 @@ impl Gpu {
             attention_mma: [f("attention_mma64")?, f("attention_mma128")?],
             silu_mul: f("silu_mul")?,
             silu_mul16: f("silu_mul16")?,
+            silu_mul16_cat: f("silu_mul16_cat")?,
             f32_to_bf16: f("f32_to_bf16")?,
             gemv: [f("gemv1")?, f("gemv2")?, f("gemv4")?, f("gemv8")?],
             gemv_norm: [
@@ -612,7 +614,18 @@ impl Gpu {
             ptr,
             bytes,
             gpu: self.clone(),
+            owned: true,
         })
+    }
+
+    /// Copy `bytes` from `src` to `dst` on the engine's stream, then wait for it.
+    pub fn copy(&self, dst: &DevBuf, dst_off: usize, src: &DevBuf, bytes: usize) -> Result<()> {
+        assert!(dst_off + bytes <= dst.bytes && bytes <= src.bytes);
+        self.bind()?;
+        // SAFETY: both ranges lie inside live allocations (asserted above).
+        unsafe { cu::memcpy_dtod_async(dst.ptr + dst_off as u64, src.ptr, bytes, self.stream) }
+            .map_err(|e| err("copy", e))?;
+        self.sync()
     }
 
     pub fn upload<T: Copy>(self: &Arc<Self>, data: &[T]) -> Result<DevBuf> {
@@ -699,14 +712,29 @@ impl Gpu {
 
 struct DevPtr(u64);
 
-/// A plain device allocation, freed on drop.
+/// A plain device allocation, freed on drop; or a view of part of one ([`DevBuf::view`]),
+/// which frees nothing.
 pub struct DevBuf {
     pub ptr: sys::CUdeviceptr,
     pub bytes: usize,
     gpu: Arc<Gpu>,
+    owned: bool,
 }
 
 impl DevBuf {
+    /// `bytes` of this allocation from `offset`, as a buffer that frees nothing.
+    ///
+    /// # Safety
+    /// The view must not be used after this buffer is dropped.
+    pub unsafe fn view(&self, offset: usize, bytes: usize) -> DevBuf {
+        assert!(offset + bytes <= self.bytes);
+        DevBuf {
+            ptr: self.ptr + offset as u64,
+            bytes,
+            gpu: self.gpu.clone(),
+            owned: false,
+        }
+    }
     pub fn write<T: Copy>(&self, data: &[T]) -> Result<()> {
         assert!(std::mem::size_of_val(data) <= self.bytes);
         self.gpu.bind()?;
@@ -732,6 +760,9 @@ impl DevBuf {
 
 impl Drop for DevBuf {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         let _ = self.gpu.bind();
         // SAFETY: allocated by malloc_sync and not freed before.
         unsafe {
