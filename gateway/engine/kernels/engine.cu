@@ -172,7 +172,9 @@ extern "C" __global__ void rmsnorm16(const float* __restrict__ x, const float* _
     rmsnorm_impl(x, w, out, dim, eps);
 }
 
+#ifndef ATT_WARPS
 #define ATT_WARPS 8
+#endif
 #define ATT_MIN_SPLIT 16
 
 __device__ __forceinline__ void bf4(uint2 u, float* f) {
@@ -383,7 +385,7 @@ __device__ void attention_impl(const float* q, const u64* kvp, const int* item, 
 #endif
 // (name, positions per warp iteration, 128-wide halves per lane, prefetch)
 #define ATT_KERNEL(NAME, U, C, PF)                                                            \
-    extern "C" __global__ void NAME(ATT_ARGS) {                                               \
+    extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS) NAME(ATT_ARGS) {             \
         PDL_ENTRY;                                                                            \
         attention_impl<U, C, PF>(ATT_PASS);                                                   \
     }

@@ -979,6 +979,10 @@ pub struct CudaBackend {
     pub sk_tokens: std::ops::RangeInclusive<usize>,
     /// Scratch of the `sk*` products for the current pass (partial sums, tickets).
     sk_scratch: (u64, u64),
+    /// Decode attention splits a (row, head)'s positions until the grid has this many
+    /// blocks (at most 8 splits; SWITCHYARD_ATT_BLOCKS, default
+    /// 264).
+    pub att_blocks: usize,
     /// Token counts whose gated units run on cuBLAS as one product over the joined
     /// gate|up matrix ([`join_glu`]) instead of a batched pair ([`GLU_TOKENS`];
     /// SWITCHYARD_GLU_ONE=0: none, `A-B`: A..=B).
@@ -2393,6 +2397,10 @@ impl CudaBackend {
             },
             sk_scratch: (0, 0),
             glu_tokens: glu_tokens_env(),
+            att_blocks: std::env::var("SWITCHYARD_ATT_BLOCKS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(ATT_BLOCKS_WANTED),
             graphs: Vec::new(),
             seen: Vec::new(),
             bufs: Bufs::default(),
@@ -2791,7 +2799,7 @@ impl CudaBackend {
         let selidx = b.get(g, SELIDX, n_sel.max(1) * 4)?;
         let arows = b.get(g, AROWS, n.max(1) * 4)?;
         let n_arows = self.arows.len();
-        let att_splits = (ATT_BLOCKS_WANTED / (n_arows * c.n_heads).max(1)).clamp(1, ATT_SPLIT_MAX);
+        let att_splits = (self.att_blocks / (n_arows * c.n_heads).max(1)).clamp(1, ATT_SPLIT_MAX);
         let slots = n_arows.max(1) * c.n_heads;
         let att_cnt = b.get_zeroed(g, ATTC, slots * 4)?;
         let att_part = b.get(g, ATTP, slots * att_splits * (c.head_dim + 2) * 4)?;
@@ -3137,7 +3145,7 @@ impl CudaBackend {
                     g.launch(
                         kk.attention[self.attention4 as usize + 2 * half as usize],
                         grid,
-                        256,
+                        kk.att_threads,
                         args!(
                             q, kvl, item, pos, arows, att, att16, nh_i, nkv_i, hd_i, scale,
                             att_part, att_cnt, hx

@@ -75,6 +75,8 @@ pub(crate) struct Kernels {
     pub sparse_mm: [sys::CUfunction; 2],
     /// Threads per block of `sparse_mm*` (`SP_THREADS`, read from their launch bounds).
     pub sparse_threads: u32,
+    /// Block size of the decode attention kernels (32 * ATT_WARPS).
+    pub att_threads: u32,
     pub transpose_bf16: sys::CUfunction,
     /// A matrix into the `sk*` kernels' fragment layout.
     pub tile_w16: sys::CUfunction,
@@ -352,11 +354,13 @@ impl Gpu {
             ],
             sparse_mm: [f("sparse_mm512")?, f("sparse_mm1024")?],
             sparse_threads: 0,
+            att_threads: 0,
             transpose_bf16: f("transpose_bf16")?,
             tile_w16: f("tile_w16")?,
         };
         // `__launch_bounds__(N, ..)` makes a kernel's largest block N: the block sizes of the
-        // sparse products and the top-k kernels are tuning macros (SP_THREADS, TOPK_THREADS),
+        // sparse products, the top-k kernels and decode attention are tuning macros (SP_THREADS,
+        // TOPK_THREADS, ATT_WARPS),
         // so the host reads them rather than assume them.
         let block = |func: sys::CUfunction, n: &str| -> Result<u32> {
             // SAFETY: a function of the loaded module.
@@ -371,6 +375,7 @@ impl Gpu {
         };
         k.sparse_threads = block(k.sparse_mm[0], "sparse_mm512 block size")?;
         k.topk_threads = block(k.topk[0], "topk4 block size")?;
+        k.att_threads = block(k.attention[0], "attention block size")?;
         // The prefill attention kernels (head size 128) and the split-K products take more
         // than the default 48 KiB of shared memory.
         for (func, bytes) in [
