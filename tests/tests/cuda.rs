@@ -544,6 +544,32 @@ fn joined_gate_up_product_matches_the_pair() {
     eprintln!("joined gate|up vs the pair: max |diff| / max |logit| = {worst:.2e}");
 }
 
+/// Decode attention with half a warp per position (8 dimensions a lane) against the
+/// warp-per-position kernel on the same passes (the sums form in another order): every
+/// pass's logits within 5e-3 of its largest logit; a position skipped, counted twice or
+/// mixed up between the halves misses by far.
+#[test]
+fn half_warp_decode_attention_matches_the_warp_kernel() {
+    let Some(g) = gpu() else { return };
+    let dm = Arc::new(DeviceModel::dummy(g.clone(), dummy_cfg(), 29).unwrap());
+    let warp = mixed_passes_fed(&dm, |be| be.att_hw = false, false);
+    let half = mixed_passes_fed(&dm, |be| be.att_hw = true, false);
+    assert_eq!(half.len(), warp.len());
+    let mut worst = 0f32;
+    for (i, (a, b)) in half.iter().zip(&warp).enumerate() {
+        assert_eq!(a.len(), b.len());
+        let scale = b.iter().fold(0f32, |s, x| s.max(x.abs()));
+        let d = a.iter().zip(b).fold(0f32, |s, (x, y)| s.max((x - y).abs()));
+        worst = worst.max(d / scale);
+        assert!(
+            d <= 5e-3 * scale,
+            "pass {i}: half-warp attention's logits differ by {d} (largest logit {scale})"
+        );
+    }
+    assert!(half != warp, "no pass took the half-warp attention");
+    eprintln!("half-warp vs warp decode attention: max |diff| / max |logit| = {worst:.2e}");
+}
+
 /// Programmatic dependent launch lets each kernel start (and stream its weights) before the
 /// previous one ends; every kernel waits for its predecessor before touching its data. A
 /// missing or misplaced wait is a race: the logits of prefill chunks (tiled and per-row

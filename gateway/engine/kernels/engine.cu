@@ -394,6 +394,178 @@ ATT_KERNEL(attention4, 4, 2, false)
 ATT_KERNEL(attention_h, 2, 1, ATT_PF)
 ATT_KERNEL(attention4_h, 4, 1, ATT_PF)
 
+// Decode attention for heads up to 128 wide (head_dim a multiple of 8) with half a warp per
+// position: each lane owns 8 consecutive dimensions (16-byte K and V loads), so a warp takes
+// two positions per slot and a score needs 4 shuffles, not 5. Otherwise as attention_impl
+// (grid, splits, online softmax, merge); the half-warps' partial results merge like warps'.
+// ATT_HW_U positions per half-warp per iteration, the next iteration's loads issued first.
+#ifndef ATT_HW_U
+#define ATT_HW_U 2
+#endif
+__device__ __forceinline__ void bf8(uint4 u, float* f) {
+    f[0] = bf_lo(u.x);
+    f[1] = bf_hi(u.x);
+    f[2] = bf_lo(u.y);
+    f[3] = bf_hi(u.y);
+    f[4] = bf_lo(u.z);
+    f[5] = bf_hi(u.z);
+    f[6] = bf_lo(u.w);
+    f[7] = bf_hi(u.w);
+}
+__device__ __forceinline__ float half_sum(float v) {
+    for (int o = 8; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+template <int U>
+__device__ __forceinline__ void att_load_hw(uint4 (&kk)[U], uint4 (&vv)[U], const bf16* K,
+                                            const bf16* V, int kvd, int e, bool ok, int t0,
+                                            int GW, int T) {
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        size_t t = (size_t)(t0 + u * GW);
+        if (ok && t0 + u * GW < T) {
+            kk[u] = *(const uint4*)(K + t * kvd + e);
+            vv[u] = *(const uint4*)(V + t * kvd + e);
+        } else {
+            kk[u] = make_uint4(0u, 0u, 0u, 0u);
+            vv[u] = make_uint4(0u, 0u, 0u, 0u);
+        }
+    }
+}
+__device__ void attention_hw_impl(const float* q, const u64* kvp, const int* item, const int* pos,
+                                  const int* rows, float* out, bf16* out16, int nh, int nkv,
+                                  int hd, float scale, float* part, u32* cnt, int heads_x) {
+    constexpr int U = ATT_HW_U, NV = 2 * ATT_WARPS;
+    __shared__ float s_m[NV], s_l[NV];
+    __shared__ float s_acc[NV * 128];
+    __shared__ u32 s_ticket;
+    int ri = heads_x ? blockIdx.y : blockIdx.x, h = heads_x ? blockIdx.x : blockIdx.y;
+    int r = rows[ri];
+    int it = item[r], T = pos[r] + 1;
+    int S = min((int)gridDim.z, max(1, (T + ATT_MIN_SPLIT - 1) / ATT_MIN_SPLIT));
+    if ((int)blockIdx.z >= S) return;
+    int lane = threadIdx.x & 31, sl = lane & 15;
+    int vw = threadIdx.x >> 4;  // this half-warp within the block
+    int gw = blockIdx.z * NV + vw, GW = S * NV;
+    int kvd = nkv * hd, kh = h / (nh / nkv);
+    const bf16* K = (const bf16*)kvp[2 * it] + kh * hd;
+    const bf16* V = (const bf16*)kvp[2 * it + 1] + kh * hd;
+    const float* qr = q + ((size_t)r * nh + h) * hd;
+    int e = 8 * sl;
+    bool ok = e < hd;
+    float qv[8], acc[8];
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        qv[i] = ok ? qr[e + i] * scale : 0.f;
+        acc[i] = 0.f;
+    }
+    float m = NEG_INF, l = 0.f;
+    uint4 kk[U], vv[U];
+    att_load_hw<U>(kk, vv, K, V, kvd, e, ok, gw, GW, T);
+    // Both halves of a warp run the loop the same number of times (their trip counts can
+    // differ by one: the shuffles need every lane), the extra trip with nothing to add.
+    int tw = gw & ~1;
+    for (int t0 = gw, tb = tw; tb < T; t0 += U * GW, tb += U * GW) {
+        uint4 nk[U], nv[U];
+        att_load_hw<U>(nk, nv, K, V, kvd, e, ok, t0 + U * GW, GW, T);
+        bool have[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) have[u] = t0 + u * GW < T;
+        float sc[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            float kf[8], sacc = 0.f;
+            bf8(kk[u], kf);
+#pragma unroll
+            for (int i = 0; i < 8; i++) sacc = fmaf(qv[i], kf[i], sacc);
+            sc[u] = sacc;
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) sc[u] = half_sum(sc[u]);
+        float mn = m;
+#pragma unroll
+        for (int u = 0; u < U; u++)
+            if (have[u]) mn = fmaxf(mn, sc[u]);
+        float corr = mn == NEG_INF ? 1.f : __expf(m - mn);
+        l *= corr;
+#pragma unroll
+        for (int i = 0; i < 8; i++) acc[i] *= corr;
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            if (!have[u]) break;
+            float pe = __expf(sc[u] - mn), vf[8];
+            l += pe;
+            bf8(vv[u], vf);
+#pragma unroll
+            for (int i = 0; i < 8; i++) acc[i] = fmaf(pe, vf[i], acc[i]);
+        }
+        m = mn;
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            kk[u] = nk[u];
+            vv[u] = nv[u];
+        }
+    }
+    if (sl == 0) {
+        s_m[vw] = m;
+        s_l[vw] = l;
+    }
+    if (ok)
+#pragma unroll
+        for (int i = 0; i < 8; i++) s_acc[vw * 128 + e + i] = acc[i];
+    __syncthreads();
+    float M = NEG_INF;
+    for (int i = 0; i < NV; i++)
+        if (s_l[i] > 0.f) M = fmaxf(M, s_m[i]);
+    float L = 0.f;
+    for (int i = 0; i < NV; i++)
+        if (s_l[i] > 0.f) L += s_l[i] * __expf(s_m[i] - M);
+    size_t oi = ((size_t)r * nh + h) * hd;
+    size_t slot = (size_t)ri * nh + h;
+    float* pp = part + (slot * gridDim.z + blockIdx.z) * (hd + 2);
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float a = 0.f;
+        for (int i = 0; i < NV; i++)
+            if (s_l[i] > 0.f) a += s_acc[i * 128 + d] * __expf(s_m[i] - M);
+        if (S == 1)
+            out16 ? store1(out16 + oi, d, a / L) : store1(out + oi, d, a / L);
+        else
+            pp[2 + d] = a;
+    }
+    if (S == 1) return;
+    if (threadIdx.x == 0) {
+        pp[0] = M;
+        pp[1] = L;
+    }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) s_ticket = atomicAdd(&cnt[slot], 1u);
+    __syncthreads();
+    if (s_ticket != (u32)S - 1) return;
+    __threadfence();
+    const float* base = part + slot * gridDim.z * (hd + 2);
+    float MM = NEG_INF, LL = 0.f;
+    for (int i = 0; i < S; i++)
+        if (__ldcg(base + i * (hd + 2) + 1) > 0.f) MM = fmaxf(MM, __ldcg(base + i * (hd + 2)));
+    for (int i = 0; i < S; i++) {
+        float li = __ldcg(base + i * (hd + 2) + 1);
+        if (li > 0.f) LL += li * __expf(__ldcg(base + i * (hd + 2)) - MM);
+    }
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float a = 0.f;
+        for (int i = 0; i < S; i++) {
+            const float* pi = base + i * (hd + 2);
+            if (__ldcg(pi + 1) > 0.f) a += __ldcg(pi + 2 + d) * __expf(__ldcg(pi) - MM);
+        }
+        out16 ? store1(out16 + oi, d, a / LL) : store1(out + oi, d, a / LL);
+    }
+    if (threadIdx.x == 0) cnt[slot] = 0u;
+}
+extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS) attention_hw(ATT_ARGS) {
+    PDL_ENTRY;
+    attention_hw_impl(ATT_PASS);
+}
+
 __device__ __forceinline__ float warp_max(float v) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;

@@ -983,6 +983,10 @@ pub struct CudaBackend {
     /// blocks (at most 8 splits; SWITCHYARD_ATT_BLOCKS, default
     /// 264).
     pub att_blocks: usize,
+    /// Heads up to 128 wide (multiples of 8) take the decode attention kernel with half a
+    /// warp per position (`attention_hw`: 16-byte loads, 4 shuffles a score); on with
+    /// SWITCHYARD_ATT_HW=1.
+    pub att_hw: bool,
     /// Token counts whose gated units run on cuBLAS as one product over the joined
     /// gate|up matrix ([`join_glu`]) instead of a batched pair ([`GLU_TOKENS`];
     /// SWITCHYARD_GLU_ONE=0: none, `A-B`: A..=B).
@@ -2401,6 +2405,7 @@ impl CudaBackend {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(ATT_BLOCKS_WANTED),
+            att_hw: std::env::var("SWITCHYARD_ATT_HW").is_ok_and(|v| v == "1"),
             graphs: Vec::new(),
             seen: Vec::new(),
             bufs: Bufs::default(),
@@ -3142,8 +3147,13 @@ impl CudaBackend {
                         (n_arows as u32, nh as u32, att_splits as u32)
                     };
                     let half = self.att_half && hd <= 128;
+                    let func = if self.att_hw && hd <= 128 && hd.is_multiple_of(8) {
+                        kk.attention_hw
+                    } else {
+                        kk.attention[self.attention4 as usize + 2 * half as usize]
+                    };
                     g.launch(
-                        kk.attention[self.attention4 as usize + 2 * half as usize],
+                        func,
                         grid,
                         kk.att_threads,
                         args!(

@@ -36,6 +36,8 @@ pub(crate) struct Kernels {
     /// Decode attention with 2 and 4 positions per warp iteration, for heads up to 256 wide,
     /// then the same for heads up to 128 wide (next positions prefetched).
     pub attention: [sys::CUfunction; 4],
+    /// Decode attention with half a warp per position (heads up to 128, multiples of 8).
+    pub attention_hw: sys::CUfunction,
     pub attention_tiles: sys::CUfunction,
     /// Prefill attention on tensor cores, head size 64 and 128.
     pub attention_mma: [sys::CUfunction; 2],
@@ -298,6 +300,7 @@ impl Gpu {
                 f("attention_h")?,
                 f("attention4_h")?,
             ],
+            attention_hw: f("attention_hw")?,
             attention_tiles: f("attention_tiles")?,
             attention_mma: [f("attention_mma64")?, f("attention_mma128")?],
             silu_mul: f("silu_mul")?,
