@@ -10,7 +10,7 @@
 set -uo pipefail
 DIR=${1:?usage: gpu-run.sh DIR [OUT]}
 OUT=${2:-bench/results}
-STEPS=${STEPS:-tests,check,smolshape,bench,long,larosa,torch,serve,larosa-serve}
+STEPS=${STEPS:-tests,check,smolshape,bench,attention,long,larosa,torch,serve,larosa-serve}
 mkdir -p "$OUT"
 libdirs=$(find /usr/local /usr/lib /opt -name 'libnvrtc.so*' -o -name 'libcublas.so*' 2>/dev/null \
   | grep -v /stubs/ | xargs -r -n1 dirname | sort -u | tr '\n' ':')
@@ -64,6 +64,30 @@ if [[ $STEPS == *bench* ]]; then
   echo "== batches 16-64 and prefill with one cuBLAS product per matrix (not batched)"
   SWITCHYARD_BLAS_BATCHED=0 "$BIN" bench gpu --dummy llama2-7b --batch 16,32,64 --prompt 128 \
     --gen ${GEN:-128} --prefill 512,2048 --json > "$OUT/gpu-llama2-7b-unbatched.json"
+fi
+if [[ $STEPS == *attention* ]]; then
+  echo "== decode attention's variants at batch 32 and 64 (default first and last)"
+  att() { # name, then env settings
+    local name=$1; shift
+    env "$@" "$BIN" bench gpu --dummy llama2-7b --batch 32,64 --prompt 128 --gen ${GEN:-128} \
+      --prefill 512 --json > "$OUT/gpu-attention-$name.json"
+  }
+  att default X=1
+  att half-warp SWITCHYARD_ATT_HW=1
+  att half-warp-u4 SWITCHYARD_ATT_HW=1 SWITCHYARD_KERNEL_DEFINES=ATT_HW_U=4
+  att warps4 SWITCHYARD_KERNEL_DEFINES=ATT_WARPS=4
+  att warps16 SWITCHYARD_KERNEL_DEFINES=ATT_WARPS=16
+  att blocks2048 SWITCHYARD_ATT_BLOCKS=2048
+  att default-again X=1
+  att half-warp-again SWITCHYARD_ATT_HW=1
+  if command -v ncu > /dev/null; then
+    for v in default:X=1 half-warp:SWITCHYARD_ATT_HW=1; do
+      SWITCHYARD_CUDA_GRAPHS=0 env "${v#*:}" ncu --kernel-name regex:attention --launch-skip 200 \
+        --launch-count 1 --metrics gpu__time_duration.sum,dram__bytes_read.sum,launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active,launch__waves_per_multiprocessor \
+        "$BIN" bench gpu --dummy llama2-7b --batch 32 --prompt 128 --gen 16 --prefill 512 \
+        > "$OUT/gpu-attention-ncu-${v%%:*}.txt" 2>&1
+    done
+  fi
 fi
 if [[ $STEPS == *long* ]]; then
   echo "== Llama-2-7B shapes, 600 decode steps (sequences cross KV pages during decode)"
