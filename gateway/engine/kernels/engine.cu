@@ -175,6 +175,19 @@ extern "C" __global__ void rmsnorm16(const float* __restrict__ x, const float* _
 #ifndef ATT_WARPS
 #define ATT_WARPS 8
 #endif
+#if ATT_WARPS < 1 || ATT_WARPS > 32
+#error "ATT_WARPS: 1 to 32 (the host launches 32 * ATT_WARPS threads)"
+#endif
+// ATT_MIN_BLOCKS (a tuning macro, unset by default): blocks per SM the decode attention
+// kernels are compiled to fit, so the registers a thread may use follow. Unset, the kernels
+// carry no launch bounds (attention4_h: 56 registers, 4 blocks of 256 threads per SM); even
+// `__launch_bounds__(256, 1)` gave it 72 (3 blocks). The host takes the block size as
+// 32 * ATT_WARPS from the same defines.
+#ifdef ATT_MIN_BLOCKS
+#define ATT_BOUNDS __launch_bounds__(32 * ATT_WARPS, ATT_MIN_BLOCKS)
+#else
+#define ATT_BOUNDS
+#endif
 #define ATT_MIN_SPLIT 16
 
 __device__ __forceinline__ void bf4(uint2 u, float* f) {
@@ -385,7 +398,7 @@ __device__ void attention_impl(const float* q, const u64* kvp, const int* item, 
 #endif
 // (name, positions per warp iteration, 128-wide halves per lane, prefetch)
 #define ATT_KERNEL(NAME, U, C, PF)                                                            \
-    extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS) NAME(ATT_ARGS) {             \
+    extern "C" __global__ void ATT_BOUNDS NAME(ATT_ARGS) {                                       \
         PDL_ENTRY;                                                                            \
         attention_impl<U, C, PF>(ATT_PASS);                                                   \
     }
@@ -561,7 +574,7 @@ __device__ void attention_hw_impl(const float* q, const u64* kvp, const int* ite
     }
     if (threadIdx.x == 0) cnt[slot] = 0u;
 }
-extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS) attention_hw(ATT_ARGS) {
+extern "C" __global__ void ATT_BOUNDS attention_hw(ATT_ARGS) {
     PDL_ENTRY;
     attention_hw_impl(ATT_PASS);
 }

@@ -362,8 +362,7 @@ impl Gpu {
             tile_w16: f("tile_w16")?,
         };
         // `__launch_bounds__(N, ..)` makes a kernel's largest block N: the block sizes of the
-        // sparse products, the top-k kernels and decode attention are tuning macros (SP_THREADS,
-        // TOPK_THREADS, ATT_WARPS),
+        // sparse products and the top-k kernels are tuning macros (SP_THREADS, TOPK_THREADS),
         // so the host reads them rather than assume them.
         let block = |func: sys::CUfunction, n: &str| -> Result<u32> {
             // SAFETY: a function of the loaded module.
@@ -378,7 +377,15 @@ impl Gpu {
         };
         k.sparse_threads = block(k.sparse_mm[0], "sparse_mm512 block size")?;
         k.topk_threads = block(k.topk[0], "topk4 block size")?;
-        k.att_threads = block(k.attention[0], "attention block size")?;
+        // Decode attention carries no launch bounds by default (they changed its registers):
+        // its block is 32 * ATT_WARPS warps as the kernels were compiled (8 unless the
+        // defines set 1..=32).
+        k.att_threads = 32
+            * kernel_defines()
+                .iter()
+                .find_map(|d| d.strip_prefix("ATT_WARPS=")?.parse().ok())
+                .filter(|w: &u32| (1..=32).contains(w))
+                .unwrap_or(8);
         // The prefill attention kernels (head size 128) and the split-K products take more
         // than the default 48 KiB of shared memory.
         for (func, bytes) in [
