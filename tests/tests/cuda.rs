@@ -399,6 +399,26 @@ fn mixed_passes_fed(
     out
 }
 
+/// Every pass of `got` against the same pass of `want` (as [`mixed_passes_fed`] returns
+/// them): the logits within 5e-3 of the pass's largest logit (bf16 tolerance for sums
+/// formed in another order). Returns the worst max |diff| / max |logit|; `what` names the
+/// path in the failure message.
+fn assert_passes_close(got: &[Vec<f32>], want: &[Vec<f32>], what: &str) -> f32 {
+    assert_eq!(got.len(), want.len());
+    let mut worst = 0f32;
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        assert_eq!(a.len(), b.len());
+        let scale = b.iter().fold(0f32, |s, x| s.max(x.abs()));
+        let d = a.iter().zip(b).fold(0f32, |s, (x, y)| s.max((x - y).abs()));
+        worst = worst.max(d / scale);
+        assert!(
+            d <= 5e-3 * scale,
+            "pass {i}: {what}: logits differ by {d} (largest logit {scale})"
+        );
+    }
+    worst
+}
+
 /// The kernels before cuBLAS products write their inputs rounded to bf16 (RMSNorm, decode
 /// attention, SiLU·up) instead of a conversion pass; decode attention may run its blocks
 /// head-fastest, and heads up to 128 wide take the kernels made for them (one half per
@@ -459,18 +479,7 @@ fn rmsnorm_and_rope_in_the_gemv_match_the_kernels() {
             },
             false,
         );
-        assert_eq!(fused.len(), plain.len());
-        let mut worst = 0f32;
-        for (i, (a, b)) in fused.iter().zip(&plain).enumerate() {
-            assert_eq!(a.len(), b.len());
-            let scale = b.iter().fold(0f32, |s, x| s.max(x.abs()));
-            let d = a.iter().zip(b).fold(0f32, |s, (x, y)| s.max((x - y).abs()));
-            worst = worst.max(d / scale);
-            assert!(
-                d <= 5e-3 * scale,
-                "pass {i}, RoPE in the GEMV {rope}: logits differ by {d} (largest logit {scale})"
-            );
-        }
+        let worst = assert_passes_close(&fused, &plain, &format!("RoPE in the GEMV {rope}"));
         // The one-sequence decode passes went through the fused kernels: their logits are
         // not bit-identical (else the test would not see the fused path at all).
         assert!(fused != plain, "no pass took the fused GEMV (RoPE {rope})");
@@ -499,18 +508,7 @@ fn stream_k_products_at_3_to_8_tokens_match_cublas() {
     }
     let blas = mixed_passes_fed(&dm, |be| be.sk_tokens = NO_TOKENS, false);
     let sk = mixed_passes_fed(&dm, |be| be.sk_tokens = SK_AUTO_TOKENS, false);
-    assert_eq!(sk.len(), blas.len());
-    let mut worst = 0f32;
-    for (i, (a, b)) in sk.iter().zip(&blas).enumerate() {
-        assert_eq!(a.len(), b.len());
-        let scale = b.iter().fold(0f32, |s, x| s.max(x.abs()));
-        let d = a.iter().zip(b).fold(0f32, |s, (x, y)| s.max((x - y).abs()));
-        worst = worst.max(d / scale);
-        assert!(
-            d <= 5e-3 * scale,
-            "pass {i}: stream-K logits differ from cuBLAS's by {d} (largest logit {scale})"
-        );
-    }
+    let worst = assert_passes_close(&sk, &blas, "stream-K against cuBLAS");
     assert!(sk != blas, "no pass took the stream-K products");
     eprintln!("stream-K vs cuBLAS: max |diff| / max |logit| = {worst:.2e}");
 }
@@ -529,18 +527,7 @@ fn joined_gate_up_product_matches_the_pair() {
     assert!(dm.glu_joined(), "gate and up were not joined on upload");
     let pair = mixed_passes_fed(&dm, |be| be.glu_tokens = NO_TOKENS, false);
     let one = mixed_passes_fed(&dm, |be| be.glu_tokens = 1..=4096, false);
-    assert_eq!(one.len(), pair.len());
-    let mut worst = 0f32;
-    for (i, (a, b)) in one.iter().zip(&pair).enumerate() {
-        assert_eq!(a.len(), b.len());
-        let scale = b.iter().fold(0f32, |s, x| s.max(x.abs()));
-        let d = a.iter().zip(b).fold(0f32, |s, (x, y)| s.max((x - y).abs()));
-        worst = worst.max(d / scale);
-        assert!(
-            d <= 5e-3 * scale,
-            "pass {i}: the joined gate|up product's logits differ by {d} (largest logit {scale})"
-        );
-    }
+    let worst = assert_passes_close(&one, &pair, "the joined gate|up product");
     eprintln!("joined gate|up vs the pair: max |diff| / max |logit| = {worst:.2e}");
 }
 
@@ -554,18 +541,7 @@ fn half_warp_decode_attention_matches_the_warp_kernel() {
     let dm = Arc::new(DeviceModel::dummy(g.clone(), dummy_cfg(), 29).unwrap());
     let warp = mixed_passes_fed(&dm, |be| be.att_hw = false, false);
     let half = mixed_passes_fed(&dm, |be| be.att_hw = true, false);
-    assert_eq!(half.len(), warp.len());
-    let mut worst = 0f32;
-    for (i, (a, b)) in half.iter().zip(&warp).enumerate() {
-        assert_eq!(a.len(), b.len());
-        let scale = b.iter().fold(0f32, |s, x| s.max(x.abs()));
-        let d = a.iter().zip(b).fold(0f32, |s, (x, y)| s.max((x - y).abs()));
-        worst = worst.max(d / scale);
-        assert!(
-            d <= 5e-3 * scale,
-            "pass {i}: half-warp attention's logits differ by {d} (largest logit {scale})"
-        );
-    }
+    let worst = assert_passes_close(&half, &warp, "half-warp attention");
     assert!(half != warp, "no pass took the half-warp attention");
     eprintln!("half-warp vs warp decode attention: max |diff| / max |logit| = {worst:.2e}");
 }

@@ -229,6 +229,65 @@ __device__ __forceinline__ void att_load(uint2 (&kk)[ATT_U][C], uint2 (&vv)[ATT_
     }
 }
 
+// The end of decode attention, shared by its kernels: the block's NV partial results
+// (max, sum, unnormalized output in s_acc, STRIDE floats apart; a part with no positions has
+// sum 0) merged into the (row, head)'s output, or with splits into `part`, the last split
+// to finish merging them in order. After a __syncthreads that published s_m, s_l, s_acc.
+template <int NV, int STRIDE>
+__device__ __forceinline__ void att_merge(const float* s_m, const float* s_l, const float* s_acc,
+                                          u32& s_ticket, int S, int r, int ri, int h, int nh,
+                                          int hd, float* out, bf16* out16, float* part,
+                                          u32* cnt) {
+    float M = NEG_INF;
+    for (int i = 0; i < NV; i++) M = fmaxf(M, s_m[i]);
+    float L = 0.f;
+    for (int i = 0; i < NV; i++)
+        if (s_l[i] > 0.f) L += s_l[i] * __expf(s_m[i] - M);
+    // One split (gridDim.z == 1): the output; else (max, sum, unnormalized output) into
+    // part, and the last block of the (row, head) to finish (a ticket in cnt, zero between
+    // calls) merges the splits in order.
+    size_t oi = ((size_t)r * nh + h) * hd;
+    size_t slot = (size_t)ri * nh + h;
+    float* pp = part + (slot * gridDim.z + blockIdx.z) * (hd + 2);
+    for (int e = threadIdx.x; e < hd; e += blockDim.x) {
+        float a = 0.f;
+        for (int i = 0; i < NV; i++)
+            if (s_l[i] > 0.f) a += s_acc[i * STRIDE + e] * __expf(s_m[i] - M);
+        if (S == 1)
+            out16 ? store1(out16 + oi, e, a / L) : store1(out + oi, e, a / L);
+        else
+            pp[2 + e] = a;
+    }
+    if (S == 1) return;
+    if (threadIdx.x == 0) {
+        pp[0] = M;
+        pp[1] = L;
+    }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) s_ticket = atomicAdd(&cnt[slot], 1u);
+    __syncthreads();
+    if (s_ticket != (u32)S - 1) return;
+    __threadfence();
+    const float* base = part + slot * gridDim.z * (hd + 2);
+    float MM = NEG_INF, LL = 0.f;
+    for (int i = 0; i < S; i++)
+        if (__ldcg(base + i * (hd + 2) + 1) > 0.f) MM = fmaxf(MM, __ldcg(base + i * (hd + 2)));
+    for (int i = 0; i < S; i++) {
+        float li = __ldcg(base + i * (hd + 2) + 1);
+        if (li > 0.f) LL += li * __expf(__ldcg(base + i * (hd + 2)) - MM);
+    }
+    for (int e = threadIdx.x; e < hd; e += blockDim.x) {
+        float a = 0.f;
+        for (int i = 0; i < S; i++) {
+            const float* pi = base + i * (hd + 2);
+            if (__ldcg(pi + 1) > 0.f) a += __ldcg(pi + 2 + e) * __expf(__ldcg(pi) - MM);
+        }
+        out16 ? store1(out16 + oi, e, a / LL) : store1(out + oi, e, a / LL);
+    }
+    if (threadIdx.x == 0) cnt[slot] = 0u;
+}
+
 // C: 128-wide halves of the head a lane covers (1: head_dim <= 128, 2: up to 256). PF: the
 // next iteration's K/V loads go out before this iteration's arithmetic.
 template <int ATT_U, int C, bool PF>
@@ -336,54 +395,7 @@ __device__ void attention_impl(const float* q, const u64* kvp, const int* item, 
 #pragma unroll
             for (int i = 0; i < 4; i++) s_acc[w * 256 + 4 * lane + 128 * c + i] = acc[c][i];
     __syncthreads();
-    float M = NEG_INF;
-    for (int i = 0; i < ATT_WARPS; i++) M = fmaxf(M, s_m[i]);
-    float L = 0.f;
-    for (int i = 0; i < ATT_WARPS; i++)
-        if (s_l[i] > 0.f) L += s_l[i] * __expf(s_m[i] - M);
-    // One split (gridDim.z == 1): the output; else (max, sum, unnormalized output) into
-    // part, and the last block of the (row, head) to finish (a ticket in cnt, zero between
-    // calls) merges the splits in order.
-    size_t oi = ((size_t)r * nh + h) * hd;
-    size_t slot = (size_t)ri * nh + h;
-    float* pp = part + (slot * gridDim.z + blockIdx.z) * (hd + 2);
-    for (int e = threadIdx.x; e < hd; e += blockDim.x) {
-        float a = 0.f;
-        for (int i = 0; i < ATT_WARPS; i++)
-            if (s_l[i] > 0.f) a += s_acc[i * 256 + e] * __expf(s_m[i] - M);
-        if (S == 1)
-            out16 ? store1(out16 + oi, e, a / L) : store1(out + oi, e, a / L);
-        else
-            pp[2 + e] = a;
-    }
-    if (S == 1) return;
-    if (threadIdx.x == 0) {
-        pp[0] = M;
-        pp[1] = L;
-    }
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) s_ticket = atomicAdd(&cnt[slot], 1u);
-    __syncthreads();
-    if (s_ticket != (u32)S - 1) return;
-    __threadfence();
-    const float* base = part + slot * gridDim.z * (hd + 2);
-    float MM = NEG_INF, LL = 0.f;
-    for (int i = 0; i < S; i++)
-        if (__ldcg(base + i * (hd + 2) + 1) > 0.f) MM = fmaxf(MM, __ldcg(base + i * (hd + 2)));
-    for (int i = 0; i < S; i++) {
-        float li = __ldcg(base + i * (hd + 2) + 1);
-        if (li > 0.f) LL += li * __expf(__ldcg(base + i * (hd + 2)) - MM);
-    }
-    for (int e = threadIdx.x; e < hd; e += blockDim.x) {
-        float a = 0.f;
-        for (int i = 0; i < S; i++) {
-            const float* pi = base + i * (hd + 2);
-            if (__ldcg(pi + 1) > 0.f) a += __ldcg(pi + 2 + e) * __expf(__ldcg(pi) - MM);
-        }
-        out16 ? store1(out16 + oi, e, a / LL) : store1(out + oi, e, a / LL);
-    }
-    if (threadIdx.x == 0) cnt[slot] = 0u;
+    att_merge<ATT_WARPS, 256>(s_m, s_l, s_acc, s_ticket, S, r, ri, h, nh, hd, out, out16, part, cnt);
 }
 
 #define ATT_ARGS                                                                              \
@@ -527,52 +539,7 @@ __device__ void attention_hw_impl(const float* q, const u64* kvp, const int* ite
 #pragma unroll
         for (int i = 0; i < 8; i++) s_acc[vw * 128 + e + i] = acc[i];
     __syncthreads();
-    float M = NEG_INF;
-    for (int i = 0; i < NV; i++)
-        if (s_l[i] > 0.f) M = fmaxf(M, s_m[i]);
-    float L = 0.f;
-    for (int i = 0; i < NV; i++)
-        if (s_l[i] > 0.f) L += s_l[i] * __expf(s_m[i] - M);
-    size_t oi = ((size_t)r * nh + h) * hd;
-    size_t slot = (size_t)ri * nh + h;
-    float* pp = part + (slot * gridDim.z + blockIdx.z) * (hd + 2);
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-        float a = 0.f;
-        for (int i = 0; i < NV; i++)
-            if (s_l[i] > 0.f) a += s_acc[i * 128 + d] * __expf(s_m[i] - M);
-        if (S == 1)
-            out16 ? store1(out16 + oi, d, a / L) : store1(out + oi, d, a / L);
-        else
-            pp[2 + d] = a;
-    }
-    if (S == 1) return;
-    if (threadIdx.x == 0) {
-        pp[0] = M;
-        pp[1] = L;
-    }
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) s_ticket = atomicAdd(&cnt[slot], 1u);
-    __syncthreads();
-    if (s_ticket != (u32)S - 1) return;
-    __threadfence();
-    const float* base = part + slot * gridDim.z * (hd + 2);
-    float MM = NEG_INF, LL = 0.f;
-    for (int i = 0; i < S; i++)
-        if (__ldcg(base + i * (hd + 2) + 1) > 0.f) MM = fmaxf(MM, __ldcg(base + i * (hd + 2)));
-    for (int i = 0; i < S; i++) {
-        float li = __ldcg(base + i * (hd + 2) + 1);
-        if (li > 0.f) LL += li * __expf(__ldcg(base + i * (hd + 2)) - MM);
-    }
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-        float a = 0.f;
-        for (int i = 0; i < S; i++) {
-            const float* pi = base + i * (hd + 2);
-            if (__ldcg(pi + 1) > 0.f) a += __ldcg(pi + 2 + d) * __expf(__ldcg(pi) - MM);
-        }
-        out16 ? store1(out16 + oi, d, a / LL) : store1(out + oi, d, a / LL);
-    }
-    if (threadIdx.x == 0) cnt[slot] = 0u;
+    att_merge<NV, 128>(s_m, s_l, s_acc, s_ticket, S, r, ri, h, nh, hd, out, out16, part, cnt);
 }
 extern "C" __global__ void ATT_BOUNDS attention_hw(ATT_ARGS) {
     PDL_ENTRY;

@@ -36,6 +36,14 @@ pub struct DevW {
 }
 
 impl DevW {
+    /// Whether `next` has this matrix's shape and starts where it ends (gate and up after
+    /// [`join_glu`]), so one product can read both as a matrix of twice the rows.
+    fn followed_by(&self, next: &DevW) -> bool {
+        self.rows == next.rows
+            && self.cols == next.cols
+            && next.buf.ptr == self.buf.ptr + (self.rows * self.cols * 2) as u64
+    }
+
     pub fn new(buf: DevBuf, rows: usize, cols: usize) -> Self {
         Self {
             buf,
@@ -128,7 +136,7 @@ pub struct DevLayer {
     gate: DevW,
     up: DevW,
     down: DevW,
-    /// Gate and up side by side (`[2 * ffn_dim, dim]`, [`DeviceModel::join_glu`]); `gate`
+    /// Gate and up side by side (`[2 * ffn_dim, dim]`, [`join_glu`]); `gate`
     /// and `up` are views of its halves, so cuBLAS can run both as one product.
     glu: Option<DevBuf>,
 }
@@ -436,10 +444,9 @@ impl DeviceModel {
 
     /// Whether every layer's gate and up are the halves of one allocation ([`join_glu`]).
     pub fn glu_joined(&self) -> bool {
-        self.layers.iter().all(|l| {
-            l.glu.is_some()
-                && l.up.buf.ptr == l.gate.buf.ptr + (l.gate.rows * l.gate.cols * 2) as u64
-        })
+        self.layers
+            .iter()
+            .all(|l| l.glu.is_some() && l.gate.followed_by(&l.up))
     }
 
     /// Whether every layer's products have their fragment-layout copies.
@@ -980,8 +987,7 @@ pub struct CudaBackend {
     /// Scratch of the `sk*` products for the current pass (partial sums, tickets).
     sk_scratch: (u64, u64),
     /// Decode attention splits a (row, head)'s positions until the grid has this many
-    /// blocks (at most 8 splits; SWITCHYARD_ATT_BLOCKS, default
-    /// 264).
+    /// blocks (at most 8 splits; SWITCHYARD_ATT_BLOCKS, default 264).
     pub att_blocks: usize,
     /// Heads up to 128 wide (multiples of 8) take the decode attention kernel with half a
     /// warp per position (`attention_hw`: 16-byte loads, 4 shuffles a score); on with
@@ -1447,10 +1453,8 @@ fn launch_fused(
 fn gemv_rows() -> (usize, usize) {
     static ROWS: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
     *ROWS.get_or_init(|| {
-        let defs = super::kernel_defines();
         let get = |name: &str| {
-            defs.iter()
-                .find_map(|d| d.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+            super::kernel_define(name)
                 .filter(|&r: &usize| r >= 2 && r % 2 == 0)
                 .unwrap_or(2)
         };
@@ -1500,9 +1504,7 @@ fn sk_u(i: usize) -> usize {
         return 4;
     }
     *U64.get_or_init(|| {
-        super::kernel_defines()
-            .iter()
-            .find_map(|d| d.strip_prefix("SK64_U=")?.parse().ok())
+        super::kernel_define("SK64_U")
             .filter(|&u: &usize| (1..=8).contains(&u))
             .unwrap_or(4)
     })
@@ -2347,6 +2349,14 @@ pub fn tiled_wanted() -> Option<bool> {
 }
 
 /// A switch that is on unless the variable `name` is "0".
+/// Variable `name` parsed, else `default`.
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 fn env_on(name: &str) -> bool {
     std::env::var(name).map_or(true, |v| v != "0")
 }
@@ -2382,14 +2392,8 @@ impl CudaBackend {
             bf16_inputs: env_on("SWITCHYARD_BF16_INPUTS"),
             att_heads_x: env_on("SWITCHYARD_ATT_HEADS_X"),
             att_half: env_on("SWITCHYARD_ATT_HALF"),
-            gemv_max: std::env::var("SWITCHYARD_GEMV_MAX")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(GEMV_MAX),
-            mm_waves: std::env::var("SWITCHYARD_MM_WAVES")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(MS_WAVES_MAX),
+            gemv_max: env_or("SWITCHYARD_GEMV_MAX", GEMV_MAX),
+            mm_waves: env_or("SWITCHYARD_MM_WAVES", MS_WAVES_MAX),
             norm_gemv: env_on("SWITCHYARD_NORM_GEMV"),
             rope_gemv: env_on("SWITCHYARD_ROPE_GEMV"),
             selection_pdl: selection_pdl_default(),
@@ -2401,10 +2405,7 @@ impl CudaBackend {
             },
             sk_scratch: (0, 0),
             glu_tokens: glu_tokens_env(),
-            att_blocks: std::env::var("SWITCHYARD_ATT_BLOCKS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(ATT_BLOCKS_WANTED),
+            att_blocks: env_or("SWITCHYARD_ATT_BLOCKS", ATT_BLOCKS_WANTED),
             att_hw: std::env::var("SWITCHYARD_ATT_HW").is_ok_and(|v| v == "1"),
             graphs: Vec::new(),
             seen: Vec::new(),
@@ -2588,10 +2589,7 @@ impl CudaBackend {
     /// joined matrix ([`join_glu`]: `wu` right after `wg`), with the gate's output buffer
     /// sized for both halves ([`Self::run`]).
     fn glu_one(&self, n: usize, wg: &DevW, wu: &DevW) -> bool {
-        self.glu_tokens.contains(&n)
-            && wg.rows == wu.rows
-            && wg.cols == wu.cols
-            && wu.buf.ptr == wg.buf.ptr + (wg.rows * wg.cols * 2) as u64
+        self.glu_tokens.contains(&n) && wg.followed_by(wu)
     }
 
     /// Whether products of `n` tokens `cols` wide that the fused kernels do not take run
@@ -2779,7 +2777,8 @@ impl CudaBackend {
             self.mm_tokens.clone(),
             (self.mm_blocks.max(1), self.mm_waves),
         );
-        let glu_tokens = self.glu_tokens.clone();
+        // Room in hb for gate and up side by side when cuBLAS runs them as one product.
+        let hb_halves = if self.glu_tokens.contains(&n) { 2 } else { 1 };
         let b = &mut self.bufs;
         let x = b.get(g, X, n * dim * 4)?;
         let xb = b.get(g, XB, n * dim * 4)?;
@@ -2788,12 +2787,7 @@ impl CudaBackend {
         let v = b.get(g, V, n * kvd * 4)?;
         let att = b.get(g, ATT, n * qd * 4)?;
         let tmp = b.get(g, TMP, n * dim * 4)?;
-        // Room for gate and up side by side when cuBLAS runs them as one product.
-        let hb = b.get(
-            g,
-            HB,
-            n * f * 4 * if glu_tokens.contains(&n) { 2 } else { 1 },
-        )?;
+        let hb = b.get(g, HB, n * f * 4 * hb_halves)?;
         let hb2 = b.get(g, HB2, n * f * 4)?;
         let sel = b.get(g, SEL, n_sel.max(1) * dim * 4)?;
         let logits = b.get(g, LOGITS, n_sel.max(1) * c.vocab_size * 4)?;

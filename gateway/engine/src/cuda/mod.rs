@@ -173,6 +173,14 @@ pub fn kernel_defines() -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The value SWITCHYARD_KERNEL_DEFINES gives macro `name` (`NAME=VALUE`), if it gives one
+/// that parses: what the kernels were compiled with, for the host's launch shapes.
+pub fn kernel_define<T: std::str::FromStr>(name: &str) -> Option<T> {
+    kernel_defines()
+        .iter()
+        .find_map(|d| d.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+}
+
 /// FNV-1a of `s`, continuing from hash `h` (`FNV_OFFSET` to start).
 fn fnv(h: u64, s: &str) -> u64 {
     s.bytes()
@@ -381,9 +389,7 @@ impl Gpu {
         // its block is 32 * ATT_WARPS warps as the kernels were compiled (8 unless the
         // defines set 1..=32).
         k.att_threads = 32
-            * kernel_defines()
-                .iter()
-                .find_map(|d| d.strip_prefix("ATT_WARPS=")?.parse().ok())
+            * kernel_define("ATT_WARPS")
                 .filter(|w: &u32| (1..=32).contains(w))
                 .unwrap_or(8);
         // The prefill attention kernels (head size 128) and the split-K products take more
